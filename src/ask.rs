@@ -1,0 +1,111 @@
+//! `kiln ask`: one question, the answer streamed to stdout.
+
+use std::io::{IsTerminal, Read, Write};
+
+use crate::cli::{AskArgs, Common};
+use crate::engine::{self, EngineEvent, FinishReason};
+use crate::error::{KilnError, Result};
+use crate::launch::launch;
+
+/// Exit code when the user interrupted the answer.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// A question larger than this is refused rather than read without bound.
+const MAX_QUESTION_BYTES: usize = 16 << 20;
+
+pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
+    let question = read_question(args.question.as_deref())?;
+    let launched = launch(common, |_| {}).await?;
+    let (handle, mut events) = engine::spawn(launched.engine);
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let info = serde_json::json!({ "event": "model", "model": handle.info() });
+        let _ = writeln!(stdout, "{info}");
+    }
+    let turn = handle.chat(question);
+
+    let mut interrupted = false;
+    let mut ended_with_newline = true;
+    loop {
+        let event = tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => return Err(KilnError::Engine("the engine stopped unexpectedly".into())),
+            },
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                handle.cancel();
+                continue;
+            }
+        };
+        let written = if args.json {
+            serde_json::to_string(&event)
+                .map_err(std::io::Error::other)
+                .and_then(|line| writeln!(stdout, "{line}"))
+        } else {
+            match &event {
+                EngineEvent::Token { text, .. } => {
+                    ended_with_newline = text.ends_with('\n');
+                    stdout.write_all(text.as_bytes())
+                }
+                _ => Ok(()),
+            }
+        };
+        let _ = stdout.flush();
+        if written.is_err() {
+            // The reader went away (`kiln ask … | head`): stop generating.
+            handle.cancel();
+        }
+        match event {
+            EngineEvent::TurnFinished { turn: t, finish, stats, .. } if t == turn => {
+                if !args.json {
+                    if !ended_with_newline {
+                        let _ = writeln!(stdout);
+                    }
+                    eprintln!("kiln: {}", stats.summary(finish));
+                }
+                return Ok(if finish == FinishReason::Cancelled && interrupted {
+                    EXIT_INTERRUPTED
+                } else {
+                    0
+                });
+            }
+            EngineEvent::TurnFailed { turn: t, error } if t == turn => {
+                return Err(KilnError::Engine(error));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn read_question(arg: Option<&str>) -> Result<String> {
+    match arg {
+        Some(q) if q != "-" => non_empty(q.to_string()),
+        None if std::io::stdin().is_terminal() => Err(KilnError::BadArgument(
+            "kiln ask needs a question (or `-` to read it from stdin)".into(),
+        )),
+        _ => non_empty(read_stdin()?),
+    }
+}
+
+fn read_stdin() -> Result<String> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .take(MAX_QUESTION_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| KilnError::io("stdin", e))?;
+    if buf.len() > MAX_QUESTION_BYTES {
+        return Err(KilnError::BadArgument(format!(
+            "stdin: the question is larger than {} MiB",
+            MAX_QUESTION_BYTES >> 20
+        )));
+    }
+    String::from_utf8(buf).map_err(|_| KilnError::BadArgument("stdin: the question is not UTF-8 text".into()))
+}
+
+fn non_empty(q: String) -> Result<String> {
+    if q.trim().is_empty() {
+        return Err(KilnError::BadArgument("the question is empty".into()));
+    }
+    Ok(q)
+}

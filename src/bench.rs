@@ -1,0 +1,182 @@
+//! `kiln bench`: time to first token and prefill speed on a ~1k-token prompt,
+//! decode speed over a fixed number of tokens, and peak memory.
+//!
+//! Each run starts from an empty KV cache, decodes greedily and ignores the
+//! end-of-turn token so every run decodes the same number of tokens. One
+//! warm-up run is made and not counted.
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::cli::{BenchArgs, Common};
+use crate::engine::kalosm::KalosmEngine;
+use crate::engine::{CancelFlag, Engine, EngineEvent, GenStats};
+use crate::error::{KilnError, Result};
+use crate::launch::launch;
+use crate::procinfo::peak_rss_bytes;
+
+#[derive(Debug, Serialize)]
+pub struct Figure {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Figure {
+    fn of(mut values: Vec<f64>) -> Option<Figure> {
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Figure {
+            min: values[0],
+            median,
+            max: values[n - 1],
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub engine: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub load_s: f64,
+    pub ttft_ms: Option<Figure>,
+    pub prefill_tok_s: Option<Figure>,
+    pub decode_tok_s: Option<Figure>,
+    pub peak_rss_mb: Option<f64>,
+}
+
+pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
+    if args.runs == 0 || args.gen_tokens < 2 || args.prompt_tokens == 0 {
+        return Err(KilnError::BadArgument(
+            "bench needs --runs >= 1, --gen-tokens >= 2 and --prompt-tokens >= 1".into(),
+        ));
+    }
+    let gen_tokens = args.gen_tokens;
+    let launched = launch(common, |o| {
+        o.sampler.temperature = 0.0;
+        o.sampler.repeat_penalty = 1.0;
+        o.sampler.max_tokens = gen_tokens;
+        o.ignore_eos = true;
+        o.system_prompt = None;
+    })
+    .await?;
+    let mut engine = launched.engine;
+    let prompt = build_prompt(&engine, args.prompt_tokens);
+
+    let mut measured = Vec::new();
+    for run in 0..=args.runs {
+        engine.reset();
+        let stats = one_run(&mut engine, run as u64 + 1, &prompt).await?;
+        if run > 0 {
+            if !args.json {
+                eprintln!(
+                    "run {run}: TTFT {:.0} ms, prefill {:.1} tok/s ({} tok), decode {:.1} tok/s ({} tok)",
+                    stats.ttft_ms,
+                    stats.prefill_tok_s.unwrap_or(f64::NAN),
+                    stats.prompt_tokens,
+                    stats.decode_tok_s.unwrap_or(f64::NAN),
+                    stats.completion_tokens
+                );
+            }
+            measured.push(stats);
+        }
+    }
+    let report = BenchReport {
+        model: engine.info().name,
+        engine: engine.info().engine,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        runs: measured.len(),
+        prompt_tokens: measured[0].prompt_tokens,
+        gen_tokens: measured[0].completion_tokens,
+        load_s: launched.load_seconds,
+        ttft_ms: Figure::of(measured.iter().map(|s| s.ttft_ms).collect()),
+        prefill_tok_s: Figure::of(measured.iter().filter_map(|s| s.prefill_tok_s).collect()),
+        decode_tok_s: Figure::of(measured.iter().filter_map(|s| s.decode_tok_s).collect()),
+        peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        print_table(&report);
+    }
+    Ok(0)
+}
+
+async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<GenStats> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    engine.chat(turn, prompt.to_string(), &tx, &CancelFlag::default()).await;
+    drop(tx);
+    while let Some(event) = rx.recv().await {
+        match event {
+            EngineEvent::TurnFinished { stats, .. } => return Ok(stats),
+            EngineEvent::TurnFailed { error, .. } => return Err(KilnError::Engine(error)),
+            _ => {}
+        }
+    }
+    Err(KilnError::Engine("the turn ended without a result".into()))
+}
+
+/// A prompt of about `target` tokens: numbered, varied sentences, so the
+/// tokenizer sees ordinary prose rather than one repeated token.
+fn build_prompt(engine: &KalosmEngine, target: usize) -> String {
+    const TOPICS: &[&str] = &[
+        "the kiln reached its firing temperature after a slow climb through the night",
+        "glazes change colour as the oxygen in the chamber is reduced",
+        "a potter checks the cones on the shelf to judge the heat work done",
+        "stoneware bodies shrink by about twelve percent between wet clay and the final firing",
+        "the damper controls how fast the hot gases leave through the chimney",
+        "bisque ware is fired once at a lower temperature before it is glazed",
+        "thermal shock cracks a pot when one side cools much faster than the other",
+    ];
+    let mut text = String::from("Read these notes and then summarise them in detail.\n");
+    let mut i = 0;
+    while engine.count_tokens(&text) < target {
+        text.push_str(&format!("{}. Note {}: {}.\n", i + 1, i / TOPICS.len() + 1, TOPICS[i % TOPICS.len()]));
+        i += 1;
+    }
+    text
+}
+
+fn print_table(r: &BenchReport) {
+    println!(
+        "kiln bench · {} ({}) · {} threads · {} runs · prompt {} tok · decode {} tok · load {:.2} s",
+        r.model, r.engine, r.threads, r.runs, r.prompt_tokens, r.gen_tokens, r.load_s
+    );
+    println!("{:<16}{:>12}{:>12}{:>12}", "metric", "min", "median", "max");
+    let row = |name: &str, f: &Option<Figure>| match f {
+        Some(f) => println!("{name:<16}{:>12.1}{:>12.1}{:>12.1}", f.min, f.median, f.max),
+        None => println!("{name:<16}{:>12}", "n/a"),
+    };
+    row("TTFT ms", &r.ttft_ms);
+    row("prefill tok/s", &r.prefill_tok_s);
+    row("decode tok/s", &r.decode_tok_s);
+    match r.peak_rss_mb {
+        Some(mb) => println!("{:<16}{:>12.0}", "peak RSS MB", mb),
+        None => println!("{:<16}{:>12}", "peak RSS MB", "n/a"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Figure;
+
+    #[test]
+    fn figures() {
+        let f = Figure::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((f.min, f.median, f.max), (1.0, 2.0, 3.0));
+        assert_eq!(Figure::of(vec![4.0, 1.0]).unwrap().median, 2.5);
+        assert!(Figure::of(vec![]).is_none());
+    }
+}

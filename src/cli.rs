@@ -1,0 +1,90 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "A terminal workstation for local LLM agents")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command that runs a model shares.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Common {
+    /// A local GGUF file or a preset name (see `kiln models`).
+    #[arg(long, short, global = true, env = "KILN_MODEL")]
+    pub model: Option<String>,
+    /// Put data, cache, config and logs under this folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file (default: config.toml in kiln's config folder).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Context window in tokens (default: the model's trained context).
+    #[arg(long, global = true, value_name = "TOKENS")]
+    pub ctx: Option<usize>,
+    /// System prompt.
+    #[arg(long, global = true)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, global = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, global = true)]
+    pub top_p: Option<f32>,
+    /// Repetition penalty over the last 64 tokens; 1 turns it off.
+    #[arg(long, global = true)]
+    pub repeat_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
+    /// Most tokens in one answer.
+    #[arg(long, global = true)]
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask one question; the answer streams to stdout, stats to stderr.
+    Ask(AskArgs),
+    /// Measure TTFT, prefill and decode speed and peak memory on a model.
+    Bench(BenchArgs),
+    /// List model presets and whether each is downloaded.
+    Models,
+}
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The question; `-` (or nothing, with piped input) reads stdin.
+    pub question: Option<String>,
+    /// Print JSON events, one per line, instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Measured runs (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode per run.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: u32,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,109 @@
+//! `config.toml`: defaults that command-line flags override.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::cli::Common;
+use crate::engine::SamplerSettings;
+use crate::error::{KilnError, Result};
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: Option<String>,
+    pub context: Option<usize>,
+    pub system_prompt: Option<String>,
+    pub sampling: SamplerSettings,
+}
+
+impl Config {
+    /// Read `path`; a missing file is an empty config, a bad one an error
+    /// that names the file, the line and the problem.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) => return Err(KilnError::Config(path.to_path_buf(), e.to_string())),
+        };
+        Config::parse(&text).map_err(|e| KilnError::Config(path.to_path_buf(), e))
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let message = e.message().replace('\n', " ");
+            match line {
+                Some(l) => format!("line {l}: {message}"),
+                None => message,
+            }
+        })?;
+        config.sampling.validate()?;
+        Ok(config)
+    }
+
+    /// Apply the command line on top of the file.
+    pub fn merge(mut self, cli: &Common) -> Config {
+        let s = &cli.sampling;
+        let t = &mut self.sampling;
+        if let Some(v) = s.temperature {
+            t.temperature = v;
+        }
+        if let Some(v) = s.top_p {
+            t.top_p = v;
+        }
+        if let Some(v) = s.repeat_penalty {
+            t.repeat_penalty = v;
+        }
+        if s.seed.is_some() {
+            t.seed = s.seed;
+        }
+        if let Some(v) = s.max_tokens {
+            t.max_tokens = v;
+        }
+        if cli.model.is_some() {
+            self.model = cli.model.clone();
+        }
+        if cli.ctx.is_some() {
+            self.context = cli.ctx;
+        }
+        if cli.system.is_some() {
+            self.system_prompt = cli.system.clone();
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_merges() {
+        let c = Config::parse("context = 2048\n[sampling]\ntemperature = 0.2\nseed = 9\n").unwrap();
+        assert_eq!(c.context, Some(2048));
+        assert_eq!(c.sampling.seed, Some(9));
+        let mut cli = Common::default();
+        cli.sampling.temperature = Some(0.0);
+        let merged = c.merge(&cli);
+        assert_eq!(merged.sampling.temperature, 0.0);
+        assert_eq!(merged.sampling.seed, Some(9));
+    }
+
+    #[test]
+    fn bad_config_names_the_line() {
+        let err = Config::parse("context = 10\n[sampling]\ntemprature = 1\n").unwrap_err();
+        assert!(err.starts_with("line 3:"), "{err}");
+        assert!(err.contains("temprature"), "{err}");
+        assert!(!err.contains('\n'));
+        let err = Config::parse("[sampling]\ntop_p = 2.0\n").unwrap_err();
+        assert!(err.contains("top_p"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_empty_config() {
+        assert_eq!(Config::load(Path::new("/nonexistent/kiln.toml")).unwrap(), Config::default());
+    }
+}

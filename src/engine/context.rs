@@ -1,0 +1,181 @@
+//! The conversation an engine holds, and the policy for a full context window.
+//!
+//! Policy: before a turn, the whole conversation plus the new message is
+//! rendered and counted. If it does not leave room for the answer, the oldest
+//! exchanges are dropped (a user message with the reply that followed it),
+//! never the system prompt and never the new message. If the new message
+//! alone cannot fit, the turn fails with the numbers. During a turn the answer
+//! is capped at the room left, so the window never overflows mid-answer.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conversation {
+    pub system: Option<String>,
+    /// User and assistant messages, oldest first.
+    pub messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// Every message in template order, the system prompt first.
+    pub fn with_new(&self, kept_from: usize, new_user: &str) -> Vec<Message> {
+        self.system
+            .iter()
+            .map(|s| Message::new(Role::System, s.clone()))
+            .chain(self.messages[kept_from..].iter().cloned())
+            .chain(std::iter::once(Message::new(Role::User, new_user)))
+            .collect()
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub struct TurnPlan {
+    /// How many of the oldest messages to drop.
+    pub drop: usize,
+    /// The full rendered prompt for the turn.
+    pub prompt: String,
+    pub prompt_tokens: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("the message needs {tokens} tokens with the system prompt, but the context window holds {limit} (with {reserve} kept for the answer)")]
+    TooLong {
+        tokens: usize,
+        limit: usize,
+        reserve: usize,
+    },
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// The room kept for the answer when planning: the requested maximum, but at
+/// most a quarter of the window so a huge `max_tokens` cannot evict everything.
+pub fn answer_reserve(max_tokens: u32, limit: usize) -> usize {
+    (max_tokens as usize).min(limit / 4)
+}
+
+/// Decide which messages to keep for the next turn.
+pub fn plan_turn(
+    conv: &Conversation,
+    new_user: &str,
+    limit: usize,
+    reserve: usize,
+    render: impl Fn(&[Message]) -> Result<String, String>,
+    count: impl Fn(&str) -> usize,
+) -> Result<TurnPlan, PlanError> {
+    let mut drop = 0;
+    loop {
+        let prompt = render(&conv.with_new(drop, new_user)).map_err(PlanError::Template)?;
+        let tokens = count(&prompt);
+        if tokens + reserve <= limit {
+            return Ok(TurnPlan {
+                drop,
+                prompt,
+                prompt_tokens: tokens,
+            });
+        }
+        if drop >= conv.messages.len() {
+            return Err(PlanError::TooLong {
+                tokens,
+                limit,
+                reserve,
+            });
+        }
+        drop = next_exchange(&conv.messages, drop);
+    }
+}
+
+/// The index where the exchange after the one starting at `from` begins: past
+/// the next user message and every reply up to the following user message.
+fn next_exchange(messages: &[Message], from: usize) -> usize {
+    let mut i = from + 1;
+    while i < messages.len() && messages[i].role != Role::User {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(msgs: &[Message]) -> Result<String, String> {
+        Ok(msgs
+            .iter()
+            .map(|m| format!("{:?}: {}\n", m.role, m.content))
+            .collect())
+    }
+
+    fn words(s: &str) -> usize {
+        s.split_whitespace().count()
+    }
+
+    fn conv(n: usize) -> Conversation {
+        let mut c = Conversation {
+            system: Some("be brief".into()),
+            messages: vec![],
+        };
+        for i in 0..n {
+            c.messages.push(Message::new(Role::User, format!("question {i}")));
+            c.messages.push(Message::new(Role::Assistant, format!("answer {i}")));
+        }
+        c
+    }
+
+    #[test]
+    fn keeps_everything_when_it_fits() {
+        let plan = plan_turn(&conv(2), "new one", 100, 10, render, words).unwrap();
+        assert_eq!(plan.drop, 0);
+        assert!(plan.prompt.starts_with("System: be brief\nUser: question 0"));
+        assert!(plan.prompt.ends_with("User: new one\n"));
+    }
+
+    #[test]
+    fn drops_oldest_exchanges_first_and_keeps_system() {
+        // Each exchange is 4 words; system 3, new message 3.
+        let plan = plan_turn(&conv(4), "new one", 20, 6, render, words).unwrap();
+        assert_eq!(plan.drop % 2, 0, "drops whole exchanges");
+        assert!(plan.prompt.starts_with("System: be brief"));
+        assert!(plan.prompt.contains("question 3"));
+        assert!(!plan.prompt.contains("question 0"));
+        assert!(plan.prompt_tokens + 6 <= 20);
+    }
+
+    #[test]
+    fn a_message_too_long_for_any_window_is_an_error() {
+        let long = "word ".repeat(500);
+        let err = plan_turn(&conv(3), &long, 100, 10, render, words).unwrap_err();
+        assert!(matches!(err, PlanError::TooLong { limit: 100, .. }));
+        assert!(err.to_string().contains("context window holds 100"));
+    }
+
+    #[test]
+    fn reserve_is_capped_at_a_quarter() {
+        assert_eq!(answer_reserve(4096, 8192), 2048);
+        assert_eq!(answer_reserve(128, 8192), 128);
+    }
+}

@@ -1,0 +1,192 @@
+//! `FakeEngine`: a scripted engine for UI and state tests. It streams the
+//! scripted replies word by word, honours cancellation, and reports stats
+//! whose counts are consistent (one token per word).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::context::{Conversation, Message, Role};
+use super::sampler::SamplerSettings;
+use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+
+pub struct FakeEngine {
+    script: VecDeque<String>,
+    delay: Duration,
+    context_limit: usize,
+    max_tokens: u32,
+    pub conversation: Conversation,
+    kv_tokens: usize,
+}
+
+impl FakeEngine {
+    /// Replies are given out in order; after the last, it echoes the message.
+    pub fn new(replies: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        FakeEngine {
+            script: replies.into_iter().map(Into::into).collect(),
+            delay: Duration::ZERO,
+            context_limit: 4096,
+            max_tokens: SamplerSettings::default().max_tokens,
+            conversation: Conversation::default(),
+            kv_tokens: 0,
+        }
+    }
+
+    /// Pause between streamed words, to test cancellation and live rates.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+fn words(text: &str) -> usize {
+    text.split_whitespace().count()
+}
+
+impl Engine for FakeEngine {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: "fake".into(),
+            engine: "fake".into(),
+            architecture: "scripted".into(),
+            path: None,
+            context_limit: self.context_limit,
+        }
+    }
+
+    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+        let started = Instant::now();
+        let prompt_tokens = words(&message);
+        let _ = out.send(EngineEvent::TurnStarted {
+            turn,
+            prompt_tokens,
+            reused_tokens: self.kv_tokens,
+        });
+        let reply_text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| format!("echo: {message}"));
+        let mut reply = String::new();
+        let mut finish = FinishReason::Stop;
+        let mut first_at = None;
+        for (i, word) in reply_text.split_inclusive(' ').enumerate() {
+            if cancel.is_cancelled(turn) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if i as u32 >= self.max_tokens {
+                finish = FinishReason::MaxTokens;
+                break;
+            }
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            first_at.get_or_insert_with(Instant::now);
+            reply.push_str(word);
+            let _ = out.send(EngineEvent::Token {
+                turn,
+                text: word.to_string(),
+            });
+        }
+        let total_s = started.elapsed().as_secs_f64();
+        let ttft_s = first_at.map_or(total_s, |t: Instant| (t - started).as_secs_f64());
+        let completion_tokens = words(&reply);
+        let (prefill_tok_s, decode_tok_s) = rates(prompt_tokens, completion_tokens, ttft_s, total_s);
+        let stats = GenStats {
+            ttft_ms: ttft_s * 1000.0,
+            prompt_tokens,
+            reused_tokens: self.kv_tokens,
+            completion_tokens,
+            prefill_tok_s,
+            decode_tok_s,
+            total_ms: total_s * 1000.0,
+            context_tokens: self.kv_tokens + prompt_tokens + completion_tokens,
+        };
+        self.kv_tokens = stats.context_tokens;
+        self.conversation.messages.push(Message::new(Role::User, message));
+        self.conversation
+            .messages
+            .push(Message::new(Role::Assistant, reply.clone()));
+        let _ = out.send(EngineEvent::TurnFinished {
+            turn,
+            reply,
+            finish,
+            stats,
+        });
+    }
+
+    fn set_system_prompt(&mut self, prompt: Option<String>) {
+        self.conversation.system = prompt;
+    }
+
+    fn set_sampler(&mut self, settings: SamplerSettings) {
+        self.max_tokens = settings.max_tokens;
+    }
+
+    fn reset(&mut self) {
+        self.conversation = Conversation::default();
+        self.kv_tokens = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::spawn;
+    use super::*;
+
+    async fn finish_of(rx: &mut tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<EngineEvent>, EngineEvent) {
+        let mut seen = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }) {
+                return (seen, ev);
+            }
+            seen.push(ev);
+        }
+        panic!("engine task ended");
+    }
+
+    #[tokio::test]
+    async fn streams_in_order_and_reports_consistent_stats() {
+        let (handle, mut rx) = spawn(FakeEngine::new(["one two three"]));
+        let turn = handle.chat("hello there");
+        let (seen, fin) = finish_of(&mut rx).await;
+        assert!(matches!(seen[0], EngineEvent::TurnStarted { turn: t, prompt_tokens: 2, .. } if t == turn));
+        let streamed: String = seen
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Token { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        let EngineEvent::TurnFinished { reply, finish, stats, .. } = fin else { unreachable!() };
+        assert_eq!(streamed, "one two three");
+        assert_eq!(reply, streamed);
+        assert_eq!(finish, FinishReason::Stop);
+        assert_eq!(stats.completion_tokens, 3);
+        assert_eq!(stats.context_tokens, 5);
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_a_running_turn_but_not_the_next() {
+        let slow = FakeEngine::new(["a b c d e f g h i j k l m n o p", "next reply"])
+            .with_delay(Duration::from_millis(20));
+        let (handle, mut rx) = spawn(slow);
+        handle.chat("go");
+        // Wait for the first token, then cancel.
+        loop {
+            if let Some(EngineEvent::Token { .. }) = rx.recv().await {
+                break;
+            }
+        }
+        handle.cancel();
+        let (_, fin) = finish_of(&mut rx).await;
+        let EngineEvent::TurnFinished { finish, stats, .. } = fin else { unreachable!() };
+        assert_eq!(finish, FinishReason::Cancelled);
+        assert!(stats.completion_tokens < 16);
+
+        handle.chat("again");
+        let (_, fin) = finish_of(&mut rx).await;
+        let EngineEvent::TurnFinished { finish, reply, .. } = fin else { unreachable!() };
+        assert_eq!(finish, FinishReason::Stop);
+        assert_eq!(reply, "next reply");
+    }
+}

@@ -1,0 +1,357 @@
+//! `KalosmEngine`: kalosm 0.4's `Llama` on a local GGUF file.
+//!
+//! kiln drives a text-completion `LlamaSession` and renders the chat template
+//! itself instead of using kalosm's chat session. That way kiln knows exactly
+//! which text is in the KV cache (`fed`): a new turn feeds only what the
+//! rendered conversation adds to it, a cancelled answer stays consistent with
+//! the cache, and a trimmed conversation is re-prefilled from scratch.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kalosm_llama::prelude::*;
+use kalosm_llama::{LlamaSession, LlamaSource};
+use kalosm_model_types::FileSource;
+use kalosm_model_types::ModelLoadingProgress;
+use tokenizers::Tokenizer;
+
+/// kalosm does not export its error type by name; its callbacks return it.
+type LlamaError = <Llama as CreateTextCompletionSession>::Error;
+
+use super::context::{answer_reserve, plan_turn, Conversation, Message, Role};
+use super::sampler::{KilnSampler, SamplerSettings};
+use super::template::ChatTemplate;
+use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+use crate::error::{KilnError, Result};
+use crate::models::ResolvedModel;
+
+/// Settings fixed when the engine loads.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Context window to use; the model's trained context when `None`.
+    pub context: Option<usize>,
+    pub sampler: SamplerSettings,
+    pub system_prompt: Option<String>,
+    /// Keep generating past the end-of-turn token (benchmarks only).
+    pub ignore_eos: bool,
+}
+
+pub struct KalosmEngine {
+    model: Llama,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    eos_id: Option<u32>,
+    info: ModelInfo,
+    options: EngineOptions,
+    conv: Conversation,
+    session: LlamaSession,
+    /// The text whose tokens are in `session`'s KV cache, in order.
+    fed: String,
+    kv_tokens: usize,
+}
+
+/// kalosm prints "Running on CPU…" on stdout the first time it picks a
+/// device. Pick it here, once, with stdout pointed at /dev/null, so the line
+/// can never land in `kiln ask` output or on the TUI's screen.
+pub fn init_device_quietly() -> Result<candle_core::Device> {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    #[cfg(unix)]
+    let saved = unsafe {
+        let saved = libc::dup(1);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if saved >= 0 && null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+        saved
+    };
+    let device = kalosm_common::accelerated_device_if_available();
+    let _ = std::io::stdout().flush();
+    #[cfg(unix)]
+    unsafe {
+        if saved >= 0 {
+            libc::dup2(saved, 1);
+            libc::close(saved);
+        }
+    }
+    let device = device.map_err(|e| KilnError::Engine(format!("no compute device: {e}")))?;
+    tracing::info!("compute device: {device:?}");
+    Ok(device)
+}
+
+impl KalosmEngine {
+    /// Load `model`. `progress` gets the load fraction from 0 to 1.
+    pub async fn load(
+        model: &ResolvedModel,
+        options: EngineOptions,
+        mut progress: impl FnMut(f32) + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let info = &model.info;
+        let context_limit = match options.context {
+            Some(n) if n > info.context_length => {
+                return Err(KilnError::BadArgument(format!(
+                    "--ctx {n} is larger than the {} tokens {} was trained for",
+                    info.context_length,
+                    info.display_name()
+                )))
+            }
+            Some(n) if n < 64 => {
+                return Err(KilnError::BadArgument(format!("--ctx {n} is too small (at least 64)")))
+            }
+            Some(n) => n,
+            None => info.context_length,
+        };
+        options
+            .sampler
+            .validate()
+            .map_err(KilnError::BadArgument)?;
+        let name = model.preset.map(str::to_string).unwrap_or_else(|| info.display_name());
+        let template = ChatTemplate::new(info.chat_template.as_deref(), info.bos_token.as_deref(), &info.eos_token)
+            .map_err(|e| KilnError::Load(model.path.display().to_string(), e))?;
+
+        let device = init_device_quietly()?;
+        let source = LlamaSource::new(FileSource::Local(model.path.clone()));
+        let llama = Llama::builder()
+            .with_source(source)
+            .with_device(device)
+            .build_with_loading_handler(move |p| {
+                if let ModelLoadingProgress::Loading { progress: f } = p {
+                    progress(f)
+                }
+            })
+            .await
+            .map_err(|e| KilnError::Load(model.path.display().to_string(), e.to_string()))?;
+        let tokenizer = llama.tokenizer().clone();
+        let eos_id = tokenizer.token_to_id(&info.eos_token);
+        let session = llama
+            .new_session()
+            .map_err(|e| KilnError::Engine(e.to_string()))?;
+        tracing::info!(
+            "loaded {} ({}), context {context_limit}",
+            model.path.display(),
+            info.architecture
+        );
+        Ok(KalosmEngine {
+            model: llama,
+            tokenizer,
+            template,
+            eos_id,
+            info: ModelInfo {
+                name,
+                engine: "kalosm".into(),
+                architecture: info.architecture.clone(),
+                path: Some(model.path.clone()),
+                context_limit,
+            },
+            conv: Conversation {
+                system: options.system_prompt.clone(),
+                messages: Vec::new(),
+            },
+            options,
+            session,
+            fed: String::new(),
+            kv_tokens: 0,
+        })
+    }
+
+    /// Tokens `text` becomes when fed on its own, as kalosm feeds it.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        count_tokens(&self.tokenizer, text)
+    }
+
+    pub fn conversation(&self) -> &Conversation {
+        &self.conv
+    }
+
+    fn fresh_session(&mut self) -> std::result::Result<(), String> {
+        self.session = self.model.new_session().map_err(|e| e.to_string())?;
+        self.fed.clear();
+        self.kv_tokens = 0;
+        Ok(())
+    }
+
+    async fn run_turn(
+        &mut self,
+        turn: u64,
+        message: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> std::result::Result<(), String> {
+        let limit = self.info.context_limit;
+        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
+        let template = &self.template;
+        let tokenizer = &self.tokenizer;
+        let plan = plan_turn(
+            &self.conv,
+            &message,
+            limit,
+            reserve,
+            |msgs| template.render(msgs, true),
+            |text| count_tokens(tokenizer, text),
+        )
+        .map_err(|e| e.to_string())?;
+
+        if plan.drop > 0 {
+            self.conv.messages.drain(..plan.drop);
+            let _ = out.send(EngineEvent::ContextTrimmed {
+                turn,
+                dropped_messages: plan.drop,
+                context_tokens: plan.prompt_tokens,
+                limit,
+            });
+        }
+        // Reuse the KV cache when it holds a prefix of the new prompt; a
+        // trimmed conversation (or a template that rewrites history) cannot.
+        if self.fed.is_empty() || !plan.prompt.starts_with(&self.fed) {
+            self.fresh_session()?;
+        }
+        let delta = plan.prompt[self.fed.len()..].to_string();
+        let reused_tokens = self.kv_tokens;
+        let prompt_tokens = self.count_tokens(&delta);
+        let _ = out.send(EngineEvent::TurnStarted {
+            turn,
+            prompt_tokens,
+            reused_tokens,
+        });
+
+        let room = limit.saturating_sub(reused_tokens + prompt_tokens + 1);
+        let max_new = (self.options.sampler.max_tokens as usize).min(room).max(1);
+        let limit_reason = if max_new < self.options.sampler.max_tokens as usize {
+            FinishReason::ContextFull
+        } else {
+            FinishReason::MaxTokens
+        };
+
+        let trace = Arc::new(Mutex::new(Trace::default()));
+        let on_token = {
+            let trace = trace.clone();
+            let out = out.clone();
+            let cancel = cancel.clone();
+            move |text: String| -> std::result::Result<(), LlamaError> {
+                let mut t = trace.lock().expect("trace lock");
+                t.first_at.get_or_insert_with(Instant::now);
+                t.chunks += 1;
+                t.reply.push_str(&text);
+                let _ = out.send(EngineEvent::Token { turn, text });
+                // Returning an error is kalosm's only way to stop mid-stream.
+                // The token just emitted is already in the KV cache, so it is
+                // kept in the reply to keep the two in step.
+                if cancel.is_cancelled(turn) {
+                    t.stopped = Some(FinishReason::Cancelled);
+                } else if t.chunks >= max_new {
+                    t.stopped = Some(limit_reason);
+                }
+                match t.stopped {
+                    Some(_) => Err(LlamaError::ModelStopped),
+                    None => Ok(()),
+                }
+            }
+        };
+        let banned = match (self.options.ignore_eos, self.eos_id) {
+            (true, Some(id)) => vec![id],
+            _ => vec![],
+        };
+        let sampler = KilnSampler::new(&self.options.sampler, banned);
+        let started = Instant::now();
+        let result = self
+            .model
+            .stream_text_with_callback(&mut self.session, &delta, sampler, on_token)
+            .await;
+        let ended = Instant::now();
+
+        let trace = std::mem::take(&mut *trace.lock().expect("trace lock"));
+        let finish = match (result, trace.stopped) {
+            (_, Some(reason)) => reason,
+            (Ok(()), None) => FinishReason::Stop,
+            (Err(e), None) => {
+                // The cache state after a failed forward pass is unknown.
+                let _ = self.fresh_session();
+                self.conv.messages.push(Message::new(Role::User, message));
+                return Err(format!("generation failed: {e}"));
+            }
+        };
+        let completion_tokens = self.count_tokens(&trace.reply);
+        self.fed.push_str(&delta);
+        self.fed.push_str(&trace.reply);
+        self.kv_tokens += prompt_tokens + completion_tokens;
+        if finish == FinishReason::Stop {
+            // kalosm runs the end-of-turn token through the model before it
+            // stops, so the cache holds it.
+            self.fed.push_str(self.template.eos());
+            self.kv_tokens += 1;
+        }
+        self.conv.messages.push(Message::new(Role::User, message));
+        self.conv
+            .messages
+            .push(Message::new(Role::Assistant, trace.reply.clone()));
+
+        let total_s = (ended - started).as_secs_f64();
+        let ttft_s = trace.first_at.map_or(total_s, |t| (t - started).as_secs_f64());
+        let (prefill_tok_s, decode_tok_s) = rates(prompt_tokens, completion_tokens, ttft_s, total_s);
+        let stats = GenStats {
+            ttft_ms: ttft_s * 1000.0,
+            prompt_tokens,
+            reused_tokens,
+            completion_tokens,
+            prefill_tok_s,
+            decode_tok_s,
+            total_ms: total_s * 1000.0,
+            context_tokens: self.kv_tokens,
+        };
+        tracing::info!("turn {turn}: {}", stats.summary(finish));
+        let _ = out.send(EngineEvent::TurnFinished {
+            turn,
+            reply: trace.reply,
+            finish,
+            stats,
+        });
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Trace {
+    reply: String,
+    chunks: usize,
+    first_at: Option<Instant>,
+    stopped: Option<FinishReason>,
+}
+
+fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {
+    if text.is_empty() {
+        return 0;
+    }
+    tokenizer
+        .encode_fast(text, false)
+        .map(|e| e.get_ids().len())
+        // A tokenizer failure on odd text must not stop a turn; a byte count
+        // over-estimates, which errs on the safe side for the context check.
+        .unwrap_or(text.len())
+}
+
+impl Engine for KalosmEngine {
+    fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+        if let Err(error) = self.run_turn(turn, message, out, cancel).await {
+            let _ = out.send(EngineEvent::TurnFailed { turn, error });
+        }
+    }
+
+    fn set_system_prompt(&mut self, prompt: Option<String>) {
+        // The next turn renders a different prefix and so re-prefills.
+        self.conv.system = prompt;
+    }
+
+    fn set_sampler(&mut self, settings: SamplerSettings) {
+        self.options.sampler = settings;
+    }
+
+    fn reset(&mut self) {
+        self.conv.messages.clear();
+        let _ = self.fresh_session();
+    }
+}

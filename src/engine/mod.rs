@@ -1,0 +1,282 @@
+//! The engine: loads a model, keeps a conversation's KV state, streams tokens.
+//!
+//! An engine runs as a background task. Front ends send it `EngineCommand`s
+//! and read `EngineEvent`s; cancellation takes a side path (an atomic turn
+//! number) because the command queue is not read while a turn is generating.
+
+pub mod context;
+pub mod fake;
+pub mod kalosm;
+pub mod sampler;
+pub mod template;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use context::{Conversation, Message, Role};
+pub use sampler::SamplerSettings;
+
+/// What the front ends show about the loaded model.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub engine: String,
+    pub architecture: String,
+    pub path: Option<PathBuf>,
+    /// The context window kiln uses: the model's, or less when asked.
+    pub context_limit: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its answer.
+    Stop,
+    /// The answer reached `max_tokens`.
+    MaxTokens,
+    /// The answer filled the context window.
+    ContextFull,
+    /// The user cancelled.
+    Cancelled,
+}
+
+/// Figures for one turn. Token counts come from the model's tokenizer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenStats {
+    /// Time from sending the turn to the first streamed text.
+    pub ttft_ms: f64,
+    /// Tokens prefilled for this turn (the new part of the prompt).
+    pub prompt_tokens: usize,
+    /// Tokens already in the KV cache and reused, not recomputed.
+    pub reused_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens per second of prefill; `None` when nothing was prefilled.
+    pub prefill_tok_s: Option<f64>,
+    /// Generated tokens per second after the first; `None` below two tokens.
+    pub decode_tok_s: Option<f64>,
+    pub total_ms: f64,
+    /// Tokens in the context after the turn.
+    pub context_tokens: usize,
+}
+
+impl GenStats {
+    /// The one-line summary `kiln ask` prints on stderr.
+    pub fn summary(&self, finish: FinishReason) -> String {
+        let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |v| format!("{v:.1} tok/s"));
+        let mut line = format!(
+            "{} tokens · TTFT {:.2} s · prefill {} ({} tok, {} reused) · decode {} · context {}",
+            self.completion_tokens,
+            self.ttft_ms / 1000.0,
+            rate(self.prefill_tok_s),
+            self.prompt_tokens,
+            self.reused_tokens,
+            rate(self.decode_tok_s),
+            self.context_tokens,
+        );
+        if finish != FinishReason::Stop {
+            line.push_str(&format!(" · stopped: {finish:?}"));
+        }
+        line
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EngineEvent {
+    TurnStarted {
+        turn: u64,
+        prompt_tokens: usize,
+        reused_tokens: usize,
+    },
+    /// Older messages were dropped so the new turn fits the context window.
+    ContextTrimmed {
+        turn: u64,
+        dropped_messages: usize,
+        context_tokens: usize,
+        limit: usize,
+    },
+    Token {
+        turn: u64,
+        text: String,
+    },
+    TurnFinished {
+        turn: u64,
+        reply: String,
+        finish: FinishReason,
+        stats: GenStats,
+    },
+    TurnFailed {
+        turn: u64,
+        error: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub enum EngineCommand {
+    /// Add a user message and generate the reply.
+    Chat { turn: u64, message: String },
+    SetSystemPrompt(Option<String>),
+    SetSampler(SamplerSettings),
+    /// Forget the conversation and its KV state.
+    Reset,
+}
+
+/// Cancels turns up to a number. A number rather than a flag, so that a
+/// cancel that arrives just after a turn ended cannot cancel the next one.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicU64>);
+
+impl CancelFlag {
+    pub fn cancel_through(&self, turn: u64) {
+        self.0.fetch_max(turn, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self, turn: u64) -> bool {
+        self.0.load(Ordering::SeqCst) >= turn
+    }
+}
+
+pub type EventSink = mpsc::UnboundedSender<EngineEvent>;
+
+/// A model behind kiln's conversation semantics. Implementations own their
+/// conversation, so they can keep the KV state in step with it.
+pub trait Engine: Send + 'static {
+    fn info(&self) -> ModelInfo;
+
+    /// Run one turn, sending its events to `out`. Never panics on bad input;
+    /// failures become `TurnFailed`.
+    fn chat(
+        &mut self,
+        turn: u64,
+        message: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = ()> + Send;
+
+    fn set_system_prompt(&mut self, prompt: Option<String>);
+    fn set_sampler(&mut self, settings: SamplerSettings);
+    fn reset(&mut self);
+}
+
+/// The front ends' side of a running engine.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    commands: mpsc::UnboundedSender<EngineCommand>,
+    cancel: CancelFlag,
+    next_turn: Arc<AtomicU64>,
+    info: ModelInfo,
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Queue a user message; returns its turn number.
+    pub fn chat(&self, message: impl Into<String>) -> u64 {
+        let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(EngineCommand::Chat {
+            turn,
+            message: message.into(),
+        });
+        turn
+    }
+
+    pub fn send(&self, command: EngineCommand) {
+        // A closed channel means the engine task ended; its last event says why.
+        let _ = self.commands.send(command);
+    }
+
+    /// Cancel the running turn and any queued before this call.
+    pub fn cancel(&self) {
+        self.cancel.cancel_through(self.next_turn.load(Ordering::SeqCst));
+    }
+}
+
+/// Start `engine` as a background task.
+pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver<EngineEvent>) {
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let (event_tx, event_rx) = mpsc::unbounded_channel();
+    let cancel = CancelFlag::default();
+    let handle = EngineHandle {
+        commands: cmd_tx,
+        cancel: cancel.clone(),
+        next_turn: Arc::new(AtomicU64::new(0)),
+        info: engine.info(),
+    };
+    tokio::spawn(async move {
+        while let Some(command) = cmd_rx.recv().await {
+            match command {
+                EngineCommand::Chat { turn, message } => {
+                    if cancel.is_cancelled(turn) {
+                        let _ = event_tx.send(EngineEvent::TurnFinished {
+                            turn,
+                            reply: String::new(),
+                            finish: FinishReason::Cancelled,
+                            stats: GenStats::default(),
+                        });
+                        continue;
+                    }
+                    engine.chat(turn, message, &event_tx, &cancel).await
+                }
+                EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
+                EngineCommand::SetSampler(s) => engine.set_sampler(s),
+                EngineCommand::Reset => engine.reset(),
+            }
+        }
+    });
+    (handle, event_rx)
+}
+
+/// Derive the per-turn rates from the three instants every engine can see:
+/// send, first text, end. The first text arrives after the prefill and one
+/// decode step, so one average step is taken off the prefill time.
+pub fn rates(
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    ttft_s: f64,
+    total_s: f64,
+) -> (Option<f64>, Option<f64>) {
+    let decode_s = (total_s - ttft_s).max(0.0);
+    let decode = (completion_tokens >= 2 && decode_s > 0.0)
+        .then(|| (completion_tokens - 1) as f64 / decode_s);
+    let step = decode.map_or(0.0, |d| 1.0 / d);
+    let prefill_s = if ttft_s - step > ttft_s * 0.05 { ttft_s - step } else { ttft_s };
+    let prefill = (prompt_tokens > 0 && prefill_s > 0.0).then(|| prompt_tokens as f64 / prefill_s);
+    (prefill, decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_take_one_decode_step_off_prefill() {
+        // 100 prompt tokens, first text at 1.1 s, 11 tokens by 2.1 s:
+        // 10 steps in 1 s, so prefill took 1.0 s.
+        let (p, d) = rates(100, 11, 1.1, 2.1);
+        assert!((d.unwrap() - 10.0).abs() < 1e-9);
+        assert!((p.unwrap() - 100.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rates_are_none_when_unmeasurable() {
+        assert_eq!(rates(0, 1, 0.5, 0.5), (None, None));
+        let (p, d) = rates(10, 1, 0.5, 0.5);
+        assert_eq!(d, None);
+        assert!((p.unwrap() - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cancel_is_by_turn_number() {
+        let c = CancelFlag::default();
+        c.cancel_through(3);
+        assert!(c.is_cancelled(2) && c.is_cancelled(3));
+        assert!(!c.is_cancelled(4));
+    }
+}

@@ -1,0 +1,244 @@
+//! Reads and checks a GGUF model file before kalosm sees it.
+//!
+//! kalosm trusts its input: a truncated or foreign file ends in a panic or an
+//! opaque candle error deep in loading. kiln reads the header with candle's own
+//! GGUF reader, checks that every tensor's bytes are really in the file, and
+//! turns each problem into one line that names the file.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use crate::error::ModelFileError;
+
+/// Architectures kalosm 0.4's `Llama` implements (llama-style blocks, with
+/// qwen2's attention biases and phi3's fused qkv).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
+
+/// What kiln needs to know about a model before loading it.
+#[derive(Debug, Clone)]
+pub struct GgufInfo {
+    pub path: PathBuf,
+    pub architecture: String,
+    pub name: Option<String>,
+    pub context_length: usize,
+    pub block_count: usize,
+    pub head_count: usize,
+    pub head_count_kv: usize,
+    pub embedding_length: usize,
+    pub file_size: u64,
+    pub tensor_bytes: u64,
+    pub tensor_count: usize,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: String,
+}
+
+impl GgufInfo {
+    pub fn head_dim(&self) -> usize {
+        self.embedding_length / self.head_count.max(1)
+    }
+
+    /// A short display name: the GGUF's own name, else the file stem.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+    }
+}
+
+/// Inspect `path` and return its metadata, or the first problem found.
+pub fn inspect(path: &Path) -> Result<GgufInfo, ModelFileError> {
+    let p = path.to_path_buf();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ModelFileError::NotFound(p))
+        }
+        Err(e) => return Err(ModelFileError::Unreadable(p, e)),
+    };
+    if meta.is_dir() {
+        return Err(ModelFileError::IsDirectory(p));
+    }
+    let file_size = meta.len();
+    let mut file = File::open(path).map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
+
+    let mut magic = [0u8; 4];
+    let got = read_up_to(&mut file, &mut magic).map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
+    if got < 4 || &magic != b"GGUF" {
+        return Err(ModelFileError::NotGguf(p, magic[..got].to_vec()));
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
+
+    let content = read_header(&mut BufReader::new(file), &p, file_size)?;
+    let needed = data_end(&content);
+    if needed > file_size {
+        return Err(ModelFileError::TruncatedData {
+            path: p,
+            needed,
+            actual: file_size,
+        });
+    }
+    if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        return Err(ModelFileError::WrongExtension(p));
+    }
+    info_from(&content, p, file_size)
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// candle's reader sizes vectors from counts in the file, so a corrupt count
+/// can make it panic; that panic becomes a "corrupt header" error here.
+fn read_header(
+    reader: &mut BufReader<File>,
+    path: &Path,
+    file_size: u64,
+) -> Result<Content, ModelFileError> {
+    let result = crate::logging::quiet_panics(|| Content::read(reader));
+    match result {
+        Ok(Ok(content)) => Ok(content),
+        Ok(Err(err)) => {
+            let text = err.to_string();
+            let pos = reader.stream_position().unwrap_or(0);
+            if text.contains("failed to fill whole buffer") || pos >= file_size {
+                Err(ModelFileError::TruncatedHeader(path.to_path_buf(), file_size))
+            } else {
+                Err(ModelFileError::Corrupt(path.to_path_buf(), first_line(&text)))
+            }
+        }
+        Err(panic) => Err(ModelFileError::Corrupt(path.to_path_buf(), panic)),
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").to_string()
+}
+
+/// The byte just past the last tensor's data.
+pub fn data_end(content: &Content) -> u64 {
+    content
+        .tensor_infos
+        .values()
+        .map(|t| content.tensor_data_offset + t.offset + tensor_size(t))
+        .max()
+        .unwrap_or(content.tensor_data_offset)
+}
+
+fn tensor_size(t: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
+    let elems = t.shape.elem_count() as u64;
+    let block = t.ggml_dtype.block_size() as u64;
+    elems.div_ceil(block) * t.ggml_dtype.type_size() as u64
+}
+
+/// Total bytes of all tensors: the weights' size in memory.
+pub fn tensor_bytes(content: &Content) -> u64 {
+    content.tensor_infos.values().map(tensor_size).sum()
+}
+
+fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInfo, ModelFileError> {
+    let md = &content.metadata;
+    let get_str = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
+    let architecture =
+        get_str("general.architecture").ok_or_else(|| ModelFileError::MissingKey(path.clone(), "general.architecture".into()))?;
+    if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        return Err(ModelFileError::UnsupportedArchitecture(
+            path,
+            architecture,
+            SUPPORTED_ARCHITECTURES.join(", "),
+        ));
+    }
+    let arch_usize = |suffix: &str| -> Result<usize, ModelFileError> {
+        let key = format!("{architecture}.{suffix}");
+        md.get(&key)
+            .and_then(value_as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| ModelFileError::MissingKey(path.clone(), key))
+    };
+    let head_count = arch_usize("attention.head_count")?;
+    let info = GgufInfo {
+        context_length: arch_usize("context_length")?,
+        block_count: arch_usize("block_count")?,
+        head_count,
+        head_count_kv: arch_usize("attention.head_count_kv").unwrap_or(head_count),
+        embedding_length: arch_usize("embedding_length")?,
+        name: get_str("general.name"),
+        file_size,
+        tensor_bytes: tensor_bytes(content),
+        tensor_count: content.tensor_infos.len(),
+        chat_template: get_str("tokenizer.chat_template"),
+        bos_token: token_string(md, "tokenizer.ggml.bos_token_id"),
+        eos_token: token_string(md, "tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.eos_token_id".into()))?,
+        architecture,
+        path: path.clone(),
+    };
+    let tokenizer = get_str("tokenizer.ggml.model")
+        .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.model".into()))?;
+    if tokenizer != "gpt2" {
+        return Err(ModelFileError::UnsupportedTokenizer(path, tokenizer));
+    }
+    Ok(info)
+}
+
+fn value_as_u64(v: &Value) -> Option<u64> {
+    v.to_u64()
+        .ok()
+        .or_else(|| v.to_u32().ok().map(u64::from))
+        .or_else(|| v.to_i32().ok().and_then(|x| u64::try_from(x).ok()))
+        .or_else(|| v.to_i64().ok().and_then(|x| u64::try_from(x).ok()))
+}
+
+fn token_string(md: &std::collections::HashMap<String, Value>, id_key: &str) -> Option<String> {
+    let id = md.get(id_key).and_then(value_as_u64)? as usize;
+    let tokens = md.get("tokenizer.ggml.tokens")?.to_vec().ok()?;
+    tokens.get(id)?.to_string().ok().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn random_bytes_are_not_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.gguf");
+        std::fs::write(&f, b"\x7fELF\x02\x01\x01 not a model").unwrap();
+        let err = inspect(&f).unwrap_err().to_string();
+        assert!(err.contains("not a GGUF file"), "{err}");
+        assert!(err.starts_with(&f.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn empty_file_is_not_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("empty.gguf");
+        File::create(&f).unwrap().flush().unwrap();
+        assert!(matches!(inspect(&f), Err(ModelFileError::NotGguf(..))));
+    }
+
+    #[test]
+    fn missing_and_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            inspect(&dir.path().join("nope.gguf")),
+            Err(ModelFileError::NotFound(_))
+        ));
+        assert!(matches!(inspect(dir.path()), Err(ModelFileError::IsDirectory(_))));
+    }
+}

@@ -1,0 +1,62 @@
+//! The start-up every model-running command shares: folders, config, the
+//! model file, then the engine.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use crate::cli::Common;
+use crate::config::Config;
+use crate::engine::kalosm::{EngineOptions, KalosmEngine};
+use crate::error::Result;
+use crate::models::{self, ModelSpec, ResolvedModel};
+use crate::paths::Paths;
+
+pub struct Launched {
+    pub paths: Paths,
+    pub config: Config,
+    pub model: ResolvedModel,
+    pub engine: KalosmEngine,
+    pub load_seconds: f64,
+}
+
+pub fn paths_and_config(common: &Common) -> Result<(Paths, Config)> {
+    let paths = Paths::resolve(common.data_dir.as_deref());
+    let config_file = common.config.clone().unwrap_or_else(|| paths.config_file.clone());
+    let config = Config::load(&config_file)?.merge(common);
+    Ok((paths, config))
+}
+
+/// Resolve and load the model. `adjust` may change the engine options (the
+/// benchmark pins sampling). Progress goes to stderr only when it is a
+/// terminal, so scripts see just the answer and the stats line.
+pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) -> Result<Launched> {
+    let (paths, config) = paths_and_config(common)?;
+    let spec = ModelSpec::parse(config.model.as_deref());
+    let model = models::resolve(&spec, &paths).await?;
+    let mut options = EngineOptions {
+        context: config.context,
+        sampler: config.sampling.clone(),
+        system_prompt: config.system_prompt.clone(),
+        ignore_eos: false,
+    };
+    adjust(&mut options);
+    let show = std::io::stderr().is_terminal();
+    let name = model.info.display_name();
+    let started = Instant::now();
+    let engine = KalosmEngine::load(&model, options, move |f| {
+        if show {
+            eprint!("\rkiln: loading {name} {:>3.0}%", f * 100.0);
+        }
+    })
+    .await?;
+    if show {
+        eprint!("\r\x1b[2K");
+    }
+    Ok(Launched {
+        paths,
+        config,
+        model,
+        engine,
+        load_seconds: started.elapsed().as_secs_f64(),
+    })
+}

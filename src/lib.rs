@@ -1,0 +1,17 @@
+//! kiln: a terminal workstation for running local LLM agents.
+//!
+//! The crate is a library so that integration tests and benchmarks drive the
+//! same code the binary runs; `main.rs` only parses arguments and reports errors.
+
+pub mod ask;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod launch;
+pub mod logging;
+pub mod models;
+pub mod paths;
+pub mod procinfo;

@@ -1,0 +1,51 @@
+use clap::Parser;
+
+use kiln::cli::{Cli, Command};
+use kiln::error::{KilnError, EXIT_FAILURE};
+use kiln::{ask, bench, launch, logging, models};
+
+fn main() {
+    let cli = Cli::parse();
+    logging::install_panic_hook();
+    let paths = kiln::paths::Paths::resolve(cli.common.data_dir.as_deref());
+    let _log_guard = logging::init(&paths.logs);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            std::process::exit(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Ask(args) => ask::run(args, &cli.common).await,
+            Command::Bench(args) => bench::run(args, &cli.common).await,
+            Command::Models => list_models(&cli.common),
+        }
+    });
+    let code = match result {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("kiln: {err}");
+            err.exit_code()
+        }
+    };
+    // Leave without waiting for the model's worker thread.
+    drop(_log_guard);
+    std::process::exit(code);
+}
+
+fn list_models(common: &kiln::cli::Common) -> Result<i32, KilnError> {
+    let (paths, _) = launch::paths_and_config(common)?;
+    for p in models::PRESETS {
+        let state = match models::cached_path(p, &paths) {
+            Some(path) => format!("downloaded: {}", path.display()),
+            None => "not downloaded".into(),
+        };
+        let default = if p.name == models::DEFAULT_PRESET { " (default)" } else { "" };
+        println!("{}{default}\n    {} · {:.1} GB · {state}", p.name, p.description, p.approx_bytes as f64 / 1e9);
+    }
+    Ok(0)
+}

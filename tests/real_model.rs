@@ -1,0 +1,141 @@
+//! The kalosm engine on the real SmolLM2 model.
+
+mod common;
+
+use common::*;
+use kiln::engine::kalosm::EngineOptions;
+use kiln::engine::{EngineEvent, FinishReason, SamplerSettings};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_a_question() {
+    let (h, mut rx) = spawned(EngineOptions {
+        sampler: greedy(24),
+        ..Default::default()
+    })
+    .await;
+    let t = ask(&h, &mut rx, "What is the capital of France?").await;
+    assert_eq!(t.error, None);
+    assert!(!t.reply.trim().is_empty());
+    assert_eq!(t.reply, t.streamed(), "the reply is exactly what streamed");
+    assert!(matches!(t.events[0], EngineEvent::TurnStarted { reused_tokens: 0, .. }));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_are_consistent() {
+    let mut e = engine(EngineOptions {
+        sampler: greedy(32),
+        ..Default::default()
+    })
+    .await;
+    let t = {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = kiln::engine::CancelFlag::default();
+        kiln::engine::Engine::chat(&mut e, 1, "Name three colours.".into(), &tx, &cancel).await;
+        drop(tx);
+        collect(&mut rx, 1).await
+    };
+    let s = &t.stats;
+    assert!(s.prompt_tokens > 0 && s.completion_tokens > 1, "{s:?}");
+    assert_eq!(s.completion_tokens, e.count_tokens(&t.reply), "completion tokens come from the tokenizer");
+    assert!(s.ttft_ms > 0.0 && s.ttft_ms <= s.total_ms, "{s:?}");
+    for rate in [s.prefill_tok_s, s.decode_tok_s] {
+        let r = rate.expect("measurable");
+        assert!(r.is_finite() && r > 0.0, "{s:?}");
+    }
+    let eos = usize::from(t.finish == Some(FinishReason::Stop));
+    assert_eq!(s.context_tokens, s.prompt_tokens + s.completion_tokens + eos);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_seed_same_answer() {
+    let options = EngineOptions {
+        sampler: SamplerSettings {
+            temperature: 0.9,
+            seed: Some(1234),
+            max_tokens: 24,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (h, mut rx) = spawned(options.clone()).await;
+    let a = ask(&h, &mut rx, "Tell me something about cats.").await;
+    h.send(kiln::engine::EngineCommand::Reset);
+    let b = ask(&h, &mut rx, "Tell me something about cats.").await;
+    assert!(!a.reply.is_empty());
+    assert_eq!(a.reply, b.reply);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_turn_reuses_the_first_turns_kv_cache() {
+    let (h, mut rx) = spawned(EngineOptions {
+        sampler: greedy(16),
+        ..Default::default()
+    })
+    .await;
+    let first = ask(&h, &mut rx, "My name is Ada and I keep a pottery kiln in my garden.").await;
+    let second = ask(&h, &mut rx, "What is my name?").await;
+    assert_eq!(second.error, None);
+    let (s1, s2) = (&first.stats, &second.stats);
+    assert_eq!(s2.reused_tokens, s1.context_tokens, "everything from turn 1 is reused");
+    // Only the new message and its template wrapping are prefilled.
+    assert!(s2.prompt_tokens < 20, "turn 2 prefilled {} tokens", s2.prompt_tokens);
+    assert!(s2.prompt_tokens < s1.prompt_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_stream_within_two_tokens() {
+    let (h, mut rx) = spawned(EngineOptions {
+        sampler: greedy(400),
+        ignore_eos: true,
+        ..Default::default()
+    })
+    .await;
+    let turn = h.chat("Write a long story about a dragon who learns to make pottery.");
+    let mut before = 0;
+    while before < 3 {
+        if let Some(EngineEvent::Token { .. }) = rx.recv().await {
+            before += 1;
+        }
+    }
+    h.cancel();
+    let t = collect(&mut rx, turn).await;
+    let after = t.events.iter().filter(|e| matches!(e, EngineEvent::Token { .. })).count();
+    assert_eq!(t.finish, Some(FinishReason::Cancelled));
+    assert!(after <= 2, "{after} tokens arrived after the cancel");
+
+    // The conversation goes on, and still reuses the cache.
+    let next = ask(&h, &mut rx, "Now say hi.").await;
+    assert_eq!(next.finish, Some(FinishReason::MaxTokens));
+    assert_eq!(next.stats.reused_tokens, t.stats.context_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_context_drops_the_oldest_turns() {
+    let (h, mut rx) = spawned(EngineOptions {
+        context: Some(256),
+        sampler: greedy(40),
+        ..Default::default()
+    })
+    .await;
+    let message = "Tell me one fact about clay, glazes, kilns, firing schedules, cones and pottery wheels.";
+    let mut trimmed = false;
+    for _ in 0..8 {
+        let t = ask(&h, &mut rx, message).await;
+        assert_eq!(t.error, None);
+        assert!(t.stats.context_tokens <= 256, "{:?}", t.stats);
+        if t.events.iter().any(|e| matches!(e, EngineEvent::ContextTrimmed { .. })) {
+            trimmed = true;
+            // A trimmed conversation is prefilled again from the start.
+            assert_eq!(t.stats.reused_tokens, 0);
+            break;
+        }
+    }
+    assert!(trimmed, "eight turns overflow a 256-token window");
+
+    let huge = "pottery ".repeat(400);
+    let t = ask(&h, &mut rx, &huge).await;
+    let err = t.error.expect("a message larger than the window fails cleanly");
+    assert!(err.contains("context window holds 256"), "{err}");
+    // and the engine is still usable afterwards
+    assert_eq!(ask(&h, &mut rx, "Hi").await.error, None);
+}

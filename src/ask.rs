@@ -57,7 +57,12 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
             handle.cancel();
         }
         match event {
-            EngineEvent::TurnFinished { turn: t, finish, stats, .. } if t == turn => {
+            EngineEvent::TurnFinished {
+                turn: t,
+                finish,
+                stats,
+                ..
+            } if t == turn => {
                 if !args.json {
                     if !ended_with_newline {
                         let _ = writeln!(stdout);
@@ -100,7 +105,8 @@ fn read_stdin() -> Result<String> {
             MAX_QUESTION_BYTES >> 20
         )));
     }
-    String::from_utf8(buf).map_err(|_| KilnError::BadArgument("stdin: the question is not UTF-8 text".into()))
+    String::from_utf8(buf)
+        .map_err(|_| KilnError::BadArgument("stdin: the question is not UTF-8 text".into()))
 }
 
 fn non_empty(q: String) -> Result<String> {

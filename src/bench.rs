@@ -107,7 +107,10 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
     } else {
         print_table(&report);
     }
@@ -116,7 +119,9 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
 
 async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<GenStats> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    engine.chat(turn, prompt.to_string(), &tx, &CancelFlag::default()).await;
+    engine
+        .chat(turn, prompt.to_string(), &tx, &CancelFlag::default())
+        .await;
     drop(tx);
     while let Some(event) = rx.recv().await {
         match event {
@@ -143,7 +148,12 @@ fn build_prompt(engine: &KalosmEngine, target: usize) -> String {
     let mut text = String::from("Read these notes and then summarise them in detail.\n");
     let mut i = 0;
     while engine.count_tokens(&text) < target {
-        text.push_str(&format!("{}. Note {}: {}.\n", i + 1, i / TOPICS.len() + 1, TOPICS[i % TOPICS.len()]));
+        text.push_str(&format!(
+            "{}. Note {}: {}.\n",
+            i + 1,
+            i / TOPICS.len() + 1,
+            TOPICS[i % TOPICS.len()]
+        ));
         i += 1;
     }
     text

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "A terminal workstation for local LLM agents")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A terminal workstation for local LLM agents"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -62,6 +66,11 @@ pub enum Command {
     Bench(BenchArgs),
     /// List model presets and whether each is downloaded.
     Models,
+    /// Download a preset ahead of time (default: the default model).
+    Fetch {
+        /// Preset name, as `kiln models` lists them.
+        preset: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

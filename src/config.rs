@@ -104,6 +104,9 @@ mod tests {
 
     #[test]
     fn missing_file_is_empty_config() {
-        assert_eq!(Config::load(Path::new("/nonexistent/kiln.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(Path::new("/nonexistent/kiln.toml")).unwrap(),
+            Config::default()
+        );
     }
 }

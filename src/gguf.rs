@@ -69,7 +69,8 @@ pub fn inspect(path: &Path) -> Result<GgufInfo, ModelFileError> {
     let mut file = File::open(path).map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
 
     let mut magic = [0u8; 4];
-    let got = read_up_to(&mut file, &mut magic).map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
+    let got =
+        read_up_to(&mut file, &mut magic).map_err(|e| ModelFileError::Unreadable(p.clone(), e))?;
     if got < 4 || &magic != b"GGUF" {
         return Err(ModelFileError::NotGguf(p, magic[..got].to_vec()));
     }
@@ -116,9 +117,15 @@ fn read_header(
             let text = err.to_string();
             let pos = reader.stream_position().unwrap_or(0);
             if text.contains("failed to fill whole buffer") || pos >= file_size {
-                Err(ModelFileError::TruncatedHeader(path.to_path_buf(), file_size))
+                Err(ModelFileError::TruncatedHeader(
+                    path.to_path_buf(),
+                    file_size,
+                ))
             } else {
-                Err(ModelFileError::Corrupt(path.to_path_buf(), first_line(&text)))
+                Err(ModelFileError::Corrupt(
+                    path.to_path_buf(),
+                    first_line(&text),
+                ))
             }
         }
         Err(panic) => Err(ModelFileError::Corrupt(path.to_path_buf(), panic)),
@@ -153,8 +160,8 @@ pub fn tensor_bytes(content: &Content) -> u64 {
 fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInfo, ModelFileError> {
     let md = &content.metadata;
     let get_str = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
-    let architecture =
-        get_str("general.architecture").ok_or_else(|| ModelFileError::MissingKey(path.clone(), "general.architecture".into()))?;
+    let architecture = get_str("general.architecture")
+        .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "general.architecture".into()))?;
     if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
         return Err(ModelFileError::UnsupportedArchitecture(
             path,
@@ -182,8 +189,9 @@ fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInf
         tensor_count: content.tensor_infos.len(),
         chat_template: get_str("tokenizer.chat_template"),
         bos_token: token_string(md, "tokenizer.ggml.bos_token_id"),
-        eos_token: token_string(md, "tokenizer.ggml.eos_token_id")
-            .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.eos_token_id".into()))?,
+        eos_token: token_string(md, "tokenizer.ggml.eos_token_id").ok_or_else(|| {
+            ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.eos_token_id".into())
+        })?,
         architecture,
         path: path.clone(),
     };
@@ -239,6 +247,9 @@ mod tests {
             inspect(&dir.path().join("nope.gguf")),
             Err(ModelFileError::NotFound(_))
         ));
-        assert!(matches!(inspect(dir.path()), Err(ModelFileError::IsDirectory(_))));
+        assert!(matches!(
+            inspect(dir.path()),
+            Err(ModelFileError::IsDirectory(_))
+        ));
     }
 }

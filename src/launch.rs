@@ -21,7 +21,10 @@ pub struct Launched {
 
 pub fn paths_and_config(common: &Common) -> Result<(Paths, Config)> {
     let paths = Paths::resolve(common.data_dir.as_deref());
-    let config_file = common.config.clone().unwrap_or_else(|| paths.config_file.clone());
+    let config_file = common
+        .config
+        .clone()
+        .unwrap_or_else(|| paths.config_file.clone());
     let config = Config::load(&config_file)?.merge(common);
     Ok((paths, config))
 }

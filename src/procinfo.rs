@@ -11,7 +11,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     // SAFETY: getrusage returned 0, so it wrote the struct.
     let max = unsafe { usage.assume_init() }.ru_maxrss as u64;
     // Linux reports kilobytes, macOS bytes.
-    Some(if cfg!(target_os = "macos") { max } else { max * 1024 })
+    Some(if cfg!(target_os = "macos") {
+        max
+    } else {
+        max * 1024
+    })
 }
 
 #[cfg(test)]

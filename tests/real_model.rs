@@ -17,7 +17,13 @@ async fn answers_a_question() {
     assert_eq!(t.error, None);
     assert!(!t.reply.trim().is_empty());
     assert_eq!(t.reply, t.streamed(), "the reply is exactly what streamed");
-    assert!(matches!(t.events[0], EngineEvent::TurnStarted { reused_tokens: 0, .. }));
+    assert!(matches!(
+        t.events[0],
+        EngineEvent::TurnStarted {
+            reused_tokens: 0,
+            ..
+        }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -36,14 +42,21 @@ async fn stats_are_consistent() {
     };
     let s = &t.stats;
     assert!(s.prompt_tokens > 0 && s.completion_tokens > 1, "{s:?}");
-    assert_eq!(s.completion_tokens, e.count_tokens(&t.reply), "completion tokens come from the tokenizer");
+    assert_eq!(
+        s.completion_tokens,
+        e.count_tokens(&t.reply),
+        "completion tokens come from the tokenizer"
+    );
     assert!(s.ttft_ms > 0.0 && s.ttft_ms <= s.total_ms, "{s:?}");
     for rate in [s.prefill_tok_s, s.decode_tok_s] {
         let r = rate.expect("measurable");
         assert!(r.is_finite() && r > 0.0, "{s:?}");
     }
     let eos = usize::from(t.finish == Some(FinishReason::Stop));
-    assert_eq!(s.context_tokens, s.prompt_tokens + s.completion_tokens + eos);
+    assert_eq!(
+        s.context_tokens,
+        s.prompt_tokens + s.completion_tokens + eos
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -72,13 +85,25 @@ async fn second_turn_reuses_the_first_turns_kv_cache() {
         ..Default::default()
     })
     .await;
-    let first = ask(&h, &mut rx, "My name is Ada and I keep a pottery kiln in my garden.").await;
+    let first = ask(
+        &h,
+        &mut rx,
+        "My name is Ada and I keep a pottery kiln in my garden.",
+    )
+    .await;
     let second = ask(&h, &mut rx, "What is my name?").await;
     assert_eq!(second.error, None);
     let (s1, s2) = (&first.stats, &second.stats);
-    assert_eq!(s2.reused_tokens, s1.context_tokens, "everything from turn 1 is reused");
+    assert_eq!(
+        s2.reused_tokens, s1.context_tokens,
+        "everything from turn 1 is reused"
+    );
     // Only the new message and its template wrapping are prefilled.
-    assert!(s2.prompt_tokens < 20, "turn 2 prefilled {} tokens", s2.prompt_tokens);
+    assert!(
+        s2.prompt_tokens < 20,
+        "turn 2 prefilled {} tokens",
+        s2.prompt_tokens
+    );
     assert!(s2.prompt_tokens < s1.prompt_tokens);
 }
 
@@ -99,7 +124,11 @@ async fn cancel_stops_the_stream_within_two_tokens() {
     }
     h.cancel();
     let t = collect(&mut rx, turn).await;
-    let after = t.events.iter().filter(|e| matches!(e, EngineEvent::Token { .. })).count();
+    let after = t
+        .events
+        .iter()
+        .filter(|e| matches!(e, EngineEvent::Token { .. }))
+        .count();
     assert_eq!(t.finish, Some(FinishReason::Cancelled));
     assert!(after <= 2, "{after} tokens arrived after the cancel");
 
@@ -117,13 +146,17 @@ async fn a_full_context_drops_the_oldest_turns() {
         ..Default::default()
     })
     .await;
-    let message = "Tell me one fact about clay, glazes, kilns, firing schedules, cones and pottery wheels.";
+    let message =
+        "Tell me one fact about clay, glazes, kilns, firing schedules, cones and pottery wheels.";
     let mut trimmed = false;
     for _ in 0..8 {
         let t = ask(&h, &mut rx, message).await;
         assert_eq!(t.error, None);
         assert!(t.stats.context_tokens <= 256, "{:?}", t.stats);
-        if t.events.iter().any(|e| matches!(e, EngineEvent::ContextTrimmed { .. })) {
+        if t.events
+            .iter()
+            .any(|e| matches!(e, EngineEvent::ContextTrimmed { .. }))
+        {
             trimmed = true;
             // A trimmed conversation is prefilled again from the start.
             assert_eq!(t.stats.reused_tokens, 0);
@@ -134,7 +167,9 @@ async fn a_full_context_drops_the_oldest_turns() {
 
     let huge = "pottery ".repeat(400);
     let t = ask(&h, &mut rx, &huge).await;
-    let err = t.error.expect("a message larger than the window fails cleanly");
+    let err = t
+        .error
+        .expect("a message larger than the window fails cleanly");
     assert!(err.contains("context window holds 256"), "{err}");
     // and the engine is still usable afterwards
     assert_eq!(ask(&h, &mut rx, "Hi").await.error, None);

@@ -140,8 +140,10 @@ mod tests {
             messages: vec![],
         };
         for i in 0..n {
-            c.messages.push(Message::new(Role::User, format!("question {i}")));
-            c.messages.push(Message::new(Role::Assistant, format!("answer {i}")));
+            c.messages
+                .push(Message::new(Role::User, format!("question {i}")));
+            c.messages
+                .push(Message::new(Role::Assistant, format!("answer {i}")));
         }
         c
     }
@@ -150,7 +152,9 @@ mod tests {
     fn keeps_everything_when_it_fits() {
         let plan = plan_turn(&conv(2), "new one", 100, 10, render, words).unwrap();
         assert_eq!(plan.drop, 0);
-        assert!(plan.prompt.starts_with("System: be brief\nUser: question 0"));
+        assert!(plan
+            .prompt
+            .starts_with("System: be brief\nUser: question 0"));
         assert!(plan.prompt.ends_with("User: new one\n"));
     }
 

@@ -90,7 +90,8 @@ impl Engine for FakeEngine {
         let total_s = started.elapsed().as_secs_f64();
         let ttft_s = first_at.map_or(total_s, |t: Instant| (t - started).as_secs_f64());
         let completion_tokens = words(&reply);
-        let (prefill_tok_s, decode_tok_s) = rates(prompt_tokens, completion_tokens, ttft_s, total_s);
+        let (prefill_tok_s, decode_tok_s) =
+            rates(prompt_tokens, completion_tokens, ttft_s, total_s);
         let stats = GenStats {
             ttft_ms: ttft_s * 1000.0,
             prompt_tokens,
@@ -102,7 +103,9 @@ impl Engine for FakeEngine {
             context_tokens: self.kv_tokens + prompt_tokens + completion_tokens,
         };
         self.kv_tokens = stats.context_tokens;
-        self.conversation.messages.push(Message::new(Role::User, message));
+        self.conversation
+            .messages
+            .push(Message::new(Role::User, message));
         self.conversation
             .messages
             .push(Message::new(Role::Assistant, reply.clone()));
@@ -133,10 +136,15 @@ mod tests {
     use super::super::spawn;
     use super::*;
 
-    async fn finish_of(rx: &mut tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<EngineEvent>, EngineEvent) {
+    async fn finish_of(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<EngineEvent>,
+    ) -> (Vec<EngineEvent>, EngineEvent) {
         let mut seen = Vec::new();
         while let Some(ev) = rx.recv().await {
-            if matches!(ev, EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }) {
+            if matches!(
+                ev,
+                EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
+            ) {
                 return (seen, ev);
             }
             seen.push(ev);
@@ -149,7 +157,9 @@ mod tests {
         let (handle, mut rx) = spawn(FakeEngine::new(["one two three"]));
         let turn = handle.chat("hello there");
         let (seen, fin) = finish_of(&mut rx).await;
-        assert!(matches!(seen[0], EngineEvent::TurnStarted { turn: t, prompt_tokens: 2, .. } if t == turn));
+        assert!(
+            matches!(seen[0], EngineEvent::TurnStarted { turn: t, prompt_tokens: 2, .. } if t == turn)
+        );
         let streamed: String = seen
             .iter()
             .filter_map(|e| match e {
@@ -157,7 +167,15 @@ mod tests {
                 _ => None,
             })
             .collect();
-        let EngineEvent::TurnFinished { reply, finish, stats, .. } = fin else { unreachable!() };
+        let EngineEvent::TurnFinished {
+            reply,
+            finish,
+            stats,
+            ..
+        } = fin
+        else {
+            unreachable!()
+        };
         assert_eq!(streamed, "one two three");
         assert_eq!(reply, streamed);
         assert_eq!(finish, FinishReason::Stop);
@@ -179,13 +197,17 @@ mod tests {
         }
         handle.cancel();
         let (_, fin) = finish_of(&mut rx).await;
-        let EngineEvent::TurnFinished { finish, stats, .. } = fin else { unreachable!() };
+        let EngineEvent::TurnFinished { finish, stats, .. } = fin else {
+            unreachable!()
+        };
         assert_eq!(finish, FinishReason::Cancelled);
         assert!(stats.completion_tokens < 16);
 
         handle.chat("again");
         let (_, fin) = finish_of(&mut rx).await;
-        let EngineEvent::TurnFinished { finish, reply, .. } = fin else { unreachable!() };
+        let EngineEvent::TurnFinished { finish, reply, .. } = fin else {
+            unreachable!()
+        };
         assert_eq!(finish, FinishReason::Stop);
         assert_eq!(reply, "next reply");
     }

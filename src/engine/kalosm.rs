@@ -97,18 +97,24 @@ impl KalosmEngine {
                 )))
             }
             Some(n) if n < 64 => {
-                return Err(KilnError::BadArgument(format!("--ctx {n} is too small (at least 64)")))
+                return Err(KilnError::BadArgument(format!(
+                    "--ctx {n} is too small (at least 64)"
+                )))
             }
             Some(n) => n,
             None => info.context_length,
         };
-        options
-            .sampler
-            .validate()
-            .map_err(KilnError::BadArgument)?;
-        let name = model.preset.map(str::to_string).unwrap_or_else(|| info.display_name());
-        let template = ChatTemplate::new(info.chat_template.as_deref(), info.bos_token.as_deref(), &info.eos_token)
-            .map_err(|e| KilnError::Load(model.path.display().to_string(), e))?;
+        options.sampler.validate().map_err(KilnError::BadArgument)?;
+        let name = model
+            .preset
+            .map(str::to_string)
+            .unwrap_or_else(|| info.display_name());
+        let template = ChatTemplate::new(
+            info.chat_template.as_deref(),
+            info.bos_token.as_deref(),
+            &info.eos_token,
+        )
+        .map_err(|e| KilnError::Load(model.path.display().to_string(), e))?;
 
         let device = init_device_quietly()?;
         let source = LlamaSource::new(FileSource::Local(model.path.clone()));
@@ -287,8 +293,11 @@ impl KalosmEngine {
             .push(Message::new(Role::Assistant, trace.reply.clone()));
 
         let total_s = (ended - started).as_secs_f64();
-        let ttft_s = trace.first_at.map_or(total_s, |t| (t - started).as_secs_f64());
-        let (prefill_tok_s, decode_tok_s) = rates(prompt_tokens, completion_tokens, ttft_s, total_s);
+        let ttft_s = trace
+            .first_at
+            .map_or(total_s, |t| (t - started).as_secs_f64());
+        let (prefill_tok_s, decode_tok_s) =
+            rates(prompt_tokens, completion_tokens, ttft_s, total_s);
         let stats = GenStats {
             ttft_ms: ttft_s * 1000.0,
             prompt_tokens,

@@ -119,7 +119,10 @@ pub enum EngineEvent {
 #[derive(Clone, Debug)]
 pub enum EngineCommand {
     /// Add a user message and generate the reply.
-    Chat { turn: u64, message: String },
+    Chat {
+        turn: u64,
+        message: String,
+    },
     SetSystemPrompt(Option<String>),
     SetSampler(SamplerSettings),
     /// Forget the conversation and its KV state.
@@ -194,7 +197,8 @@ impl EngineHandle {
 
     /// Cancel the running turn and any queued before this call.
     pub fn cancel(&self) {
-        self.cancel.cancel_through(self.next_turn.load(Ordering::SeqCst));
+        self.cancel
+            .cancel_through(self.next_turn.load(Ordering::SeqCst));
     }
 }
 
@@ -246,7 +250,11 @@ pub fn rates(
     let decode = (completion_tokens >= 2 && decode_s > 0.0)
         .then(|| (completion_tokens - 1) as f64 / decode_s);
     let step = decode.map_or(0.0, |d| 1.0 / d);
-    let prefill_s = if ttft_s - step > ttft_s * 0.05 { ttft_s - step } else { ttft_s };
+    let prefill_s = if ttft_s - step > ttft_s * 0.05 {
+        ttft_s - step
+    } else {
+        ttft_s
+    };
     let prefill = (prompt_tokens > 0 && prefill_s > 0.0).then(|| prompt_tokens as f64 / prefill_s);
     (prefill, decode)
 }

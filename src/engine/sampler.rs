@@ -39,13 +39,19 @@ impl Default for SamplerSettings {
 impl SamplerSettings {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         if self.max_tokens == 0 {
             return Err("max_tokens must be at least 1".into());
@@ -96,7 +102,10 @@ struct Resources<'a> {
 }
 
 impl HasSamplerResources for Resources<'_> {
-    fn with_rng_mut(&mut self, fun: &mut dyn FnMut(&mut dyn rand::RngCore)) -> Result<(), SamplerError> {
+    fn with_rng_mut(
+        &mut self,
+        fun: &mut dyn FnMut(&mut dyn rand::RngCore),
+    ) -> Result<(), SamplerError> {
         fun(self.rng);
         Ok(())
     }
@@ -172,7 +181,12 @@ mod tests {
         let draws = |s: &SamplerSettings| {
             let mut sampler = KilnSampler::new(s, vec![]);
             (0..32)
-                .map(|_| sampler.sample_token(&mut NoResources, &mut logits()).unwrap().unwrap())
+                .map(|_| {
+                    sampler
+                        .sample_token(&mut NoResources, &mut logits())
+                        .unwrap()
+                        .unwrap()
+                })
                 .collect::<Vec<_>>()
         };
         let a = draws(&seeded);

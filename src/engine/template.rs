@@ -22,9 +22,12 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source)
             .map_err(|e| format!("cannot compile the chat template: {e}"))?;
         Ok(ChatTemplate {
@@ -38,7 +41,11 @@ impl ChatTemplate {
         &self.eos
     }
 
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         let messages: Vec<_> = messages
             .iter()
             .map(|m| {
@@ -83,13 +90,23 @@ mod tests {
 
     #[test]
     fn template_exceptions_are_errors() {
-        let t = ChatTemplate::new(Some("{{ raise_exception('no system role') }}"), None, "</s>").unwrap();
+        let t = ChatTemplate::new(
+            Some("{{ raise_exception('no system role') }}"),
+            None,
+            "</s>",
+        )
+        .unwrap();
         assert!(t.render(&[], true).unwrap_err().contains("no system role"));
     }
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new(Some("{{ messages[0]['content'].strip() }}"), None, "</s>").unwrap();
-        assert_eq!(t.render(&[Message::new(Role::User, "  x ")], false).unwrap(), "x");
+        let t =
+            ChatTemplate::new(Some("{{ messages[0]['content'].strip() }}"), None, "</s>").unwrap();
+        assert_eq!(
+            t.render(&[Message::new(Role::User, "  x ")], false)
+                .unwrap(),
+            "x"
+        );
     }
 }

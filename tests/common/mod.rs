@@ -89,7 +89,11 @@ pub async fn collect(rx: &mut UnboundedReceiver<EngineEvent>, turn: u64) -> Turn
     }
 }
 
-pub async fn ask(handle: &EngineHandle, rx: &mut UnboundedReceiver<EngineEvent>, message: &str) -> Turn {
+pub async fn ask(
+    handle: &EngineHandle,
+    rx: &mut UnboundedReceiver<EngineEvent>,
+    message: &str,
+) -> Turn {
     let turn = handle.chat(message);
     collect(rx, turn).await
 }

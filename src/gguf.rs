@@ -28,9 +28,15 @@ pub struct GgufInfo {
     pub head_count: usize,
     pub head_count_kv: usize,
     pub embedding_length: usize,
+    /// `attention.key_length` / `value_length` where the file gives them.
+    pub key_length: Option<usize>,
+    pub value_length: Option<usize>,
+    pub vocab_size: usize,
     pub file_size: u64,
     pub tensor_bytes: u64,
     pub tensor_count: usize,
+    /// Bytes per tensor type (Q4_K, F32, …), largest first.
+    pub tensor_types: Vec<(String, u64)>,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: String,
@@ -152,6 +158,16 @@ fn tensor_size(t: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
     elems.div_ceil(block) * t.ggml_dtype.type_size() as u64
 }
 
+fn tensor_types(content: &Content) -> Vec<(String, u64)> {
+    let mut by_type = std::collections::BTreeMap::<String, u64>::new();
+    for t in content.tensor_infos.values() {
+        *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += tensor_size(t);
+    }
+    let mut v: Vec<_> = by_type.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}
+
 /// Total bytes of all tensors: the weights' size in memory.
 pub fn tensor_bytes(content: &Content) -> u64 {
     content.tensor_infos.values().map(tensor_size).sum()
@@ -183,10 +199,20 @@ fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInf
         head_count,
         head_count_kv: arch_usize("attention.head_count_kv").unwrap_or(head_count),
         embedding_length: arch_usize("embedding_length")?,
+        key_length: arch_usize("attention.key_length").ok(),
+        value_length: arch_usize("attention.value_length").ok(),
+        vocab_size: md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(Vec::len)
+            .ok_or_else(|| {
+                ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.tokens".into())
+            })?,
         name: get_str("general.name"),
         file_size,
         tensor_bytes: tensor_bytes(content),
         tensor_count: content.tensor_infos.len(),
+        tensor_types: tensor_types(content),
         chat_template: get_str("tokenizer.chat_template"),
         bos_token: token_string(md, "tokenizer.ggml.bos_token_id"),
         eos_token: token_string(md, "tokenizer.ggml.eos_token_id").ok_or_else(|| {

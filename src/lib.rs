@@ -5,6 +5,7 @@
 
 pub mod ask;
 pub mod bench;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -15,3 +16,4 @@ pub mod logging;
 pub mod models;
 pub mod paths;
 pub mod procinfo;
+pub mod telemetry;

@@ -1,0 +1,298 @@
+//! Memory budget: what a model needs at a given context, for the engine as it
+//! really stores things, and whether that fits this machine.
+//!
+//! Pure functions; the figures for kalosm 0.4 come from its source and were
+//! checked against measured RSS on SmolLM2-135M (see `tests/budget_accuracy.rs`):
+//! - weights are kept as loaded, except the token embedding table, which is
+//!   dequantized to f32 (vocab × hidden × 4 bytes) on top of the file's copy;
+//! - K and V are cached after the grouped-query repeat, in f32 (on CPU and
+//!   Metal alike): n_layer × n_head × head_dim × 2 × 4 bytes per token;
+//! - the cache grows to the next power of two of the tokens held, capped at the
+//!   model's trained context;
+//! - a prompt is prefilled in one pass: the attention scores and their softmax
+//!   are two f32 tensors of n_head × prompt × context, freed afterwards;
+//! - the allocator keeps some of the prefill's activations (measured about
+//!   60 KB per prefilled token on SmolLM2's 576-wide layers; scaled by width).
+
+use serde::Serialize;
+
+use crate::gguf::GgufInfo;
+use crate::telemetry::MemorySnapshot;
+
+/// RSS of kiln with a model loaded, less the weights: binary, tokenizer, rope
+/// tables, thread stacks. Measured: 38 MB with SmolLM2-135M.
+pub const RUNTIME_BASE_BYTES: u64 = 40 << 20;
+/// Retained activation bytes per prefilled token per unit of hidden width
+/// (60 KB / 576, measured on SmolLM2-135M).
+const RETAINED_PER_TOKEN_PER_WIDTH: u64 = 104;
+/// Fits, but with less than this share of available memory left over.
+const HEADROOM: f64 = 0.10;
+
+/// The numbers of a model that decide its memory use.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelShape {
+    pub name: String,
+    pub architecture: String,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_kv_head: u64,
+    /// Head size as kalosm computes it (hidden / heads).
+    pub head_dim: u64,
+    /// Key/value head size for the reference layout (the file's key_length).
+    pub kv_head_dim: u64,
+    pub hidden: u64,
+    pub vocab: u64,
+    pub context_length: u64,
+    /// Bytes of all tensors in the file.
+    pub tensor_bytes: u64,
+}
+
+impl ModelShape {
+    pub fn from_gguf(info: &GgufInfo) -> ModelShape {
+        let head_dim = info.head_dim() as u64;
+        ModelShape {
+            name: info.display_name(),
+            architecture: info.architecture.clone(),
+            n_layer: info.block_count as u64,
+            n_head: info.head_count as u64,
+            n_kv_head: info.head_count_kv as u64,
+            head_dim,
+            kv_head_dim: info.key_length.map_or(head_dim, |k| k as u64),
+            hidden: info.embedding_length as u64,
+            vocab: info.vocab_size as u64,
+            context_length: info.context_length as u64,
+            tensor_bytes: info.tensor_bytes,
+        }
+    }
+
+    /// KV bytes per token as kalosm 0.4 stores them: repeated to every query
+    /// head, f32.
+    pub fn kv_per_token_engine(&self) -> u64 {
+        self.n_layer * self.n_head * self.head_dim * 2 * 4
+    }
+
+    /// KV bytes per token for an f16 cache kept per KV head (llama.cpp's
+    /// default), for comparison.
+    pub fn kv_per_token_f16_gqa(&self) -> u64 {
+        self.n_layer * self.n_kv_head * self.kv_head_dim * 2 * 2
+    }
+
+    /// Weights in memory: the file's tensors plus the f32 embedding table.
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensor_bytes + self.vocab * self.hidden * 4
+    }
+
+    /// Tokens of KV cache kalosm has allocated when it holds `tokens`.
+    pub fn kv_allocated_tokens(&self, tokens: u64) -> u64 {
+        if tokens == 0 {
+            return 0;
+        }
+        tokens
+            .next_power_of_two()
+            .min(self.context_length)
+            .max(tokens.min(self.context_length))
+    }
+
+    /// Transient bytes to prefill `prompt` tokens in one pass with `context`
+    /// tokens in the cache afterwards.
+    pub fn prefill_peak_bytes(&self, prompt: u64, context: u64) -> u64 {
+        2 * self.n_head * prompt * context * 4
+    }
+
+    fn retained_activation_bytes(&self, prefilled: u64) -> u64 {
+        prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Fits,
+    /// Fits, with less than 10 % of available memory to spare.
+    Tight,
+    /// Needs more than is available, but no more than available plus free swap.
+    WillSwap,
+    DoesNotFit,
+}
+
+impl Verdict {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Verdict::Fits => "fits",
+            Verdict::Tight => "fits, but leaves less than 10% headroom",
+            Verdict::WillSwap => "will swap",
+            Verdict::DoesNotFit => "does not fit",
+        }
+    }
+}
+
+/// A model at a context size against this machine's memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct Budget {
+    pub context: u64,
+    pub weights: u64,
+    pub kv_per_token: u64,
+    pub kv_per_token_f16_gqa: u64,
+    /// KV cache as allocated when `context` tokens are held.
+    pub kv_at_context: u64,
+    /// The same context in an f16 per-KV-head cache.
+    pub kv_at_context_f16_gqa: u64,
+    /// Runtime base plus activations the allocator keeps.
+    pub overhead: u64,
+    /// Steady memory with the context full: weights + KV + overhead.
+    pub total: u64,
+    /// Extra, briefly, to prefill a whole context in one pass.
+    pub full_prefill_peak: u64,
+    pub available: u64,
+    pub verdict: Verdict,
+    /// The largest context whose steady budget fits in available memory.
+    pub max_context: u64,
+}
+
+/// Steady bytes kalosm needs holding `tokens`, of which `prefilled` were
+/// prefilled in the largest single prompt.
+pub fn steady_bytes(shape: &ModelShape, tokens: u64, prefilled: u64) -> u64 {
+    shape.weight_bytes()
+        + shape.kv_allocated_tokens(tokens) * shape.kv_per_token_engine()
+        + RUNTIME_BASE_BYTES
+        + shape.retained_activation_bytes(prefilled)
+}
+
+pub fn verdict(need: u64, mem: &MemorySnapshot) -> Verdict {
+    let available = mem.available as f64;
+    let need_f = need as f64;
+    if need_f <= available * (1.0 - HEADROOM) {
+        Verdict::Fits
+    } else if need <= mem.available {
+        Verdict::Tight
+    } else if need <= mem.available + mem.swap_free {
+        Verdict::WillSwap
+    } else {
+        Verdict::DoesNotFit
+    }
+}
+
+pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget {
+    let context = context.min(shape.context_length);
+    let total = steady_bytes(shape, context, context);
+    Budget {
+        context,
+        weights: shape.weight_bytes(),
+        kv_per_token: shape.kv_per_token_engine(),
+        kv_per_token_f16_gqa: shape.kv_per_token_f16_gqa(),
+        kv_at_context: shape.kv_allocated_tokens(context) * shape.kv_per_token_engine(),
+        kv_at_context_f16_gqa: context * shape.kv_per_token_f16_gqa(),
+        overhead: RUNTIME_BASE_BYTES + shape.retained_activation_bytes(context),
+        total,
+        full_prefill_peak: shape.prefill_peak_bytes(context, context),
+        available: mem.available,
+        verdict: verdict(total, mem),
+        max_context: max_context(shape, mem.available),
+    }
+}
+
+/// The largest context (in tokens, up to the trained context) whose steady
+/// budget fits in `available` bytes; 0 when not even the weights fit.
+pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
+    let fits = |n: u64| steady_bytes(shape, n, n) <= available;
+    if !fits(1) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1, shape.context_length);
+    if fits(hi) {
+        return hi;
+    }
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+pub fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g >= 10.0 {
+        format!("{g:.1} GiB")
+    } else if g >= 1.0 {
+        format!("{g:.2} GiB")
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-32B-Instruct: 64 layers, 40 heads, 8 KV heads, head 128.
+    fn qwen32() -> ModelShape {
+        ModelShape {
+            name: "qwen".into(),
+            architecture: "qwen2".into(),
+            n_layer: 64,
+            n_head: 40,
+            n_kv_head: 8,
+            head_dim: 128,
+            kv_head_dim: 128,
+            hidden: 5120,
+            vocab: 152_064,
+            context_length: 32_768,
+            tensor_bytes: 19_851_336_256,
+        }
+    }
+
+    fn mem(avail_gib: u64, swap_gib: u64) -> MemorySnapshot {
+        MemorySnapshot {
+            total: avail_gib << 30,
+            available: avail_gib << 30,
+            swap_total: swap_gib << 30,
+            swap_free: swap_gib << 30,
+        }
+    }
+
+    #[test]
+    fn kv_per_token_matches_the_known_layouts() {
+        let q = qwen32();
+        assert_eq!(q.kv_per_token_engine(), 2_621_440); // ≈ 2.6 MB
+        assert_eq!(q.kv_per_token_f16_gqa(), 262_144); // 256 KiB
+    }
+
+    #[test]
+    fn cache_grows_in_powers_of_two_up_to_the_trained_context() {
+        let q = qwen32();
+        assert_eq!(q.kv_allocated_tokens(0), 0);
+        assert_eq!(q.kv_allocated_tokens(3000), 4096);
+        assert_eq!(q.kv_allocated_tokens(4096), 4096);
+        assert_eq!(q.kv_allocated_tokens(20_000), 32_768);
+    }
+
+    #[test]
+    fn verdicts() {
+        let q = qwen32();
+        let need_8k = steady_bytes(&q, 8192, 8192);
+        assert!(need_8k > 40 << 30 && need_8k < 48 << 30, "{}", gib(need_8k));
+        assert_eq!(budget(&q, 8192, &mem(64, 0)).verdict, Verdict::Fits);
+        assert_eq!(budget(&q, 8192, &mem(47, 0)).verdict, Verdict::Tight);
+        assert_eq!(budget(&q, 8192, &mem(40, 16)).verdict, Verdict::WillSwap);
+        assert_eq!(budget(&q, 32_768, &mem(96, 8)).verdict, Verdict::DoesNotFit);
+    }
+
+    #[test]
+    fn max_context_is_the_boundary() {
+        let q = qwen32();
+        let m = mem(48, 0);
+        let n = max_context(&q, m.available);
+        assert!(n > 4096 && n < 32_768, "{n}");
+        assert!(steady_bytes(&q, n, n) <= m.available);
+        assert!(steady_bytes(&q, n + 1, n + 1) > m.available);
+        assert_eq!(
+            max_context(&q, 1 << 30),
+            0,
+            "1 GiB does not hold the weights"
+        );
+    }
+}

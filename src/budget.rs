@@ -45,6 +45,8 @@ pub struct ModelShape {
     pub context_length: u64,
     /// Bytes of all tensors in the file.
     pub tensor_bytes: u64,
+    /// Bytes per tensor type, largest first (empty for built-in presets).
+    pub tensor_types: Vec<(String, u64)>,
 }
 
 impl ModelShape {
@@ -62,6 +64,26 @@ impl ModelShape {
             vocab: info.vocab_size as u64,
             context_length: info.context_length as u64,
             tensor_bytes: info.tensor_bytes,
+            tensor_types: info.tensor_types.clone(),
+        }
+    }
+
+    /// Built-in dimensions of a preset that is not downloaded yet.
+    pub fn from_preset(p: &crate::models::Preset) -> ModelShape {
+        let s = &p.shape;
+        ModelShape {
+            name: p.name.to_string(),
+            architecture: s.architecture.to_string(),
+            n_layer: s.n_layer,
+            n_head: s.n_head,
+            n_kv_head: s.n_kv_head,
+            head_dim: s.hidden / s.n_head,
+            kv_head_dim: s.hidden / s.n_head,
+            hidden: s.hidden,
+            vocab: s.vocab,
+            context_length: s.context_length,
+            tensor_bytes: p.approx_bytes,
+            tensor_types: Vec::new(),
         }
     }
 
@@ -242,6 +264,7 @@ mod tests {
             vocab: 152_064,
             context_length: 32_768,
             tensor_bytes: 19_851_336_256,
+            tensor_types: Vec::new(),
         }
     }
 

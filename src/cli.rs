@@ -35,6 +35,9 @@ pub struct Common {
     /// System prompt.
     #[arg(long, global = true)]
     pub system: Option<String>,
+    /// Load a model even when its memory budget says it will swap or not fit.
+    #[arg(long, global = true)]
+    pub allow_swap: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -66,6 +69,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// List model presets and whether each is downloaded.
     Models,
+    /// Will a model fit this machine? Weights, KV cache, verdict, max context.
+    Fit(FitArgs),
     /// Download a preset ahead of time (default: the default model).
     Fetch {
         /// Preset name, as `kiln models` lists them.
@@ -94,6 +99,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: u32,
     /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// A GGUF file or a preset name (default: the configured model).
+    pub model: Option<String>,
+    /// Print the budget as JSON.
     #[arg(long)]
     pub json: bool,
 }

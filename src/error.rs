@@ -58,6 +58,8 @@ pub enum KilnError {
     Fetch(String),
     #[error("cannot load model {0}: {1}")]
     Load(String, String),
+    #[error("{0}")]
+    WontFit(String),
     #[error("engine: {0}")]
     Engine(String),
     #[error("{0}")]

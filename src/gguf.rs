@@ -164,7 +164,7 @@ fn tensor_types(content: &Content) -> Vec<(String, u64)> {
         *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += tensor_size(t);
     }
     let mut v: Vec<_> = by_type.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|t| std::cmp::Reverse(t.1));
     v
 }
 

@@ -43,6 +43,8 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         ignore_eos: false,
     };
     adjust(&mut options);
+    let context = options.context.unwrap_or(model.info.context_length);
+    crate::fit::guard(&model.info, context, common.allow_swap)?;
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
     let started = Instant::now();

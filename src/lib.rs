@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fit;
 pub mod gguf;
 pub mod launch;
 pub mod logging;

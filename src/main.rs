@@ -2,7 +2,7 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{ask, bench, launch, logging, models};
+use kiln::{ask, bench, fit, launch, logging, models};
 
 fn main() {
     let cli = Cli::parse();
@@ -22,6 +22,7 @@ fn main() {
             Command::Ask(args) => ask::run(args, &cli.common).await,
             Command::Bench(args) => bench::run(args, &cli.common).await,
             Command::Models => list_models(&cli.common),
+            Command::Fit(args) => fit::run(args, &cli.common),
             Command::Fetch { preset } => fetch(preset.as_deref(), &cli.common).await,
         }
     });

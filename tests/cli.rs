@@ -256,3 +256,46 @@ async fn ask_in_a_real_terminal() {
         "the progress line is cleared: {screen}"
     );
 }
+
+#[test]
+fn fit_plans_a_preset_before_download() {
+    let out = run(&[
+        "fit",
+        "qwen2.5-32b-instruct-q4_k_m",
+        "--ctx",
+        "32768",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &v["budget"];
+    assert_eq!(b["kv_per_token"], 2_621_440, "64 × 40 × 128 × 2 × 4 bytes");
+    assert_eq!(
+        b["kv_per_token_f16_gqa"], 262_144,
+        "64 × 8 × 128 × 2 × 2 bytes"
+    );
+    let (total, available) = (
+        b["total"].as_u64().unwrap(),
+        b["available"].as_u64().unwrap(),
+    );
+    let swap_free = v["memory"]["swap_free"].as_u64().unwrap();
+    if total > available + swap_free {
+        assert_eq!(b["verdict"], "does_not_fit");
+        assert!(b["max_context"].as_u64().unwrap() < 32_768);
+    }
+
+    let text = run(&["fit", "qwen2.5-32b-instruct-q4_k_m"]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    for label in [
+        "weights in memory",
+        "KV cache per token",
+        "verdict",
+        "largest context that fits",
+    ] {
+        assert!(stdout.contains(label), "{stdout}");
+    }
+}

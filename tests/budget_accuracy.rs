@@ -1,0 +1,67 @@
+//! The memory budget against the real process: SmolLM2 at three context
+//! fills, predicted vs measured RSS. Memory, not time, so it is asserted.
+//! Alone in its file: the RSS is this test process's.
+
+mod common;
+
+use common::*;
+use kiln::budget::{steady_bytes, ModelShape};
+use kiln::engine::kalosm::EngineOptions;
+use kiln::engine::{CancelFlag, Engine, EngineEvent};
+use kiln::telemetry::current_rss_bytes;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predicted_rss_is_within_15_percent_at_three_fills() {
+    let model = model().await;
+    let shape = ModelShape::from_gguf(&model.info);
+    let mut e = kiln::engine::kalosm::KalosmEngine::load(
+        &model,
+        EngineOptions {
+            sampler: greedy(1),
+            ignore_eos: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let mut report = Vec::new();
+    for fill in [256usize, 1024, 2048] {
+        e.reset();
+        let mut text = String::new();
+        let mut i = 0;
+        while e.count_tokens(&text) < fill {
+            text.push_str(&format!("{i}: the kiln fires stoneware and glaze. "));
+            i += 1;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        e.chat(1, text, &tx, &CancelFlag::default()).await;
+        drop(tx);
+        let mut stats = None;
+        while let Some(ev) = rx.recv().await {
+            if let EngineEvent::TurnFinished { stats: s, .. } = ev {
+                stats = Some(s);
+            }
+        }
+        let stats = stats.expect("the turn finished");
+        let measured = current_rss_bytes().unwrap();
+        let predicted = steady_bytes(
+            &shape,
+            stats.context_tokens as u64,
+            stats.prompt_tokens as u64,
+        );
+        let err = (predicted as f64 - measured as f64) / measured as f64;
+        let line = format!(
+            "fill {fill:>5} ({} tokens): predicted {:>6.1} MB, measured {:>6.1} MB, error {:+.1}%",
+            stats.context_tokens,
+            predicted as f64 / 1e6,
+            measured as f64 / 1e6,
+            err * 100.0
+        );
+        println!("{line}");
+        report.push((line, err));
+    }
+    for (line, err) in &report {
+        assert!(err.abs() <= 0.15, "{line}");
+    }
+}

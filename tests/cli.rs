@@ -299,3 +299,48 @@ fn fit_plans_a_preset_before_download() {
         assert!(stdout.contains(label), "{stdout}");
     }
 }
+
+/// A llama GGUF whose metadata declares a model far larger than any machine:
+/// the budget check refuses it before kalosm loads anything.
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("giant.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    let s = |v: &str| Value::String(v.into());
+    let u = Value::U32;
+    let tokens = Value::Array(vec![s("<s>"), s("</s>"), s("a")]);
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", s("llama")),
+        ("llama.context_length", u(1 << 20)),
+        ("llama.block_count", u(4096)),
+        ("llama.attention.head_count", u(64)),
+        ("llama.attention.head_count_kv", u(8)),
+        ("llama.embedding_length", u(8192)),
+        ("tokenizer.ggml.model", s("gpt2")),
+        ("tokenizer.ggml.tokens", tokens),
+        ("tokenizer.ggml.bos_token_id", u(0)),
+        ("tokenizer.ggml.eos_token_id", u(1)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &[("token_embd.weight", &t)]).unwrap();
+    drop(f);
+
+    let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("giant.gguf: at 1048576 tokens it needs"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("does not fit") && stderr.contains("--allow-swap"),
+        "{stderr}"
+    );
+}

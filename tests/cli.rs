@@ -85,25 +85,27 @@ async fn bad_model_files_give_one_clear_line() {
     assert_bad_model(&renamed, "must end in .gguf");
 }
 
-/// A valid GGUF file of a foreign architecture, written with candle.
-fn write_tiny_gguf(path: &Path, arch: &str) {
+/// A GGUF file with the given metadata and one tiny tensor, written with candle.
+fn write_gguf(path: &Path, metadata: &[(&str, Value)]) {
     let t = QTensor::quantize(
         &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
         candle_core::quantized::GgmlDType::F32,
     )
     .unwrap();
-    let arch_value = Value::String(arch.into());
-    let ctx = Value::U32(1024);
+    let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(
-        &mut f,
+    gguf_file::write(&mut f, &refs, &[("token_embd.weight", &t)]).unwrap();
+}
+
+/// A valid GGUF file of a foreign architecture.
+fn write_tiny_gguf(path: &Path, arch: &str) {
+    write_gguf(
+        path,
         &[
-            ("general.architecture", &arch_value),
-            ("gpt2.context_length", &ctx),
+            ("general.architecture", Value::String(arch.into())),
+            ("gpt2.context_length", Value::U32(1024)),
         ],
-        &[("token_embd.weight", &t)],
-    )
-    .unwrap();
+    );
 }
 
 #[test]
@@ -306,11 +308,6 @@ fn fit_plans_a_preset_before_download() {
 fn a_model_that_cannot_fit_is_refused_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("giant.gguf");
-    let t = QTensor::quantize(
-        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
-        candle_core::quantized::GgmlDType::F32,
-    )
-    .unwrap();
     let s = |v: &str| Value::String(v.into());
     let u = Value::U32;
     let tokens = Value::Array(vec![s("<s>"), s("</s>"), s("a")]);
@@ -326,10 +323,7 @@ fn a_model_that_cannot_fit_is_refused_before_loading() {
         ("tokenizer.ggml.bos_token_id", u(0)),
         ("tokenizer.ggml.eos_token_id", u(1)),
     ];
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let mut f = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut f, &md_refs, &[("token_embd.weight", &t)]).unwrap();
-    drop(f);
+    write_gguf(&path, &md);
 
     let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

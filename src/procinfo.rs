@@ -18,11 +18,25 @@ pub fn peak_rss_bytes() -> Option<u64> {
     })
 }
 
+/// Resident set size of this process now, in bytes.
+pub fn current_rss_bytes() -> Option<u64> {
+    let pid = sysinfo::get_current_pid().ok()?;
+    let mut sys = sysinfo::System::new().ok()?;
+    sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
+    sys.process(pid).map(|p| p.memory())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn peak_rss_is_plausible() {
         let rss = super::peak_rss_bytes().unwrap();
         assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
+
+    #[test]
+    fn current_rss_is_at_most_the_peak() {
+        let now = super::current_rss_bytes().unwrap();
+        assert!(now > 0 && now <= super::peak_rss_bytes().unwrap() + (1 << 20));
     }
 }

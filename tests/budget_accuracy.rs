@@ -8,7 +8,7 @@ use common::*;
 use kiln::budget::{steady_bytes, ModelShape};
 use kiln::engine::kalosm::EngineOptions;
 use kiln::engine::{CancelFlag, Engine, EngineEvent};
-use kiln::telemetry::current_rss_bytes;
+use kiln::procinfo::current_rss_bytes;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn predicted_rss_is_within_15_percent_at_three_fills() {

@@ -71,6 +71,8 @@ pub enum Command {
     Models,
     /// Will a model fit this machine? Weights, KV cache, verdict, max context.
     Fit(FitArgs),
+    /// Print the telemetry the side panels show, one line per sample.
+    Monitor(MonitorArgs),
     /// Download a preset ahead of time (default: the default model).
     Fetch {
         /// Preset name, as `kiln models` lists them.
@@ -99,6 +101,22 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: u32,
     /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Measure the telemetry sampler's CPU cost instead of a model.
+    #[arg(long)]
+    pub sampler: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Stop after this many samples.
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// Print each sample as a JSON line.
     #[arg(long)]
     pub json: bool,
 }

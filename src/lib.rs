@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod launch;
 pub mod logging;
 pub mod models;
+pub mod monitor;
 pub mod paths;
 pub mod procinfo;
 pub mod telemetry;

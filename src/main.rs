@@ -2,7 +2,7 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{ask, bench, fit, launch, logging, models};
+use kiln::{ask, bench, fit, launch, logging, models, monitor};
 
 fn main() {
     let cli = Cli::parse();
@@ -23,6 +23,7 @@ fn main() {
             Command::Bench(args) => bench::run(args, &cli.common).await,
             Command::Models => list_models(&cli.common),
             Command::Fit(args) => fit::run(args, &cli.common),
+            Command::Monitor(args) => monitor::run(args).await,
             Command::Fetch { preset } => fetch(preset.as_deref(), &cli.common).await,
         }
     });

@@ -1,21 +1,31 @@
 //! Facts about this process that benchmarks report.
 
-/// Peak resident set size of this process, in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
+fn rusage() -> Option<libc::rusage> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct it is given and reads nothing else.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: getrusage returned 0, so it wrote the struct.
-    let max = unsafe { usage.assume_init() }.ru_maxrss as u64;
+    // SAFETY: on success getrusage wrote the struct.
+    (rc == 0).then(|| unsafe { usage.assume_init() })
+}
+
+/// Peak resident set size of this process, in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let max = rusage()?.ru_maxrss as u64;
     // Linux reports kilobytes, macOS bytes.
     Some(if cfg!(target_os = "macos") {
         max
     } else {
         max * 1024
     })
+}
+
+/// User plus system CPU time this process has used so far.
+pub fn cpu_time() -> Option<std::time::Duration> {
+    let u = rusage()?;
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Some(std::time::Duration::from_micros(
+        micros(u.ru_utime) + micros(u.ru_stime),
+    ))
 }
 
 /// Resident set size of this process now, in bytes.

@@ -1,0 +1,440 @@
+//! What the operating system says about memory, swap, pressure, heat and
+//! clocks, sampled by a background task and published on a `watch` channel.
+//!
+//! Every figure is an `Option` (or an empty list for sensors): a source this
+//! machine lacks is reported as missing, never as zero.
+
+pub mod alarms;
+#[cfg(target_os = "linux")]
+pub mod linux;
+#[cfg(target_os = "macos")]
+mod macos;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::procinfo;
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct MemorySnapshot {
+    pub total: u64,
+    /// Memory a new allocation can get without swapping (MemAvailable on
+    /// Linux), capped by a cgroup limit when the process runs in one, and
+    /// by the GPU wired limit when kiln runs on Metal.
+    pub available: u64,
+    pub swap_total: u64,
+    pub swap_free: u64,
+}
+
+impl MemorySnapshot {
+    pub fn read() -> Option<MemorySnapshot> {
+        let mut sys = sysinfo::System::new().ok()?;
+        MemorySnapshot::refresh(&mut sys)
+    }
+
+    fn refresh(sys: &mut sysinfo::System) -> Option<MemorySnapshot> {
+        sys.refresh_memory();
+        if sys.total_memory() == 0 {
+            return None;
+        }
+        let mut snap = MemorySnapshot {
+            total: sys.total_memory(),
+            available: sys.available_memory(),
+            swap_total: sys.total_swap(),
+            swap_free: sys.free_swap(),
+        };
+        if let Some(cg) = sys.cgroup_limits() {
+            snap.total = snap.total.min(cg.total_memory);
+            snap.available = snap.available.min(cg.free_memory);
+            snap.swap_free = snap.swap_free.min(cg.free_swap);
+        }
+        // On Metal, weights and KV cache live in GPU-wired memory, which
+        // macOS caps below physical memory.
+        #[cfg(all(target_os = "macos", feature = "metal"))]
+        if let Some(limit) = macos::gpu_wired_limit() {
+            snap.available = snap.available.min(limit);
+        }
+        Some(snap)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+
+    pub fn swap_used(&self) -> u64 {
+        self.swap_total.saturating_sub(self.swap_free)
+    }
+}
+
+/// Pages moved between memory and swap, in bytes per second.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct SwapRate {
+    pub in_bytes_per_s: f64,
+    pub out_bytes_per_s: f64,
+}
+
+/// Linux pressure stall information: the share of the last 10 s in which
+/// some (or all) tasks waited for memory.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Psi {
+    pub some_avg10: f32,
+    pub full_avg10: Option<f32>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum PressureLevel {
+    Normal,
+    Warn,
+    Critical,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Pressure {
+    pub level: PressureLevel,
+    pub psi: Option<Psi>,
+}
+
+impl Pressure {
+    /// Levels from PSI, in the spirit of macOS's warn/critical: stalls for a
+    /// tenth of the time are felt; stalls of every task, or of some tasks
+    /// for 40 % of the time, mean the machine is thrashing.
+    pub fn from_psi(psi: Psi) -> Pressure {
+        let full = psi.full_avg10.unwrap_or(0.0);
+        let level = if full >= 10.0 || psi.some_avg10 >= 40.0 {
+            PressureLevel::Critical
+        } else if psi.some_avg10 >= 10.0 {
+            PressureLevel::Warn
+        } else {
+            PressureLevel::Normal
+        };
+        Pressure {
+            level,
+            psi: Some(psi),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct ProcessStats {
+    pub rss: u64,
+    /// CPU time used since the previous sample, in percent of one core.
+    pub cpu_percent: Option<f32>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Temperature {
+    pub label: String,
+    pub celsius: f32,
+    pub critical: Option<f32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Throttle {
+    /// Mean current / maximum CPU clock. Low values on an idle machine are
+    /// power saving, not throttling.
+    pub freq_ratio: Option<f32>,
+    /// Lowest allowed maximum / hardware maximum CPU clock.
+    pub cap_ratio: Option<f32>,
+    /// Thermal-throttle events since the previous sample.
+    pub new_events: Option<u64>,
+    /// macOS thermal pressure, 0 (nominal) to 4.
+    pub thermal_level: Option<u8>,
+}
+
+impl Throttle {
+    /// Whether the hardware is being held back for heat (or by a clock cap);
+    /// `None` when the machine exposes none of the signals.
+    pub fn throttled(&self) -> Option<bool> {
+        let signals = [
+            self.new_events.map(|n| n > 0),
+            self.cap_ratio.map(|r| r < 0.95),
+            self.thermal_level.map(|l| l >= 2),
+        ];
+        signals.into_iter().flatten().reduce(|a, b| a || b)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Sample {
+    /// 0 for the first sample, then counting up.
+    pub seq: u64,
+    pub memory: Option<MemorySnapshot>,
+    /// GPU wired-memory limit (macOS `iogpu.wired_limit_mb`), when set.
+    pub gpu_wired_limit: Option<u64>,
+    pub swap_rate: Option<SwapRate>,
+    pub pressure: Option<Pressure>,
+    pub process: Option<ProcessStats>,
+    /// Empty when the machine exposes no temperature sensors.
+    pub temperatures: Vec<Temperature>,
+    pub throttle: Throttle,
+}
+
+impl Sample {
+    pub fn hottest(&self) -> Option<&Temperature> {
+        self.temperatures
+            .iter()
+            .max_by(|a, b| a.celsius.total_cmp(&b.celsius))
+    }
+
+    /// A sensor within 10 °C of its critical point, or above 90 °C when it
+    /// has none.
+    pub fn running_hot(&self) -> bool {
+        self.temperatures
+            .iter()
+            .any(|t| t.celsius >= t.critical.map_or(90.0, |c| c - 10.0))
+    }
+}
+
+/// Counters whose rates need two readings.
+struct Counters {
+    at: Instant,
+    swap_pages: Option<(u64, u64)>,
+    throttle_events: Option<u64>,
+    cpu_time: Option<Duration>,
+}
+
+/// Reads one `Sample` at a time; keeps what rates and deltas need between
+/// samples.
+pub struct Sampler {
+    #[cfg(target_os = "linux")]
+    root: std::path::PathBuf,
+    system: Option<sysinfo::System>,
+    pid: Option<sysinfo::Pid>,
+    #[cfg(not(target_os = "linux"))]
+    components: sysinfo::Components,
+    page_size: u64,
+    prev: Counters,
+    seq: u64,
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Sampler::new()
+    }
+}
+
+impl Sampler {
+    pub fn new() -> Sampler {
+        #[cfg(target_os = "linux")]
+        return Sampler::with_root("/");
+        #[cfg(not(target_os = "linux"))]
+        return Sampler::build();
+    }
+
+    /// A sampler that reads `/proc` and `/sys` under `root` (tests point it
+    /// at fixture trees); memory and the process come from the real OS.
+    #[cfg(target_os = "linux")]
+    pub fn with_root(root: impl Into<std::path::PathBuf>) -> Sampler {
+        let root = root.into();
+        let prev = Counters {
+            at: Instant::now(),
+            swap_pages: linux::swap_counters(&root).map(|c| (c.pages_in, c.pages_out)),
+            throttle_events: linux::clocks(&root).throttle_events,
+            cpu_time: procinfo::cpu_time(),
+        };
+        Sampler {
+            root,
+            system: sysinfo::System::new().ok(),
+            pid: sysinfo::get_current_pid().ok(),
+            page_size: page_size(),
+            prev,
+            seq: 0,
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn build() -> Sampler {
+        let prev = Counters {
+            at: Instant::now(),
+            swap_pages: platform_swap_pages(),
+            throttle_events: None,
+            cpu_time: procinfo::cpu_time(),
+        };
+        Sampler {
+            system: sysinfo::System::new().ok(),
+            pid: sysinfo::get_current_pid().ok(),
+            components: sysinfo::Components::new_with_refreshed_list(),
+            page_size: page_size(),
+            prev,
+            seq: 0,
+        }
+    }
+
+    pub fn sample(&mut self) -> Sample {
+        let now = Instant::now();
+        let dt = now.duration_since(self.prev.at).as_secs_f64();
+        let memory = self.system.as_mut().and_then(MemorySnapshot::refresh);
+        let rss = match (self.system.as_mut(), self.pid) {
+            (Some(sys), Some(pid)) => {
+                sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
+                sys.process(pid).map(|p| p.memory())
+            }
+            _ => None,
+        };
+        let cpu_time = procinfo::cpu_time();
+        let cpu_percent = match (self.prev.cpu_time, cpu_time) {
+            (Some(a), Some(b)) if dt > 0.0 => {
+                Some((b.saturating_sub(a).as_secs_f64() / dt * 100.0) as f32)
+            }
+            _ => None,
+        };
+
+        let swap_pages = self.swap_pages();
+        let swap_rate = match (self.prev.swap_pages, swap_pages) {
+            // A counter that went backwards (wrapped, or a new fixture) has
+            // no meaningful rate this time.
+            (Some((i0, o0)), Some((i1, o1))) if dt > 0.0 && i1 >= i0 && o1 >= o0 => {
+                Some(SwapRate {
+                    in_bytes_per_s: (i1 - i0) as f64 * self.page_size as f64 / dt,
+                    out_bytes_per_s: (o1 - o0) as f64 * self.page_size as f64 / dt,
+                })
+            }
+            _ => None,
+        };
+        let (mut throttle, throttle_events) = self.throttle();
+        throttle.new_events = match (self.prev.throttle_events, throttle_events) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+
+        let sample = Sample {
+            seq: self.seq,
+            memory,
+            gpu_wired_limit: gpu_wired_limit(),
+            swap_rate,
+            pressure: self.pressure(),
+            process: rss.map(|rss| ProcessStats { rss, cpu_percent }),
+            temperatures: self.temperatures(),
+            throttle,
+        };
+        self.seq += 1;
+        self.prev = Counters {
+            at: now,
+            swap_pages,
+            throttle_events,
+            cpu_time,
+        };
+        sample
+    }
+
+    #[cfg(target_os = "linux")]
+    fn swap_pages(&self) -> Option<(u64, u64)> {
+        linux::swap_counters(&self.root).map(|c| (c.pages_in, c.pages_out))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn swap_pages(&self) -> Option<(u64, u64)> {
+        platform_swap_pages()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn pressure(&self) -> Option<Pressure> {
+        linux::memory_pressure(&self.root).map(Pressure::from_psi)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn pressure(&self) -> Option<Pressure> {
+        #[cfg(target_os = "macos")]
+        return macos::pressure_level().map(|level| Pressure { level, psi: None });
+        #[cfg(not(target_os = "macos"))]
+        return None;
+    }
+
+    #[cfg(target_os = "linux")]
+    fn temperatures(&mut self) -> Vec<Temperature> {
+        linux::temperatures(&self.root)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn temperatures(&mut self) -> Vec<Temperature> {
+        self.components.refresh(true);
+        self.components
+            .iter()
+            .filter_map(|c| {
+                // Apple Silicon sensors read 0 °C when sysinfo cannot decode
+                // them; that is not a temperature.
+                let celsius = c.temperature().filter(|t| *t > 0.0 && *t < 150.0)?;
+                Some(Temperature {
+                    label: c.label().to_string(),
+                    celsius,
+                    critical: c.critical(),
+                })
+            })
+            .collect()
+    }
+
+    /// The throttle state, and the raw event counter for the next delta.
+    #[cfg(target_os = "linux")]
+    fn throttle(&self) -> (Throttle, Option<u64>) {
+        let c = linux::clocks(&self.root);
+        let t = Throttle {
+            freq_ratio: c.freq_ratio,
+            cap_ratio: c.cap_ratio,
+            new_events: None,
+            thermal_level: None,
+        };
+        (t, c.throttle_events)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn throttle(&self) -> (Throttle, Option<u64>) {
+        #[cfg(target_os = "macos")]
+        let thermal_level = macos::thermal_level();
+        #[cfg(not(target_os = "macos"))]
+        let thermal_level = None;
+        (
+            Throttle {
+                thermal_level,
+                ..Throttle::default()
+            },
+            None,
+        )
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn platform_swap_pages() -> Option<(u64, u64)> {
+    #[cfg(target_os = "macos")]
+    return macos::swap_pages();
+    #[cfg(not(target_os = "macos"))]
+    return None;
+}
+
+fn gpu_wired_limit() -> Option<u64> {
+    #[cfg(target_os = "macos")]
+    return macos::gpu_wired_limit();
+    #[cfg(not(target_os = "macos"))]
+    return None;
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}
+
+/// Starts the sampler as a background task that publishes a `Sample` every
+/// `period` until every receiver is dropped.
+pub fn spawn(period: Duration) -> watch::Receiver<Sample> {
+    let mut sampler = Sampler::new();
+    let (tx, rx) = watch::channel(sampler.sample());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if tx.send(sampler.sample()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

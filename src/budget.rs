@@ -235,6 +235,32 @@ pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
     lo
 }
 
+/// How many more tokens the conversation can take before the KV cache's
+/// growth no longer fits in `available` bytes, up to the trained context.
+/// When the cache grows it allocates the larger buffer while the old one is
+/// still held, so each step needs the whole new buffer free.
+pub fn tokens_before_memory_runs_out(shape: &ModelShape, context_tokens: u64, available: u64) -> u64 {
+    let per_token = shape.kv_per_token_engine();
+    let held = shape.kv_allocated_tokens(context_tokens);
+    let fits = |extra: u64| {
+        let needed = shape.kv_allocated_tokens(context_tokens + extra);
+        needed == held || needed * per_token <= available
+    };
+    let (mut lo, mut hi) = (0, shape.context_length.saturating_sub(context_tokens));
+    if fits(hi) {
+        return hi;
+    }
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 pub fn gib(bytes: u64) -> String {
     let g = bytes as f64 / (1u64 << 30) as f64;
     if g >= 10.0 {
@@ -317,5 +343,17 @@ mod tests {
             0,
             "1 GiB does not hold the weights"
         );
+    }
+
+    #[test]
+    fn tokens_left_stop_where_the_next_cache_step_does_not_fit() {
+        let q = qwen32();
+        let per = q.kv_per_token_engine();
+        // 3000 tokens held in a 4096-token cache; growing to 8192 needs the
+        // whole 8192-token buffer free.
+        assert_eq!(tokens_before_memory_runs_out(&q, 3000, 8192 * per), 5192);
+        assert_eq!(tokens_before_memory_runs_out(&q, 3000, 8192 * per - 1), 1096);
+        // Plenty of memory: the trained context is the limit.
+        assert_eq!(tokens_before_memory_runs_out(&q, 3000, u64::MAX / 4), 32_768 - 3000);
     }
 }

@@ -13,8 +13,9 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
+    /// Without a command, kiln opens the workstation.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Options every command that runs a model shares.
@@ -38,6 +39,9 @@ pub struct Common {
     /// Load a model even when its memory budget says it will swap or not fit.
     #[arg(long, global = true)]
     pub allow_swap: bool,
+    /// Colour theme: dark, light, contrast, or a file in the themes folder.
+    #[arg(long, global = true, env = "KILN_THEME")]
+    pub theme: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

@@ -2,11 +2,14 @@
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use crate::cli::Common;
 use crate::engine::SamplerSettings;
 use crate::error::{KilnError, Result};
+use crate::keys::{KeyMap, KeySpec};
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -15,6 +18,10 @@ pub struct Config {
     pub context: Option<usize>,
     pub system_prompt: Option<String>,
     pub sampling: SamplerSettings,
+    /// Colour theme of the workstation.
+    pub theme: Option<String>,
+    /// Key bindings: action name = key or list of keys.
+    pub keys: BTreeMap<String, KeySpec>,
 }
 
 impl Config {
@@ -41,6 +48,7 @@ impl Config {
             }
         })?;
         config.sampling.validate()?;
+        KeyMap::with_overrides(&config.keys)?;
         Ok(config)
     }
 

@@ -3,6 +3,7 @@
 //! The crate is a library so that integration tests and benchmarks drive the
 //! same code the binary runs; `main.rs` only parses arguments and reports errors.
 
+pub mod app;
 pub mod ask;
 pub mod bench;
 pub mod budget;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod fit;
 pub mod gguf;
+pub mod keys;
 pub mod launch;
 pub mod logging;
 pub mod models;
@@ -19,3 +21,6 @@ pub mod monitor;
 pub mod paths;
 pub mod procinfo;
 pub mod telemetry;
+pub mod theme;
+pub mod tui;
+pub mod ui;

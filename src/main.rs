@@ -2,7 +2,7 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{ask, bench, fit, launch, logging, models, monitor};
+use kiln::{ask, bench, fit, launch, logging, models, monitor, tui};
 
 fn main() {
     let cli = Cli::parse();
@@ -19,12 +19,13 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Ask(args) => ask::run(args, &cli.common).await,
-            Command::Bench(args) => bench::run(args, &cli.common).await,
-            Command::Models => list_models(&cli.common),
-            Command::Fit(args) => fit::run(args, &cli.common),
-            Command::Monitor(args) => monitor::run(args).await,
-            Command::Fetch { preset } => fetch(preset.as_deref(), &cli.common).await,
+            None => tui::run(&cli.common).await,
+            Some(Command::Ask(args)) => ask::run(args, &cli.common).await,
+            Some(Command::Bench(args)) => bench::run(args, &cli.common).await,
+            Some(Command::Models) => list_models(&cli.common),
+            Some(Command::Fit(args)) => fit::run(args, &cli.common),
+            Some(Command::Monitor(args)) => monitor::run(args).await,
+            Some(Command::Fetch { preset }) => fetch(preset.as_deref(), &cli.common).await,
         }
     });
     let code = match result {

@@ -121,6 +121,11 @@ impl Engine for FakeEngine {
         self.conversation.system = prompt;
     }
 
+    fn set_history(&mut self, messages: Vec<Message>) {
+        self.kv_tokens = messages.iter().map(|m| words(&m.content)).sum();
+        self.conversation.messages = messages;
+    }
+
     fn set_sampler(&mut self, settings: SamplerSettings) {
         self.max_tokens = settings.max_tokens;
     }

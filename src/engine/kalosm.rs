@@ -355,6 +355,12 @@ impl Engine for KalosmEngine {
         self.conv.system = prompt;
     }
 
+    fn set_history(&mut self, messages: Vec<Message>) {
+        // `fed` still describes the KV cache; the next turn keeps it only if
+        // the new rendering starts with it.
+        self.conv.messages = messages;
+    }
+
     fn set_sampler(&mut self, settings: SamplerSettings) {
         self.options.sampler = settings;
     }

@@ -124,6 +124,9 @@ pub enum EngineCommand {
         message: String,
     },
     SetSystemPrompt(Option<String>),
+    /// Replace the conversation (regenerate, resume); the next turn reuses
+    /// whatever prefix of the KV cache still matches.
+    SetHistory(Vec<Message>),
     SetSampler(SamplerSettings),
     /// Forget the conversation and its KV state.
     Reset,
@@ -162,6 +165,7 @@ pub trait Engine: Send + 'static {
     ) -> impl Future<Output = ()> + Send;
 
     fn set_system_prompt(&mut self, prompt: Option<String>);
+    fn set_history(&mut self, messages: Vec<Message>);
     fn set_sampler(&mut self, settings: SamplerSettings);
     fn reset(&mut self);
 }
@@ -229,6 +233,7 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
                     engine.chat(turn, message, &event_tx, &cancel).await
                 }
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
+                EngineCommand::SetHistory(m) => engine.set_history(m),
                 EngineCommand::SetSampler(s) => engine.set_sampler(s),
                 EngineCommand::Reset => engine.reset(),
             }

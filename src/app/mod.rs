@@ -1,0 +1,719 @@
+//! The workstation's state and its one entry point, `update`: a message in
+//! (a key, a paste, an engine event, a telemetry sample), effects out. No IO,
+//! no clocks (instants arrive inside messages), no locks.
+
+mod scroll;
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use tui_textarea::TextArea;
+
+use crate::budget::ModelShape;
+use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo, Role};
+use crate::keys::{Action, KeyMap};
+use crate::telemetry::alarms::{AlarmDetector, AlarmEvent, AlarmKind};
+use crate::telemetry::Sample;
+
+pub use scroll::Scroll;
+
+/// A paste larger than this is cut: more text than any local context holds,
+/// and a bound on what the editor has to lay out.
+pub const MAX_PASTE_BYTES: usize = 1 << 20;
+/// Points kept in the sparklines.
+const HISTORY: usize = 120;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    User,
+    Assistant,
+    /// Something kiln says: trimmed context, alarms, copied text.
+    Notice,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub text: String,
+    pub stats: Option<GenStats>,
+    pub finish: Option<FinishReason>,
+}
+
+impl Entry {
+    fn new(kind: EntryKind, text: impl Into<String>) -> Entry {
+        Entry {
+            kind,
+            text: text.into(),
+            stats: None,
+            finish: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Chat,
+    Help,
+    EditSystem,
+    ConfirmQuit,
+}
+
+/// The answer being generated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Index of its entry in the transcript.
+    pub entry: usize,
+    pub first_token_at: Option<Instant>,
+    pub tokens: usize,
+    /// Tokens per second since the first token, updated as tokens arrive.
+    pub live_tok_s: Option<f64>,
+    pub cancelling: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panels {
+    /// Full panels on wide screens, a one-line summary on narrow ones.
+    Auto,
+    Full,
+    Summary,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    Chat(String),
+    /// Replace the engine's conversation, then answer `message` again.
+    Regenerate {
+        history: Vec<Message>,
+        message: String,
+    },
+    Cancel,
+    SetSystemPrompt(Option<String>),
+    /// Put text on the clipboard through the terminal (OSC 52).
+    Copy(String),
+    Quit,
+}
+
+#[derive(Clone, Debug)]
+pub enum Msg {
+    Key(KeyEvent),
+    Paste(String),
+    /// Mouse wheel: positive scrolls down, negative up, in rows.
+    Wheel(i16),
+    Resize(u16, u16),
+    Engine(EngineEvent, Instant),
+    Telemetry(Sample),
+}
+
+pub struct State {
+    pub model: ModelInfo,
+    pub shape: Option<ModelShape>,
+    pub title: Option<String>,
+    pub system_prompt: Option<String>,
+    pub transcript: Vec<Entry>,
+    pub generation: Option<Generation>,
+    pub input: TextArea<'static>,
+    pub system_editor: TextArea<'static>,
+    history: Vec<String>,
+    history_pos: Option<usize>,
+    pub scroll: Scroll,
+    pub unseen_output: bool,
+    pub mode: Mode,
+    pub panels: Panels,
+    pub size: (u16, u16),
+    pub telemetry: Sample,
+    /// Swap-in rate per sample, bytes per second (0 where not available).
+    pub swap_in_history: VecDeque<u64>,
+    /// Decode tok/s of finished turns.
+    pub decode_history: VecDeque<f64>,
+    pub last_stats: Option<GenStats>,
+    pub context_tokens: usize,
+    alarms: AlarmDetector,
+    pub active_alarms: Vec<(AlarmKind, String)>,
+    /// One line for the status bar, replaced by the next.
+    pub notice: Option<String>,
+    interrupt_armed: bool,
+    pub keys: KeyMap,
+    pub quit: bool,
+}
+
+impl State {
+    pub fn new(model: ModelInfo, shape: Option<ModelShape>, keys: KeyMap) -> State {
+        let mut state = State {
+            model,
+            shape,
+            title: None,
+            system_prompt: None,
+            transcript: Vec::new(),
+            generation: None,
+            input: TextArea::default(),
+            system_editor: TextArea::default(),
+            history: Vec::new(),
+            history_pos: None,
+            scroll: Scroll::Follow,
+            unseen_output: false,
+            mode: Mode::Chat,
+            panels: Panels::Auto,
+            size: (80, 24),
+            telemetry: Sample::default(),
+            swap_in_history: VecDeque::new(),
+            decode_history: VecDeque::new(),
+            last_stats: None,
+            context_tokens: 0,
+            alarms: AlarmDetector::default(),
+            active_alarms: Vec::new(),
+            notice: None,
+            interrupt_armed: false,
+            keys,
+            quit: false,
+        };
+        state.reset_input();
+        state
+    }
+
+    pub fn with_system_prompt(mut self, prompt: Option<String>) -> State {
+        self.system_prompt = prompt;
+        self
+    }
+
+    pub fn generating(&self) -> bool {
+        self.generation.is_some()
+    }
+
+    /// Whether the side panels are drawn in full at the current width.
+    pub fn full_panels(&self) -> bool {
+        match self.panels {
+            Panels::Auto => self.size.0 >= 100,
+            Panels::Full => true,
+            Panels::Summary => false,
+        }
+    }
+
+    fn input_text(&self) -> String {
+        self.input.lines().join("\n")
+    }
+
+    fn input_is_empty(&self) -> bool {
+        self.input.lines().iter().all(|l| l.is_empty())
+    }
+
+    fn reset_input(&mut self) {
+        self.input = TextArea::default();
+        self.input.set_placeholder_text(format!(
+            "Message {} · {} help",
+            self.model.name,
+            self.keys.hint(Action::Help)
+        ));
+    }
+
+    fn set_input(&mut self, text: &str) {
+        self.input = TextArea::new(text.split('\n').map(str::to_string).collect());
+        self.input.move_cursor(tui_textarea::CursorMove::Bottom);
+        self.input.move_cursor(tui_textarea::CursorMove::End);
+    }
+
+    fn push_entry(&mut self, entry: Entry) {
+        self.transcript.push(entry);
+        self.output_arrived();
+    }
+
+    fn output_arrived(&mut self) {
+        if !matches!(self.scroll, Scroll::Follow) {
+            self.unseen_output = true;
+        }
+    }
+
+    /// The conversation as the engine sees it: user and assistant turns.
+    fn conversation(&self) -> Vec<Message> {
+        self.transcript
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::User => Some(Message::new(Role::User, e.text.clone())),
+                EntryKind::Assistant => Some(Message::new(Role::Assistant, e.text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
+    match msg {
+        Msg::Key(key) => on_key(state, key),
+        Msg::Paste(text) => {
+            on_paste(state, text);
+            Vec::new()
+        }
+        Msg::Wheel(rows) => {
+            scroll::by(state, rows as i64);
+            Vec::new()
+        }
+        Msg::Resize(w, h) => {
+            state.size = (w, h);
+            scroll::clamp(state);
+            Vec::new()
+        }
+        Msg::Engine(event, at) => {
+            on_engine(state, event, at);
+            Vec::new()
+        }
+        Msg::Telemetry(sample) => {
+            on_sample(state, sample);
+            Vec::new()
+        }
+    }
+}
+
+fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
+    if key.kind == crossterm::event::KeyEventKind::Release {
+        return Vec::new();
+    }
+    let action = state.keys.action(&key);
+    if action != Some(Action::Interrupt) {
+        state.interrupt_armed = false;
+    }
+    match state.mode {
+        Mode::Help => {
+            // Any key closes the help; quitting still works from it.
+            state.mode = Mode::Chat;
+            if action == Some(Action::Quit) || key.code == KeyCode::Char('q') {
+                return quit(state);
+            }
+            Vec::new()
+        }
+        Mode::ConfirmQuit => match (action, key.code) {
+            (Some(Action::Interrupt | Action::Quit), _)
+            | (_, KeyCode::Char('y' | 'Y' | 'q'))
+            | (_, KeyCode::Enter) => quit(state),
+            _ => {
+                state.mode = Mode::Chat;
+                state.notice = None;
+                Vec::new()
+            }
+        },
+        Mode::EditSystem => match action {
+            Some(Action::Send) => {
+                let text = state.system_editor.lines().join("\n");
+                let prompt = (!text.trim().is_empty()).then_some(text);
+                state.mode = Mode::Chat;
+                state.notice = Some(match &prompt {
+                    Some(_) => "system prompt set; it applies from the next message".into(),
+                    None => "system prompt cleared".into(),
+                });
+                state.system_prompt = prompt.clone();
+                vec![Effect::SetSystemPrompt(prompt)]
+            }
+            Some(Action::Newline) => {
+                state.system_editor.insert_newline();
+                Vec::new()
+            }
+            Some(Action::Cancel | Action::Interrupt) => {
+                state.mode = Mode::Chat;
+                Vec::new()
+            }
+            Some(Action::Quit) => quit(state),
+            _ => {
+                state.system_editor.input(key);
+                Vec::new()
+            }
+        },
+        Mode::Chat => match action {
+            Some(action) if applies(state, action) => on_action(state, action),
+            _ => {
+                state.history_pos = None;
+                state.input.input(key);
+                Vec::new()
+            }
+        },
+    }
+}
+
+/// Keys that double as editing keys act only where editing would do nothing
+/// useful: Up on an empty input recalls history, `?` and Home/End act on an
+/// empty input only.
+fn applies(state: &State, action: Action) -> bool {
+    let single_line = state.input.lines().len() <= 1;
+    match action {
+        Action::HistoryPrev | Action::HistoryNext => {
+            single_line && (state.input_is_empty() || state.history_pos.is_some())
+        }
+        Action::Help | Action::Top | Action::Bottom => state.input_is_empty(),
+        _ => true,
+    }
+}
+
+fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
+    match action {
+        Action::Send => send(state),
+        Action::Newline => {
+            state.input.insert_newline();
+            Vec::new()
+        }
+        Action::Cancel => cancel(state),
+        Action::Interrupt => {
+            if state.generating() {
+                return cancel(state);
+            }
+            if state.interrupt_armed {
+                return quit(state);
+            }
+            state.interrupt_armed = true;
+            state.mode = Mode::ConfirmQuit;
+            Vec::new()
+        }
+        Action::Quit => quit(state),
+        Action::ScrollUp => {
+            scroll::by(state, -1);
+            Vec::new()
+        }
+        Action::ScrollDown => {
+            scroll::by(state, 1);
+            Vec::new()
+        }
+        Action::PageUp => {
+            scroll::page(state, -1);
+            Vec::new()
+        }
+        Action::PageDown => {
+            scroll::page(state, 1);
+            Vec::new()
+        }
+        Action::Top => {
+            scroll::top(state);
+            Vec::new()
+        }
+        Action::Bottom => {
+            state.scroll = Scroll::Follow;
+            state.unseen_output = false;
+            Vec::new()
+        }
+        Action::HistoryPrev => {
+            recall(state, -1);
+            Vec::new()
+        }
+        Action::HistoryNext => {
+            recall(state, 1);
+            Vec::new()
+        }
+        Action::Regenerate => regenerate(state),
+        Action::EditSystem => {
+            state.system_editor = TextArea::new(
+                state
+                    .system_prompt
+                    .as_deref()
+                    .unwrap_or("")
+                    .split('\n')
+                    .map(str::to_string)
+                    .collect(),
+            );
+            state
+                .system_editor
+                .move_cursor(tui_textarea::CursorMove::Bottom);
+            state.system_editor.move_cursor(tui_textarea::CursorMove::End);
+            state.mode = Mode::EditSystem;
+            Vec::new()
+        }
+        Action::CopyLast => {
+            match state
+                .transcript
+                .iter()
+                .rev()
+                .find(|e| e.kind == EntryKind::Assistant && !e.text.is_empty())
+            {
+                Some(e) => {
+                    let text = e.text.clone();
+                    state.notice = Some(format!(
+                        "copied the last answer ({} characters) to the clipboard",
+                        text.chars().count()
+                    ));
+                    vec![Effect::Copy(text)]
+                }
+                None => {
+                    state.notice = Some("no answer to copy yet".into());
+                    Vec::new()
+                }
+            }
+        }
+        Action::Help => {
+            state.mode = Mode::Help;
+            Vec::new()
+        }
+        Action::TogglePanels => {
+            state.panels = if state.full_panels() {
+                Panels::Summary
+            } else {
+                Panels::Full
+            };
+            Vec::new()
+        }
+    }
+}
+
+fn send(state: &mut State) -> Vec<Effect> {
+    let text = state.input_text();
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    if state.generating() {
+        state.notice = Some(format!(
+            "still answering; {} stops it",
+            state.keys.hint(Action::Cancel)
+        ));
+        return Vec::new();
+    }
+    if state.history.last() != Some(&text) {
+        state.history.push(text.clone());
+    }
+    state.history_pos = None;
+    state.reset_input();
+    if state.title.is_none() {
+        state.title = Some(title_from(&text));
+    }
+    state.push_entry(Entry::new(EntryKind::User, text.clone()));
+    start_generation(state);
+    // Sending means the user wants to see the answer.
+    state.scroll = Scroll::Follow;
+    state.unseen_output = false;
+    vec![Effect::Chat(text)]
+}
+
+fn start_generation(state: &mut State) {
+    state.transcript.push(Entry::new(EntryKind::Assistant, ""));
+    state.generation = Some(Generation {
+        entry: state.transcript.len() - 1,
+        first_token_at: None,
+        tokens: 0,
+        live_tok_s: None,
+        cancelling: false,
+    });
+}
+
+fn title_from(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = line.trim();
+    match line.char_indices().nth(48) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+fn cancel(state: &mut State) -> Vec<Effect> {
+    match &mut state.generation {
+        Some(g) if !g.cancelling => {
+            g.cancelling = true;
+            state.notice = Some("stopping…".into());
+            vec![Effect::Cancel]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn quit(state: &mut State) -> Vec<Effect> {
+    state.quit = true;
+    let mut effects = Vec::new();
+    if state.generating() {
+        effects.push(Effect::Cancel);
+    }
+    effects.push(Effect::Quit);
+    effects
+}
+
+fn regenerate(state: &mut State) -> Vec<Effect> {
+    if state.generating() {
+        state.notice = Some("still answering".into());
+        return Vec::new();
+    }
+    let Some(user_at) = state
+        .transcript
+        .iter()
+        .rposition(|e| e.kind == EntryKind::User)
+    else {
+        state.notice = Some("nothing to regenerate yet".into());
+        return Vec::new();
+    };
+    let message = state.transcript[user_at].text.clone();
+    // Drop the old answer (and anything after the question), keep the question.
+    state.transcript.truncate(user_at + 1);
+    let history = {
+        let mut h = state.conversation();
+        h.pop();
+        h
+    };
+    start_generation(state);
+    state.scroll = Scroll::Follow;
+    state.unseen_output = false;
+    vec![Effect::Regenerate { history, message }]
+}
+
+fn recall(state: &mut State, step: i64) {
+    if state.history.is_empty() {
+        return;
+    }
+    let last = state.history.len() as i64 - 1;
+    let next = match state.history_pos {
+        None if step < 0 => Some(last as usize),
+        None => None,
+        Some(p) => {
+            let n = p as i64 + step;
+            (0..=last).contains(&n).then_some(n as usize)
+        }
+    };
+    match next {
+        Some(p) => {
+            state.history_pos = Some(p);
+            let text = state.history[p].clone();
+            state.set_input(&text);
+        }
+        None if step > 0 => {
+            state.history_pos = None;
+            state.reset_input();
+        }
+        None => {}
+    }
+}
+
+fn on_paste(state: &mut State, text: String) {
+    let target = match state.mode {
+        Mode::Chat => &mut state.input,
+        Mode::EditSystem => &mut state.system_editor,
+        _ => return,
+    };
+    let total = text.len();
+    let mut text = text;
+    if total > MAX_PASTE_BYTES {
+        let mut cut = MAX_PASTE_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    // Terminals send pasted line ends as CR.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    target.insert_str(&text);
+    if total > MAX_PASTE_BYTES {
+        state.notice = Some(format!(
+            "paste cut to {:.1} MiB of {:.1} MiB",
+            MAX_PASTE_BYTES as f64 / 1048576.0,
+            total as f64 / 1048576.0
+        ));
+    }
+}
+
+fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
+    match event {
+        EngineEvent::TurnStarted { .. } => {}
+        EngineEvent::ContextTrimmed {
+            dropped_messages,
+            limit,
+            ..
+        } => {
+            let entry = Entry::new(
+                EntryKind::Notice,
+                format!(
+                    "the context window ({limit} tokens) was full: the model no longer sees the oldest {dropped_messages} messages"
+                ),
+            );
+            // Before the answer being generated, so the answer stays last.
+            match &mut state.generation {
+                Some(g) => {
+                    state.transcript.insert(g.entry, entry);
+                    g.entry += 1;
+                }
+                None => state.transcript.push(entry),
+            }
+        }
+        EngineEvent::Token { text, .. } => {
+            let Some(g) = &mut state.generation else {
+                return;
+            };
+            let first = *g.first_token_at.get_or_insert(at);
+            g.tokens += 1;
+            let secs = (at - first).as_secs_f64();
+            if g.tokens >= 2 && secs > 0.0 {
+                g.live_tok_s = Some((g.tokens - 1) as f64 / secs);
+            }
+            let entry = g.entry;
+            state.transcript[entry].text.push_str(&text);
+            state.output_arrived();
+        }
+        EngineEvent::TurnFinished {
+            reply,
+            finish,
+            stats,
+            ..
+        } => {
+            let Some(g) = state.generation.take() else {
+                return;
+            };
+            let entry = &mut state.transcript[g.entry];
+            entry.text = reply;
+            entry.finish = Some(finish);
+            entry.stats = Some(stats.clone());
+            if let Some(d) = stats.decode_tok_s {
+                push_bounded(&mut state.decode_history, d);
+            }
+            state.context_tokens = stats.context_tokens;
+            if finish == FinishReason::Cancelled {
+                state.notice = Some("stopped".into());
+            } else if matches!(state.notice.as_deref(), Some("stopping…")) {
+                state.notice = None;
+            }
+            if let Some(event) = state.alarms.on_turn(&stats) {
+                on_alarm(state, event);
+            }
+            state.last_stats = Some(stats);
+            state.output_arrived();
+        }
+        EngineEvent::TurnFailed { error, .. } => {
+            if let Some(g) = state.generation.take() {
+                if state.transcript[g.entry].text.is_empty() {
+                    state.transcript.remove(g.entry);
+                }
+            }
+            state.push_entry(Entry::new(EntryKind::Error, error));
+        }
+    }
+}
+
+fn on_sample(state: &mut State, sample: Sample) {
+    let rate = sample.swap_rate.map_or(0, |r| r.in_bytes_per_s as u64);
+    push_bounded(&mut state.swap_in_history, rate);
+    let generating = state.generating();
+    if let Some(event) = state.alarms.on_sample(&sample, generating) {
+        on_alarm(state, event);
+    }
+    state.telemetry = sample;
+}
+
+fn on_alarm(state: &mut State, event: AlarmEvent) {
+    match event {
+        AlarmEvent::Raised { kind, message } => {
+            state.active_alarms.retain(|(k, _)| *k != kind);
+            state.active_alarms.push((kind, message.clone()));
+            state.push_entry(Entry::new(EntryKind::Notice, message));
+        }
+        AlarmEvent::Cleared { kind } => {
+            state.active_alarms.retain(|(k, _)| *k != kind);
+            let what = match kind {
+                AlarmKind::SwapStorm => "swap storm over",
+                AlarmKind::ThermalThrottling => "thermal throttling over",
+            };
+            state.push_entry(Entry::new(EntryKind::Notice, what));
+        }
+    }
+}
+
+fn push_bounded<T>(v: &mut VecDeque<T>, x: T) {
+    if v.len() == HISTORY {
+        v.pop_front();
+    }
+    v.push_back(x);
+}
+
+/// Ctrl-C as crossterm reports it, for tests and the runtime.
+pub fn ctrl(c: char) -> KeyEvent {
+    KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL)
+}
+
+#[cfg(test)]
+mod tests;

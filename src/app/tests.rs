@@ -1,0 +1,436 @@
+use std::time::{Duration, Instant};
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::*;
+use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo};
+use crate::telemetry::{Sample, SwapRate};
+
+fn info() -> ModelInfo {
+    ModelInfo {
+        name: "test-model".into(),
+        engine: "fake".into(),
+        architecture: "llama".into(),
+        path: None,
+        context_limit: 4096,
+    }
+}
+
+fn state() -> State {
+    let mut s = State::new(info(), None, KeyMap::default());
+    update(&mut s, Msg::Resize(120, 40));
+    s
+}
+
+fn key(code: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+fn type_text(s: &mut State, text: &str) {
+    for c in text.chars() {
+        update(s, key(KeyCode::Char(c)));
+    }
+}
+
+fn stats(tokens: usize, decode: f64, context: usize) -> GenStats {
+    GenStats {
+        ttft_ms: 250.0,
+        prompt_tokens: 10,
+        reused_tokens: 0,
+        completion_tokens: tokens,
+        prefill_tok_s: Some(100.0),
+        decode_tok_s: Some(decode),
+        total_ms: 1000.0,
+        context_tokens: context,
+    }
+}
+
+fn engine(s: &mut State, ev: EngineEvent) {
+    update(s, Msg::Engine(ev, Instant::now()));
+}
+
+fn answer(s: &mut State, reply: &str) {
+    engine(
+        s,
+        EngineEvent::TurnStarted {
+            turn: 1,
+            prompt_tokens: 5,
+            reused_tokens: 0,
+        },
+    );
+    for w in reply.split_inclusive(' ') {
+        engine(
+            s,
+            EngineEvent::Token {
+                turn: 1,
+                text: w.into(),
+            },
+        );
+    }
+    engine(
+        s,
+        EngineEvent::TurnFinished {
+            turn: 1,
+            reply: reply.into(),
+            finish: FinishReason::Stop,
+            stats: stats(reply.split_whitespace().count(), 30.0, 100),
+        },
+    );
+}
+
+fn chat(s: &mut State, question: &str, reply: &str) {
+    type_text(s, question);
+    assert_eq!(
+        update(s, key(KeyCode::Enter)),
+        vec![Effect::Chat(question.into())]
+    );
+    answer(s, reply);
+}
+
+#[test]
+fn enter_sends_and_the_answer_streams_into_the_transcript() {
+    let mut s = state();
+    type_text(&mut s, "hello there");
+    let effects = update(&mut s, key(KeyCode::Enter));
+    assert_eq!(effects, vec![Effect::Chat("hello there".into())]);
+    assert!(s.generating());
+    assert!(s.input.is_empty());
+    assert_eq!(s.title.as_deref(), Some("hello there"));
+
+    let t0 = Instant::now();
+    for (i, w) in ["one ", "two ", "three"].into_iter().enumerate() {
+        update(
+            &mut s,
+            Msg::Engine(
+                EngineEvent::Token {
+                    turn: 1,
+                    text: w.into(),
+                },
+                t0 + Duration::from_millis(100 * i as u64),
+            ),
+        );
+    }
+    assert_eq!(s.transcript[1].text, "one two three");
+    // Two tokens after the first, in 0.2 s.
+    let live = s.generation.as_ref().unwrap().live_tok_s.unwrap();
+    assert!((live - 10.0).abs() < 1e-9, "{live}");
+
+    engine(
+        &mut s,
+        EngineEvent::TurnFinished {
+            turn: 1,
+            reply: "one two three".into(),
+            finish: FinishReason::Stop,
+            stats: stats(3, 27.5, 42),
+        },
+    );
+    assert!(!s.generating());
+    assert_eq!(s.context_tokens, 42);
+    assert_eq!(s.decode_history.back(), Some(&27.5));
+    assert_eq!(s.transcript[1].stats.as_ref().unwrap().completion_tokens, 3);
+}
+
+#[test]
+fn empty_input_sends_nothing_and_a_busy_engine_refuses_politely() {
+    let mut s = state();
+    type_text(&mut s, "   ");
+    assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+    let mut s = state();
+    type_text(&mut s, "first");
+    update(&mut s, key(KeyCode::Enter));
+    type_text(&mut s, "second");
+    assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+    assert!(s.notice.as_deref().unwrap().contains("still answering"));
+    // The second message is kept in the input, not lost.
+    assert_eq!(s.input.lines(), ["second"]);
+}
+
+#[test]
+fn alt_enter_makes_a_new_line() {
+    let mut s = state();
+    type_text(&mut s, "a");
+    update(
+        &mut s,
+        Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT)),
+    );
+    type_text(&mut s, "b");
+    assert_eq!(s.input.lines(), ["a", "b"]);
+}
+
+#[test]
+fn esc_and_ctrl_c_cancel_a_running_answer_once() {
+    let mut s = state();
+    type_text(&mut s, "go");
+    update(&mut s, key(KeyCode::Enter));
+    assert_eq!(update(&mut s, key(KeyCode::Esc)), vec![Effect::Cancel]);
+    assert!(update(&mut s, Msg::Key(ctrl('c'))).is_empty());
+    engine(
+        &mut s,
+        EngineEvent::TurnFinished {
+            turn: 1,
+            reply: "partial".into(),
+            finish: FinishReason::Cancelled,
+            stats: stats(1, 0.0, 5),
+        },
+    );
+    assert!(!s.generating());
+    assert_eq!(s.transcript[1].finish, Some(FinishReason::Cancelled));
+    assert_eq!(s.mode, Mode::Chat, "the cancelling ctrl-c does not ask to quit");
+}
+
+#[test]
+fn ctrl_c_on_an_idle_screen_asks_then_quits() {
+    let mut s = state();
+    assert!(update(&mut s, Msg::Key(ctrl('c'))).is_empty());
+    assert_eq!(s.mode, Mode::ConfirmQuit);
+    update(&mut s, key(KeyCode::Char('n')));
+    assert_eq!(s.mode, Mode::Chat);
+    assert!(!s.quit);
+    update(&mut s, Msg::Key(ctrl('c')));
+    assert_eq!(update(&mut s, Msg::Key(ctrl('c'))), vec![Effect::Quit]);
+    assert!(s.quit);
+
+    let mut s = state();
+    assert_eq!(update(&mut s, Msg::Key(ctrl('q'))), vec![Effect::Quit]);
+}
+
+#[test]
+fn quitting_while_answering_cancels_first() {
+    let mut s = state();
+    type_text(&mut s, "go");
+    update(&mut s, key(KeyCode::Enter));
+    assert_eq!(
+        update(&mut s, Msg::Key(ctrl('q'))),
+        vec![Effect::Cancel, Effect::Quit]
+    );
+}
+
+#[test]
+fn up_and_down_walk_the_history_on_an_empty_input() {
+    let mut s = state();
+    chat(&mut s, "first", "a");
+    chat(&mut s, "second", "b");
+    update(&mut s, key(KeyCode::Up));
+    assert_eq!(s.input.lines(), ["second"]);
+    update(&mut s, key(KeyCode::Up));
+    assert_eq!(s.input.lines(), ["first"]);
+    update(&mut s, key(KeyCode::Up));
+    assert_eq!(s.input.lines(), ["first"]);
+    update(&mut s, key(KeyCode::Down));
+    assert_eq!(s.input.lines(), ["second"]);
+    update(&mut s, key(KeyCode::Down));
+    assert!(s.input.is_empty());
+    // With text typed, Up is an editing key.
+    type_text(&mut s, "draft");
+    update(&mut s, key(KeyCode::Up));
+    assert_eq!(s.input.lines(), ["draft"]);
+}
+
+#[test]
+fn question_mark_is_help_only_on_an_empty_input() {
+    let mut s = state();
+    update(&mut s, key(KeyCode::Char('?')));
+    assert_eq!(s.mode, Mode::Help);
+    update(&mut s, key(KeyCode::Char('x')));
+    assert_eq!(s.mode, Mode::Chat);
+    type_text(&mut s, "why?");
+    assert_eq!(s.mode, Mode::Chat);
+    assert_eq!(s.input.lines(), ["why?"]);
+}
+
+#[test]
+fn a_huge_paste_is_cut_with_a_notice_and_line_ends_are_normalised() {
+    let mut s = state();
+    update(&mut s, Msg::Paste("a\r\nb\rc".into()));
+    assert_eq!(s.input.lines(), ["a", "b", "c"]);
+
+    let mut s = state();
+    let big = "é".repeat(5 << 20); // 10 MiB of two-byte characters
+    update(&mut s, Msg::Paste(big));
+    let kept: usize = s.input.lines().iter().map(|l| l.len()).sum();
+    assert!(kept <= MAX_PASTE_BYTES && kept > MAX_PASTE_BYTES - 4, "{kept}");
+    assert_eq!(
+        s.notice.as_deref(),
+        Some("paste cut to 1.0 MiB of 10.0 MiB")
+    );
+}
+
+#[test]
+fn scrolling_up_anchors_the_view_and_new_output_does_not_move_it() {
+    let mut s = state();
+    for i in 0..30 {
+        chat(&mut s, &format!("question {i}"), "a short answer");
+    }
+    assert_eq!(s.scroll, Scroll::Follow);
+    update(&mut s, key(KeyCode::PageUp));
+    let anchored = s.scroll;
+    assert!(matches!(anchored, Scroll::At { .. }), "{anchored:?}");
+
+    type_text(&mut s, "more");
+    update(&mut s, key(KeyCode::Enter));
+    // Sending jumps back to the end...
+    assert_eq!(s.scroll, Scroll::Follow);
+    update(&mut s, key(KeyCode::PageUp));
+    let anchored = s.scroll;
+    // ...and streamed text below an anchored view leaves it where it is.
+    engine(
+        &mut s,
+        EngineEvent::Token {
+            turn: 2,
+            text: "streaming ".into(),
+        },
+    );
+    assert_eq!(s.scroll, anchored);
+    assert!(s.unseen_output);
+    update(&mut s, Msg::Key(KeyEvent::new(KeyCode::End, KeyModifiers::CONTROL)));
+    assert_eq!(s.scroll, Scroll::Follow);
+    assert!(!s.unseen_output);
+}
+
+#[test]
+fn page_down_back_to_the_end_follows_again() {
+    let mut s = state();
+    for i in 0..30 {
+        chat(&mut s, &format!("q{i}"), "answer");
+    }
+    update(&mut s, key(KeyCode::PageUp));
+    update(&mut s, key(KeyCode::PageUp));
+    update(&mut s, key(KeyCode::PageDown));
+    assert!(matches!(s.scroll, Scroll::At { .. }));
+    for _ in 0..3 {
+        update(&mut s, key(KeyCode::PageDown));
+    }
+    assert_eq!(s.scroll, Scroll::Follow);
+    update(&mut s, key(KeyCode::Home));
+    assert_eq!(s.scroll, Scroll::At { entry: 0, row: 0 });
+    // "you", the question and a blank row: three rows down is the answer.
+    update(&mut s, Msg::Wheel(3));
+    assert_eq!(s.scroll, Scroll::At { entry: 1, row: 0 });
+    update(&mut s, Msg::Wheel(-1));
+    assert_eq!(s.scroll, Scroll::At { entry: 0, row: 2 });
+}
+
+#[test]
+fn regenerate_drops_the_old_answer_and_asks_again() {
+    let mut s = state();
+    chat(&mut s, "first", "one");
+    chat(&mut s, "second", "two");
+    let effects = update(&mut s, Msg::Key(ctrl('r')));
+    assert_eq!(
+        effects,
+        vec![Effect::Regenerate {
+            history: vec![
+                Message::new(Role::User, "first"),
+                Message::new(Role::Assistant, "one")
+            ],
+            message: "second".into()
+        }]
+    );
+    assert_eq!(s.transcript.len(), 4);
+    assert_eq!(s.transcript[3].text, "");
+    assert!(s.generating());
+}
+
+#[test]
+fn the_system_prompt_editor_saves_with_enter_and_cancels_with_esc() {
+    let mut s = state().with_system_prompt(Some("be brief".into()));
+    update(&mut s, Msg::Key(ctrl('t')));
+    assert_eq!(s.mode, Mode::EditSystem);
+    assert_eq!(s.system_editor.lines(), ["be brief"]);
+    type_text(&mut s, "!");
+    update(&mut s, key(KeyCode::Esc));
+    assert_eq!(s.system_prompt.as_deref(), Some("be brief"));
+    update(&mut s, Msg::Key(ctrl('t')));
+    type_text(&mut s, " and kind");
+    assert_eq!(
+        update(&mut s, key(KeyCode::Enter)),
+        vec![Effect::SetSystemPrompt(Some("be brief and kind".into()))]
+    );
+    assert_eq!(s.mode, Mode::Chat);
+}
+
+#[test]
+fn copy_takes_the_last_answer() {
+    let mut s = state();
+    assert!(update(&mut s, Msg::Key(ctrl('o'))).is_empty());
+    chat(&mut s, "q", "the answer");
+    assert_eq!(
+        update(&mut s, Msg::Key(ctrl('o'))),
+        vec![Effect::Copy("the answer".into())]
+    );
+}
+
+#[test]
+fn a_swap_storm_while_generating_raises_an_alarm_in_the_transcript() {
+    let mut s = state();
+    type_text(&mut s, "go");
+    update(&mut s, key(KeyCode::Enter));
+    let swapping = Sample {
+        swap_rate: Some(SwapRate {
+            in_bytes_per_s: 64.0 * 1048576.0,
+            out_bytes_per_s: 0.0,
+        }),
+        ..Sample::default()
+    };
+    for _ in 0..3 {
+        update(&mut s, Msg::Telemetry(swapping.clone()));
+    }
+    assert_eq!(s.active_alarms.len(), 1);
+    assert!(s
+        .transcript
+        .iter()
+        .any(|e| e.kind == EntryKind::Notice && e.text.starts_with("swap storm")));
+    assert_eq!(s.swap_in_history.len(), 3);
+}
+
+#[test]
+fn failures_and_trimmed_context_are_shown() {
+    let mut s = state();
+    type_text(&mut s, "go");
+    update(&mut s, key(KeyCode::Enter));
+    engine(
+        &mut s,
+        EngineEvent::ContextTrimmed {
+            turn: 1,
+            dropped_messages: 2,
+            context_tokens: 100,
+            limit: 4096,
+        },
+    );
+    assert_eq!(s.transcript[1].kind, EntryKind::Notice);
+    assert_eq!(s.transcript[2].kind, EntryKind::Assistant);
+    engine(
+        &mut s,
+        EngineEvent::TurnFailed {
+            turn: 1,
+            error: "generation failed: boom".into(),
+        },
+    );
+    assert!(!s.generating());
+    let last = s.transcript.last().unwrap();
+    assert_eq!(last.kind, EntryKind::Error);
+    assert!(s.transcript.iter().all(|e| e.kind != EntryKind::Assistant));
+}
+
+#[test]
+fn tiny_terminals_do_not_break_scrolling() {
+    let mut s = state();
+    chat(&mut s, "q", "a");
+    for (w, h) in [(1, 1), (0, 0), (19, 5), (20, 6)] {
+        update(&mut s, Msg::Resize(w, h));
+        update(&mut s, key(KeyCode::PageUp));
+        update(&mut s, Msg::Wheel(3));
+        update(&mut s, key(KeyCode::PageDown));
+    }
+}
+
+#[test]
+fn the_panel_toggle_flips_what_the_width_chose() {
+    let mut s = state();
+    assert!(s.full_panels());
+    update(&mut s, Msg::Key(ctrl('g')));
+    assert!(!s.full_panels());
+    update(&mut s, Msg::Resize(80, 24));
+    update(&mut s, Msg::Key(ctrl('g')));
+    assert!(s.full_panels());
+}

@@ -183,6 +183,7 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
             Event::End(tag) => match tag {
                 TagEnd::Heading(_) => {
                     flush(&mut out, &mut line);
+                    blank(&mut out);
                     sem.heading = false;
                     sem.bold = false;
                 }
@@ -339,6 +340,9 @@ pub fn wrap(line: &SemLine, width: usize) -> Vec<SemLine> {
                     ));
                     used = 0;
                 }
+                if c == ' ' && used == 0 && !line.code_block {
+                    continue;
+                }
                 let mut buf = [0u8; 4];
                 row.push(c.encode_utf8(&mut buf), span.sem);
                 used += cw;
@@ -347,6 +351,15 @@ pub fn wrap(line: &SemLine, width: usize) -> Vec<SemLine> {
     }
     if !row.spans.is_empty() || rows.is_empty() {
         rows.push(row);
+    }
+    if !line.code_block {
+        // A space at a row break is a line end on screen, not text.
+        let last = rows.len() - 1;
+        for row in &mut rows[..last] {
+            if let Some(span) = row.spans.last_mut() {
+                span.text.truncate(span.text.trim_end().len());
+            }
+        }
     }
     rows
 }
@@ -420,8 +433,8 @@ mod tests {
     #[test]
     fn an_unclosed_fence_while_streaming_is_code_to_the_end() {
         let lines = markdown("Here:\n```\nlet x = 1;\nlet y", Sem::default());
-        assert_eq!(texts(&lines), ["Here:", "let x = 1;", "let y"]);
-        assert!(lines[1].code_block && lines[2].code_block);
+        assert_eq!(texts(&lines), ["Here:", "", "let x = 1;", "let y"]);
+        assert!(lines[2].code_block && lines[3].code_block);
     }
 
     #[test]

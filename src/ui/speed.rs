@@ -2,7 +2,7 @@
 //! rate while generating, and decode speed across turns.
 
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::text::{Line, Span};
+use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Sparkline};
 use ratatui::Frame;
 
@@ -10,7 +10,7 @@ use super::rate;
 use crate::app::State;
 use crate::theme::{Slot, Theme};
 
-pub const HEIGHT: u16 = 6;
+pub const HEIGHT: u16 = 7;
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let block = super::panel_block("speed", theme.fg(Slot::Border), theme);
@@ -21,20 +21,19 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let mut lines = Vec::new();
     match &state.last_stats {
         Some(s) => {
-            lines.push(Line::from(vec![
-                Span::styled(format!("TTFT {:.2} s", s.ttft_ms / 1000.0), text),
-                Span::styled(format!(" · prefill {} tok/s", rate(s.prefill_tok_s)), text),
-            ]));
+            lines.push(Line::styled(format!("TTFT {:.2} s", s.ttft_ms / 1000.0), text));
+            lines.push(Line::styled(
+                format!("prefill {} tok/s", rate(s.prefill_tok_s)),
+                text,
+            ));
             lines.push(Line::styled(
                 format!("decode {} tok/s", rate(s.decode_tok_s)),
                 text,
             ));
         }
-        None => {
-            lines.push(Line::styled("no turn yet", dim));
-            lines.push(Line::default());
-        }
+        None => lines.push(Line::styled("no turn yet", dim)),
     }
+    lines.resize(3, Line::default());
     lines.push(match &state.generation {
         Some(g) => Line::styled(
             format!("live {} tok/s · {} tok", rate(g.live_tok_s), g.tokens),
@@ -43,7 +42,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         None => Line::styled("idle", dim),
     });
     let [top, spark] =
-        Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(inner);
+        Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(inner);
     frame.render_widget(Paragraph::new(lines), top);
     // Tenths of a token per second, so the sparkline keeps some resolution.
     let data: Vec<u64> = super::swap::tail(&state.decode_history, spark.width as usize)

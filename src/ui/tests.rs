@@ -1,0 +1,335 @@
+//! Snapshots of the whole screen and of each panel (TestBackend + insta),
+//! and sizes down to 1x1.
+
+use std::time::{Duration, Instant};
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::backend::TestBackend;
+use ratatui::layout::Rect;
+use ratatui::Terminal;
+
+use super::*;
+use crate::app::{update, Msg};
+use crate::budget::ModelShape;
+use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo};
+use crate::keys::KeyMap;
+use crate::models;
+use crate::telemetry::{
+    MemorySnapshot, Pressure, ProcessStats, Psi, Sample, SwapRate, Temperature, Throttle,
+};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn sample() -> Sample {
+    Sample {
+        seq: 7,
+        memory: Some(MemorySnapshot {
+            total: 32 * GIB,
+            available: 20 * GIB,
+            swap_total: 8 * GIB,
+            swap_free: 8 * GIB - 512 * MIB,
+        }),
+        gpu_wired_limit: None,
+        swap_rate: Some(SwapRate {
+            in_bytes_per_s: 0.0,
+            out_bytes_per_s: 0.0,
+        }),
+        pressure: Some(Pressure::from_psi(Psi {
+            some_avg10: 0.5,
+            full_avg10: Some(0.0),
+        })),
+        process: Some(ProcessStats {
+            rss: 600 * MIB,
+            cpu_percent: Some(95.0),
+        }),
+        temperatures: vec![
+            Temperature {
+                label: "coretemp Package id 0".into(),
+                celsius: 71.0,
+                critical: Some(100.0),
+            },
+            Temperature {
+                label: "nvme Composite".into(),
+                celsius: 38.9,
+                critical: Some(84.9),
+            },
+        ],
+        throttle: Throttle {
+            freq_ratio: Some(0.8),
+            cap_ratio: Some(1.0),
+            new_events: Some(0),
+            thermal_level: None,
+        },
+    }
+}
+
+fn stats(tokens: usize, decode: f64, context: usize) -> GenStats {
+    GenStats {
+        ttft_ms: 480.0,
+        prompt_tokens: 31,
+        reused_tokens: 0,
+        completion_tokens: tokens,
+        prefill_tok_s: Some(68.4),
+        decode_tok_s: Some(decode),
+        total_ms: 3000.0,
+        context_tokens: context,
+    }
+}
+
+fn base(width: u16, height: u16) -> State {
+    let preset = models::preset(models::DEFAULT_PRESET).unwrap();
+    let info = ModelInfo {
+        name: preset.name.into(),
+        engine: "kalosm".into(),
+        architecture: "llama".into(),
+        path: None,
+        context_limit: 8192,
+    };
+    let mut s = State::new(info, Some(ModelShape::from_preset(preset)), KeyMap::default());
+    update(&mut s, Msg::Resize(width, height));
+    update(&mut s, Msg::Telemetry(sample()));
+    s
+}
+
+fn send(s: &mut State, text: &str) {
+    update(s, Msg::Paste(text.into()));
+    update(s, Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)));
+}
+
+fn finish(s: &mut State, reply: &str, st: GenStats) {
+    update(
+        s,
+        Msg::Engine(
+            EngineEvent::TurnFinished {
+                turn: 1,
+                reply: reply.into(),
+                finish: FinishReason::Stop,
+                stats: st,
+            },
+            Instant::now(),
+        ),
+    );
+}
+
+const ANSWER: &str = "## Firing schedule\n\nA bisque firing has **three** stages:\n\n1. Drying below 100 °C\n2. *Burn-out* of organics\n3. Sintering\n\n```sh\nkiln-ctl ramp --to 1000 --rate 100\n```\n\nUse `cone 04` for most clays.";
+
+fn conversation(width: u16, height: u16) -> State {
+    let mut s = base(width, height);
+    send(&mut s, "How do I fire bisque ware?");
+    finish(&mut s, ANSWER, stats(61, 27.3, 112));
+    for d in [25.1, 26.8, 28.0] {
+        s.decode_history.push_front(d);
+    }
+    s
+}
+
+fn draw(s: &State, width: u16, height: u16) -> Terminal<TestBackend> {
+    let mut t = Terminal::new(TestBackend::new(width, height)).unwrap();
+    t.draw(|f| render(f, s, &Theme::default())).unwrap();
+    t
+}
+
+fn panel(s: &State, height: u16, f: fn(&mut Frame, Rect, &State, &Theme)) -> Terminal<TestBackend> {
+    let mut t = Terminal::new(TestBackend::new(40, height)).unwrap();
+    t.draw(|frame| f(frame, frame.area(), s, &Theme::default()))
+        .unwrap();
+    t
+}
+
+#[test]
+fn screen_160x48() {
+    let s = conversation(160, 48);
+    insta::assert_snapshot!(draw(&s, 160, 48).backend());
+}
+
+#[test]
+fn screen_80x24_collapses_the_panels_to_a_summary() {
+    let s = conversation(80, 24);
+    insta::assert_snapshot!(draw(&s, 80, 24).backend());
+}
+
+#[test]
+fn screen_while_streaming_with_the_help_open() {
+    let mut s = conversation(100, 30);
+    send(&mut s, "And glaze firing?");
+    let t0 = Instant::now();
+    for (i, w) in ["Glaze ", "firing ", "goes ", "hotter"].iter().enumerate() {
+        update(
+            &mut s,
+            Msg::Engine(
+                EngineEvent::Token {
+                    turn: 2,
+                    text: w.to_string(),
+                },
+                t0 + Duration::from_millis(40 * i as u64),
+            ),
+        );
+    }
+    insta::assert_snapshot!("streaming", draw(&s, 100, 30).backend());
+    update(&mut s, Msg::Key(KeyEvent::new(KeyCode::F(1), KeyModifiers::NONE)));
+    insta::assert_snapshot!("help", draw(&s, 100, 30).backend());
+}
+
+#[test]
+fn memory_panel() {
+    let s = conversation(160, 48);
+    let v = memory::view(&s).unwrap();
+    // The preset's weights (tensors plus the f32 embedding table), the KV
+    // cache kalosm allocates for 112 tokens (128 × 138,240 bytes), the rest of
+    // the 600 MiB RSS, and the 12 GiB used less kiln's share.
+    let shape = s.shape.as_ref().unwrap();
+    assert_eq!(v.weights, shape.weight_bytes());
+    assert_eq!(v.kv, 128 * shape.kv_per_token_engine());
+    assert_eq!(v.weights + v.kv + v.process, 600 * MIB);
+    assert_eq!(v.other, 12 * GIB - 600 * MIB);
+    assert_eq!(v.context_left, 8192 - 112);
+    insta::assert_snapshot!(panel(&s, memory::HEIGHT, memory::render).backend());
+}
+
+#[test]
+fn memory_panel_warns_when_memory_ends_before_the_context() {
+    let mut s = conversation(160, 48);
+    let mut tight = sample();
+    tight.memory.as_mut().unwrap().available = 64 * MIB;
+    update(&mut s, Msg::Telemetry(tight));
+    let v = memory::view(&s).unwrap();
+    assert!(v.memory_left.unwrap() < v.context_left);
+    let t = panel(&s, memory::HEIGHT, memory::render);
+    insta::assert_snapshot!(t.backend());
+}
+
+#[test]
+fn swap_panel_normal_and_swapping() {
+    let mut s = conversation(160, 48);
+    insta::assert_snapshot!("swap_normal", panel(&s, swap::HEIGHT, swap::render).backend());
+    send(&mut s, "next");
+    let mut swapping = sample();
+    swapping.swap_rate = Some(SwapRate {
+        in_bytes_per_s: 48.0 * MIB as f64,
+        out_bytes_per_s: 12.0 * MIB as f64,
+    });
+    for _ in 0..3 {
+        update(&mut s, Msg::Telemetry(swapping.clone()));
+    }
+    assert!(swap::alarming(&s));
+    let t = panel(&s, swap::HEIGHT, swap::render);
+    // The warning is in the style too, not only in the words.
+    let title_cell = &t.backend().buffer()[(3, 0)];
+    assert_eq!(title_cell.fg, Theme::default().color(crate::theme::Slot::Accent));
+    let border = &t.backend().buffer()[(0, 0)];
+    assert_eq!(border.fg, Theme::default().color(crate::theme::Slot::Warning));
+    insta::assert_snapshot!("swap_swapping", t.backend());
+}
+
+#[test]
+fn swap_panel_without_swap_or_sources() {
+    let mut s = base(160, 48);
+    let mut bare = sample();
+    bare.memory.as_mut().unwrap().swap_total = 0;
+    bare.swap_rate = None;
+    bare.pressure = None;
+    update(&mut s, Msg::Telemetry(bare));
+    insta::assert_snapshot!(panel(&s, swap::HEIGHT, swap::render).backend());
+}
+
+#[test]
+fn speed_panel_idle_and_live() {
+    let mut s = conversation(160, 48);
+    insta::assert_snapshot!("speed_idle", panel(&s, speed::HEIGHT, speed::render).backend());
+    send(&mut s, "more");
+    let t0 = Instant::now();
+    for i in 0..11 {
+        update(
+            &mut s,
+            Msg::Engine(
+                EngineEvent::Token {
+                    turn: 2,
+                    text: "x ".into(),
+                },
+                t0 + Duration::from_millis(50 * i),
+            ),
+        );
+    }
+    // Ten tokens after the first in half a second.
+    assert_eq!(s.generation.as_ref().unwrap().live_tok_s, Some(20.0));
+    insta::assert_snapshot!("speed_live", panel(&s, speed::HEIGHT, speed::render).backend());
+}
+
+#[test]
+fn thermal_panel_states() {
+    let mut s = base(160, 48);
+    insta::assert_snapshot!("thermal_sensors", panel(&s, 6, thermal::render).backend());
+    let mut none = sample();
+    none.temperatures.clear();
+    none.throttle = Throttle::default();
+    update(&mut s, Msg::Telemetry(none));
+    let t = panel(&s, 5, thermal::render);
+    insta::assert_snapshot!("thermal_no_sensors", t.backend());
+    let mut hot = sample();
+    hot.temperatures[0].celsius = 97.0;
+    hot.throttle.cap_ratio = Some(0.6);
+    update(&mut s, Msg::Telemetry(hot));
+    insta::assert_snapshot!("thermal_throttled", panel(&s, 6, thermal::render).backend());
+}
+
+#[test]
+fn every_size_down_to_1x1_renders_without_panicking() {
+    let mut s = conversation(160, 48);
+    send(&mut s, &"long line ".repeat(200));
+    for w in [0u16, 1, 2, 5, 19, 20, 21, 40, 99, 100, 101, 250] {
+        for h in [0u16, 1, 2, 5, 6, 7, 12, 24, 80] {
+            update(&mut s, Msg::Resize(w, h));
+            update(&mut s, Msg::Wheel(-3));
+            if w == 0 || h == 0 {
+                continue;
+            }
+            let t = draw(&s, w, h);
+            if w < MIN_WIDTH || h < MIN_HEIGHT {
+                let first: String = t.backend().buffer().content()[..w as usize]
+                    .iter()
+                    .map(|c| c.symbol())
+                    .collect();
+                assert!("kiln: terminal too small".starts_with(first.trim_end()));
+            }
+        }
+    }
+}
+
+#[test]
+fn no_color_keeps_the_screen_readable() {
+    let s = conversation(160, 48);
+    let (theme, _) = Theme::load("dark", None, true);
+    let mut t = Terminal::new(TestBackend::new(160, 48)).unwrap();
+    t.draw(|f| render(f, &s, &theme)).unwrap();
+    let buf = t.backend().buffer();
+    assert!(buf
+        .content()
+        .iter()
+        .all(|c| c.fg == ratatui::style::Color::Reset && c.bg == ratatui::style::Color::Reset));
+    // Same text as in colour.
+    assert_eq!(
+        format!("{}", t.backend()),
+        format!("{}", draw(&s, 160, 48).backend())
+    );
+}
+
+/// The FakeEngine through the real engine task, its events into `update`.
+#[tokio::test]
+async fn a_fake_engine_conversation_reaches_the_screen() {
+    let fake = crate::engine::fake::FakeEngine::new(["Kilns fire **clay** into ceramic."]);
+    let (handle, mut events) = crate::engine::spawn(fake);
+    let mut s = base(120, 30);
+    send(&mut s, "What does a kiln do?");
+    handle.chat("What does a kiln do?");
+    while let Some(ev) = events.recv().await {
+        let done = matches!(ev, EngineEvent::TurnFinished { .. });
+        update(&mut s, Msg::Engine(ev, Instant::now()));
+        if done {
+            break;
+        }
+    }
+    let screen = format!("{}", draw(&s, 120, 30).backend());
+    assert!(screen.contains("Kilns fire clay into ceramic."), "{screen}");
+    assert!(screen.contains("5 tok ·"), "{screen}");
+}

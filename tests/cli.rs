@@ -210,46 +210,14 @@ async fn ask_reads_stdin_and_prints_json_events() {
 /// A person at a terminal: run `kiln ask` inside tmux and read the screen.
 #[tokio::test]
 async fn ask_in_a_real_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is required for the end-to-end test (.ci/run installs it)");
-    }
     let model = model_path().await;
-    let session = format!("kiln-e2e-{}", std::process::id());
     let cmd = format!(
         "{} ask --model {} --temperature 0 --max-tokens 16 'Name a colour.'; echo EXIT=$?; sleep 30",
         env!("CARGO_BIN_EXE_kiln"),
         model.display()
     );
-    let status = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            "-s",
-            &session,
-            &cmd,
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut screen = String::new();
-    for _ in 0..120 {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &session])
-            .output()
-            .unwrap();
-        screen = String::from_utf8_lossy(&out.stdout).into_owned();
-        if screen.contains("EXIT=") {
-            break;
-        }
-    }
-    let _ = Command::new("tmux")
-        .args(["kill-session", "-t", &session])
-        .status();
+    let tmux = common::Tmux::start("ask", 100, 30, &cmd);
+    let screen = tmux.wait_for("kiln ask to end", 60, |s| s.contains("EXIT="));
     assert!(screen.contains("EXIT=0"), "{screen}");
     assert!(screen.contains("tokens · TTFT"), "{screen}");
     assert!(!screen.contains("Running on CPU"), "{screen}");

@@ -97,3 +97,77 @@ pub async fn ask(
     let turn = handle.chat(message);
     collect(rx, turn).await
 }
+
+/// A program in a detached tmux session, read the way a person reads it.
+pub struct Tmux {
+    pub session: String,
+}
+
+impl Tmux {
+    /// Run `command` (a shell line) in a new `width` x `height` session.
+    pub fn start(name: &str, width: u16, height: u16, command: &str) -> Tmux {
+        let version = std::process::Command::new("tmux").arg("-V").output();
+        assert!(
+            version.is_ok(),
+            "tmux is required for the end-to-end tests (.ci/run installs it)"
+        );
+        let session = format!("kiln-{name}-{}", std::process::id());
+        let status = std::process::Command::new("tmux")
+            .args(["new-session", "-d", "-x", &width.to_string(), "-y"])
+            .arg(height.to_string())
+            .args(["-s", &session, command])
+            .status()
+            .unwrap();
+        assert!(status.success(), "tmux new-session failed");
+        Tmux { session }
+    }
+
+    pub fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.session])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// tmux key names ("Enter", "Escape", "C-q") or literal text.
+    pub fn send(&self, keys: &[&str]) {
+        let status = std::process::Command::new("tmux")
+            .args(["send-keys", "-t", &self.session])
+            .args(keys)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Poll the screen until `done` holds; panics with the screen after `secs`.
+    pub fn wait_for(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("waited {secs} s for {what}; the screen:\n{screen}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn format(&self, variable: &str) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["display-message", "-p", "-t", &self.session, variable])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .status();
+    }
+}

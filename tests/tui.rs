@@ -1,0 +1,55 @@
+//! The workstation as a person uses it: the real binary on the real model in
+//! tmux, read through `capture-pane`.
+
+mod common;
+
+fn decode_rate(screen: &str) -> Option<f64> {
+    let at = screen.find("decode ")?;
+    let rest = &screen[at + "decode ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn chat_cancel_and_quit_in_a_real_terminal() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    // The wrapper reports the exit code and whether the terminal is back in
+    // cooked mode (raw mode clears icanon).
+    let cmd = format!(
+        "KILN_HOME={} KILN_LOG=info {} --model {} --temperature 0 --max-tokens 400; \
+         echo EXIT=$?; stty -a | grep -o -- '-\\?icanon' | sed 's/^/MODE=/'; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display()
+    );
+    let tmux = common::Tmux::start("tui", 120, 40, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    assert_eq!(tmux.format("#{alternate_on}"), "1", "runs on the alternate screen");
+
+    tmux.send(&["Name three colours.", "Enter"]);
+    let screen = tmux.wait_for("the first answer and its stats", 120, |s| {
+        s.contains(" tok · ") && s.contains("idle")
+    });
+    assert!(screen.contains("Name three colours."), "{screen}");
+    let rate = decode_rate(&screen).unwrap_or_else(|| panic!("no decode rate:\n{screen}"));
+    assert!(rate > 0.0, "decode rate {rate}:\n{screen}");
+    assert!(screen.contains("ctx "), "{screen}");
+
+    tmux.send(&[
+        "Write a very long story about a dragon who runs a pottery kiln.",
+        "Enter",
+    ]);
+    tmux.wait_for("the second answer to stream", 60, |s| s.contains("live "));
+    tmux.send(&["Escape"]);
+    let screen = tmux.wait_for("the cancelled answer", 60, |s| s.contains("· stopped"));
+    assert!(screen.contains("idle"), "{screen}");
+
+    tmux.send(&["C-q"]);
+    let screen = tmux.wait_for("kiln to exit", 30, |s| s.contains("MODE="));
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(screen.contains("MODE=icanon"), "the terminal is restored: {screen}");
+    assert_eq!(tmux.format("#{alternate_on}"), "0", "back on the main screen");
+    // Logs went to the file, not the screen.
+    let log = std::fs::read_to_string(home.path().join("logs/kiln.log")).unwrap();
+    assert!(log.contains("turn 1:"), "{log}");
+}

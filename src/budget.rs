@@ -239,7 +239,11 @@ pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
 /// growth no longer fits in `available` bytes, up to the trained context.
 /// When the cache grows it allocates the larger buffer while the old one is
 /// still held, so each step needs the whole new buffer free.
-pub fn tokens_before_memory_runs_out(shape: &ModelShape, context_tokens: u64, available: u64) -> u64 {
+pub fn tokens_before_memory_runs_out(
+    shape: &ModelShape,
+    context_tokens: u64,
+    available: u64,
+) -> u64 {
     let per_token = shape.kv_per_token_engine();
     let held = shape.kv_allocated_tokens(context_tokens);
     let fits = |extra: u64| {
@@ -352,8 +356,14 @@ mod tests {
         // 3000 tokens held in a 4096-token cache; growing to 8192 needs the
         // whole 8192-token buffer free.
         assert_eq!(tokens_before_memory_runs_out(&q, 3000, 8192 * per), 5192);
-        assert_eq!(tokens_before_memory_runs_out(&q, 3000, 8192 * per - 1), 1096);
+        assert_eq!(
+            tokens_before_memory_runs_out(&q, 3000, 8192 * per - 1),
+            1096
+        );
         // Plenty of memory: the trained context is the limit.
-        assert_eq!(tokens_before_memory_runs_out(&q, 3000, u64::MAX / 4), 32_768 - 3000);
+        assert_eq!(
+            tokens_before_memory_runs_out(&q, 3000, u64::MAX / 4),
+            32_768 - 3000
+        );
     }
 }

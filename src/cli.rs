@@ -110,6 +110,9 @@ pub struct BenchArgs {
     /// Measure the telemetry sampler's CPU cost instead of a model.
     #[arg(long)]
     pub sampler: bool,
+    /// Measure drawing a 1,000-message conversation at 160x48 instead.
+    #[arg(long)]
+    pub render: bool,
 }
 
 #[derive(Debug, Args)]

@@ -78,10 +78,10 @@ impl Action {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Action::Send => "send the message (save, when editing the system prompt)",
+            Action::Send => "send the message; save the system prompt",
             Action::Newline => "new line in the input",
             Action::Cancel => "stop the answer; close a dialog",
-            Action::Interrupt => "stop the answer; on an idle screen, quit after asking",
+            Action::Interrupt => "stop the answer; when idle, quit after asking",
             Action::Quit => "quit",
             Action::ScrollUp => "scroll the conversation up a line",
             Action::ScrollDown => "scroll the conversation down a line",
@@ -244,7 +244,10 @@ impl Default for KeyMap {
         };
         for action in Action::ALL {
             for spec in action.defaults() {
-                map.bind(KeyCombo::parse(spec).expect("default bindings parse"), action);
+                map.bind(
+                    KeyCombo::parse(spec).expect("default bindings parse"),
+                    action,
+                );
             }
         }
         map
@@ -331,19 +334,28 @@ mod tests {
             map.action(&key(KeyCode::Char('?'), KeyModifiers::SHIFT)),
             Some(Action::Help)
         );
-        assert_eq!(map.action(&key(KeyCode::Char('x'), KeyModifiers::NONE)), None);
+        assert_eq!(
+            map.action(&key(KeyCode::Char('x'), KeyModifiers::NONE)),
+            None
+        );
     }
 
     #[test]
     fn overrides_replace_an_actions_keys() {
         let mut o = BTreeMap::new();
-        o.insert("quit".to_string(), KeySpec::Many(vec!["ctrl-x".into(), "f10".into()]));
+        o.insert(
+            "quit".to_string(),
+            KeySpec::Many(vec!["ctrl-x".into(), "f10".into()]),
+        );
         let map = KeyMap::with_overrides(&o).unwrap();
         assert_eq!(
             map.action(&key(KeyCode::Char('x'), KeyModifiers::CONTROL)),
             Some(Action::Quit)
         );
-        assert_eq!(map.action(&key(KeyCode::Char('q'), KeyModifiers::CONTROL)), None);
+        assert_eq!(
+            map.action(&key(KeyCode::Char('q'), KeyModifiers::CONTROL)),
+            None
+        );
         assert_eq!(map.keys_for(Action::Quit), ["Ctrl-X", "F10"]);
     }
 
@@ -357,6 +369,9 @@ mod tests {
         );
         let mut o = BTreeMap::new();
         o.insert("launch".to_string(), KeySpec::One("f2".into()));
-        assert_eq!(KeyMap::with_overrides(&o).unwrap_err(), "keys.launch: unknown action");
+        assert_eq!(
+            KeyMap::with_overrides(&o).unwrap_err(),
+            "keys.launch: unknown action"
+        );
     }
 }

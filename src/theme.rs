@@ -212,13 +212,17 @@ fn parse(text: &str, origin: Option<&str>) -> (Colors, Vec<String>) {
         Ok(t) => t,
         Err(e) => {
             let message = e.message().replace('\n', " ");
-            warnings.push(format!("{origin}: not valid TOML: {message}; using the default theme"));
+            warnings.push(format!(
+                "{origin}: not valid TOML: {message}; using the default theme"
+            ));
             return (colors, warnings);
         }
     };
     for key in table.keys() {
         if key != "colors" {
-            warnings.push(format!("{origin}: unknown key '{key}' (only [colors] is read)"));
+            warnings.push(format!(
+                "{origin}: unknown key '{key}' (only [colors] is read)"
+            ));
         }
     }
     let Some(entries) = table.get("colors") else {
@@ -285,14 +289,20 @@ mod tests {
         assert!(warnings
             .iter()
             .any(|w| w.contains("mine.toml") && w.contains("'colors.user' = \"not-a-colour\"")));
-        assert!(warnings
-            .iter()
-            .any(|w| w.contains("mine.toml") && w.contains("unknown colour key 'colors.sparkles'")));
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("mine.toml")
+                    && w.contains("unknown colour key 'colors.sparkles'"))
+        );
 
         std::fs::write(dir.path().join("broken.toml"), "[colors\ntext=").unwrap();
         let (theme, warnings) = Theme::load("broken", Some(dir.path()), false);
         assert_eq!(theme.colors, Theme::default().colors);
-        assert!(warnings[0].contains("broken.toml: not valid TOML"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("broken.toml: not valid TOML"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -311,6 +321,9 @@ mod tests {
     fn no_color_keeps_modifiers_only() {
         let (theme, _) = Theme::load("dark", None, true);
         assert_eq!(theme.fg(Slot::Error).fg, Some(Color::Reset));
-        assert!(theme.alert(Slot::Warning).add_modifier.contains(Modifier::REVERSED));
+        assert!(theme
+            .alert(Slot::Warning)
+            .add_modifier
+            .contains(Modifier::REVERSED));
     }
 }

@@ -124,7 +124,10 @@ async fn run_terminal(
         Terminal::new(CrosstermBackend::new(std::io::stdout())).map_err(terminal_error)?;
     let size = terminal.size().map_err(terminal_error)?;
     app::update(&mut state, Msg::Resize(size.width, size.height));
-    app::update(&mut state, Msg::Telemetry(samples.borrow_and_update().clone()));
+    app::update(
+        &mut state,
+        Msg::Telemetry(samples.borrow_and_update().clone()),
+    );
 
     let mut input = spawn_input_reader();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

@@ -24,7 +24,11 @@ async fn chat_cancel_and_quit_in_a_real_terminal() {
     );
     let tmux = common::Tmux::start("tui", 120, 40, &cmd);
     tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
-    assert_eq!(tmux.format("#{alternate_on}"), "1", "runs on the alternate screen");
+    assert_eq!(
+        tmux.format("#{alternate_on}"),
+        "1",
+        "runs on the alternate screen"
+    );
 
     tmux.send(&["Name three colours.", "Enter"]);
     let screen = tmux.wait_for("the first answer and its stats", 120, |s| {
@@ -47,8 +51,15 @@ async fn chat_cancel_and_quit_in_a_real_terminal() {
     tmux.send(&["C-q"]);
     let screen = tmux.wait_for("kiln to exit", 30, |s| s.contains("MODE="));
     assert!(screen.contains("EXIT=0"), "{screen}");
-    assert!(screen.contains("MODE=icanon"), "the terminal is restored: {screen}");
-    assert_eq!(tmux.format("#{alternate_on}"), "0", "back on the main screen");
+    assert!(
+        screen.contains("MODE=icanon"),
+        "the terminal is restored: {screen}"
+    );
+    assert_eq!(
+        tmux.format("#{alternate_on}"),
+        "0",
+        "back on the main screen"
+    );
     // Logs went to the file, not the screen.
     let log = std::fs::read_to_string(home.path().join("logs/kiln.log")).unwrap();
     assert!(log.contains("turn 1:"), "{log}");

@@ -106,6 +106,7 @@ pub enum Msg {
     Telemetry(Sample),
 }
 
+#[derive(Clone)]
 pub struct State {
     pub model: ModelInfo,
     pub shape: Option<ModelShape>,
@@ -318,7 +319,7 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             }
         },
         Mode::Chat => match action {
-            Some(action) if applies(state, action) => on_action(state, action),
+            Some(action) if applies(state, action, &key) => on_action(state, action),
             _ => {
                 state.history_pos = None;
                 state.input.input(key);
@@ -328,17 +329,27 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
     }
 }
 
-/// Keys that double as editing keys act only where editing would do nothing
-/// useful: Up on an empty input recalls history, `?` and Home/End act on an
-/// empty input only.
-fn applies(state: &State, action: Action) -> bool {
-    let single_line = state.input.lines().len() <= 1;
+/// Keys that double as editing keys (a plain character, Home/End, Up/Down)
+/// act only where editing would do nothing useful: on an empty input, or
+/// for Up/Down while walking the history.
+fn applies(state: &State, action: Action, key: &KeyEvent) -> bool {
+    let plain = !key
+        .modifiers
+        .intersects(KeyModifiers::CONTROL | KeyModifiers::ALT);
+    let edits = plain
+        && matches!(
+            key.code,
+            KeyCode::Char(_) | KeyCode::Home | KeyCode::End | KeyCode::Up | KeyCode::Down
+        );
+    if !edits {
+        return true;
+    }
     match action {
         Action::HistoryPrev | Action::HistoryNext => {
-            single_line && (state.input_is_empty() || state.history_pos.is_some())
+            state.input.lines().len() <= 1
+                && (state.input_is_empty() || state.history_pos.is_some())
         }
-        Action::Help | Action::Top | Action::Bottom => state.input_is_empty(),
-        _ => true,
+        _ => state.input_is_empty(),
     }
 }
 
@@ -409,7 +420,9 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             state
                 .system_editor
                 .move_cursor(tui_textarea::CursorMove::Bottom);
-            state.system_editor.move_cursor(tui_textarea::CursorMove::End);
+            state
+                .system_editor
+                .move_cursor(tui_textarea::CursorMove::End);
             state.mode = Mode::EditSystem;
             Vec::new()
         }

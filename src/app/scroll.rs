@@ -9,7 +9,10 @@ use crate::ui;
 pub enum Scroll {
     Follow,
     /// The top row of the view: row `row` of transcript entry `entry`.
-    At { entry: usize, row: usize },
+    At {
+        entry: usize,
+        row: usize,
+    },
 }
 
 fn rows(state: &State, entry: usize, width: u16) -> usize {
@@ -50,7 +53,12 @@ fn up(state: &State, (mut i, mut row): (usize, usize), mut n: usize, width: u16)
     }
 }
 
-fn down(state: &State, (mut i, mut row): (usize, usize), mut n: usize, width: u16) -> (usize, usize) {
+fn down(
+    state: &State,
+    (mut i, mut row): (usize, usize),
+    mut n: usize,
+    width: u16,
+) -> (usize, usize) {
     loop {
         let r = rows(state, i, width);
         if row + n < r {

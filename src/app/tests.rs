@@ -175,7 +175,11 @@ fn esc_and_ctrl_c_cancel_a_running_answer_once() {
     );
     assert!(!s.generating());
     assert_eq!(s.transcript[1].finish, Some(FinishReason::Cancelled));
-    assert_eq!(s.mode, Mode::Chat, "the cancelling ctrl-c does not ask to quit");
+    assert_eq!(
+        s.mode,
+        Mode::Chat,
+        "the cancelling ctrl-c does not ask to quit"
+    );
 }
 
 #[test]
@@ -236,6 +240,9 @@ fn question_mark_is_help_only_on_an_empty_input() {
     type_text(&mut s, "why?");
     assert_eq!(s.mode, Mode::Chat);
     assert_eq!(s.input.lines(), ["why?"]);
+    // F1 is not a character: it opens the help whatever is typed.
+    update(&mut s, key(KeyCode::F(1)));
+    assert_eq!(s.mode, Mode::Help);
 }
 
 #[test]
@@ -248,7 +255,10 @@ fn a_huge_paste_is_cut_with_a_notice_and_line_ends_are_normalised() {
     let big = "é".repeat(5 << 20); // 10 MiB of two-byte characters
     update(&mut s, Msg::Paste(big));
     let kept: usize = s.input.lines().iter().map(|l| l.len()).sum();
-    assert!(kept <= MAX_PASTE_BYTES && kept > MAX_PASTE_BYTES - 4, "{kept}");
+    assert!(
+        kept <= MAX_PASTE_BYTES && kept > MAX_PASTE_BYTES - 4,
+        "{kept}"
+    );
     assert_eq!(
         s.notice.as_deref(),
         Some("paste cut to 1.0 MiB of 10.0 MiB")
@@ -282,7 +292,10 @@ fn scrolling_up_anchors_the_view_and_new_output_does_not_move_it() {
     );
     assert_eq!(s.scroll, anchored);
     assert!(s.unseen_output);
-    update(&mut s, Msg::Key(KeyEvent::new(KeyCode::End, KeyModifiers::CONTROL)));
+    update(
+        &mut s,
+        Msg::Key(KeyEvent::new(KeyCode::End, KeyModifiers::CONTROL)),
+    );
     assert_eq!(s.scroll, Scroll::Follow);
     assert!(!s.unseen_output);
 }

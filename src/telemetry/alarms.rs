@@ -38,7 +38,7 @@ pub enum AlarmEvent {
     Cleared { kind: AlarmKind },
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AlarmDetector {
     swapping_samples: u32,
     quiet_samples: u32,

@@ -109,7 +109,10 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         };
         frame.render_widget(
             Paragraph::new(Line::styled(
-                format!("↓ new output below · {}", state.keys.hint(crate::keys::Action::Bottom)),
+                format!(
+                    "↓ new output below · {}",
+                    state.keys.hint(crate::keys::Action::Bottom)
+                ),
                 theme.alert(Slot::Accent),
             ))
             .alignment(Alignment::Right),

@@ -41,19 +41,24 @@ pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) 
                 format!("{keys:<width$}"),
                 theme.fg(Slot::Accent).add_modifier(Modifier::BOLD),
             ),
+            Span::styled(format!("{:<15}", action.name()), theme.fg(Slot::Dim)),
             Span::styled(action.describe(), theme.fg(Slot::Text)),
         ]));
     }
     lines.push(Line::default());
     lines.push(Line::styled(
-        "mouse wheel scrolls · keys can be changed in [keys] of config.toml · any key closes",
+        "mouse wheel scrolls · rebind keys by these names in [keys] of config.toml · any key closes",
         theme.fg(Slot::Dim),
     ));
-    let popup = centered(area, 96, lines.len() as u16 + 2);
+    let popup = centered(area, 112, lines.len() as u16 + 2);
     frame.render_widget(Clear, popup);
     frame.render_widget(
         Paragraph::new(lines)
-            .block(super::panel_block("keys", theme.fg(Slot::BorderActive), theme))
+            .block(super::panel_block(
+                "keys",
+                theme.fg(Slot::BorderActive),
+                theme,
+            ))
             .wrap(Wrap { trim: false }),
         popup,
     );
@@ -68,7 +73,11 @@ pub fn render_confirm_quit(frame: &mut Frame, area: Rect, state: &State, theme: 
     frame.render_widget(Clear, popup);
     frame.render_widget(
         Paragraph::new(Line::styled(text, theme.fg(Slot::Text)))
-            .block(super::panel_block("quit", theme.alert(Slot::Warning), theme))
+            .block(super::panel_block(
+                "quit",
+                theme.alert(Slot::Warning),
+                theme,
+            ))
             .wrap(Wrap { trim: true }),
         popup,
     );
@@ -84,7 +93,11 @@ pub fn render_system_editor(frame: &mut Frame, area: Rect, state: &State, theme:
         state.keys.hint(Action::Cancel)
     );
     let mut editor = state.system_editor.clone();
-    editor.set_block(super::panel_block(&title, theme.fg(Slot::BorderActive), theme));
+    editor.set_block(super::panel_block(
+        &title,
+        theme.fg(Slot::BorderActive),
+        theme,
+    ));
     editor.set_style(theme.fg(Slot::Text));
     editor.set_cursor_line_style(ratatui::style::Style::default());
     frame.render_widget(&editor, popup);

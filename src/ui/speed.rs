@@ -21,7 +21,10 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let mut lines = Vec::new();
     match &state.last_stats {
         Some(s) => {
-            lines.push(Line::styled(format!("TTFT {:.2} s", s.ttft_ms / 1000.0), text));
+            lines.push(Line::styled(
+                format!("TTFT {:.2} s", s.ttft_ms / 1000.0),
+                text,
+            ));
             lines.push(Line::styled(
                 format!("prefill {} tok/s", rate(s.prefill_tok_s)),
                 text,
@@ -41,8 +44,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ),
         None => Line::styled("idle", dim),
     });
-    let [top, spark] =
-        Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(inner);
+    let [top, spark] = Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(inner);
     frame.render_widget(Paragraph::new(lines), top);
     // Tenths of a token per second, so the sparkline keeps some resolution.
     let data: Vec<u64> = super::swap::tail(&state.decode_history, spark.width as usize)
@@ -50,7 +52,9 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         .map(|d| (d * 10.0).round().max(0.0) as u64)
         .collect();
     frame.render_widget(
-        Sparkline::default().data(&data).style(theme.fg(Slot::Sparkline)),
+        Sparkline::default()
+            .data(&data)
+            .style(theme.fg(Slot::Sparkline)),
         spark,
     );
 }

@@ -35,9 +35,15 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     ];
     // An alarm, then a notice, take the space before the hints.
     if let Some((_, alarm)) = state.active_alarms.last() {
-        spans.push(Span::styled(format!(" {alarm} "), theme.alert(Slot::Warning)));
+        spans.push(Span::styled(
+            format!(" {alarm} "),
+            theme.alert(Slot::Warning),
+        ));
     } else if let Some(notice) = &state.notice {
-        spans.push(Span::styled(format!(" {notice} "), theme.alert(Slot::Accent)));
+        spans.push(Span::styled(
+            format!(" {notice} "),
+            theme.alert(Slot::Accent),
+        ));
     }
     let used: usize = spans.iter().map(|s| s.width()).sum();
     let room = (area.width as usize).saturating_sub(used);

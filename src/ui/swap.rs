@@ -58,14 +58,14 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     };
     let pressure = match s.pressure {
         Some(p) => match p.psi {
-            Some(psi) => format!("pressure {:?} · stalled {:.1} %", p.level, psi.some_avg10)
-                .to_lowercase(),
+            Some(psi) => {
+                format!("pressure {:?} · stalled {:.1} %", p.level, psi.some_avg10).to_lowercase()
+            }
             None => format!("pressure {:?}", p.level).to_lowercase(),
         },
         None => "pressure n/a".to_string(),
     };
-    let [text, spark] =
-        Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(inner);
+    let [text, spark] = Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(inner);
     frame.render_widget(
         Paragraph::new(vec![
             Line::styled(used, text_style),
@@ -76,18 +76,20 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     );
     let data: Vec<u64> = tail(&state.swap_in_history, spark.width as usize);
     frame.render_widget(
-        Sparkline::default()
-            .data(&data)
-            .style(if warn {
-                theme.alert(Slot::Warning)
-            } else {
-                theme.fg(Slot::Sparkline)
-            }),
+        Sparkline::default().data(&data).style(if warn {
+            theme.alert(Slot::Warning)
+        } else {
+            theme.fg(Slot::Sparkline)
+        }),
         spark,
     );
 }
 
 /// The last `n` points of a history.
 pub fn tail<T: Copy>(history: &std::collections::VecDeque<T>, n: usize) -> Vec<T> {
-    history.iter().skip(history.len().saturating_sub(n)).copied().collect()
+    history
+        .iter()
+        .skip(history.len().saturating_sub(n))
+        .copied()
+        .collect()
 }

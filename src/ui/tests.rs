@@ -86,7 +86,11 @@ fn base(width: u16, height: u16) -> State {
         path: None,
         context_limit: 8192,
     };
-    let mut s = State::new(info, Some(ModelShape::from_preset(preset)), KeyMap::default());
+    let mut s = State::new(
+        info,
+        Some(ModelShape::from_preset(preset)),
+        KeyMap::default(),
+    );
     update(&mut s, Msg::Resize(width, height));
     update(&mut s, Msg::Telemetry(sample()));
     s
@@ -94,7 +98,10 @@ fn base(width: u16, height: u16) -> State {
 
 fn send(s: &mut State, text: &str) {
     update(s, Msg::Paste(text.into()));
-    update(s, Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)));
+    update(
+        s,
+        Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)),
+    );
 }
 
 fn finish(s: &mut State, reply: &str, st: GenStats) {
@@ -167,7 +174,10 @@ fn screen_while_streaming_with_the_help_open() {
         );
     }
     insta::assert_snapshot!("streaming", draw(&s, 100, 30).backend());
-    update(&mut s, Msg::Key(KeyEvent::new(KeyCode::F(1), KeyModifiers::NONE)));
+    update(
+        &mut s,
+        Msg::Key(KeyEvent::new(KeyCode::F(1), KeyModifiers::NONE)),
+    );
     insta::assert_snapshot!("help", draw(&s, 100, 30).backend());
 }
 
@@ -202,7 +212,10 @@ fn memory_panel_warns_when_memory_ends_before_the_context() {
 #[test]
 fn swap_panel_normal_and_swapping() {
     let mut s = conversation(160, 48);
-    insta::assert_snapshot!("swap_normal", panel(&s, swap::HEIGHT, swap::render).backend());
+    insta::assert_snapshot!(
+        "swap_normal",
+        panel(&s, swap::HEIGHT, swap::render).backend()
+    );
     send(&mut s, "next");
     let mut swapping = sample();
     swapping.swap_rate = Some(SwapRate {
@@ -216,9 +229,15 @@ fn swap_panel_normal_and_swapping() {
     let t = panel(&s, swap::HEIGHT, swap::render);
     // The warning is in the style too, not only in the words.
     let title_cell = &t.backend().buffer()[(3, 0)];
-    assert_eq!(title_cell.fg, Theme::default().color(crate::theme::Slot::Accent));
+    assert_eq!(
+        title_cell.fg,
+        Theme::default().color(crate::theme::Slot::Accent)
+    );
     let border = &t.backend().buffer()[(0, 0)];
-    assert_eq!(border.fg, Theme::default().color(crate::theme::Slot::Warning));
+    assert_eq!(
+        border.fg,
+        Theme::default().color(crate::theme::Slot::Warning)
+    );
     insta::assert_snapshot!("swap_swapping", t.backend());
 }
 
@@ -236,7 +255,10 @@ fn swap_panel_without_swap_or_sources() {
 #[test]
 fn speed_panel_idle_and_live() {
     let mut s = conversation(160, 48);
-    insta::assert_snapshot!("speed_idle", panel(&s, speed::HEIGHT, speed::render).backend());
+    insta::assert_snapshot!(
+        "speed_idle",
+        panel(&s, speed::HEIGHT, speed::render).backend()
+    );
     send(&mut s, "more");
     let t0 = Instant::now();
     for i in 0..11 {
@@ -253,7 +275,10 @@ fn speed_panel_idle_and_live() {
     }
     // Ten tokens after the first in half a second.
     assert_eq!(s.generation.as_ref().unwrap().live_tok_s, Some(20.0));
-    insta::assert_snapshot!("speed_live", panel(&s, speed::HEIGHT, speed::render).backend());
+    insta::assert_snapshot!(
+        "speed_live",
+        panel(&s, speed::HEIGHT, speed::render).backend()
+    );
 }
 
 #[test]

@@ -103,22 +103,38 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
         out.push(std::mem::take(line));
     }
     fn blank(out: &mut Vec<SemLine>) {
-        if out.last().is_some_and(|l| !l.spans.is_empty() || l.code_block) {
+        if out
+            .last()
+            .is_some_and(|l| !l.spans.is_empty() || l.code_block)
+        {
             out.push(SemLine::default());
         }
     }
     let start_line = |line: &mut SemLine, quote: usize, prefix: &mut Option<String>| {
         if line.spans.is_empty() {
             if quote > 0 {
-                line.push(&"│ ".repeat(quote), Sem { tone: Tone::Dim, ..base });
+                line.push(
+                    &"│ ".repeat(quote),
+                    Sem {
+                        tone: Tone::Dim,
+                        ..base
+                    },
+                );
             }
             if let Some(p) = prefix.take() {
-                line.push(&p, Sem { tone: Tone::Dim, ..base });
+                line.push(
+                    &p,
+                    Sem {
+                        tone: Tone::Dim,
+                        ..base
+                    },
+                );
             }
         }
     };
 
-    let options = Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TABLES | Options::ENABLE_TASKLISTS;
+    let options =
+        Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TABLES | Options::ENABLE_TASKLISTS;
     for event in Parser::new_ext(text, options) {
         match event {
             Event::Start(tag) => match tag {
@@ -145,7 +161,13 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
                         _ => String::new(),
                     };
                     if !lang.is_empty() {
-                        out.push(SemLine::plain(lang, Sem { tone: Tone::Dim, ..base }));
+                        out.push(SemLine::plain(
+                            lang,
+                            Sem {
+                                tone: Tone::Dim,
+                                ..base
+                            },
+                        ));
                     }
                 }
                 Tag::List(first) => {
@@ -173,11 +195,13 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
                 Tag::Strong => sem.bold = true,
                 Tag::Strikethrough => sem.strike = true,
                 Tag::Link { .. } => sem.underline = true,
-                Tag::TableCell => {
-                    if !line.spans.is_empty() {
-                        line.push(" │ ", Sem { tone: Tone::Dim, ..base });
-                    }
-                }
+                Tag::TableCell if !line.spans.is_empty() => line.push(
+                    " │ ",
+                    Sem {
+                        tone: Tone::Dim,
+                        ..base
+                    },
+                ),
                 _ => {}
             },
             Event::End(tag) => match tag {
@@ -211,11 +235,7 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
                         blank(&mut out);
                     }
                 }
-                TagEnd::Item => {
-                    if !line.spans.is_empty() {
-                        flush(&mut out, &mut line);
-                    }
-                }
+                TagEnd::Item if !line.spans.is_empty() => flush(&mut out, &mut line),
                 TagEnd::Emphasis => sem.italic = false,
                 TagEnd::Strong => sem.bold = false,
                 TagEnd::Strikethrough => sem.strike = false,
@@ -256,7 +276,13 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
             }
             Event::Rule => {
                 blank(&mut out);
-                out.push(SemLine::plain("────────", Sem { tone: Tone::Dim, ..base }));
+                out.push(SemLine::plain(
+                    "────────",
+                    Sem {
+                        tone: Tone::Dim,
+                        ..base
+                    },
+                ));
                 blank(&mut out);
             }
             Event::TaskListMarker(done) => {
@@ -272,7 +298,10 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
         }
         out.push(line);
     }
-    while out.last().is_some_and(|l| l.spans.is_empty() && !l.code_block) {
+    while out
+        .last()
+        .is_some_and(|l| l.spans.is_empty() && !l.code_block)
+    {
         out.pop();
     }
     out

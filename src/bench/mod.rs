@@ -5,6 +5,9 @@
 //! end-of-turn token so every run decodes the same number of tokens. One
 //! warm-up run is made and not counted.
 
+mod render;
+mod sampler;
+
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -13,8 +16,7 @@ use crate::engine::kalosm::KalosmEngine;
 use crate::engine::{CancelFlag, Engine, EngineEvent, GenStats};
 use crate::error::{KilnError, Result};
 use crate::launch::launch;
-use crate::procinfo::{cpu_time, peak_rss_bytes};
-use crate::telemetry::Sampler;
+use crate::procinfo::peak_rss_bytes;
 
 #[derive(Debug, Serialize)]
 pub struct Figure {
@@ -24,7 +26,7 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn of(mut values: Vec<f64>) -> Option<Figure> {
+    pub fn of(mut values: Vec<f64>) -> Option<Figure> {
         if values.is_empty() {
             return None;
         }
@@ -60,7 +62,10 @@ pub struct BenchReport {
 
 pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     if args.sampler {
-        return sampler_cost(args.runs, args.json);
+        return sampler::run(args.runs, args.json);
+    }
+    if args.render {
+        return render::run(args.runs, args.json);
     }
     if args.runs == 0 || args.gen_tokens < 2 || args.prompt_tokens == 0 {
         return Err(KilnError::BadArgument(
@@ -135,50 +140,6 @@ async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<G
         }
     }
     Err(KilnError::Engine("the turn ended without a result".into()))
-}
-
-#[derive(Debug, Serialize)]
-pub struct SamplerCost {
-    pub samples: usize,
-    pub cpu_us_per_sample: f64,
-    pub wall_us_per_sample: f64,
-    /// Share of one core the sampler takes at one sample per second.
-    pub percent_of_core_at_1hz: f64,
-}
-
-/// CPU time of the telemetry sampler: 100 samples per run, back to back,
-/// after one warm-up sample (the first refresh reads more than later ones).
-fn sampler_cost(runs: usize, json: bool) -> Result<i32> {
-    let samples = runs * 100;
-    let mut sampler = Sampler::new();
-    std::hint::black_box(sampler.sample());
-    let unavailable = || KilnError::Engine("this system does not report CPU time".into());
-    let cpu0 = cpu_time().ok_or_else(unavailable)?;
-    let wall0 = std::time::Instant::now();
-    for _ in 0..samples {
-        std::hint::black_box(sampler.sample());
-    }
-    let wall = wall0.elapsed();
-    let cpu = cpu_time().ok_or_else(unavailable)?.saturating_sub(cpu0);
-    let cpu_us = cpu.as_secs_f64() * 1e6 / samples as f64;
-    let cost = SamplerCost {
-        samples,
-        cpu_us_per_sample: cpu_us,
-        wall_us_per_sample: wall.as_secs_f64() * 1e6 / samples as f64,
-        percent_of_core_at_1hz: cpu_us / 1e6 * 100.0,
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&cost).expect("serializes")
-        );
-    } else {
-        println!(
-            "kiln bench --sampler · {} samples · CPU {:.0} µs/sample · wall {:.0} µs/sample · {:.3} % of one core at 1 Hz",
-            cost.samples, cost.cpu_us_per_sample, cost.wall_us_per_sample, cost.percent_of_core_at_1hz
-        );
-    }
-    Ok(0)
 }
 
 /// A prompt of about `target` tokens: numbered, varied sentences, so the

@@ -213,17 +213,16 @@ pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget 
     }
 }
 
-/// The largest context (in tokens, up to the trained context) whose steady
-/// budget fits in `available` bytes; 0 when not even the weights fit.
-pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
-    let fits = |n: u64| steady_bytes(shape, n, n) <= available;
-    if !fits(1) {
-        return 0;
+/// The largest `n` in `lo..=hi` for which `fits` holds, given that it holds
+/// for every number below one that fits; `None` when not even `lo` fits.
+fn largest(lo: u64, hi: u64, fits: impl Fn(u64) -> bool) -> Option<u64> {
+    if !fits(lo) {
+        return None;
     }
-    let (mut lo, mut hi) = (1, shape.context_length);
     if fits(hi) {
-        return hi;
+        return Some(hi);
     }
+    let (mut lo, mut hi) = (lo, hi);
     while lo + 1 < hi {
         let mid = lo + (hi - lo) / 2;
         if fits(mid) {
@@ -232,7 +231,16 @@ pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
             hi = mid;
         }
     }
-    lo
+    Some(lo)
+}
+
+/// The largest context (in tokens, up to the trained context) whose steady
+/// budget fits in `available` bytes; 0 when not even the weights fit.
+pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
+    largest(1, shape.context_length, |n| {
+        steady_bytes(shape, n, n) <= available
+    })
+    .unwrap_or(0)
 }
 
 /// How many more tokens the conversation can take before the KV cache's
@@ -246,23 +254,12 @@ pub fn tokens_before_memory_runs_out(
 ) -> u64 {
     let per_token = shape.kv_per_token_engine();
     let held = shape.kv_allocated_tokens(context_tokens);
-    let fits = |extra: u64| {
+    let room = shape.context_length.saturating_sub(context_tokens);
+    largest(0, room, |extra| {
         let needed = shape.kv_allocated_tokens(context_tokens + extra);
         needed == held || needed * per_token <= available
-    };
-    let (mut lo, mut hi) = (0, shape.context_length.saturating_sub(context_tokens));
-    if fits(hi) {
-        return hi;
-    }
-    while lo + 1 < hi {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
+    })
+    .unwrap_or(0)
 }
 
 pub fn gib(bytes: u64) -> String {

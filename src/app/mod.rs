@@ -173,6 +173,23 @@ impl State {
         state
     }
 
+    /// The state for a preset's model without loading it, for benchmarks
+    /// and snapshot tests.
+    pub fn for_preset(preset: &crate::models::Preset, context_limit: usize) -> State {
+        let info = ModelInfo {
+            name: preset.name.into(),
+            engine: "kalosm".into(),
+            architecture: preset.shape.architecture.into(),
+            path: None,
+            context_limit,
+        };
+        State::new(
+            info,
+            Some(ModelShape::from_preset(preset)),
+            KeyMap::default(),
+        )
+    }
+
     pub fn with_system_prompt(mut self, prompt: Option<String>) -> State {
         self.system_prompt = prompt;
         self

@@ -10,10 +10,8 @@ use ratatui::Terminal;
 use serde::Serialize;
 
 use crate::app::{update, Msg, State};
-use crate::budget::ModelShape;
-use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo};
+use crate::engine::{EngineEvent, FinishReason, GenStats};
 use crate::error::{KilnError, Result};
-use crate::keys::KeyMap;
 use crate::models;
 use crate::telemetry::Sampler;
 use crate::theme::Theme;
@@ -36,18 +34,7 @@ const ANSWER: &str = "Here is how it works:\n\n1. **Drying**: water leaves below
 
 fn conversation() -> State {
     let preset = models::preset(models::DEFAULT_PRESET).expect("default preset");
-    let info = ModelInfo {
-        name: preset.name.into(),
-        engine: "kalosm".into(),
-        architecture: "llama".into(),
-        path: None,
-        context_limit: 8192,
-    };
-    let mut s = State::new(
-        info,
-        Some(ModelShape::from_preset(preset)),
-        KeyMap::default(),
-    );
+    let mut s = State::for_preset(preset, 8192);
     update(&mut s, Msg::Resize(WIDTH, HEIGHT));
     update(&mut s, Msg::Telemetry(Sampler::new().sample()));
     let enter = KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE);

@@ -10,9 +10,7 @@ use ratatui::Terminal;
 
 use super::*;
 use crate::app::{update, Msg};
-use crate::budget::ModelShape;
-use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo};
-use crate::keys::KeyMap;
+use crate::engine::{EngineEvent, FinishReason, GenStats};
 use crate::models;
 use crate::telemetry::{
     MemorySnapshot, Pressure, ProcessStats, Psi, Sample, SwapRate, Temperature, Throttle,
@@ -78,19 +76,8 @@ fn stats(tokens: usize, decode: f64, context: usize) -> GenStats {
 }
 
 fn base(width: u16, height: u16) -> State {
-    let preset = models::preset(models::DEFAULT_PRESET).unwrap();
-    let info = ModelInfo {
-        name: preset.name.into(),
-        engine: "kalosm".into(),
-        architecture: "llama".into(),
-        path: None,
-        context_limit: 8192,
-    };
-    let mut s = State::new(
-        info,
-        Some(ModelShape::from_preset(preset)),
-        KeyMap::default(),
-    );
+    let preset = models::preset(models::DEFAULT_PRESET).expect("default preset");
+    let mut s = State::for_preset(preset, 8192);
     update(&mut s, Msg::Resize(width, height));
     update(&mut s, Msg::Telemetry(sample()));
     s

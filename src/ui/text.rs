@@ -307,6 +307,29 @@ pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
     out
 }
 
+/// Rows being filled by `wrap`.
+struct Rows {
+    done: Vec<SemLine>,
+    row: SemLine,
+    used: usize,
+}
+
+impl Rows {
+    fn push(&mut self, text: &str, sem: Sem, width: usize) {
+        self.row.push(text, sem);
+        self.used += width;
+    }
+
+    fn break_row(&mut self) {
+        let next = SemLine {
+            spans: Vec::new(),
+            code_block: self.row.code_block,
+        };
+        self.done.push(std::mem::replace(&mut self.row, next));
+        self.used = 0;
+    }
+}
+
 /// Wrap one line to `width` cells: by word for prose, by character for code
 /// and for words longer than the width.
 pub fn wrap(line: &SemLine, width: usize) -> Vec<SemLine> {
@@ -314,72 +337,53 @@ pub fn wrap(line: &SemLine, width: usize) -> Vec<SemLine> {
     if line.width() <= width {
         return vec![line.clone()];
     }
-    let mut rows = Vec::new();
-    let mut row = SemLine {
-        spans: Vec::new(),
-        code_block: line.code_block,
+    let mut r = Rows {
+        done: Vec::new(),
+        row: SemLine {
+            spans: Vec::new(),
+            code_block: line.code_block,
+        },
+        used: 0,
     };
-    let mut used = 0;
     // Pieces are words with their trailing spaces (or single characters in
     // code), so a row break falls between words.
     for span in &line.spans {
         for piece in pieces(&span.text, line.code_block) {
             let w = str_width(piece);
-            if used + w.min(width) > width || (used + w > width && used > 0) {
+            if r.used + w > width && (r.used > 0 || w <= width) {
                 let trimmed = piece.trim_end();
-                if used + str_width(trimmed) <= width && !trimmed.is_empty() {
+                let tw = str_width(trimmed);
+                if r.used + tw <= width && !trimmed.is_empty() {
                     // The word fits once its trailing spaces are dropped.
-                    row.push(trimmed, span.sem);
-                    rows.push(std::mem::replace(
-                        &mut row,
-                        SemLine {
-                            spans: Vec::new(),
-                            code_block: line.code_block,
-                        },
-                    ));
-                    used = 0;
+                    r.push(trimmed, span.sem, tw);
+                    r.break_row();
                     continue;
                 }
-                if used > 0 {
-                    rows.push(std::mem::replace(
-                        &mut row,
-                        SemLine {
-                            spans: Vec::new(),
-                            code_block: line.code_block,
-                        },
-                    ));
-                    used = 0;
+                if r.used > 0 {
+                    r.break_row();
                 }
             }
             if w <= width {
-                row.push(piece, span.sem);
-                used += w;
+                r.push(piece, span.sem, w);
                 continue;
             }
             // A word wider than a row: break it by character.
             for c in piece.chars() {
                 let cw = char_width(c);
-                if used + cw > width && used > 0 {
-                    rows.push(std::mem::replace(
-                        &mut row,
-                        SemLine {
-                            spans: Vec::new(),
-                            code_block: line.code_block,
-                        },
-                    ));
-                    used = 0;
+                if r.used + cw > width && r.used > 0 {
+                    r.break_row();
                 }
-                if c == ' ' && used == 0 && !line.code_block {
+                if c == ' ' && r.used == 0 && !line.code_block {
                     continue;
                 }
                 let mut buf = [0u8; 4];
-                row.push(c.encode_utf8(&mut buf), span.sem);
-                used += cw;
+                r.push(c.encode_utf8(&mut buf), span.sem, cw);
             }
         }
     }
-    if !row.spans.is_empty() || rows.is_empty() {
-        rows.push(row);
+    let mut rows = r.done;
+    if !r.row.spans.is_empty() || rows.is_empty() {
+        rows.push(r.row);
     }
     if !line.code_block {
         // A space at a row break is a line end on screen, not text.

@@ -18,6 +18,8 @@ pub struct Config {
     pub context: Option<usize>,
     pub system_prompt: Option<String>,
     pub sampling: SamplerSettings,
+    /// Size cap of the prompt cache in GiB (default 4; 0 turns it off).
+    pub prompt_cache_gib: Option<f64>,
     /// Colour theme of the workstation.
     pub theme: Option<String>,
     /// Key bindings: action name = key or list of keys.

@@ -64,6 +64,9 @@ pub enum KilnError {
     Engine(String),
     #[error("{0}")]
     Io(String),
+    /// A session or cache problem: locked, damaged, missing.
+    #[error("{0}")]
+    Store(String),
 }
 
 impl KilnError {

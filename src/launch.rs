@@ -10,6 +10,8 @@ use crate::engine::kalosm::{EngineOptions, KalosmEngine};
 use crate::error::Result;
 use crate::models::{self, ModelSpec, ResolvedModel};
 use crate::paths::Paths;
+use crate::store::prompt_cache::{PromptCache, DEFAULT_CAP_BYTES};
+use crate::store::snapshot::fingerprint;
 
 pub struct Launched {
     pub paths: Paths,
@@ -17,6 +19,8 @@ pub struct Launched {
     pub model: ResolvedModel,
     pub engine: KalosmEngine,
     pub load_seconds: f64,
+    /// What KV states of this model and context depend on.
+    pub fingerprint: Option<String>,
 }
 
 pub fn paths_and_config(common: &Common) -> Result<(Paths, Config)> {
@@ -36,11 +40,27 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     let (paths, config) = paths_and_config(common)?;
     let spec = ModelSpec::parse(config.model.as_deref());
     let model = models::resolve(&spec, &paths).await?;
+    let context = config.context.unwrap_or(model.info.context_length);
+    let fingerprint = match fingerprint(&model.path, "kalosm", context) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("{}: cannot fingerprint: {e}", model.path.display());
+            None
+        }
+    };
+    let cap = config
+        .prompt_cache_gib
+        .map_or(DEFAULT_CAP_BYTES, |g| (g.max(0.0) * (1u64 << 30) as f64) as u64);
+    let prompt_cache = fingerprint
+        .clone()
+        .filter(|_| cap > 0)
+        .map(|f| (PromptCache::new(paths.prompt_cache(), cap), f));
     let mut options = EngineOptions {
         context: config.context,
         sampler: config.sampling.clone(),
         system_prompt: config.system_prompt.clone(),
         ignore_eos: false,
+        prompt_cache,
     };
     adjust(&mut options);
     let context = options.context.unwrap_or(model.info.context_length);
@@ -63,5 +83,6 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         model,
         engine,
         load_seconds: started.elapsed().as_secs_f64(),
+        fingerprint,
     })
 }

@@ -45,6 +45,11 @@ impl Paths {
         }
     }
 
+    /// KV states of shared prompt prefixes.
+    pub fn prompt_cache(&self) -> PathBuf {
+        self.cache.join("prompts")
+    }
+
     /// The folder for model files that kiln fetches itself.
     pub fn models(&self) -> PathBuf {
         self.cache.join("models")

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::context::{Conversation, Message, Role};
 use super::sampler::SamplerSettings;
+use crate::store::snapshot::KvState;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
 
 pub struct FakeEngine {
@@ -101,6 +102,7 @@ impl Engine for FakeEngine {
             decode_tok_s,
             total_ms: total_s * 1000.0,
             context_tokens: self.kv_tokens + prompt_tokens + completion_tokens,
+            cached_tokens: 0,
         };
         self.kv_tokens = stats.context_tokens;
         self.conversation
@@ -124,6 +126,22 @@ impl Engine for FakeEngine {
     fn set_history(&mut self, messages: Vec<Message>) {
         self.kv_tokens = messages.iter().map(|m| words(&m.content)).sum();
         self.conversation.messages = messages;
+    }
+
+    /// The fake's "KV state" is its token count, so tests can check that a
+    /// snapshot goes to disk and comes back.
+    fn snapshot(&self) -> Result<Option<KvState>, String> {
+        Ok((self.kv_tokens > 0).then(|| KvState {
+            fed: String::new(),
+            kv_tokens: self.kv_tokens,
+            bytes: (self.kv_tokens as u64).to_le_bytes().to_vec(),
+        }))
+    }
+
+    fn restore(&mut self, state: KvState) -> Result<(), String> {
+        let bytes: [u8; 8] = state.bytes.as_slice().try_into().map_err(|_| "not a fake state")?;
+        self.kv_tokens = u64::from_le_bytes(bytes) as usize;
+        Ok(())
     }
 
     fn set_sampler(&mut self, settings: SamplerSettings) {

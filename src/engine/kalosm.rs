@@ -24,6 +24,8 @@ use super::template::ChatTemplate;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
 use crate::error::{KilnError, Result};
 use crate::models::ResolvedModel;
+use crate::store::prompt_cache::PromptCache;
+use crate::store::snapshot::KvState;
 
 /// Settings fixed when the engine loads.
 #[derive(Clone, Debug, Default)]
@@ -34,7 +36,13 @@ pub struct EngineOptions {
     pub system_prompt: Option<String>,
     /// Keep generating past the end-of-turn token (benchmarks only).
     pub ignore_eos: bool,
+    /// Where KV states after long system prompts are kept, with the
+    /// fingerprint of this model and its settings.
+    pub prompt_cache: Option<(PromptCache, String)>,
 }
+
+/// System prompts shorter than this are cheaper to prefill than to load.
+const MIN_CACHED_PREFIX: usize = 64;
 
 pub struct KalosmEngine {
     model: Llama,
@@ -177,6 +185,75 @@ impl KalosmEngine {
         Ok(())
     }
 
+    /// On a fresh KV cache, start from the prompt cache's state for the
+    /// system prompt when it has one; otherwise prefill the system prompt on
+    /// its own and store the state for the next session. Returns the tokens
+    /// loaded from the cache.
+    async fn start_from_prompt_cache(&mut self, prompt: &str) -> usize {
+        let (Some((cache, fingerprint)), Some(system)) =
+            (self.options.prompt_cache.clone(), self.conv.system.clone())
+        else {
+            return 0;
+        };
+        let Ok(prefix) = self
+            .template
+            .render(&[Message::new(Role::System, system)], false)
+        else {
+            return 0;
+        };
+        let tokens = self.count_tokens(&prefix);
+        if !prompt.starts_with(&prefix) || tokens < MIN_CACHED_PREFIX {
+            return 0;
+        }
+        let key = PromptCache::key(&fingerprint, &prefix);
+        if let Some(state) = cache.get(&key, &fingerprint) {
+            if state.fed == prefix && self.load_state(&state).is_ok() {
+                tracing::info!("prompt cache hit: {} tokens", state.kv_tokens);
+                return state.kv_tokens;
+            }
+        }
+        // Nothing is generated with a zero length: the prefix is only fed.
+        let params = GenerationParameters::default().with_max_length(0);
+        let fed = self
+            .model
+            .stream_text_with_callback(&mut self.session, &prefix, params, |_| Ok(()))
+            .await;
+        if let Err(e) = fed {
+            tracing::warn!("prefilling the system prompt failed: {e}");
+            let _ = self.fresh_session();
+            return 0;
+        }
+        self.fed = prefix;
+        self.kv_tokens = tokens;
+        match self.save_state() {
+            Ok(state) => match cache.put(&key, &fingerprint, &state) {
+                Ok(bytes) => tracing::info!("prompt cache: stored {tokens} tokens ({bytes} bytes)"),
+                Err(e) => tracing::warn!("prompt cache: cannot store: {e}"),
+            },
+            Err(e) => tracing::warn!("prompt cache: cannot serialize the KV cache: {e}"),
+        }
+        0
+    }
+
+    fn save_state(&self) -> std::result::Result<KvState, String> {
+        let mut bytes = Vec::new();
+        self.session
+            .write_to(&mut bytes)
+            .map_err(|e| e.to_string())?;
+        Ok(KvState {
+            fed: self.fed.clone(),
+            kv_tokens: self.kv_tokens,
+            bytes,
+        })
+    }
+
+    fn load_state(&mut self, state: &KvState) -> std::result::Result<(), String> {
+        self.session = LlamaSession::from_bytes(&state.bytes).map_err(|e| e.to_string())?;
+        self.fed = state.fed.clone();
+        self.kv_tokens = state.kv_tokens;
+        Ok(())
+    }
+
     async fn run_turn(
         &mut self,
         turn: u64,
@@ -207,10 +284,14 @@ impl KalosmEngine {
                 limit,
             });
         }
+        // Loading a cached prefix or prefilling it is part of the wait.
+        let started = Instant::now();
         // Reuse the KV cache when it holds a prefix of the new prompt; a
         // trimmed conversation (or a template that rewrites history) cannot.
+        let mut cached_tokens = 0;
         if self.fed.is_empty() || !plan.prompt.starts_with(&self.fed) {
             self.fresh_session()?;
+            cached_tokens = self.start_from_prompt_cache(&plan.prompt).await;
         }
         let delta = plan.prompt[self.fed.len()..].to_string();
         let reused_tokens = self.kv_tokens;
@@ -259,7 +340,6 @@ impl KalosmEngine {
             _ => vec![],
         };
         let sampler = KilnSampler::new(&self.options.sampler, banned);
-        let started = Instant::now();
         let result = self
             .model
             .stream_text_with_callback(&mut self.session, &delta, sampler, on_token)
@@ -307,6 +387,7 @@ impl KalosmEngine {
             decode_tok_s,
             total_ms: total_s * 1000.0,
             context_tokens: self.kv_tokens,
+            cached_tokens,
         };
         tracing::info!("turn {turn}: {}", stats.summary(finish));
         let _ = out.send(EngineEvent::TurnFinished {
@@ -359,6 +440,19 @@ impl Engine for KalosmEngine {
         // `fed` still describes the KV cache; the next turn keeps it only if
         // the new rendering starts with it.
         self.conv.messages = messages;
+    }
+
+    fn snapshot(&self) -> std::result::Result<Option<KvState>, String> {
+        if self.kv_tokens == 0 {
+            return Ok(None);
+        }
+        self.save_state().map(Some)
+    }
+
+    fn restore(&mut self, state: KvState) -> std::result::Result<(), String> {
+        self.load_state(&state).inspect_err(|_| {
+            let _ = self.fresh_session();
+        })
     }
 
     fn set_sampler(&mut self, settings: SamplerSettings) {

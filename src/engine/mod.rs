@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub use context::{Conversation, Message, Role};
+use crate::store::snapshot::KvState;
 pub use sampler::SamplerSettings;
 
 /// What the front ends show about the loaded model.
@@ -62,6 +63,10 @@ pub struct GenStats {
     pub total_ms: f64,
     /// Tokens in the context after the turn.
     pub context_tokens: usize,
+    /// Tokens of the system prompt loaded from the prompt cache instead of
+    /// prefilled (included in `reused_tokens`).
+    #[serde(default)]
+    pub cached_tokens: usize,
 }
 
 impl GenStats {
@@ -78,6 +83,9 @@ impl GenStats {
             rate(self.decode_tok_s),
             self.context_tokens,
         );
+        if self.cached_tokens > 0 {
+            line.push_str(&format!(" · prompt cache hit ({} tok)", self.cached_tokens));
+        }
         if finish != FinishReason::Stop {
             line.push_str(&format!(" · stopped: {finish:?}"));
         }
@@ -116,7 +124,7 @@ pub enum EngineEvent {
     },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum EngineCommand {
     /// Add a user message and generate the reply.
     Chat {
@@ -130,6 +138,11 @@ pub enum EngineCommand {
     SetSampler(SamplerSettings),
     /// Forget the conversation and its KV state.
     Reset,
+    /// Serialize the KV state (`None` when it is empty).
+    Snapshot(oneshot::Sender<Result<Option<KvState>, String>>),
+    /// Load a KV state saved by `Snapshot` (with `SetHistory` for the
+    /// conversation it belongs to).
+    Restore(KvState, oneshot::Sender<Result<(), String>>),
 }
 
 /// Cancels turns up to a number. A number rather than a flag, so that a
@@ -166,6 +179,10 @@ pub trait Engine: Send + 'static {
 
     fn set_system_prompt(&mut self, prompt: Option<String>);
     fn set_history(&mut self, messages: Vec<Message>);
+    /// The KV state, for a snapshot on disk.
+    fn snapshot(&self) -> Result<Option<KvState>, String>;
+    /// Continue from a saved KV state; on failure the cache starts empty.
+    fn restore(&mut self, state: KvState) -> Result<(), String>;
     fn set_sampler(&mut self, settings: SamplerSettings);
     fn reset(&mut self);
 }
@@ -236,6 +253,12 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
                 EngineCommand::SetHistory(m) => engine.set_history(m),
                 EngineCommand::SetSampler(s) => engine.set_sampler(s),
                 EngineCommand::Reset => engine.reset(),
+                EngineCommand::Snapshot(reply) => {
+                    let _ = reply.send(engine.snapshot());
+                }
+                EngineCommand::Restore(state, reply) => {
+                    let _ = reply.send(engine.restore(state));
+                }
             }
         }
     });

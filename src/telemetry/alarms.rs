@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Sample;
 use crate::engine::GenStats;
@@ -24,7 +24,7 @@ const DECODE_DROP: f64 = 0.8;
 /// Decode speed from fewer tokens than this is too noisy to compare.
 const MIN_DECODE_TOKENS: usize = 16;
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AlarmKind {
     SwapStorm,
@@ -173,6 +173,7 @@ mod tests {
             decode_tok_s: Some(decode),
             total_ms: 1000.0,
             context_tokens: context,
+        cached_tokens: 0,
         }
     }
 

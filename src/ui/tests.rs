@@ -72,6 +72,7 @@ fn stats(tokens: usize, decode: f64, context: usize) -> GenStats {
         decode_tok_s: Some(decode),
         total_ms: 3000.0,
         context_tokens: context,
+        cached_tokens: 0,
     }
 }
 

@@ -1,0 +1,200 @@
+//! The journal writer: a background thread that owns an open session and
+//! writes what the front end sends it. Committed events are fsynced one by
+//! one; streamed text is batched and flushed every `CHUNK_FLUSH`, so a crash
+//! loses at most that much of an answer. A failed write (a full disk) is
+//! reported, kept in memory and retried until it succeeds.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::session::{encode, now_ms, Event, OpenSession};
+
+pub const CHUNK_FLUSH: Duration = Duration::from_millis(200);
+const RETRY: Duration = Duration::from_secs(1);
+/// The title a session has until its first message names it.
+pub const UNTITLED: &str = "new session";
+
+enum Write {
+    Event(Event),
+    Chunk(String),
+    Close(mpsc::Sender<()>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    /// Writing failed; the events are kept and retried.
+    Failed(String),
+    Recovered,
+}
+
+pub struct JournalHandle {
+    tx: mpsc::Sender<Write>,
+    pub id: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl JournalHandle {
+    pub fn event(&self, event: Event) {
+        let _ = self.tx.send(Write::Event(event));
+    }
+
+    pub fn chunk(&self, text: impl Into<String>) {
+        let _ = self.tx.send(Write::Chunk(text.into()));
+    }
+
+    /// Flush everything and wait until it is on disk (or has failed).
+    pub fn close(&self) {
+        let (ack, done) = mpsc::channel();
+        if self.tx.send(Write::Close(ack)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+}
+
+pub fn spawn(session: OpenSession) -> (JournalHandle, tokio_mpsc::UnboundedReceiver<Report>) {
+    let (tx, rx) = mpsc::channel();
+    let (report_tx, report_rx) = tokio_mpsc::unbounded_channel();
+    let handle = JournalHandle {
+        tx,
+        id: session.meta.id.clone(),
+        dir: session.dir.clone(),
+    };
+    std::thread::Builder::new()
+        .name("kiln-journal".into())
+        .spawn(move || Writer::new(session, report_tx).run(rx))
+        .expect("spawn the journal thread");
+    (handle, report_rx)
+}
+
+struct Writer {
+    session: OpenSession,
+    reports: tokio_mpsc::UnboundedSender<Report>,
+    /// Lines not yet on disk.
+    pending: String,
+    chunks: String,
+    chunks_since: Option<Instant>,
+    failing: bool,
+}
+
+impl Writer {
+    fn new(session: OpenSession, reports: tokio_mpsc::UnboundedSender<Report>) -> Writer {
+        Writer {
+            session,
+            reports,
+            pending: String::new(),
+            chunks: String::new(),
+            chunks_since: None,
+            failing: false,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Write>) {
+        loop {
+            let wait = match (self.chunks_since, self.failing) {
+                (Some(since), _) => CHUNK_FLUSH.saturating_sub(since.elapsed()),
+                (None, true) => RETRY,
+                (None, false) => Duration::from_secs(3600),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(Write::Event(event)) => {
+                    self.take_chunks();
+                    let commits = matches!(event, Event::User { .. } | Event::Answer { .. });
+                    if let Event::User { text } = &event {
+                        self.name_after(text);
+                    }
+                    self.pending.push_str(&encode(&event));
+                    self.flush();
+                    if commits {
+                        self.touch_meta();
+                    }
+                }
+                Ok(Write::Chunk(text)) => {
+                    self.chunks.push_str(&text);
+                    self.chunks_since.get_or_insert_with(Instant::now);
+                    if self.chunks_since.is_some_and(|t| t.elapsed() >= CHUNK_FLUSH) {
+                        self.take_chunks();
+                        self.flush();
+                    }
+                }
+                Ok(Write::Close(ack)) => {
+                    self.take_chunks();
+                    self.flush();
+                    self.touch_meta();
+                    let _ = ack.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.take_chunks();
+                    self.flush();
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.take_chunks();
+                    self.flush();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn take_chunks(&mut self) {
+        if !self.chunks.is_empty() {
+            let text = std::mem::take(&mut self.chunks);
+            self.pending.push_str(&encode(&Event::Chunk { text }));
+        }
+        self.chunks_since = None;
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.session.append_lines(&self.pending) {
+            Ok(()) => {
+                self.pending.clear();
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!("journal writes resumed: {}", self.session.dir.display());
+                    let _ = self.reports.send(Report::Recovered);
+                }
+            }
+            Err(e) => {
+                if !self.failing {
+                    self.failing = true;
+                    let message = format!(
+                        "{}: cannot write: {e}; kept in memory, retrying",
+                        self.session.events_path().display()
+                    );
+                    tracing::error!("{message}");
+                    let _ = self.reports.send(Report::Failed(message));
+                }
+            }
+        }
+    }
+
+    fn name_after(&mut self, text: &str) {
+        let meta = &mut self.session.meta;
+        if meta.renamed || meta.title != UNTITLED {
+            return;
+        }
+        meta.title = title_from(text);
+    }
+
+    fn touch_meta(&mut self) {
+        self.session.meta.updated_ms = now_ms();
+        if let Err(e) = self.session.save_meta() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// The first line of a message, cut to 48 characters.
+pub fn title_from(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = line.trim();
+    match line.char_indices().nth(48) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}

@@ -1,0 +1,214 @@
+//! kiln's data on disk: sessions (this module), durable writes (`atomic`),
+//! the journal writer task (`journal`), KV snapshots (`snapshot`) and the
+//! prompt cache (`prompt_cache`).
+
+pub mod atomic;
+pub mod journal;
+pub mod prompt_cache;
+pub mod session;
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{KilnError, Result};
+use crate::paths::Paths;
+use crate::transcript::Transcript;
+use session::{read_events, read_meta, Meta, OpenSession, SCHEMA_VERSION};
+
+/// The folder of every session of one user.
+#[derive(Clone, Debug)]
+pub struct SessionStore {
+    pub root: PathBuf,
+}
+
+/// A session as `kiln sessions list` shows it.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub id: String,
+    pub dir: PathBuf,
+    /// `None` when `meta.json` is damaged; `problem` says how.
+    pub meta: Option<Meta>,
+    pub problem: Option<String>,
+    pub open_elsewhere: bool,
+}
+
+/// A session read back: its meta, the rebuilt transcript, and warnings about
+/// lines that were skipped.
+pub struct Loaded {
+    pub meta: Meta,
+    pub transcript: Transcript,
+    pub warnings: Vec<String>,
+}
+
+impl SessionStore {
+    pub fn new(paths: &Paths) -> SessionStore {
+        SessionStore {
+            root: paths.data.join("sessions"),
+        }
+    }
+
+    /// Sessions, newest first; damaged ones are listed with their problem.
+    pub fn list(&self) -> Vec<Listing> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Listing> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| {
+                let dir = e.path();
+                let id = e.file_name().to_string_lossy().into_owned();
+                let (meta, problem) = match read_meta(&dir) {
+                    Ok(m) => (Some(m), None),
+                    Err(err) => (None, Some(err.to_string())),
+                };
+                Listing {
+                    open_elsewhere: session::is_locked(&dir),
+                    id,
+                    dir,
+                    meta,
+                    problem,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let key = |l: &Listing| l.meta.as_ref().map_or(0, |m| m.updated_ms);
+            key(b).cmp(&key(a)).then_with(|| b.id.cmp(&a.id))
+        });
+        out
+    }
+
+    /// The folder of a session named by id, by a unique id prefix, by
+    /// `--last` (`None`), or by a path to a session folder.
+    pub fn resolve(&self, query: Option<&str>) -> Result<PathBuf> {
+        let Some(query) = query else {
+            return self
+                .list()
+                .into_iter()
+                .find(|l| l.meta.is_some())
+                .map(|l| l.dir)
+                .ok_or_else(|| KilnError::BadArgument("there are no sessions yet".into()));
+        };
+        let as_path = Path::new(query);
+        if as_path.join(session::META).exists() || as_path.join(session::EVENTS).exists() {
+            return Ok(as_path.to_path_buf());
+        }
+        let matches: Vec<PathBuf> = self
+            .list()
+            .into_iter()
+            .filter(|l| l.id == query || l.id.starts_with(query))
+            .map(|l| l.dir)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(KilnError::BadArgument(format!(
+                "no session '{query}' (see `kiln sessions list`)"
+            ))),
+            many => Err(KilnError::BadArgument(format!(
+                "'{query}' matches {} sessions; give more of the id",
+                many.len()
+            ))),
+        }
+    }
+
+    pub fn load(&self, dir: &Path) -> Result<Loaded> {
+        let meta = read_meta(dir)?;
+        let journal = read_events(&dir.join(session::EVENTS))?;
+        let transcript = Transcript::replay(journal.events.iter().map(|(_, e)| e));
+        Ok(Loaded {
+            meta,
+            transcript,
+            warnings: journal.warnings,
+        })
+    }
+
+    /// A new session folder with a fresh id.
+    pub fn create(&self, model: &str, fingerprint: Option<String>, context_limit: usize) -> Result<OpenSession> {
+        let now = session::now_ms();
+        let id = new_id();
+        let meta = Meta {
+            version: SCHEMA_VERSION,
+            id: id.clone(),
+            title: "new session".into(),
+            renamed: false,
+            created_ms: now,
+            updated_ms: now,
+            model: model.to_string(),
+            model_fingerprint: fingerprint,
+            context_limit,
+        };
+        OpenSession::create(self.root.join(id), meta)
+    }
+
+    /// Open a session to continue it. A session folder outside the store
+    /// (an example in the repository) is copied in first, so kiln never
+    /// writes into it.
+    pub fn open_for_resume(&self, dir: &Path) -> Result<OpenSession> {
+        let inside = dir
+            .canonicalize()
+            .ok()
+            .zip(self.root.canonicalize().ok())
+            .is_some_and(|(d, r)| d.starts_with(r));
+        if inside {
+            return OpenSession::open(dir.to_path_buf());
+        }
+        let loaded = self.load(dir)?;
+        let mut copy = self.create(
+            &loaded.meta.model,
+            loaded.meta.model_fingerprint.clone(),
+            loaded.meta.context_limit,
+        )?;
+        copy.meta.title = loaded.meta.title.clone();
+        copy.meta.renamed = loaded.meta.renamed;
+        copy.save_meta()?;
+        let events = std::fs::read(dir.join(session::EVENTS)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&events);
+        copy.append_lines(&text)
+            .map_err(|e| KilnError::io(copy.events_path().display(), e))?;
+        Ok(copy)
+    }
+
+    pub fn remove(&self, dir: &Path) -> Result<()> {
+        if session::is_locked(dir) {
+            return Err(KilnError::Store(format!(
+                "{}: the session is open in another kiln process",
+                dir.display()
+            )));
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| KilnError::io(dir.display(), e))
+    }
+
+    pub fn rename(&self, dir: &Path, title: &str) -> Result<()> {
+        let mut s = OpenSession::open(dir.to_path_buf())?;
+        s.meta.title = title.to_string();
+        s.meta.renamed = true;
+        s.meta.updated_ms = session::now_ms();
+        s.save_meta()
+    }
+}
+
+/// Sortable by time, unique enough for one user: `20261124-063015-3fa2`.
+fn new_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = now
+        .format(time::macros::format_description!(
+            "[year][month][day]-[hour][minute][second]"
+        ))
+        .unwrap_or_else(|_| "session".into());
+    format!("{stamp}-{:04x}", rand::random::<u16>())
+}
+
+/// A time for people: `2026-11-24 06:30 UTC`.
+pub fn display_time(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| "?".into())
+}

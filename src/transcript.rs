@@ -1,0 +1,227 @@
+//! A conversation as people read it, and how it is rebuilt from a session's
+//! journal. The TUI shows it, `kiln sessions show/export` print it, resume
+//! hands it back to the engine.
+
+use serde::Serialize;
+
+use crate::engine::{FinishReason, GenStats, Message, Role};
+use crate::store::session::Event;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    User,
+    Assistant,
+    /// Something kiln says: trimmed context, alarms, copied text.
+    Notice,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub text: String,
+    pub stats: Option<GenStats>,
+    pub finish: Option<FinishReason>,
+    /// An answer cut off when kiln stopped (crash, kill, lost connection).
+    pub interrupted: bool,
+}
+
+impl Entry {
+    pub fn new(kind: EntryKind, text: impl Into<String>) -> Entry {
+        Entry {
+            kind,
+            text: text.into(),
+            stats: None,
+            finish: None,
+            interrupted: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Transcript {
+    pub entries: Vec<Entry>,
+    pub system_prompt: Option<String>,
+    pub last_stats: Option<GenStats>,
+}
+
+impl Transcript {
+    /// Rebuild from journal events. Chunks not followed by their answer are
+    /// an interrupted answer; a question with no answer at all gets an empty
+    /// interrupted one, so the cut is visible.
+    pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Transcript {
+        let mut t = Transcript::default();
+        let mut pending: Option<String> = None;
+        let mut awaiting_answer = false;
+        for event in events {
+            match event {
+                Event::User { text } => {
+                    t.close_pending(&mut pending, &mut awaiting_answer);
+                    t.entries.push(Entry::new(EntryKind::User, text.clone()));
+                    awaiting_answer = true;
+                }
+                Event::Chunk { text } => pending.get_or_insert_with(String::new).push_str(text),
+                Event::Answer {
+                    text,
+                    finish,
+                    stats,
+                } => {
+                    pending = None;
+                    awaiting_answer = false;
+                    let mut e = Entry::new(EntryKind::Assistant, text.clone());
+                    e.finish = Some(*finish);
+                    e.stats = Some(stats.clone());
+                    t.last_stats = Some(stats.clone());
+                    t.entries.push(e);
+                }
+                Event::Error { text } => {
+                    pending = None;
+                    awaiting_answer = false;
+                    t.entries.push(Entry::new(EntryKind::Error, text.clone()));
+                }
+                Event::Notice { text } => {
+                    t.entries.push(Entry::new(EntryKind::Notice, text.clone()))
+                }
+                Event::Alarm { message, .. } => {
+                    t.entries.push(Entry::new(EntryKind::Notice, message.clone()))
+                }
+                Event::SystemPrompt { text } => t.system_prompt = text.clone(),
+                Event::Regenerate => {
+                    pending = None;
+                    if let Some(i) = t
+                        .entries
+                        .iter()
+                        .rposition(|e| e.kind == EntryKind::Assistant)
+                    {
+                        t.entries.truncate(i);
+                    }
+                    awaiting_answer = true;
+                }
+            }
+        }
+        t.close_pending(&mut pending, &mut awaiting_answer);
+        t
+    }
+
+    fn close_pending(&mut self, pending: &mut Option<String>, awaiting: &mut bool) {
+        if let Some(text) = pending.take() {
+            let mut e = Entry::new(EntryKind::Assistant, text);
+            e.interrupted = true;
+            self.entries.push(e);
+        } else if *awaiting {
+            let mut e = Entry::new(EntryKind::Assistant, "");
+            e.interrupted = true;
+            self.entries.push(e);
+        }
+        *awaiting = false;
+    }
+
+    /// The conversation as the engine sees it: user and assistant turns.
+    pub fn messages(entries: &[Entry]) -> Vec<Message> {
+        entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::User => Some(Message::new(Role::User, e.text.clone())),
+                EntryKind::Assistant => Some(Message::new(Role::Assistant, e.text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Markdown for `kiln sessions export --format md`.
+    pub fn to_markdown(&self, title: &str, model: &str) -> String {
+        let mut out = format!("# {title}\n\nModel: {model}\n\n");
+        if let Some(p) = &self.system_prompt {
+            out.push_str(&format!("**System prompt:** {p}\n\n"));
+        }
+        for e in &self.entries {
+            match e.kind {
+                EntryKind::User => out.push_str(&format!("## You\n\n{}\n\n", e.text)),
+                EntryKind::Assistant => {
+                    out.push_str(&format!("## {model}\n\n{}\n\n", e.text));
+                    if e.interrupted {
+                        out.push_str("*(interrupted)*\n\n");
+                    }
+                }
+                EntryKind::Notice => out.push_str(&format!("> {}\n\n", e.text)),
+                EntryKind::Error => out.push_str(&format!("> **error:** {}\n\n", e.text)),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(t: &str) -> Event {
+        Event::User { text: t.into() }
+    }
+    fn chunk(t: &str) -> Event {
+        Event::Chunk { text: t.into() }
+    }
+    fn answer(t: &str) -> Event {
+        Event::Answer {
+            text: t.into(),
+            finish: FinishReason::Stop,
+            stats: GenStats::default(),
+        }
+    }
+
+    #[test]
+    fn chunks_without_an_answer_are_an_interrupted_answer() {
+        let t = Transcript::replay(&[
+            user("a"),
+            chunk("one "),
+            chunk("two"),
+            answer("one two three"),
+            user("b"),
+            chunk("par"),
+            chunk("tial"),
+        ]);
+        let texts: Vec<_> = t.entries.iter().map(|e| (e.text.as_str(), e.interrupted)).collect();
+        assert_eq!(
+            texts,
+            [("a", false), ("one two three", false), ("b", false), ("partial", true)]
+        );
+    }
+
+    #[test]
+    fn a_question_cut_before_any_text_shows_an_empty_interrupted_answer() {
+        let t = Transcript::replay(&[user("a"), user("b"), answer("B")]);
+        let kinds: Vec<_> = t.entries.iter().map(|e| (e.kind, e.interrupted)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EntryKind::User, false),
+                (EntryKind::Assistant, true),
+                (EntryKind::User, false),
+                (EntryKind::Assistant, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn regenerate_replaces_the_last_answer() {
+        let t = Transcript::replay(&[
+            Event::SystemPrompt {
+                text: Some("be brief".into()),
+            },
+            user("a"),
+            answer("first try"),
+            Event::Regenerate,
+            chunk("sec"),
+            answer("second try"),
+        ]);
+        assert_eq!(t.system_prompt.as_deref(), Some("be brief"));
+        assert_eq!(
+            Transcript::messages(&t.entries),
+            [
+                Message::new(Role::User, "a"),
+                Message::new(Role::Assistant, "second try")
+            ]
+        );
+    }
+}

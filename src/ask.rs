@@ -3,9 +3,13 @@
 use std::io::{IsTerminal, Read, Write};
 
 use crate::cli::{AskArgs, Common};
+use crate::engine::Engine;
 use crate::engine::{self, EngineEvent, FinishReason};
 use crate::error::{KilnError, Result};
-use crate::launch::launch;
+use crate::launch::{launch, Launched};
+use crate::store::journal::{self, JournalHandle};
+use crate::store::session::Event;
+use crate::store::SessionStore;
 
 /// Exit code when the user interrupted the answer.
 pub const EXIT_INTERRUPTED: i32 = 130;
@@ -16,6 +20,11 @@ const MAX_QUESTION_BYTES: usize = 16 << 20;
 pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
     let question = read_question(args.question.as_deref())?;
     let launched = launch(common, |_| {}).await?;
+    let journal = if args.ephemeral {
+        None
+    } else {
+        start_session(&launched, &question)
+    };
     let (handle, mut events) = engine::spawn(launched.engine);
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -38,6 +47,9 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
                 continue;
             }
         };
+        if let Some(j) = &journal {
+            record(j, &event);
+        }
         let written = if args.json {
             serde_json::to_string(&event)
                 .map_err(std::io::Error::other)
@@ -63,11 +75,12 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
                 stats,
                 ..
             } if t == turn => {
+                let session = close(journal).await;
                 if !args.json {
                     if !ended_with_newline {
                         let _ = writeln!(stdout);
                     }
-                    eprintln!("kiln: {}", stats.summary(finish));
+                    eprintln!("kiln: {}{session}", stats.summary(finish));
                 }
                 return Ok(if finish == FinishReason::Cancelled && interrupted {
                     EXIT_INTERRUPTED
@@ -76,11 +89,71 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
                 });
             }
             EngineEvent::TurnFailed { turn: t, error } if t == turn => {
+                close(journal).await;
                 return Err(KilnError::Engine(error));
             }
             _ => {}
         }
     }
+}
+
+/// Keep the exchange as a session. Failing to is a warning: the answer
+/// still matters more than its record.
+fn start_session(launched: &Launched, question: &str) -> Option<JournalHandle> {
+    let store = SessionStore::new(&launched.paths);
+    let context = launched.engine.info().context_limit;
+    match store.create(
+        &launched.model_spec(),
+        launched.fingerprint.clone(),
+        context,
+    ) {
+        Ok(open) => {
+            let (journal, _reports) = journal::spawn(open);
+            if let Some(p) = &launched.config.system_prompt {
+                journal.event(Event::SystemPrompt {
+                    text: Some(p.clone()),
+                });
+            }
+            journal.event(Event::User {
+                text: question.to_string(),
+            });
+            Some(journal)
+        }
+        Err(e) => {
+            eprintln!("kiln: warning: this exchange is not saved: {e}");
+            None
+        }
+    }
+}
+
+fn record(journal: &JournalHandle, event: &EngineEvent) {
+    match event {
+        EngineEvent::Token { text, .. } => journal.chunk(text.clone()),
+        EngineEvent::TurnFinished {
+            reply,
+            finish,
+            stats,
+            ..
+        } => journal.event(Event::Answer {
+            text: reply.clone(),
+            finish: *finish,
+            stats: stats.clone(),
+        }),
+        EngineEvent::TurnFailed { error, .. } => journal.event(Event::Error {
+            text: error.clone(),
+        }),
+        EngineEvent::ContextTrimmed { .. } | EngineEvent::TurnStarted { .. } => {}
+    }
+}
+
+/// Flush the journal; returns " · session ID" for the stats line.
+async fn close(journal: Option<JournalHandle>) -> String {
+    let Some(journal) = journal else {
+        return String::new();
+    };
+    let id = journal.id.clone();
+    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    format!(" · session {id}")
 }
 
 fn read_question(arg: Option<&str>) -> Result<String> {

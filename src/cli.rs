@@ -75,6 +75,24 @@ pub enum Command {
     Models,
     /// Will a model fit this machine? Weights, KV cache, verdict, max context.
     Fit(FitArgs),
+    /// Continue a saved session in the workstation (default: the latest).
+    Resume {
+        /// Session id (or a unique start of it), or a session folder.
+        id: Option<String>,
+        /// The most recently used session.
+        #[arg(long, conflicts_with = "id")]
+        last: bool,
+    },
+    /// Saved sessions: list, show, export, rm, rename.
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
+    /// The prompt cache of system-prompt KV states: list, stats, clear.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Print the telemetry the side panels show, one line per sample.
     Monitor(MonitorArgs),
     /// Download a preset ahead of time (default: the default model).
@@ -91,6 +109,52 @@ pub struct AskArgs {
     /// Print JSON events, one per line, instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Do not keep the exchange as a session.
+    #[arg(long)]
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsAction {
+    /// Every session, newest first (damaged ones say what is wrong).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a session's conversation.
+    Show { id: String },
+    /// Write a session out as Markdown or JSON.
+    Export {
+        id: String,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Md)]
+        format: ExportFormat,
+    },
+    /// Delete a session.
+    Rm { id: String },
+    /// Give a session a title.
+    Rename { id: String, title: String },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Md,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Entries, most recently used first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Entry count and size against the cap.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every entry.
+    Clear,
 }
 
 #[derive(Debug, Args)]

@@ -23,6 +23,17 @@ pub struct Launched {
     pub fingerprint: Option<String>,
 }
 
+impl Launched {
+    /// How the model is named in a session, so resume can load it again:
+    /// the preset name, or the file's path.
+    pub fn model_spec(&self) -> String {
+        self.model
+            .preset
+            .map(str::to_string)
+            .unwrap_or_else(|| self.model.path.display().to_string())
+    }
+}
+
 pub fn paths_and_config(common: &Common) -> Result<(Paths, Config)> {
     let paths = Paths::resolve(common.data_dir.as_deref());
     let config_file = common
@@ -48,9 +59,9 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
             None
         }
     };
-    let cap = config
-        .prompt_cache_gib
-        .map_or(DEFAULT_CAP_BYTES, |g| (g.max(0.0) * (1u64 << 30) as f64) as u64);
+    let cap = config.prompt_cache_gib.map_or(DEFAULT_CAP_BYTES, |g| {
+        (g.max(0.0) * (1u64 << 30) as f64) as u64
+    });
     let prompt_cache = fingerprint
         .clone()
         .filter(|_| cap > 0)

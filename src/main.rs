@@ -2,7 +2,7 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{ask, bench, fit, launch, logging, models, monitor, tui};
+use kiln::{ask, bench, cache_cmd, fit, launch, logging, models, monitor, session_cmd, tui};
 
 fn main() {
     let cli = Cli::parse();
@@ -19,12 +19,15 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            None => tui::run(&cli.common).await,
+            None => tui::run(&cli.common, tui::Start::New).await,
             Some(Command::Ask(args)) => ask::run(args, &cli.common).await,
             Some(Command::Bench(args)) => bench::run(args, &cli.common).await,
             Some(Command::Models) => list_models(&cli.common),
             Some(Command::Fit(args)) => fit::run(args, &cli.common),
             Some(Command::Monitor(args)) => monitor::run(args).await,
+            Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
+            Some(Command::Sessions { action }) => session_cmd::run(action, &cli.common),
+            Some(Command::Cache { action }) => cache_cmd::run(action, &cli.common),
             Some(Command::Fetch { preset }) => fetch(preset.as_deref(), &cli.common).await,
         }
     });

@@ -83,9 +83,9 @@ impl Transcript {
                 Event::Notice { text } => {
                     t.entries.push(Entry::new(EntryKind::Notice, text.clone()))
                 }
-                Event::Alarm { message, .. } => {
-                    t.entries.push(Entry::new(EntryKind::Notice, message.clone()))
-                }
+                Event::Alarm { message, .. } => t
+                    .entries
+                    .push(Entry::new(EntryKind::Notice, message.clone())),
                 Event::SystemPrompt { text } => t.system_prompt = text.clone(),
                 Event::Regenerate => {
                     pending = None;
@@ -181,10 +181,19 @@ mod tests {
             chunk("par"),
             chunk("tial"),
         ]);
-        let texts: Vec<_> = t.entries.iter().map(|e| (e.text.as_str(), e.interrupted)).collect();
+        let texts: Vec<_> = t
+            .entries
+            .iter()
+            .map(|e| (e.text.as_str(), e.interrupted))
+            .collect();
         assert_eq!(
             texts,
-            [("a", false), ("one two three", false), ("b", false), ("partial", true)]
+            [
+                ("a", false),
+                ("one two three", false),
+                ("b", false),
+                ("partial", true)
+            ]
         );
     }
 

@@ -15,7 +15,7 @@ use crossterm::terminal::{
 };
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::app::{self, Effect, Msg, State};
 use crate::budget::ModelShape;
@@ -24,22 +24,54 @@ use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
 use crate::error::{KilnError, Result};
 use crate::keys::KeyMap;
 use crate::launch::launch;
+use crate::store::journal::{self, JournalHandle, Report};
+use crate::store::session::{self, OpenSession};
+use crate::store::{snapshot, Loaded, SessionStore};
 use crate::telemetry::{self, Sample};
 use crate::theme::{self, Theme};
+use crate::transcript::Transcript;
 use crate::ui;
 
+/// The KV snapshot in a session folder, written when kiln quits.
+pub const SNAPSHOT: &str = "kv.snapshot";
 const FRAME: Duration = Duration::from_millis(33);
 const WHEEL_ROWS: i16 = 3;
 /// Terminals drop OSC 52 payloads beyond about this size.
 const MAX_COPY_BYTES: usize = 512 * 1024;
 
-pub async fn run(common: &Common) -> Result<i32> {
+/// What the workstation opens with.
+pub enum Start {
+    New,
+    /// A session by id, id prefix or folder; `None` is the most recent.
+    Resume(Option<String>),
+}
+
+pub async fn run(common: &Common, start: Start) -> Result<i32> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(KilnError::BadArgument(
             "the workstation needs a terminal; for scripts use `kiln ask`".into(),
         ));
     }
-    let launched = launch(common, |_| {}).await?;
+    // Read the session first: a bad id or a locked session fails before a
+    // model is loaded.
+    let (paths, _) = crate::launch::paths_and_config(common)?;
+    let store = SessionStore::new(&paths);
+    let mut common = common.clone();
+    let resumed = match start {
+        Start::New => None,
+        Start::Resume(query) => {
+            let dir = store.resolve(query.as_deref())?;
+            let loaded = store.load(&dir)?;
+            let open = store.open_for_resume(&dir)?;
+            // The session's model, unless the user names another.
+            if common.model.is_none() {
+                common.model = Some(loaded.meta.model.clone());
+            }
+            Some((loaded, open, dir))
+        }
+    };
+
+    let launched = launch(&common, |_| {}).await?;
     let config = &launched.config;
     let config_file = common
         .config
@@ -63,15 +95,200 @@ pub async fn run(common: &Common) -> Result<i32> {
     }
 
     let shape = ModelShape::from_gguf(&launched.model.info);
+    let model_spec = launched.model_spec();
+    let fingerprint = launched.fingerprint.clone();
     let system_prompt = config.system_prompt.clone();
     let (engine, events) = engine::spawn(launched.engine);
     let mut state =
         State::new(engine.info().clone(), Some(shape), keys).with_system_prompt(system_prompt);
     state.notice = warnings.into_iter().next();
+    let mut runtime = Runtime {
+        engine,
+        store,
+        journal: None,
+        reports: None,
+        model_spec,
+        fingerprint,
+    };
+    if let Some((loaded, open, source)) = resumed {
+        state.notice = Some(runtime.resume(&mut state, loaded, open, &source).await);
+    }
     let samples = telemetry::spawn(Duration::from_secs(1));
-    run_terminal(state, &theme, engine, events, samples).await
+    let code = run_terminal(state, &theme, &mut runtime, events, samples).await;
+    runtime.close().await;
+    code
 }
 
+/// What the runtime holds besides the state: the engine, and the session
+/// journal once there is something to write.
+struct Runtime {
+    engine: EngineHandle,
+    store: SessionStore,
+    journal: Option<JournalHandle>,
+    reports: Option<mpsc::UnboundedReceiver<Report>>,
+    model_spec: String,
+    fingerprint: Option<String>,
+}
+
+impl Runtime {
+    /// Show a session read from disk and bring the engine to where it was:
+    /// from its KV snapshot when one fits, else by re-reading the transcript
+    /// on the next message. Returns the line the status bar shows.
+    async fn resume(
+        &mut self,
+        state: &mut State,
+        loaded: Loaded,
+        open: OpenSession,
+        source: &std::path::Path,
+    ) -> String {
+        let messages = Transcript::messages(&loaded.transcript.entries);
+        let count = messages.len();
+        let title = loaded.meta.title.clone();
+        let system = loaded.transcript.system_prompt.clone();
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        let snapshot_path = source.join(SNAPSHOT);
+        state.restore(&title, loaded.transcript);
+        if system.is_some() {
+            self.engine.send(EngineCommand::SetSystemPrompt(system));
+        }
+        self.engine.send(EngineCommand::SetHistory(messages));
+        let (journal, reports) = journal::spawn(open);
+        self.journal = Some(journal);
+        self.reports = Some(reports);
+
+        let mut line = format!("resumed '{title}' ({count} messages)");
+        if let Some(w) = loaded.warnings.first() {
+            line.push_str(&format!("; {w}"));
+        }
+        if !snapshot_path.exists() {
+            line.push_str("; the model re-reads it on your next message");
+            return line;
+        }
+        let Some(fingerprint) = &self.fingerprint else {
+            return line;
+        };
+        match snapshot::read(&snapshot_path, fingerprint) {
+            Ok(kv) => {
+                let tokens = kv.kv_tokens;
+                let (tx, rx) = oneshot::channel();
+                self.engine.send(EngineCommand::Restore(kv, tx));
+                match rx.await {
+                    Ok(Ok(())) => {
+                        state.context_tokens = tokens;
+                        line.push_str(&format!("; KV snapshot loaded ({tokens} tokens)"));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("restoring the KV snapshot: {e}");
+                        line.push_str(
+                            "; the KV snapshot did not load, the model re-reads it instead",
+                        );
+                    }
+                    Err(_) => line.push_str("; the engine stopped"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                line.push_str(&format!("; {e}; the model re-reads it instead"));
+            }
+        }
+        line
+    }
+
+    /// The journal, creating the session on the first thing worth keeping.
+    /// When the session cannot be created the conversation goes on in memory
+    /// and the next record tries again.
+    fn journal(&mut self, state: &mut State) -> Option<&JournalHandle> {
+        if self.journal.is_none() {
+            let info = self.engine.info();
+            match self.store.create(
+                &self.model_spec,
+                self.fingerprint.clone(),
+                info.context_limit,
+            ) {
+                Ok(open) => {
+                    let (journal, reports) = journal::spawn(open);
+                    if state.system_prompt.is_some() {
+                        journal.event(session::Event::SystemPrompt {
+                            text: state.system_prompt.clone(),
+                        });
+                    }
+                    tracing::info!("session {}", journal.id);
+                    self.journal = Some(journal);
+                    self.reports = Some(reports);
+                }
+                Err(e) => {
+                    state.notice = Some(format!("cannot save this session: {e}"));
+                    return None;
+                }
+            }
+        }
+        self.journal.as_ref()
+    }
+
+    fn perform(&mut self, effect: Effect, state: &mut State) {
+        match effect {
+            Effect::Chat(text) => {
+                self.engine.chat(text);
+            }
+            Effect::Regenerate { history, message } => {
+                self.engine.send(EngineCommand::SetHistory(history));
+                self.engine.chat(message);
+            }
+            Effect::Cancel => self.engine.cancel(),
+            Effect::SetSystemPrompt(p) => self.engine.send(EngineCommand::SetSystemPrompt(p)),
+            Effect::Copy(text) => copy_osc52(&text),
+            Effect::Record(event) => {
+                if let Some(j) = self.journal(state) {
+                    j.event(event);
+                }
+            }
+            Effect::RecordChunk(text) => {
+                if let Some(j) = self.journal(state) {
+                    j.chunk(text);
+                }
+            }
+            Effect::Quit => {}
+        }
+    }
+
+    /// On the way out: the KV snapshot for a fast resume, then every journal
+    /// line on disk.
+    async fn close(&mut self) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        if let Some(fingerprint) = &self.fingerprint {
+            let (tx, rx) = oneshot::channel();
+            self.engine.send(EngineCommand::Snapshot(tx));
+            match rx.await {
+                Ok(Ok(Some(kv))) => {
+                    let path = journal.dir.join(SNAPSHOT);
+                    match snapshot::write(&path, fingerprint, &kv) {
+                        Ok(bytes) => {
+                            tracing::info!("KV snapshot: {} bytes, {} tokens", bytes, kv.kv_tokens)
+                        }
+                        Err(e) => {
+                            tracing::warn!("{}: cannot write the KV snapshot: {e}", path.display())
+                        }
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!("cannot take a KV snapshot: {e}"),
+                Err(_) => tracing::warn!("the engine stopped before the KV snapshot"),
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    }
+}
+
+async fn next_report(reports: &mut Option<mpsc::UnboundedReceiver<Report>>) -> Option<Report> {
+    match reports {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 /// Puts the terminal back however kiln leaves: normal return, error or panic.
 struct TerminalGuard;
 
@@ -114,7 +331,7 @@ fn restore() {
 async fn run_terminal(
     mut state: State,
     theme: &Theme,
-    engine: EngineHandle,
+    runtime: &mut Runtime,
     mut events: mpsc::UnboundedReceiver<EngineEvent>,
     mut samples: watch::Receiver<Sample>,
 ) -> Result<i32> {
@@ -166,16 +383,23 @@ async fn run_terminal(
                 Ok(()) => Msg::Telemetry(samples.borrow_and_update().clone()),
                 Err(_) => continue,
             },
+            report = next_report(&mut runtime.reports) => match report {
+                Some(report) => Msg::Journal(report),
+                None => {
+                    runtime.reports = None;
+                    continue;
+                }
+            },
             _ = hangup.recv() => break,
             _ = terminate.recv() => break,
             _ = tokio::time::sleep_until(next_frame), if dirty => continue,
         };
         for effect in app::update(&mut state, msg) {
-            perform(effect, &engine);
+            runtime.perform(effect, &mut state);
         }
         dirty = true;
     }
-    engine.cancel();
+    runtime.engine.cancel();
     Ok(0)
 }
 
@@ -206,22 +430,6 @@ fn to_msg(event: Event) -> Option<Msg> {
             _ => None,
         },
         _ => None,
-    }
-}
-
-fn perform(effect: Effect, engine: &EngineHandle) {
-    match effect {
-        Effect::Chat(text) => {
-            engine.chat(text);
-        }
-        Effect::Regenerate { history, message } => {
-            engine.send(EngineCommand::SetHistory(history));
-            engine.chat(message);
-        }
-        Effect::Cancel => engine.cancel(),
-        Effect::SetSystemPrompt(p) => engine.send(EngineCommand::SetSystemPrompt(p)),
-        Effect::Copy(text) => copy_osc52(&text),
-        Effect::Quit => {}
     }
 }
 

@@ -11,11 +11,15 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use tui_textarea::TextArea;
 
 use crate::budget::ModelShape;
-use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo, Role};
+use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo};
 use crate::keys::{Action, KeyMap};
+use crate::store::journal::{title_from, Report};
+use crate::store::session::Event;
 use crate::telemetry::alarms::{AlarmDetector, AlarmEvent, AlarmKind};
 use crate::telemetry::Sample;
+use crate::transcript::Transcript;
 
+pub use crate::transcript::{Entry, EntryKind};
 pub use scroll::Scroll;
 
 /// A paste larger than this is cut: more text than any local context holds,
@@ -23,34 +27,6 @@ pub use scroll::Scroll;
 pub const MAX_PASTE_BYTES: usize = 1 << 20;
 /// Points kept in the sparklines.
 const HISTORY: usize = 120;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryKind {
-    User,
-    Assistant,
-    /// Something kiln says: trimmed context, alarms, copied text.
-    Notice,
-    Error,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Entry {
-    pub kind: EntryKind,
-    pub text: String,
-    pub stats: Option<GenStats>,
-    pub finish: Option<FinishReason>,
-}
-
-impl Entry {
-    fn new(kind: EntryKind, text: impl Into<String>) -> Entry {
-        Entry {
-            kind,
-            text: text.into(),
-            stats: None,
-            finish: None,
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -92,6 +68,10 @@ pub enum Effect {
     SetSystemPrompt(Option<String>),
     /// Put text on the clipboard through the terminal (OSC 52).
     Copy(String),
+    /// Append to the session's journal.
+    Record(Event),
+    /// Streamed answer text, journaled in batches.
+    RecordChunk(String),
     Quit,
 }
 
@@ -104,6 +84,7 @@ pub enum Msg {
     Resize(u16, u16),
     Engine(EngineEvent, Instant),
     Telemetry(Sample),
+    Journal(Report),
 }
 
 #[derive(Clone)]
@@ -244,14 +225,23 @@ impl State {
 
     /// The conversation as the engine sees it: user and assistant turns.
     fn conversation(&self) -> Vec<Message> {
-        self.transcript
-            .iter()
-            .filter_map(|e| match e.kind {
-                EntryKind::User => Some(Message::new(Role::User, e.text.clone())),
-                EntryKind::Assistant => Some(Message::new(Role::Assistant, e.text.clone())),
-                _ => None,
-            })
-            .collect()
+        Transcript::messages(&self.transcript)
+    }
+
+    /// Show a session read back from disk.
+    pub fn restore(&mut self, title: &str, transcript: Transcript) {
+        self.title = Some(title.to_string());
+        self.context_tokens = transcript
+            .last_stats
+            .as_ref()
+            .map_or(0, |s| s.context_tokens);
+        if let Some(d) = transcript.last_stats.as_ref().and_then(|s| s.decode_tok_s) {
+            push_bounded(&mut self.decode_history, d);
+        }
+        self.last_stats = transcript.last_stats;
+        self.system_prompt = transcript.system_prompt;
+        self.transcript = transcript.entries;
+        self.scroll = Scroll::Follow;
     }
 }
 
@@ -271,12 +261,13 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             scroll::clamp(state);
             Vec::new()
         }
-        Msg::Engine(event, at) => {
-            on_engine(state, event, at);
-            Vec::new()
-        }
-        Msg::Telemetry(sample) => {
-            on_sample(state, sample);
+        Msg::Engine(event, at) => on_engine(state, event, at),
+        Msg::Telemetry(sample) => on_sample(state, sample),
+        Msg::Journal(report) => {
+            state.notice = Some(match report {
+                Report::Failed(e) => e,
+                Report::Recovered => "the session journal is being written again".into(),
+            });
             Vec::new()
         }
     }
@@ -319,7 +310,12 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
                     None => "system prompt cleared".into(),
                 });
                 state.system_prompt = prompt.clone();
-                vec![Effect::SetSystemPrompt(prompt)]
+                vec![
+                    Effect::Record(Event::SystemPrompt {
+                        text: prompt.clone(),
+                    }),
+                    Effect::SetSystemPrompt(prompt),
+                ]
             }
             Some(Action::Newline) => {
                 state.system_editor.insert_newline();
@@ -496,6 +492,7 @@ fn send(state: &mut State) -> Vec<Effect> {
     }
     state.history_pos = None;
     state.reset_input();
+    state.notice = None;
     if state.title.is_none() {
         state.title = Some(title_from(&text));
     }
@@ -504,7 +501,10 @@ fn send(state: &mut State) -> Vec<Effect> {
     // Sending means the user wants to see the answer.
     state.scroll = Scroll::Follow;
     state.unseen_output = false;
-    vec![Effect::Chat(text)]
+    vec![
+        Effect::Record(Event::User { text: text.clone() }),
+        Effect::Chat(text),
+    ]
 }
 
 fn start_generation(state: &mut State) {
@@ -516,15 +516,6 @@ fn start_generation(state: &mut State) {
         live_tok_s: None,
         cancelling: false,
     });
-}
-
-fn title_from(text: &str) -> String {
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let line = line.trim();
-    match line.char_indices().nth(48) {
-        Some((i, _)) => format!("{}…", &line[..i]),
-        None => line.to_string(),
-    }
 }
 
 fn cancel(state: &mut State) -> Vec<Effect> {
@@ -572,7 +563,10 @@ fn regenerate(state: &mut State) -> Vec<Effect> {
     start_generation(state);
     state.scroll = Scroll::Follow;
     state.unseen_output = false;
-    vec![Effect::Regenerate { history, message }]
+    vec![
+        Effect::Record(Event::Regenerate),
+        Effect::Regenerate { history, message },
+    ]
 }
 
 fn recall(state: &mut State, step: i64) {
@@ -629,20 +623,28 @@ fn on_paste(state: &mut State, text: String) {
     }
 }
 
-fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
+fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> {
     match event {
-        EngineEvent::TurnStarted { .. } => {}
+        EngineEvent::TurnStarted { prompt_tokens, .. } => {
+            // A long prefill (a resumed session re-read from its transcript)
+            // would otherwise look like a hang.
+            if prompt_tokens >= 512 {
+                state.notice = Some(format!(
+                    "reading {} tokens of context…",
+                    crate::ui::count(prompt_tokens as u64)
+                ));
+            }
+            Vec::new()
+        }
         EngineEvent::ContextTrimmed {
             dropped_messages,
             limit,
             ..
         } => {
-            let entry = Entry::new(
-                EntryKind::Notice,
-                format!(
-                    "the context window ({limit} tokens) was full: the model no longer sees the oldest {dropped_messages} messages"
-                ),
+            let text = format!(
+                "the context window ({limit} tokens) was full: the model no longer sees the oldest {dropped_messages} messages"
             );
+            let entry = Entry::new(EntryKind::Notice, text.clone());
             // Before the answer being generated, so the answer stays last.
             match &mut state.generation {
                 Some(g) => {
@@ -651,10 +653,11 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
                 }
                 None => state.transcript.push(entry),
             }
+            vec![Effect::Record(Event::Notice { text })]
         }
         EngineEvent::Token { text, .. } => {
             let Some(g) = &mut state.generation else {
-                return;
+                return Vec::new();
             };
             let first = *g.first_token_at.get_or_insert(at);
             g.tokens += 1;
@@ -664,7 +667,16 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
             }
             let entry = g.entry;
             state.transcript[entry].text.push_str(&text);
+            if g.tokens == 1
+                && state
+                    .notice
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("reading "))
+            {
+                state.notice = None;
+            }
             state.output_arrived();
+            vec![Effect::RecordChunk(text)]
         }
         EngineEvent::TurnFinished {
             reply,
@@ -673,10 +685,10 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
             ..
         } => {
             let Some(g) = state.generation.take() else {
-                return;
+                return Vec::new();
             };
             let entry = &mut state.transcript[g.entry];
-            entry.text = reply;
+            entry.text = reply.clone();
             entry.finish = Some(finish);
             entry.stats = Some(stats.clone());
             if let Some(d) = stats.decode_tok_s {
@@ -688,11 +700,17 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
             } else if matches!(state.notice.as_deref(), Some("stopping…")) {
                 state.notice = None;
             }
+            let mut effects = vec![Effect::Record(Event::Answer {
+                text: reply,
+                finish,
+                stats: stats.clone(),
+            })];
             if let Some(event) = state.alarms.on_turn(&stats) {
-                on_alarm(state, event);
+                effects.extend(on_alarm(state, event));
             }
             state.last_stats = Some(stats);
             state.output_arrived();
+            effects
         }
         EngineEvent::TurnFailed { error, .. } => {
             if let Some(g) = state.generation.take() {
@@ -700,27 +718,30 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) {
                     state.transcript.remove(g.entry);
                 }
             }
-            state.push_entry(Entry::new(EntryKind::Error, error));
+            state.push_entry(Entry::new(EntryKind::Error, error.clone()));
+            vec![Effect::Record(Event::Error { text: error })]
         }
     }
 }
 
-fn on_sample(state: &mut State, sample: Sample) {
+fn on_sample(state: &mut State, sample: Sample) -> Vec<Effect> {
     let rate = sample.swap_rate.map_or(0, |r| r.in_bytes_per_s as u64);
     push_bounded(&mut state.swap_in_history, rate);
     let generating = state.generating();
-    if let Some(event) = state.alarms.on_sample(&sample, generating) {
-        on_alarm(state, event);
-    }
+    let effects = match state.alarms.on_sample(&sample, generating) {
+        Some(event) => on_alarm(state, event),
+        None => Vec::new(),
+    };
     state.telemetry = sample;
+    effects
 }
 
-fn on_alarm(state: &mut State, event: AlarmEvent) {
-    match event {
+fn on_alarm(state: &mut State, event: AlarmEvent) -> Vec<Effect> {
+    let (kind, raised, message) = match event {
         AlarmEvent::Raised { kind, message } => {
             state.active_alarms.retain(|(k, _)| *k != kind);
             state.active_alarms.push((kind, message.clone()));
-            state.push_entry(Entry::new(EntryKind::Notice, message));
+            (kind, true, message)
         }
         AlarmEvent::Cleared { kind } => {
             state.active_alarms.retain(|(k, _)| *k != kind);
@@ -728,9 +749,15 @@ fn on_alarm(state: &mut State, event: AlarmEvent) {
                 AlarmKind::SwapStorm => "swap storm over",
                 AlarmKind::ThermalThrottling => "thermal throttling over",
             };
-            state.push_entry(Entry::new(EntryKind::Notice, what));
+            (kind, false, what.to_string())
         }
-    }
+    };
+    state.push_entry(Entry::new(EntryKind::Notice, message.clone()));
+    vec![Effect::Record(Event::Alarm {
+        kind,
+        raised,
+        message,
+    })]
 }
 
 fn push_bounded<T>(v: &mut VecDeque<T>, x: T) {

@@ -3,7 +3,8 @@ use std::time::{Duration, Instant};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::*;
-use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo};
+use crate::engine::{EngineEvent, FinishReason, GenStats, ModelInfo, Role};
+use crate::store::session::Event;
 use crate::telemetry::{Sample, SwapRate};
 
 fn info() -> ModelInfo {
@@ -24,6 +25,15 @@ fn state() -> State {
 
 fn key(code: KeyCode) -> Msg {
     Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+/// What `update` asks of the engine and the terminal, leaving out the
+/// journal records (their own tests check those).
+fn acts_of(s: &mut State, msg: Msg) -> Vec<Effect> {
+    update(s, msg)
+        .into_iter()
+        .filter(|e| !matches!(e, Effect::Record(_) | Effect::RecordChunk(_)))
+        .collect()
 }
 
 fn type_text(s: &mut State, text: &str) {
@@ -82,7 +92,7 @@ fn answer(s: &mut State, reply: &str) {
 fn chat(s: &mut State, question: &str, reply: &str) {
     type_text(s, question);
     assert_eq!(
-        update(s, key(KeyCode::Enter)),
+        acts_of(s, key(KeyCode::Enter)),
         vec![Effect::Chat(question.into())]
     );
     answer(s, reply);
@@ -93,7 +103,15 @@ fn enter_sends_and_the_answer_streams_into_the_transcript() {
     let mut s = state();
     type_text(&mut s, "hello there");
     let effects = update(&mut s, key(KeyCode::Enter));
-    assert_eq!(effects, vec![Effect::Chat("hello there".into())]);
+    assert_eq!(
+        effects,
+        vec![
+            Effect::Record(Event::User {
+                text: "hello there".into()
+            }),
+            Effect::Chat("hello there".into())
+        ]
+    );
     assert!(s.generating());
     assert!(s.input.is_empty());
     assert_eq!(s.title.as_deref(), Some("hello there"));
@@ -163,7 +181,7 @@ fn esc_and_ctrl_c_cancel_a_running_answer_once() {
     let mut s = state();
     type_text(&mut s, "go");
     update(&mut s, key(KeyCode::Enter));
-    assert_eq!(update(&mut s, key(KeyCode::Esc)), vec![Effect::Cancel]);
+    assert_eq!(acts_of(&mut s, key(KeyCode::Esc)), vec![Effect::Cancel]);
     assert!(update(&mut s, Msg::Key(ctrl('c'))).is_empty());
     engine(
         &mut s,
@@ -192,11 +210,11 @@ fn ctrl_c_on_an_idle_screen_asks_then_quits() {
     assert_eq!(s.mode, Mode::Chat);
     assert!(!s.quit);
     update(&mut s, Msg::Key(ctrl('c')));
-    assert_eq!(update(&mut s, Msg::Key(ctrl('c'))), vec![Effect::Quit]);
+    assert_eq!(acts_of(&mut s, Msg::Key(ctrl('c'))), vec![Effect::Quit]);
     assert!(s.quit);
 
     let mut s = state();
-    assert_eq!(update(&mut s, Msg::Key(ctrl('q'))), vec![Effect::Quit]);
+    assert_eq!(acts_of(&mut s, Msg::Key(ctrl('q'))), vec![Effect::Quit]);
 }
 
 #[test]
@@ -205,7 +223,7 @@ fn quitting_while_answering_cancels_first() {
     type_text(&mut s, "go");
     update(&mut s, key(KeyCode::Enter));
     assert_eq!(
-        update(&mut s, Msg::Key(ctrl('q'))),
+        acts_of(&mut s, Msg::Key(ctrl('q'))),
         vec![Effect::Cancel, Effect::Quit]
     );
 }
@@ -329,7 +347,7 @@ fn regenerate_drops_the_old_answer_and_asks_again() {
     let mut s = state();
     chat(&mut s, "first", "one");
     chat(&mut s, "second", "two");
-    let effects = update(&mut s, Msg::Key(ctrl('r')));
+    let effects = acts_of(&mut s, Msg::Key(ctrl('r')));
     assert_eq!(
         effects,
         vec![Effect::Regenerate {
@@ -357,7 +375,7 @@ fn the_system_prompt_editor_saves_with_enter_and_cancels_with_esc() {
     update(&mut s, Msg::Key(ctrl('t')));
     type_text(&mut s, " and kind");
     assert_eq!(
-        update(&mut s, key(KeyCode::Enter)),
+        acts_of(&mut s, key(KeyCode::Enter)),
         vec![Effect::SetSystemPrompt(Some("be brief and kind".into()))]
     );
     assert_eq!(s.mode, Mode::Chat);
@@ -369,7 +387,7 @@ fn copy_takes_the_last_answer() {
     assert!(update(&mut s, Msg::Key(ctrl('o'))).is_empty());
     chat(&mut s, "q", "the answer");
     assert_eq!(
-        update(&mut s, Msg::Key(ctrl('o'))),
+        acts_of(&mut s, Msg::Key(ctrl('o'))),
         vec![Effect::Copy("the answer".into())]
     );
 }
@@ -447,4 +465,68 @@ fn the_panel_toggle_flips_what_the_width_chose() {
     update(&mut s, Msg::Resize(80, 24));
     update(&mut s, Msg::Key(ctrl('g')));
     assert!(s.full_panels());
+}
+
+#[test]
+fn everything_worth_keeping_is_recorded_for_the_journal() {
+    let mut s = state();
+    type_text(&mut s, "q");
+    update(&mut s, key(KeyCode::Enter));
+    let effects = update(
+        &mut s,
+        Msg::Engine(
+            EngineEvent::Token {
+                turn: 1,
+                text: "a".into(),
+            },
+            Instant::now(),
+        ),
+    );
+    assert_eq!(effects, vec![Effect::RecordChunk("a".into())]);
+    let effects = update(
+        &mut s,
+        Msg::Engine(
+            EngineEvent::TurnFinished {
+                turn: 1,
+                reply: "a".into(),
+                finish: FinishReason::Stop,
+                stats: stats(1, 1.0, 3),
+            },
+            Instant::now(),
+        ),
+    );
+    assert!(matches!(&effects[..], [Effect::Record(Event::Answer { text, .. })] if text == "a"));
+    assert_eq!(
+        update(&mut s, Msg::Key(ctrl('r')))[0],
+        Effect::Record(Event::Regenerate)
+    );
+}
+
+#[test]
+fn a_restored_session_shows_its_transcript_and_figures() {
+    let mut s = state();
+    let t = Transcript::replay(&[
+        Event::SystemPrompt {
+            text: Some("be brief".into()),
+        },
+        Event::User { text: "q".into() },
+        Event::Answer {
+            text: "a".into(),
+            finish: FinishReason::Stop,
+            stats: stats(1, 22.0, 40),
+        },
+        Event::User { text: "r".into() },
+        Event::Chunk { text: "cut".into() },
+    ]);
+    s.restore("old chat", t);
+    assert_eq!(s.title.as_deref(), Some("old chat"));
+    assert_eq!(s.system_prompt.as_deref(), Some("be brief"));
+    assert_eq!(s.context_tokens, 40);
+    assert_eq!(s.transcript.len(), 4);
+    assert!(s.transcript[3].interrupted);
+    // Regenerate answers the cut question again.
+    let effects = acts_of(&mut s, Msg::Key(ctrl('r')));
+    assert!(
+        matches!(&effects[..], [Effect::Regenerate { message, history }] if message == "r" && history.len() == 2)
+    );
 }

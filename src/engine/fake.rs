@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::context::{Conversation, Message, Role};
 use super::sampler::SamplerSettings;
-use crate::store::snapshot::KvState;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+use crate::store::snapshot::KvState;
 
 pub struct FakeEngine {
     script: VecDeque<String>,
@@ -139,7 +139,11 @@ impl Engine for FakeEngine {
     }
 
     fn restore(&mut self, state: KvState) -> Result<(), String> {
-        let bytes: [u8; 8] = state.bytes.as_slice().try_into().map_err(|_| "not a fake state")?;
+        let bytes: [u8; 8] = state
+            .bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| "not a fake state")?;
         self.kv_tokens = u64::from_le_bytes(bytes) as usize;
         Ok(())
     }

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub use context::{Conversation, Message, Role};
 use crate::store::snapshot::KvState;
+pub use context::{Conversation, Message, Role};
 pub use sampler::SamplerSettings;
 
 /// What the front ends show about the loaded model.

@@ -37,7 +37,11 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// end, the line is ended first, so the next record starts on a line of its
 /// own and the torn one stays as it was.
 pub fn open_append(path: &Path) -> std::io::Result<File> {
-    let mut f = OpenOptions::new().create(true).append(true).read(true).open(path)?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
     let len = f.metadata()?.len();
     if len > 0 {
         use std::io::{Read, Seek, SeekFrom};

@@ -113,7 +113,10 @@ impl Writer {
                 Ok(Write::Chunk(text)) => {
                     self.chunks.push_str(&text);
                     self.chunks_since.get_or_insert_with(Instant::now);
-                    if self.chunks_since.is_some_and(|t| t.elapsed() >= CHUNK_FLUSH) {
+                    if self
+                        .chunks_since
+                        .is_some_and(|t| t.elapsed() >= CHUNK_FLUSH)
+                    {
                         self.take_chunks();
                         self.flush();
                     }

@@ -125,7 +125,12 @@ impl SessionStore {
     }
 
     /// A new session folder with a fresh id.
-    pub fn create(&self, model: &str, fingerprint: Option<String>, context_limit: usize) -> Result<OpenSession> {
+    pub fn create(
+        &self,
+        model: &str,
+        fingerprint: Option<String>,
+        context_limit: usize,
+    ) -> Result<OpenSession> {
         let now = session::now_ms();
         let id = new_id();
         let meta = Meta {

@@ -138,7 +138,11 @@ impl PromptCache {
                 continue;
             }
             if std::fs::remove_file(self.path(&oldest.key)).is_ok() {
-                tracing::info!("prompt cache: evicted {} ({} bytes)", oldest.key, oldest.bytes);
+                tracing::info!(
+                    "prompt cache: evicted {} ({} bytes)",
+                    oldest.key,
+                    oldest.bytes
+                );
                 total -= oldest.bytes;
             }
         }
@@ -173,7 +177,8 @@ mod tests {
                 .write(true)
                 .open(cache.path(key))
                 .unwrap();
-            f.set_modified(old + std::time::Duration::from_secs(i as u64)).unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64))
+                .unwrap();
         }
         // Each entry is 1000 bytes plus its header: only two fit in 2500.
         let keys: Vec<_> = cache.entries().into_iter().map(|e| e.key).collect();
@@ -203,6 +208,9 @@ mod tests {
             PromptCache::key("fp", "system"),
             PromptCache::key("fp", "system")
         );
-        assert_ne!(PromptCache::key("fp", "system"), PromptCache::key("fp2", "system"));
+        assert_ne!(
+            PromptCache::key("fp", "system"),
+            PromptCache::key("fp2", "system")
+        );
     }
 }

@@ -218,7 +218,9 @@ impl OpenSession {
             self.journal = Some(open_append(&self.events_path())?);
         }
         let file = self.journal.as_mut().expect("journal open");
-        let result = file.write_all(lines.as_bytes()).and_then(|_| file.sync_data());
+        let result = file
+            .write_all(lines.as_bytes())
+            .and_then(|_| file.sync_data());
         if result.is_err() {
             self.journal = None;
         }
@@ -298,7 +300,10 @@ mod tests {
         assert!(is_locked(&path));
         let err = OpenSession::open(path.clone()).err().unwrap().to_string();
         assert!(err.contains("open in another kiln process"), "{err}");
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(_first);
         assert!(!is_locked(&path));
         OpenSession::open(path).unwrap();
@@ -318,6 +323,8 @@ mod tests {
         assert!(j.warnings[1].contains("line 3: written by a newer kiln"));
         assert!(j.warnings[2].contains("line 5: the last line was cut off"));
         // Reading never rewrites the file.
-        assert!(std::fs::read_to_string(&p).unwrap().ends_with("{\"v\":1,\"at"));
+        assert!(std::fs::read_to_string(&p)
+            .unwrap()
+            .ends_with("{\"v\":1,\"at"));
     }
 }

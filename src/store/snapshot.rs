@@ -94,7 +94,11 @@ pub fn read(path: &Path, fingerprint: &str) -> Result<KvState, SnapshotError> {
     }
     let payload_len = (bytes.len() - header_end) as u64;
     if payload_len != header.payload_len {
-        return Err(SnapshotError::Truncated(name, header.payload_len, payload_len));
+        return Err(SnapshotError::Truncated(
+            name,
+            header.payload_len,
+            payload_len,
+        ));
     }
     bytes.drain(..header_end);
     if crc32fast::hash(&bytes) != header.payload_crc32 {
@@ -164,7 +168,10 @@ mod tests {
         write(&p, "fp", &state()).unwrap();
         let good = std::fs::read(&p).unwrap();
 
-        assert!(matches!(read(&p, "other"), Err(SnapshotError::Mismatch(..))));
+        assert!(matches!(
+            read(&p, "other"),
+            Err(SnapshotError::Mismatch(..))
+        ));
 
         std::fs::write(&p, &good[..good.len() - 10]).unwrap();
         assert!(matches!(read(&p, "fp"), Err(SnapshotError::Truncated(..))));
@@ -180,7 +187,10 @@ mod tests {
 
         std::fs::write(&p, b"safetensors?").unwrap();
         let err = read(&p, "fp").unwrap_err().to_string();
-        assert!(err.ends_with("kv.snapshot: not a kiln KV snapshot"), "{err}");
+        assert!(
+            err.ends_with("kv.snapshot: not a kiln KV snapshot"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -173,7 +173,7 @@ mod tests {
             decode_tok_s: Some(decode),
             total_ms: 1000.0,
             context_tokens: context,
-        cached_tokens: 0,
+            cached_tokens: 0,
         }
     }
 

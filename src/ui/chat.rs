@@ -36,10 +36,23 @@ pub fn entry_rows(state: &State, index: usize, width: u16) -> Vec<SemLine> {
                 state.model.name.clone(),
                 bold(Tone::Assistant),
             ));
-            if entry.text.is_empty() && streaming {
+            if entry.text.is_empty() && (streaming || entry.interrupted) {
                 lines.push(SemLine::plain("…", dim));
             } else {
                 lines.extend(text::markdown(&entry.text, Sem::default()));
+            }
+            if entry.interrupted {
+                lines.push(SemLine::plain(
+                    format!(
+                        "interrupted: kiln stopped before this answer ended · {} answers again",
+                        state.keys.hint(crate::keys::Action::Regenerate)
+                    ),
+                    Sem {
+                        tone: Tone::Notice,
+                        italic: true,
+                        ..Sem::default()
+                    },
+                ));
             }
             if let Some(stats) = &entry.stats {
                 let mut footer = format!(

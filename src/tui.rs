@@ -158,9 +158,13 @@ impl Runtime {
         self.journal = Some(journal);
         self.reports = Some(reports);
 
-        let mut line = format!("resumed '{title}' ({count} messages)");
-        if let Some(w) = loaded.warnings.first() {
-            line.push_str(&format!("; {w}"));
+        let mut line = format!("resumed {count} messages");
+        match loaded.warnings.len() {
+            0 => {}
+            1 => line.push_str("; 1 damaged journal line skipped (see the log)"),
+            n => line.push_str(&format!(
+                "; {n} damaged journal lines skipped (see the log)"
+            )),
         }
         if !snapshot_path.exists() {
             line.push_str("; the model re-reads it on your next message");

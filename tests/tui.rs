@@ -64,3 +64,59 @@ async fn chat_cancel_and_quit_in_a_real_terminal() {
     let log = std::fs::read_to_string(home.path().join("logs/kiln.log")).unwrap();
     assert!(log.contains("turn 1:"), "{log}");
 }
+
+#[tokio::test]
+async fn resume_an_interrupted_example_then_the_last_session() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sessions/example-interrupted");
+    let before = std::fs::read(example.join("events.jsonl")).unwrap();
+    let run = |args: &str| {
+        format!(
+            "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 40 {args}; echo EXIT=$?; sleep 60",
+            home.path().display(),
+            env!("CARGO_BIN_EXE_kiln"),
+            model.path.display()
+        )
+    };
+
+    let tmux = common::Tmux::start(
+        "resume1",
+        160,
+        40,
+        &run(&format!("resume {}", example.display())),
+    );
+    let screen = tmux.wait_for("the interrupted example", 60, |s| {
+        s.contains("interrupted: kiln")
+    });
+    assert!(screen.contains("Why does my glaze crawl?"), "{screen}");
+    assert!(
+        screen.contains("1 damaged journal line skipped"),
+        "{screen}"
+    );
+    // Answer the cut question again.
+    tmux.send(&["C-r"]);
+    tmux.wait_for("the new answer", 120, |s| {
+        s.contains(" tok · ") && s.contains("idle")
+    });
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
+    drop(tmux);
+    assert_eq!(
+        std::fs::read(example.join("events.jsonl")).unwrap(),
+        before,
+        "the repository's example is never written to"
+    );
+
+    let tmux = common::Tmux::start("resume2", 160, 40, &run("resume --last"));
+    let screen = tmux.wait_for("the resumed session", 60, |s| s.contains("resumed"));
+    assert!(screen.contains("Why does my glaze crawl?"), "{screen}");
+    assert!(screen.contains("KV snapshot loaded"), "{screen}");
+    assert!(
+        !screen.contains("interrupted: kiln"),
+        "regenerated: {screen}"
+    );
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
+}

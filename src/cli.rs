@@ -177,6 +177,9 @@ pub struct BenchArgs {
     /// Measure drawing a 1,000-message conversation at 160x48 instead.
     #[arg(long)]
     pub render: bool,
+    /// Measure the prompt cache and KV snapshots instead.
+    #[arg(long)]
+    pub cache: bool,
 }
 
 #[derive(Debug, Args)]

@@ -29,10 +29,11 @@ pub enum Action {
     CopyLast,
     Help,
     TogglePanels,
+    Sessions,
 }
 
 impl Action {
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 19] = [
         Action::Send,
         Action::Newline,
         Action::Cancel,
@@ -51,6 +52,7 @@ impl Action {
         Action::CopyLast,
         Action::Help,
         Action::TogglePanels,
+        Action::Sessions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +75,7 @@ impl Action {
             Action::CopyLast => "copy_last",
             Action::Help => "help",
             Action::TogglePanels => "toggle_panels",
+            Action::Sessions => "sessions",
         }
     }
 
@@ -96,6 +99,7 @@ impl Action {
             Action::CopyLast => "copy the last answer (OSC 52, works over SSH)",
             Action::Help => "this help (?: when the input is empty)",
             Action::TogglePanels => "side panels: full or a one-line summary",
+            Action::Sessions => "open another session (type to filter)",
         }
     }
 
@@ -121,6 +125,7 @@ impl Action {
             Action::CopyLast => &["ctrl-o"],
             Action::Help => &["f1", "?"],
             Action::TogglePanels => &["ctrl-g"],
+            Action::Sessions => &["ctrl-s"],
         }
     }
 }

@@ -17,7 +17,7 @@ use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::app::{self, Effect, Msg, State};
+use crate::app::{self, Effect, Msg, PickerItem, State};
 use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
@@ -231,7 +231,7 @@ impl Runtime {
         self.journal.as_ref()
     }
 
-    fn perform(&mut self, effect: Effect, state: &mut State) {
+    async fn perform(&mut self, effect: Effect, state: &mut State) {
         match effect {
             Effect::Chat(text) => {
                 self.engine.chat(text);
@@ -253,8 +253,39 @@ impl Runtime {
                     j.chunk(text);
                 }
             }
+            Effect::ListSessions => {
+                let items = picker_items(&self.store);
+                for effect in app::update(state, Msg::Sessions(items)) {
+                    Box::pin(self.perform(effect, state)).await;
+                }
+            }
+            Effect::OpenSession(dir) => self.switch(state, dir).await,
             Effect::Quit => {}
         }
+    }
+
+    /// Leave the current session (its KV snapshot and journal saved) for
+    /// another one.
+    async fn switch(&mut self, state: &mut State, dir: std::path::PathBuf) {
+        if self.journal.as_ref().is_some_and(|j| j.dir == dir) {
+            return;
+        }
+        let opened = self
+            .store
+            .load(&dir)
+            .and_then(|loaded| Ok((loaded, self.store.open_for_resume(&dir)?)));
+        let (loaded, open) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                state.notice = Some(e.to_string());
+                return;
+            }
+        };
+        self.close().await;
+        self.engine.send(EngineCommand::Reset);
+        self.engine
+            .send(EngineCommand::SetSystemPrompt(loaded.transcript.system_prompt.clone()));
+        state.notice = Some(self.resume(state, loaded, open, &dir).await);
     }
 
     /// On the way out: the KV snapshot for a fast resume, then every journal
@@ -285,6 +316,31 @@ impl Runtime {
         }
         let _ = tokio::task::spawn_blocking(move || journal.close()).await;
     }
+}
+
+/// Every saved session, for the picker.
+fn picker_items(store: &SessionStore) -> Vec<PickerItem> {
+    store
+        .list()
+        .into_iter()
+        .filter_map(|l| {
+            let meta = l.meta?;
+            let loaded = store.load(&l.dir).ok()?;
+            let entries = &loaded.transcript.entries;
+            let text = entries
+                .iter()
+                .map(|e| e.text.to_lowercase())
+                .collect::<Vec<_>>()
+                .join("\n");
+            Some(PickerItem {
+                dir: l.dir,
+                title: meta.title,
+                updated: crate::store::display_time(meta.updated_ms),
+                messages: Transcript::messages(entries).len(),
+                text,
+            })
+        })
+        .collect()
 }
 
 async fn next_report(reports: &mut Option<mpsc::UnboundedReceiver<Report>>) -> Option<Report> {
@@ -399,7 +455,7 @@ async fn run_terminal(
             _ = tokio::time::sleep_until(next_frame), if dirty => continue,
         };
         for effect in app::update(&mut state, msg) {
-            runtime.perform(effect, &mut state);
+            runtime.perform(effect, &mut state).await;
         }
         dirty = true;
     }

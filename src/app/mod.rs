@@ -34,6 +34,45 @@ pub enum Mode {
     Help,
     EditSystem,
     ConfirmQuit,
+    Picker,
+}
+
+/// A saved session as the picker lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickerItem {
+    pub dir: std::path::PathBuf,
+    pub title: String,
+    pub updated: String,
+    pub messages: usize,
+    /// Lower-cased text of the conversation, for filtering by content.
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Picker {
+    pub filter: String,
+    pub items: Vec<PickerItem>,
+    pub selected: usize,
+}
+
+impl Picker {
+    /// Items whose title or conversation holds every word of the filter.
+    pub fn visible(&self) -> Vec<&PickerItem> {
+        let words: Vec<String> = self
+            .filter
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .collect();
+        self.items
+            .iter()
+            .filter(|i| {
+                let title = i.title.to_lowercase();
+                words
+                    .iter()
+                    .all(|w| title.contains(w.as_str()) || i.text.contains(w.as_str()))
+            })
+            .collect()
+    }
 }
 
 /// The answer being generated.
@@ -72,6 +111,10 @@ pub enum Effect {
     Record(Event),
     /// Streamed answer text, journaled in batches.
     RecordChunk(String),
+    /// Read the saved sessions for the picker (answered by `Msg::Sessions`).
+    ListSessions,
+    /// Leave this session for the one in this folder.
+    OpenSession(std::path::PathBuf),
     Quit,
 }
 
@@ -85,6 +128,7 @@ pub enum Msg {
     Engine(EngineEvent, Instant),
     Telemetry(Sample),
     Journal(Report),
+    Sessions(Vec<PickerItem>),
 }
 
 #[derive(Clone)]
@@ -102,6 +146,7 @@ pub struct State {
     pub scroll: Scroll,
     pub unseen_output: bool,
     pub mode: Mode,
+    pub picker: Picker,
     pub panels: Panels,
     pub size: (u16, u16),
     pub telemetry: Sample,
@@ -136,6 +181,7 @@ impl State {
             scroll: Scroll::Follow,
             unseen_output: false,
             mode: Mode::Chat,
+            picker: Picker::default(),
             panels: Panels::Auto,
             size: (80, 24),
             telemetry: Sample::default(),
@@ -263,6 +309,15 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::Engine(event, at) => on_engine(state, event, at),
         Msg::Telemetry(sample) => on_sample(state, sample),
+        Msg::Sessions(items) => {
+            state.picker = Picker {
+                filter: String::new(),
+                items,
+                selected: 0,
+            };
+            state.mode = Mode::Picker;
+            Vec::new()
+        }
         Msg::Journal(report) => {
             state.notice = Some(match report {
                 Report::Failed(e) => e,
@@ -290,6 +345,7 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             }
             Vec::new()
         }
+        Mode::Picker => on_picker_key(state, action, key),
         Mode::ConfirmQuit => match (action, key.code) {
             (Some(Action::Interrupt | Action::Quit), _)
             | (_, KeyCode::Char('y' | 'Y' | 'q'))
@@ -464,6 +520,13 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             state.mode = Mode::Help;
             Vec::new()
         }
+        Action::Sessions => {
+            if state.generating() {
+                state.notice = Some("still answering".into());
+                return Vec::new();
+            }
+            vec![Effect::ListSessions]
+        }
         Action::TogglePanels => {
             state.panels = if state.full_panels() {
                 Panels::Summary
@@ -473,6 +536,41 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             Vec::new()
         }
     }
+}
+
+fn on_picker_key(state: &mut State, action: Option<Action>, key: KeyEvent) -> Vec<Effect> {
+    let count = state.picker.visible().len();
+    match (action, key.code) {
+        (Some(Action::Cancel | Action::Interrupt | Action::Sessions), _) => {
+            state.mode = Mode::Chat;
+        }
+        (Some(Action::Quit), _) => return quit(state),
+        (_, KeyCode::Enter) => {
+            let chosen = state
+                .picker
+                .visible()
+                .get(state.picker.selected)
+                .map(|i| i.dir.clone());
+            state.mode = Mode::Chat;
+            if let Some(dir) = chosen {
+                return vec![Effect::OpenSession(dir)];
+            }
+        }
+        (_, KeyCode::Up) => state.picker.selected = state.picker.selected.saturating_sub(1),
+        (_, KeyCode::Down) => {
+            state.picker.selected = (state.picker.selected + 1).min(count.saturating_sub(1))
+        }
+        (_, KeyCode::Backspace) => {
+            state.picker.filter.pop();
+            state.picker.selected = 0;
+        }
+        (_, KeyCode::Char(c)) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
+            state.picker.filter.push(c);
+            state.picker.selected = 0;
+        }
+        _ => {}
+    }
+    Vec::new()
 }
 
 fn send(state: &mut State) -> Vec<Effect> {

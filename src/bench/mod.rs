@@ -5,6 +5,7 @@
 //! end-of-turn token so every run decodes the same number of tokens. One
 //! warm-up run is made and not counted.
 
+mod cache;
 mod render;
 mod sampler;
 
@@ -67,6 +68,9 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     if args.render {
         return render::run(args.runs, args.json);
     }
+    if args.cache {
+        return cache::run(args.runs, args.json, common).await;
+    }
     if args.runs == 0 || args.gen_tokens < 2 || args.prompt_tokens == 0 {
         return Err(KilnError::BadArgument(
             "bench needs --runs >= 1, --gen-tokens >= 2 and --prompt-tokens >= 1".into(),
@@ -126,7 +130,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     Ok(0)
 }
 
-async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<GenStats> {
+pub(crate) async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<GenStats> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     engine
         .chat(turn, prompt.to_string(), &tx, &CancelFlag::default())
@@ -144,7 +148,7 @@ async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<G
 
 /// A prompt of about `target` tokens: numbered, varied sentences, so the
 /// tokenizer sees ordinary prose rather than one repeated token.
-fn build_prompt(engine: &KalosmEngine, target: usize) -> String {
+pub(crate) fn build_prompt(engine: &KalosmEngine, target: usize) -> String {
     const TOPICS: &[&str] = &[
         "the kiln reached its firing temperature after a slow climb through the night",
         "glazes change colour as the oxygen in the chamber is reduced",

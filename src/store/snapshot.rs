@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::atomic::write_atomic;
+use super::atomic::write_atomic_parts;
 
 const MAGIC: &[u8; 8] = b"KILNKV\x00\x01";
 /// A header larger than this is damage, not a header.
@@ -59,32 +59,33 @@ pub fn write(path: &Path, fingerprint: &str, state: &KvState) -> std::io::Result
         payload_crc32: crc32fast::hash(&state.bytes),
     };
     let header = serde_json::to_vec(&header).expect("header serializes");
-    let mut out = Vec::with_capacity(12 + header.len() + state.bytes.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&state.bytes);
-    write_atomic(path, &out)?;
-    Ok(out.len() as u64)
+    let len = (header.len() as u32).to_le_bytes();
+    write_atomic_parts(path, &[MAGIC, &len, &header, &state.bytes])?;
+    Ok((12 + header.len() + state.bytes.len()) as u64)
 }
 
 /// Read and check a snapshot made for `fingerprint`.
 pub fn read(path: &Path, fingerprint: &str) -> Result<KvState, SnapshotError> {
     let name = path.display().to_string();
-    let mut file = std::fs::File::open(path).map_err(|e| SnapshotError::Io(name.clone(), e))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| SnapshotError::Io(name.clone(), e))?;
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+    let io = |e| SnapshotError::Io(name.clone(), e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut head = [0u8; 12];
+    if file_len < 12 {
         return Err(SnapshotError::NotSnapshot(name));
     }
-    let header_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    let header_end = 12 + header_len as usize;
-    if header_len > MAX_HEADER || bytes.len() < header_end {
+    file.read_exact(&mut head).map_err(io)?;
+    if &head[..8] != MAGIC {
+        return Err(SnapshotError::NotSnapshot(name));
+    }
+    let header_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if header_len > MAX_HEADER || file_len < 12 + header_len as u64 {
         return Err(SnapshotError::BadHeader(name));
     }
-    let header: Header = serde_json::from_slice(&bytes[12..header_end])
-        .map_err(|_| SnapshotError::BadHeader(name.clone()))?;
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: Header =
+        serde_json::from_slice(&header).map_err(|_| SnapshotError::BadHeader(name.clone()))?;
     if header.fingerprint != fingerprint {
         return Err(SnapshotError::Mismatch(
             name,
@@ -92,15 +93,13 @@ pub fn read(path: &Path, fingerprint: &str) -> Result<KvState, SnapshotError> {
             fingerprint.to_string(),
         ));
     }
-    let payload_len = (bytes.len() - header_end) as u64;
+    let payload_len = file_len - 12 - header_len as u64;
     if payload_len != header.payload_len {
-        return Err(SnapshotError::Truncated(
-            name,
-            header.payload_len,
-            payload_len,
-        ));
+        return Err(SnapshotError::Truncated(name, header.payload_len, payload_len));
     }
-    bytes.drain(..header_end);
+    // Read straight into a buffer of the right size: no second copy.
+    let mut bytes = Vec::with_capacity(payload_len as usize);
+    file.take(payload_len).read_to_end(&mut bytes).map_err(io)?;
     if crc32fast::hash(&bytes) != header.payload_crc32 {
         return Err(SnapshotError::Checksum(name));
     }

@@ -1,4 +1,5 @@
-//! Overlays: the key help, the quit question and the system-prompt editor.
+//! Overlays: the key help, the quit question, the system-prompt editor and
+//! the session picker.
 
 use ratatui::layout::{Constraint, Flex, Layout, Rect};
 use ratatui::style::Modifier;
@@ -101,4 +102,51 @@ pub fn render_system_editor(frame: &mut Frame, area: Rect, state: &State, theme:
     editor.set_style(theme.fg(Slot::Text));
     editor.set_cursor_line_style(ratatui::style::Style::default());
     frame.render_widget(&editor, popup);
+}
+
+pub fn render_picker(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
+    let popup = centered(area, 100, area.height.saturating_sub(4).max(5));
+    frame.render_widget(Clear, popup);
+    let block = super::panel_block(
+        "sessions · type to filter · Enter opens · Esc closes",
+        theme.fg(Slot::BorderActive),
+        theme,
+    );
+    let inner = block.inner(popup);
+    frame.render_widget(block, popup);
+    let visible = state.picker.visible();
+    let mut lines = vec![
+        Line::from(vec![
+            Span::styled("filter: ", theme.fg(Slot::Dim)),
+            Span::styled(state.picker.filter.clone(), theme.fg(Slot::Text)),
+            Span::styled("▏", theme.fg(Slot::Accent)),
+        ]),
+        Line::default(),
+    ];
+    if visible.is_empty() {
+        lines.push(Line::styled(
+            if state.picker.items.is_empty() {
+                "no saved sessions yet"
+            } else {
+                "no session matches"
+            },
+            theme.fg(Slot::Dim),
+        ));
+    }
+    let rows = (inner.height as usize).saturating_sub(2).max(1);
+    // Keep the selection in view.
+    let first = state.picker.selected.saturating_sub(rows - 1);
+    for (i, item) in visible.iter().enumerate().skip(first).take(rows) {
+        let text = format!(
+            "{:<22} {:>4} msgs  {}",
+            item.updated, item.messages, item.title
+        );
+        let style = if i == state.picker.selected {
+            theme.fg(Slot::Accent).add_modifier(Modifier::REVERSED)
+        } else {
+            theme.fg(Slot::Text)
+        };
+        lines.push(Line::styled(text, style));
+    }
+    frame.render_widget(Paragraph::new(lines), inner);
 }

@@ -111,6 +111,7 @@ pub fn render(frame: &mut Frame, state: &State, theme: &Theme) {
         Mode::Help => help::render_help(frame, area, state, theme),
         Mode::ConfirmQuit => help::render_confirm_quit(frame, area, state, theme),
         Mode::EditSystem => help::render_system_editor(frame, area, state, theme),
+        Mode::Picker => help::render_picker(frame, area, state, theme),
         Mode::Chat => {}
     }
 }

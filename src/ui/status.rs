@@ -17,6 +17,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         Mode::Help => "help",
         Mode::EditSystem => "system prompt",
         Mode::ConfirmQuit => "quit?",
+        Mode::Picker => "sessions",
     };
     let ctx = format!(
         "ctx {}/{}",

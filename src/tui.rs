@@ -283,8 +283,9 @@ impl Runtime {
         };
         self.close().await;
         self.engine.send(EngineCommand::Reset);
-        self.engine
-            .send(EngineCommand::SetSystemPrompt(loaded.transcript.system_prompt.clone()));
+        self.engine.send(EngineCommand::SetSystemPrompt(
+            loaded.transcript.system_prompt.clone(),
+        ));
         state.notice = Some(self.resume(state, loaded, open, &dir).await);
     }
 

@@ -530,3 +530,58 @@ fn a_restored_session_shows_its_transcript_and_figures() {
         matches!(&effects[..], [Effect::Regenerate { message, history }] if message == "r" && history.len() == 2)
     );
 }
+
+fn item(title: &str, text: &str) -> PickerItem {
+    PickerItem {
+        dir: std::path::PathBuf::from(format!("/s/{title}")),
+        title: title.into(),
+        updated: "2026-11-24 06:30 UTC".into(),
+        messages: 2,
+        text: text.to_lowercase(),
+    }
+}
+
+#[test]
+fn the_session_picker_filters_by_title_and_content_and_opens_the_choice() {
+    let mut s = state();
+    assert_eq!(
+        acts_of(&mut s, Msg::Key(ctrl('s'))),
+        vec![Effect::ListSessions]
+    );
+    update(
+        &mut s,
+        Msg::Sessions(vec![
+            item("Firing bisque", "how hot is a bisque firing?"),
+            item("Glaze crawling", "why does my glaze crawl? dust or oil"),
+            item("Kiln wiring", "which element gauge"),
+        ]),
+    );
+    assert_eq!(s.mode, Mode::Picker);
+    assert_eq!(s.picker.visible().len(), 3);
+    type_text(&mut s, "OIL");
+    let titles: Vec<_> = s.picker.visible().iter().map(|i| i.title.clone()).collect();
+    assert_eq!(
+        titles,
+        ["Glaze crawling"],
+        "content matches, case-insensitive"
+    );
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Backspace));
+    type_text(&mut s, "kiln");
+    assert_eq!(s.picker.visible()[0].title, "Kiln wiring");
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Backspace));
+    update(&mut s, key(KeyCode::Down));
+    assert_eq!(
+        acts_of(&mut s, key(KeyCode::Enter)),
+        vec![Effect::OpenSession("/s/Glaze crawling".into())]
+    );
+    assert_eq!(s.mode, Mode::Chat);
+    // Esc closes without opening anything.
+    update(&mut s, Msg::Sessions(vec![item("a", "b")]));
+    assert!(acts_of(&mut s, key(KeyCode::Esc)).is_empty());
+    assert_eq!(s.mode, Mode::Chat);
+}

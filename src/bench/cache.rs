@@ -60,7 +60,9 @@ pub async fn run(runs: usize, json: bool, common: &Common) -> Result<i32> {
     })
     .await?;
     let Some(fingerprint) = launched.fingerprint.clone() else {
-        return Err(KilnError::Engine("the model file cannot be fingerprinted".into()));
+        return Err(KilnError::Engine(
+            "the model file cannot be fingerprinted".into(),
+        ));
     };
     let cache = PromptCache::new(cache_dir, u64::MAX);
     let mut engine = launched.engine;
@@ -102,7 +104,10 @@ pub async fn run(runs: usize, json: bool, common: &Common) -> Result<i32> {
         resume_1000_messages_ms: resume_time(scratch.path())?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializes")
+        );
     } else {
         print_report(&report);
     }
@@ -128,11 +133,7 @@ fn mb_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / 1e6 / seconds.max(1e-9)
 }
 
-fn io_figures(
-    cache: &PromptCache,
-    fingerprint: &str,
-    scratch: &Path,
-) -> Result<IoFigures> {
+fn io_figures(cache: &PromptCache, fingerprint: &str, scratch: &Path) -> Result<IoFigures> {
     let io = |e| KilnError::io("bench", e);
     let entry = cache
         .entries()
@@ -198,7 +199,11 @@ fn resume_time(scratch: &Path) -> Result<f64> {
         lines.push_str(&encode(&Event::User {
             text: format!("Question {i}: how should I fire a piece this size?"),
         }));
-        for part in ["A slow ramp to 600 °C, ", "then full speed to cone 6, ", "then a slow cool."] {
+        for part in [
+            "A slow ramp to 600 °C, ",
+            "then full speed to cone 6, ",
+            "then a slow cool.",
+        ] {
             lines.push_str(&encode(&Event::Chunk { text: part.into() }));
         }
         lines.push_str(&encode(&Event::Answer {
@@ -217,7 +222,10 @@ fn resume_time(scratch: &Path) -> Result<f64> {
     let messages = Transcript::messages(&loaded.transcript.entries);
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     if messages.len() != 1000 {
-        return Err(KilnError::Engine(format!("{} messages read back", messages.len())));
+        return Err(KilnError::Engine(format!(
+            "{} messages read back",
+            messages.len()
+        )));
     }
     Ok(ms)
 }

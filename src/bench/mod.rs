@@ -130,7 +130,11 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     Ok(0)
 }
 
-pub(crate) async fn one_run(engine: &mut KalosmEngine, turn: u64, prompt: &str) -> Result<GenStats> {
+pub(crate) async fn one_run(
+    engine: &mut KalosmEngine,
+    turn: u64,
+    prompt: &str,
+) -> Result<GenStats> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     engine
         .chat(turn, prompt.to_string(), &tx, &CancelFlag::default())

@@ -95,7 +95,11 @@ pub fn read(path: &Path, fingerprint: &str) -> Result<KvState, SnapshotError> {
     }
     let payload_len = file_len - 12 - header_len as u64;
     if payload_len != header.payload_len {
-        return Err(SnapshotError::Truncated(name, header.payload_len, payload_len));
+        return Err(SnapshotError::Truncated(
+            name,
+            header.payload_len,
+            payload_len,
+        ));
     }
     // Read straight into a buffer of the right size: no second copy.
     let mut bytes = Vec::with_capacity(payload_len as usize);

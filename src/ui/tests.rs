@@ -346,3 +346,25 @@ async fn a_fake_engine_conversation_reaches_the_screen() {
     assert!(screen.contains("Kilns fire clay into ceramic."), "{screen}");
     assert!(screen.contains("5 tok ·"), "{screen}");
 }
+
+#[test]
+fn session_picker() {
+    let mut s = conversation(100, 30);
+    let items = ["Firing bisque ware", "Glaze crawling", "Kiln wiring"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| crate::app::PickerItem {
+            dir: format!("/s/{i}").into(),
+            title: t.to_string(),
+            updated: format!("2026-11-2{i} 06:30 UTC"),
+            messages: 2 * (i + 1),
+            text: String::new(),
+        })
+        .collect();
+    update(&mut s, Msg::Sessions(items));
+    update(
+        &mut s,
+        Msg::Key(KeyEvent::new(KeyCode::Down, KeyModifiers::NONE)),
+    );
+    insta::assert_snapshot!(draw(&s, 100, 30).backend());
+}

@@ -30,10 +30,11 @@ pub enum Action {
     Help,
     TogglePanels,
     Sessions,
+    Continue,
 }
 
 impl Action {
-    pub const ALL: [Action; 19] = [
+    pub const ALL: [Action; 20] = [
         Action::Send,
         Action::Newline,
         Action::Cancel,
@@ -48,6 +49,7 @@ impl Action {
         Action::HistoryPrev,
         Action::HistoryNext,
         Action::Regenerate,
+        Action::Continue,
         Action::EditSystem,
         Action::CopyLast,
         Action::Help,
@@ -76,6 +78,7 @@ impl Action {
             Action::Help => "help",
             Action::TogglePanels => "toggle_panels",
             Action::Sessions => "sessions",
+            Action::Continue => "continue",
         }
     }
 
@@ -100,6 +103,7 @@ impl Action {
             Action::Help => "this help (?: when the input is empty)",
             Action::TogglePanels => "side panels: full or a one-line summary",
             Action::Sessions => "open another session (type to filter)",
+            Action::Continue => "continue an interrupted or stopped answer",
         }
     }
 
@@ -126,6 +130,7 @@ impl Action {
             Action::Help => &["f1", "?"],
             Action::TogglePanels => &["ctrl-g"],
             Action::Sessions => &["ctrl-s"],
+            Action::Continue => &["alt-c"],
         }
     }
 }

@@ -87,6 +87,16 @@ impl Transcript {
                     .entries
                     .push(Entry::new(EntryKind::Notice, message.clone())),
                 Event::SystemPrompt { text } => t.system_prompt = text.clone(),
+                Event::Continue => {
+                    if let Some(i) = t
+                        .entries
+                        .iter()
+                        .rposition(|e| e.kind == EntryKind::Assistant)
+                    {
+                        pending = Some(t.entries.remove(i).text);
+                        awaiting_answer = true;
+                    }
+                }
                 Event::Regenerate => {
                     pending = None;
                     if let Some(i) = t
@@ -210,6 +220,23 @@ mod tests {
                 (EntryKind::Assistant, false)
             ]
         );
+    }
+
+    #[test]
+    fn a_continued_answer_grows_and_can_be_cut_again() {
+        let t = Transcript::replay(&[user("a"), chunk("one "), Event::Continue, chunk("two ")]);
+        assert_eq!(t.entries.len(), 2);
+        assert_eq!(t.entries[1].text, "one two ");
+        assert!(t.entries[1].interrupted);
+        let t = Transcript::replay(&[
+            user("a"),
+            chunk("one "),
+            Event::Continue,
+            chunk("two"),
+            answer("one two"),
+        ]);
+        assert_eq!(t.entries[1].text, "one two");
+        assert!(!t.entries[1].interrupted);
     }
 
     #[test]

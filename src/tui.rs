@@ -240,6 +240,10 @@ impl Runtime {
                 self.engine.send(EngineCommand::SetHistory(history));
                 self.engine.chat(message);
             }
+            Effect::Continue { history } => {
+                self.engine.send(EngineCommand::SetHistory(history));
+                self.engine.continue_last();
+            }
             Effect::Cancel => self.engine.cancel(),
             Effect::SetSystemPrompt(p) => self.engine.send(EngineCommand::SetSystemPrompt(p)),
             Effect::Copy(text) => copy_osc52(&text),

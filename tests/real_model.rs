@@ -179,3 +179,26 @@ async fn a_full_context_drops_the_oldest_turns() {
     // and the engine is still usable afterwards
     assert_eq!(ask(&h, &mut rx, "Hi").await.error, None);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_answer_is_continued_where_it_stopped() {
+    let (h, mut rx) = spawned(EngineOptions {
+        sampler: greedy(8),
+        ..Default::default()
+    })
+    .await;
+    let first = ask(&h, &mut rx, "Count from one to twenty in words.").await;
+    assert_eq!(first.finish, Some(FinishReason::MaxTokens));
+    let turn = h.continue_last();
+    let more = collect(&mut rx, turn).await;
+    assert_eq!(more.error, None);
+    assert!(
+        more.reply.starts_with(&first.reply) && more.reply.len() > first.reply.len(),
+        "{:?} then {:?}",
+        first.reply,
+        more.reply
+    );
+    // What streamed is only the new part.
+    assert_eq!(format!("{}{}", first.reply, more.streamed()), more.reply);
+    assert!(more.stats.completion_tokens > 0);
+}

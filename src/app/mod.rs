@@ -103,6 +103,11 @@ pub enum Effect {
         history: Vec<Message>,
         message: String,
     },
+    /// Replace the engine's conversation (ending with the cut answer), then
+    /// continue that answer.
+    Continue {
+        history: Vec<Message>,
+    },
     Cancel,
     SetSystemPrompt(Option<String>),
     /// Put text on the clipboard through the terminal (OSC 52).
@@ -476,6 +481,7 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             Vec::new()
         }
         Action::Regenerate => regenerate(state),
+        Action::Continue => continue_answer(state),
         Action::EditSystem => {
             state.system_editor = TextArea::new(
                 state
@@ -596,17 +602,21 @@ fn send(state: &mut State) -> Vec<Effect> {
     }
     state.push_entry(Entry::new(EntryKind::User, text.clone()));
     start_generation(state);
-    // Sending means the user wants to see the answer.
-    state.scroll = Scroll::Follow;
-    state.unseen_output = false;
     vec![
         Effect::Record(Event::User { text: text.clone() }),
         Effect::Chat(text),
     ]
 }
 
+/// A new, empty answer at the end of the transcript, generating.
 fn start_generation(state: &mut State) {
     state.transcript.push(Entry::new(EntryKind::Assistant, ""));
+    generate_into_last(state);
+}
+
+/// The transcript's last entry receives the tokens that arrive next, and
+/// the view follows it.
+fn generate_into_last(state: &mut State) {
     state.generation = Some(Generation {
         entry: state.transcript.len() - 1,
         first_token_at: None,
@@ -614,6 +624,8 @@ fn start_generation(state: &mut State) {
         live_tok_s: None,
         cancelling: false,
     });
+    state.scroll = Scroll::Follow;
+    state.unseen_output = false;
 }
 
 fn cancel(state: &mut State) -> Vec<Effect> {
@@ -659,11 +671,43 @@ fn regenerate(state: &mut State) -> Vec<Effect> {
         h
     };
     start_generation(state);
-    state.scroll = Scroll::Follow;
-    state.unseen_output = false;
     vec![
         Effect::Record(Event::Regenerate),
         Effect::Regenerate { history, message },
+    ]
+}
+
+fn continue_answer(state: &mut State) -> Vec<Effect> {
+    if state.generating() {
+        state.notice = Some("still answering".into());
+        return Vec::new();
+    }
+    let cut = state.transcript.last().is_some_and(|e| {
+        e.kind == EntryKind::Assistant
+            && !e.text.is_empty()
+            && (e.interrupted
+                || matches!(
+                    e.finish,
+                    Some(FinishReason::Cancelled | FinishReason::MaxTokens)
+                ))
+    });
+    if !cut {
+        state.notice = Some(format!(
+            "no cut-off answer to continue; {} answers again",
+            state.keys.hint(Action::Regenerate)
+        ));
+        return Vec::new();
+    }
+    let history = state.conversation();
+    if let Some(e) = state.transcript.last_mut() {
+        e.interrupted = false;
+        e.finish = None;
+        e.stats = None;
+    }
+    generate_into_last(state);
+    vec![
+        Effect::Record(Event::Continue),
+        Effect::Continue { history },
     ]
 }
 

@@ -585,3 +585,40 @@ fn the_session_picker_filters_by_title_and_content_and_opens_the_choice() {
     assert!(acts_of(&mut s, key(KeyCode::Esc)).is_empty());
     assert_eq!(s.mode, Mode::Chat);
 }
+
+#[test]
+fn continue_extends_a_cut_answer() {
+    let mut s = state();
+    // Nothing to continue yet.
+    assert!(acts_of(&mut s, key_alt('c')).is_empty());
+    type_text(&mut s, "q");
+    update(&mut s, key(KeyCode::Enter));
+    engine(
+        &mut s,
+        EngineEvent::TurnFinished {
+            turn: 1,
+            reply: "the start".into(),
+            finish: FinishReason::MaxTokens,
+            stats: stats(2, 10.0, 10),
+        },
+    );
+    let effects = update(&mut s, key_alt('c'));
+    assert_eq!(effects[0], Effect::Record(Event::Continue));
+    assert!(
+        matches!(&effects[1], Effect::Continue { history } if history.len() == 2 && history[1].content == "the start")
+    );
+    assert!(s.generating());
+    engine(
+        &mut s,
+        EngineEvent::Token {
+            turn: 2,
+            text: " and more".into(),
+        },
+    );
+    assert_eq!(s.transcript[1].text, "the start and more");
+    assert_eq!(s.transcript.len(), 2, "the same entry grows");
+}
+
+fn key_alt(c: char) -> Msg {
+    Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::ALT))
+}

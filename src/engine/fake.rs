@@ -32,44 +32,27 @@ impl FakeEngine {
         }
     }
 
-    /// Pause between streamed words, to test cancellation and live rates.
-    pub fn with_delay(mut self, delay: Duration) -> Self {
-        self.delay = delay;
-        self
-    }
-}
-
-fn words(text: &str) -> usize {
-    text.split_whitespace().count()
-}
-
-impl Engine for FakeEngine {
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            name: "fake".into(),
-            engine: "fake".into(),
-            architecture: "scripted".into(),
-            path: None,
-            context_limit: self.context_limit,
-        }
-    }
-
-    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+    /// Stream `text` word by word as turn `turn`; `TurnFinished` carries
+    /// `earlier` and the streamed text. Returns the streamed text.
+    async fn stream(
+        &mut self,
+        turn: u64,
+        prompt_tokens: usize,
+        text: &str,
+        earlier: &str,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> String {
         let started = Instant::now();
-        let prompt_tokens = words(&message);
         let _ = out.send(EngineEvent::TurnStarted {
             turn,
             prompt_tokens,
             reused_tokens: self.kv_tokens,
         });
-        let reply_text = self
-            .script
-            .pop_front()
-            .unwrap_or_else(|| format!("echo: {message}"));
         let mut reply = String::new();
         let mut finish = FinishReason::Stop;
         let mut first_at = None;
-        for (i, word) in reply_text.split_inclusive(' ').enumerate() {
+        for (i, word) in text.split_inclusive(' ').enumerate() {
             if cancel.is_cancelled(turn) {
                 finish = FinishReason::Cancelled;
                 break;
@@ -105,18 +88,72 @@ impl Engine for FakeEngine {
             cached_tokens: 0,
         };
         self.kv_tokens = stats.context_tokens;
+        let _ = out.send(EngineEvent::TurnFinished {
+            turn,
+            reply: format!("{earlier}{reply}"),
+            finish,
+            stats,
+        });
+        reply
+    }
+
+    /// Pause between streamed words, to test cancellation and live rates.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+fn words(text: &str) -> usize {
+    text.split_whitespace().count()
+}
+
+impl Engine for FakeEngine {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: "fake".into(),
+            engine: "fake".into(),
+            architecture: "scripted".into(),
+            path: None,
+            context_limit: self.context_limit,
+        }
+    }
+
+    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+        let text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| format!("echo: {message}"));
+        let reply = self
+            .stream(turn, words(&message), &text, "", out, cancel)
+            .await;
         self.conversation
             .messages
             .push(Message::new(Role::User, message));
         self.conversation
             .messages
-            .push(Message::new(Role::Assistant, reply.clone()));
-        let _ = out.send(EngineEvent::TurnFinished {
-            turn,
-            reply,
-            finish,
-            stats,
-        });
+            .push(Message::new(Role::Assistant, reply));
+    }
+
+    async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {
+        let earlier = match self.conversation.messages.last() {
+            Some(m) if m.role == Role::Assistant => m.content.clone(),
+            _ => {
+                let _ = out.send(EngineEvent::TurnFailed {
+                    turn,
+                    error: "there is no answer to continue".into(),
+                });
+                return;
+            }
+        };
+        let text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| "and so on.".into());
+        let more = self.stream(turn, 0, &text, &earlier, out, cancel).await;
+        if let Some(m) = self.conversation.messages.last_mut() {
+            m.content.push_str(&more);
+        }
     }
 
     fn set_system_prompt(&mut self, prompt: Option<String>) {

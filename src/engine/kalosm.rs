@@ -284,16 +284,89 @@ impl KalosmEngine {
                 limit,
             });
         }
+        match self.generate(turn, plan.prompt, "", out, cancel).await {
+            Ok((reply, _)) => {
+                self.conv.messages.push(Message::new(Role::User, message));
+                self.conv
+                    .messages
+                    .push(Message::new(Role::Assistant, reply));
+                Ok(())
+            }
+            Err(e) => {
+                self.conv.messages.push(Message::new(Role::User, message));
+                Err(e)
+            }
+        }
+    }
+
+    /// Continue the conversation's last answer from where it was cut off:
+    /// the prompt ends with the partial answer instead of a new question.
+    async fn run_continue(
+        &mut self,
+        turn: u64,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> std::result::Result<(), String> {
+        let Some(last) = self
+            .conv
+            .messages
+            .last()
+            .filter(|m| m.role == Role::Assistant)
+            .cloned()
+        else {
+            return Err("there is no answer to continue".into());
+        };
+        let head = &self.conv.messages[..self.conv.messages.len() - 1];
+        let messages: Vec<Message> = self
+            .conv
+            .system
+            .iter()
+            .map(|s| Message::new(Role::System, s.clone()))
+            .chain(head.iter().cloned())
+            .collect();
+        let prompt = self.template.render(&messages, true)? + &last.content;
+        let limit = self.info.context_limit;
+        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
+        let tokens = self.count_tokens(&prompt);
+        if tokens + reserve > limit {
+            return Err(format!(
+                "the conversation needs {tokens} tokens, too many to continue in a {limit}-token window; answer again instead"
+            ));
+        }
+        let (more, _) = self
+            .generate(turn, prompt, &last.content, out, cancel)
+            .await?;
+        let full = last.content + &more;
+        if let Some(m) = self.conv.messages.last_mut() {
+            m.content = full;
+        }
+        Ok(())
+    }
+
+    /// Feed whatever `prompt` adds to the KV cache and generate, streaming
+    /// tokens to `out`; sends `TurnFinished` with the full answer (for a
+    /// continued answer, its earlier part too). Returns the new text.
+    async fn generate(
+        &mut self,
+        turn: u64,
+        prompt: String,
+        earlier: &str,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> std::result::Result<(String, FinishReason), String> {
         // Loading a cached prefix or prefilling it is part of the wait.
         let started = Instant::now();
         // Reuse the KV cache when it holds a prefix of the new prompt; a
         // trimmed conversation (or a template that rewrites history) cannot.
+        // Nor can a prompt the cache already holds whole (continuing a cut
+        // answer): kalosm needs new tokens to compute the next logits, and
+        // its cache cannot be shortened.
         let mut cached_tokens = 0;
-        if self.fed.is_empty() || !plan.prompt.starts_with(&self.fed) {
+        if self.fed.is_empty() || !prompt.starts_with(&self.fed) || prompt.len() == self.fed.len() {
             self.fresh_session()?;
-            cached_tokens = self.start_from_prompt_cache(&plan.prompt).await;
+            cached_tokens = self.start_from_prompt_cache(&prompt).await;
         }
-        let delta = plan.prompt[self.fed.len()..].to_string();
+        let delta = prompt[self.fed.len()..].to_string();
         let reused_tokens = self.kv_tokens;
         let prompt_tokens = self.count_tokens(&delta);
         let _ = out.send(EngineEvent::TurnStarted {
@@ -302,7 +375,10 @@ impl KalosmEngine {
             reused_tokens,
         });
 
-        let room = limit.saturating_sub(reused_tokens + prompt_tokens + 1);
+        let room = self
+            .info
+            .context_limit
+            .saturating_sub(reused_tokens + prompt_tokens + 1);
         let max_new = (self.options.sampler.max_tokens as usize).min(room).max(1);
         let limit_reason = if max_new < self.options.sampler.max_tokens as usize {
             FinishReason::ContextFull
@@ -353,7 +429,6 @@ impl KalosmEngine {
             (Err(e), None) => {
                 // The cache state after a failed forward pass is unknown.
                 let _ = self.fresh_session();
-                self.conv.messages.push(Message::new(Role::User, message));
                 return Err(format!("generation failed: {e}"));
             }
         };
@@ -367,10 +442,6 @@ impl KalosmEngine {
             self.fed.push_str(self.template.eos());
             self.kv_tokens += 1;
         }
-        self.conv.messages.push(Message::new(Role::User, message));
-        self.conv
-            .messages
-            .push(Message::new(Role::Assistant, trace.reply.clone()));
 
         let total_s = (ended - started).as_secs_f64();
         let ttft_s = trace
@@ -392,11 +463,11 @@ impl KalosmEngine {
         tracing::info!("turn {turn}: {}", stats.summary(finish));
         let _ = out.send(EngineEvent::TurnFinished {
             turn,
-            reply: trace.reply,
+            reply: format!("{earlier}{}", trace.reply),
             finish,
             stats,
         });
-        Ok(())
+        Ok((trace.reply, finish))
     }
 }
 
@@ -427,6 +498,12 @@ impl Engine for KalosmEngine {
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
         if let Err(error) = self.run_turn(turn, message, out, cancel).await {
+            let _ = out.send(EngineEvent::TurnFailed { turn, error });
+        }
+    }
+
+    async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {
+        if let Err(error) = self.run_continue(turn, out, cancel).await {
             let _ = out.send(EngineEvent::TurnFailed { turn, error });
         }
     }

@@ -131,6 +131,10 @@ pub enum EngineCommand {
         turn: u64,
         message: String,
     },
+    /// Continue the last (cut off) answer.
+    Continue {
+        turn: u64,
+    },
     SetSystemPrompt(Option<String>),
     /// Replace the conversation (regenerate, resume); the next turn reuses
     /// whatever prefix of the KV cache still matches.
@@ -177,6 +181,15 @@ pub trait Engine: Send + 'static {
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Continue the conversation's last answer, which was cut off, from
+    /// where it stopped. `TurnFinished` carries the whole answer.
+    fn continue_last(
+        &mut self,
+        turn: u64,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = ()> + Send;
+
     fn set_system_prompt(&mut self, prompt: Option<String>);
     fn set_history(&mut self, messages: Vec<Message>);
     /// The KV state, for a snapshot on disk.
@@ -208,6 +221,13 @@ impl EngineHandle {
             turn,
             message: message.into(),
         });
+        turn
+    }
+
+    /// Queue continuing the last answer; returns its turn number.
+    pub fn continue_last(&self) -> u64 {
+        let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(EngineCommand::Continue { turn });
         turn
     }
 
@@ -248,6 +268,9 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
                         continue;
                     }
                     engine.chat(turn, message, &event_tx, &cancel).await
+                }
+                EngineCommand::Continue { turn } => {
+                    engine.continue_last(turn, &event_tx, &cancel).await
                 }
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
                 EngineCommand::SetHistory(m) => engine.set_history(m),

@@ -71,6 +71,9 @@ pub enum Event {
     },
     /// The last answer was discarded, to be generated again.
     Regenerate,
+    /// The last answer, cut off, is being continued: the chunks and the
+    /// answer that follow extend it.
+    Continue,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -44,7 +44,8 @@ pub fn entry_rows(state: &State, index: usize, width: u16) -> Vec<SemLine> {
             if entry.interrupted {
                 lines.push(SemLine::plain(
                     format!(
-                        "interrupted: kiln stopped before this answer ended · {} answers again",
+                        "interrupted: kiln stopped before this answer ended · {} continues · {} answers again",
+                        state.keys.hint(crate::keys::Action::Continue),
                         state.keys.hint(crate::keys::Action::Regenerate)
                     ),
                     Sem {

@@ -21,10 +21,14 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let mut lines = Vec::new();
     match &state.last_stats {
         Some(s) => {
-            lines.push(Line::styled(
-                format!("TTFT {:.2} s", s.ttft_ms / 1000.0),
-                text,
-            ));
+            let mut ttft = format!("TTFT {:.2} s", s.ttft_ms / 1000.0);
+            if s.cached_tokens > 0 {
+                ttft.push_str(&format!(
+                    " · cache hit {} tok",
+                    super::count(s.cached_tokens as u64)
+                ));
+            }
+            lines.push(Line::styled(ttft, text));
             lines.push(Line::styled(
                 format!("prefill {} tok/s", rate(s.prefill_tok_s)),
                 text,

@@ -270,6 +270,20 @@ fn speed_panel_idle_and_live() {
 }
 
 #[test]
+fn speed_panel_shows_a_prompt_cache_hit() {
+    let mut s = base(160, 48);
+    send(&mut s, "hi");
+    let mut st = stats(12, 30.0, 1050);
+    st.cached_tokens = 1030;
+    finish(&mut s, "hello", st);
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(
+        screen.contains("TTFT 0.48 s · cache hit 1,030 tok"),
+        "{screen}"
+    );
+}
+
+#[test]
 fn thermal_panel_states() {
     let mut s = base(160, 48);
     insta::assert_snapshot!("thermal_sensors", panel(&s, 6, thermal::render).backend());

@@ -54,6 +54,14 @@ impl Config {
         Ok(config)
     }
 
+    /// The prompt cache's size cap in bytes; 0 means off.
+    pub fn prompt_cache_bytes(&self) -> u64 {
+        self.prompt_cache_gib
+            .map_or(crate::store::prompt_cache::DEFAULT_CAP_BYTES, |g| {
+                (g.max(0.0) * (1u64 << 30) as f64) as u64
+            })
+    }
+
     /// Apply the command line on top of the file.
     pub fn merge(mut self, cli: &Common) -> Config {
         let s = &cli.sampling;

@@ -5,13 +5,11 @@ use crate::cli::{CacheAction, Common};
 use crate::error::Result;
 use crate::launch::paths_and_config;
 use crate::store::display_time;
-use crate::store::prompt_cache::{PromptCache, DEFAULT_CAP_BYTES};
+use crate::store::prompt_cache::PromptCache;
 
 pub fn run(action: CacheAction, common: &Common) -> Result<i32> {
     let (paths, config) = paths_and_config(common)?;
-    let cap = config.prompt_cache_gib.map_or(DEFAULT_CAP_BYTES, |g| {
-        (g.max(0.0) * (1u64 << 30) as f64) as u64
-    });
+    let cap = config.prompt_cache_bytes();
     let cache = PromptCache::new(paths.prompt_cache(), cap);
     match action {
         CacheAction::List { json } => {

@@ -10,7 +10,7 @@ use crate::engine::kalosm::{EngineOptions, KalosmEngine};
 use crate::error::Result;
 use crate::models::{self, ModelSpec, ResolvedModel};
 use crate::paths::Paths;
-use crate::store::prompt_cache::{PromptCache, DEFAULT_CAP_BYTES};
+use crate::store::prompt_cache::PromptCache;
 use crate::store::snapshot::fingerprint;
 
 pub struct Launched {
@@ -59,9 +59,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
             None
         }
     };
-    let cap = config.prompt_cache_gib.map_or(DEFAULT_CAP_BYTES, |g| {
-        (g.max(0.0) * (1u64 << 30) as f64) as u64
-    });
+    let cap = config.prompt_cache_bytes();
     let prompt_cache = fingerprint
         .clone()
         .filter(|_| cap > 0)

@@ -202,3 +202,23 @@ async fn a_cut_answer_is_continued_where_it_stopped() {
     assert_eq!(format!("{}{}", first.reply, more.streamed()), more.reply);
     assert!(more.stats.completion_tokens > 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn constrained_answers_match_their_pattern() {
+    let (h, mut rx) = spawned(EngineOptions {
+        sampler: greedy(40),
+        ..Default::default()
+    })
+    .await;
+    let pattern = r#"\{"colour": "(red|green|blue)", "why": "[a-z ]{1,40}"\}"#;
+    let turn = h.chat_constrained("Pick a colour and say why, as JSON.", pattern);
+    let t = collect(&mut rx, turn).await;
+    assert_eq!(t.error, None);
+    let v: serde_json::Value = serde_json::from_str(&t.reply)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", t.reply));
+    assert!(["red", "green", "blue"].contains(&v["colour"].as_str().unwrap()), "{v}");
+    // The next free-form turn still reuses the KV cache.
+    let next = ask(&h, &mut rx, "Thanks.").await;
+    assert_eq!(next.error, None);
+    assert!(next.stats.reused_tokens >= t.stats.context_tokens, "{:?}", next.stats);
+}

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kalosm_llama::prelude::*;
+use kalosm_language_model::kalosm_sample::RegexParser;
 use kalosm_llama::{LlamaSession, LlamaSource};
 use kalosm_model_types::FileSource;
 use kalosm_model_types::ModelLoadingProgress;
@@ -258,6 +259,7 @@ impl KalosmEngine {
         &mut self,
         turn: u64,
         message: String,
+        constraint: Option<&str>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> std::result::Result<(), String> {
@@ -284,7 +286,10 @@ impl KalosmEngine {
                 limit,
             });
         }
-        match self.generate(turn, plan.prompt, "", out, cancel).await {
+        match self
+            .generate(turn, plan.prompt, "", constraint, out, cancel)
+            .await
+        {
             Ok((reply, _)) => {
                 self.conv.messages.push(Message::new(Role::User, message));
                 self.conv
@@ -334,7 +339,7 @@ impl KalosmEngine {
             ));
         }
         let (more, _) = self
-            .generate(turn, prompt, &last.content, out, cancel)
+            .generate(turn, prompt, &last.content, None, out, cancel)
             .await?;
         let full = last.content + &more;
         if let Some(m) = self.conv.messages.last_mut() {
@@ -351,6 +356,7 @@ impl KalosmEngine {
         turn: u64,
         prompt: String,
         earlier: &str,
+        constraint: Option<&str>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> std::result::Result<(String, FinishReason), String> {
@@ -416,10 +422,27 @@ impl KalosmEngine {
             _ => vec![],
         };
         let sampler = KilnSampler::new(&self.options.sampler, banned);
-        let result = self
-            .model
-            .stream_text_with_callback(&mut self.session, &delta, sampler, on_token)
-            .await;
+        let result = match constraint {
+            None => {
+                self.model
+                    .stream_text_with_callback(&mut self.session, &delta, sampler, on_token)
+                    .await
+            }
+            Some(pattern) => {
+                let parser = RegexParser::new(pattern)
+                    .map_err(|e| format!("the answer's pattern does not compile: {e}"))?;
+                self.model
+                    .stream_text_with_callback_and_parser(
+                        &mut self.session,
+                        &delta,
+                        sampler,
+                        parser,
+                        on_token,
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
         let ended = Instant::now();
 
         let trace = std::mem::take(&mut *trace.lock().expect("trace lock"));
@@ -497,7 +520,23 @@ impl Engine for KalosmEngine {
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        if let Err(error) = self.run_turn(turn, message, out, cancel).await {
+        if let Err(error) = self.run_turn(turn, message, None, out, cancel).await {
+            let _ = out.send(EngineEvent::TurnFailed { turn, error });
+        }
+    }
+
+    async fn chat_constrained(
+        &mut self,
+        turn: u64,
+        message: String,
+        pattern: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) {
+        if let Err(error) = self
+            .run_turn(turn, message, Some(&pattern), out, cancel)
+            .await
+        {
             let _ = out.send(EngineEvent::TurnFailed { turn, error });
         }
     }

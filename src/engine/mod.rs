@@ -131,6 +131,12 @@ pub enum EngineCommand {
         turn: u64,
         message: String,
     },
+    /// Like `Chat`, with the answer constrained to a regular expression.
+    ChatConstrained {
+        turn: u64,
+        message: String,
+        pattern: String,
+    },
     /// Continue the last (cut off) answer.
     Continue {
         turn: u64,
@@ -181,6 +187,21 @@ pub trait Engine: Send + 'static {
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Like `chat`, with the answer held to the regular expression
+    /// `pattern` (a tool call's JSON, say) by constrained decoding. Engines
+    /// that cannot constrain generate freely; callers validate either way.
+    fn chat_constrained(
+        &mut self,
+        turn: u64,
+        message: String,
+        pattern: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = pattern;
+        self.chat(turn, message, out, cancel)
+    }
+
     /// Continue the conversation's last answer, which was cut off, from
     /// where it stopped. `TurnFinished` carries the whole answer.
     fn continue_last(
@@ -220,6 +241,17 @@ impl EngineHandle {
         self.send(EngineCommand::Chat {
             turn,
             message: message.into(),
+        });
+        turn
+    }
+
+    /// Queue a message whose answer must match `pattern`; returns its turn.
+    pub fn chat_constrained(&self, message: impl Into<String>, pattern: impl Into<String>) -> u64 {
+        let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(EngineCommand::ChatConstrained {
+            turn,
+            message: message.into(),
+            pattern: pattern.into(),
         });
         turn
     }
@@ -268,6 +300,15 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
                         continue;
                     }
                     engine.chat(turn, message, &event_tx, &cancel).await
+                }
+                EngineCommand::ChatConstrained {
+                    turn,
+                    message,
+                    pattern,
+                } => {
+                    engine
+                        .chat_constrained(turn, message, pattern, &event_tx, &cancel)
+                        .await
                 }
                 EngineCommand::Continue { turn } => {
                     engine.continue_last(turn, &event_tx, &cancel).await

@@ -83,6 +83,8 @@ pub enum Command {
         #[arg(long, conflicts_with = "id")]
         last: bool,
     },
+    /// Run an agent on a task in a workspace folder, headless.
+    Agent(AgentArgs),
     /// Saved sessions: list, show, export, rm, rename.
     Sessions {
         #[command(subcommand)]
@@ -112,6 +114,36 @@ pub struct AskArgs {
     /// Do not keep the exchange as a session.
     #[arg(long)]
     pub ephemeral: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// What the agent should do.
+    #[arg(long)]
+    pub task: String,
+    /// The folder the agent works in; its tools cannot leave it.
+    #[arg(long, default_value = ".")]
+    pub workspace: PathBuf,
+    /// Which tool calls run without a yes. Headless, nobody answers, so a
+    /// call that needs one is refused.
+    #[arg(long, value_enum, default_value_t = crate::agent::Policy::Ask)]
+    pub approval: crate::agent::Policy,
+    /// What to do between steps while the machine swaps or throttles.
+    #[arg(long, value_enum, default_value_t = crate::agent::GovernorMode::Pause)]
+    pub governor: crate::agent::GovernorMode,
+    #[arg(long, default_value_t = 30)]
+    pub max_steps: u32,
+    #[arg(long, default_value_t = 60)]
+    pub max_minutes: u64,
+    /// Prompt plus completion tokens over the whole run.
+    #[arg(long, default_value_t = 200_000)]
+    pub max_run_tokens: usize,
+    /// Most tokens in one tool call.
+    #[arg(long, default_value_t = 512)]
+    pub max_reply_tokens: u32,
+    /// Print JSON events, one per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,7 @@
 //! The crate is a library so that integration tests and benchmarks drive the
 //! same code the binary runs; `main.rs` only parses arguments and reports errors.
 
+pub mod agent;
 pub mod app;
 pub mod ask;
 pub mod bench;

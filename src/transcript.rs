@@ -54,6 +54,9 @@ impl Transcript {
         let mut t = Transcript::default();
         let mut pending: Option<String> = None;
         let mut awaiting_answer = false;
+        // A tool call journaled with no result: it was running when kiln
+        // stopped. It is shown as interrupted and never re-run on its own.
+        let mut call_in_flight: Option<(u32, String)> = None;
         for event in events {
             match event {
                 Event::User { text } => {
@@ -87,6 +90,29 @@ impl Transcript {
                     .entries
                     .push(Entry::new(EntryKind::Notice, message.clone())),
                 Event::SystemPrompt { text } => t.system_prompt = text.clone(),
+                Event::ToolCall { step, call } => {
+                    let shown = format!("step {step}: {}", call);
+                    t.entries.push(Entry::new(EntryKind::Notice, shown.clone()));
+                    call_in_flight = Some((*step, shown));
+                }
+                Event::ToolResult {
+                    step,
+                    ok,
+                    refused,
+                    output,
+                } => {
+                    call_in_flight = None;
+                    let status = match (refused, ok) {
+                        (true, _) => "refused",
+                        (false, true) => "ok",
+                        (false, false) => "failed",
+                    };
+                    let first = output.lines().next().unwrap_or("");
+                    t.entries.push(Entry::new(
+                        EntryKind::Notice,
+                        format!("step {step}: {status}: {first}"),
+                    ));
+                }
                 Event::Continue => {
                     if let Some(i) = t
                         .entries
@@ -111,6 +137,12 @@ impl Transcript {
             }
         }
         t.close_pending(&mut pending, &mut awaiting_answer);
+        if let Some((step, _)) = call_in_flight {
+            t.entries.push(Entry::new(
+                EntryKind::Notice,
+                format!("step {step}: interrupted while running; not re-run"),
+            ));
+        }
         t
     }
 

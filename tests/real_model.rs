@@ -214,11 +214,18 @@ async fn constrained_answers_match_their_pattern() {
     let turn = h.chat_constrained("Pick a colour and say why, as JSON.", pattern);
     let t = collect(&mut rx, turn).await;
     assert_eq!(t.error, None);
-    let v: serde_json::Value = serde_json::from_str(&t.reply)
-        .unwrap_or_else(|e| panic!("{e}: {:?}", t.reply));
-    assert!(["red", "green", "blue"].contains(&v["colour"].as_str().unwrap()), "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(&t.reply).unwrap_or_else(|e| panic!("{e}: {:?}", t.reply));
+    assert!(
+        ["red", "green", "blue"].contains(&v["colour"].as_str().unwrap()),
+        "{v}"
+    );
     // The next free-form turn still reuses the KV cache.
     let next = ask(&h, &mut rx, "Thanks.").await;
     assert_eq!(next.error, None);
-    assert!(next.stats.reused_tokens >= t.stats.context_tokens, "{:?}", next.stats);
+    assert!(
+        next.stats.reused_tokens >= t.stats.context_tokens,
+        "{:?}",
+        next.stats
+    );
 }

@@ -97,6 +97,12 @@ impl FakeEngine {
         reply
     }
 
+    /// A smaller context window, to make context pressure easy to reach.
+    pub fn with_context_limit(mut self, tokens: usize) -> Self {
+        self.context_limit = tokens;
+        self
+    }
+
     /// Pause between streamed words, to test cancellation and live rates.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;

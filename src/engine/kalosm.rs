@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kalosm_llama::prelude::*;
 use kalosm_language_model::kalosm_sample::RegexParser;
+use kalosm_llama::prelude::*;
 use kalosm_llama::{LlamaSession, LlamaSource};
 use kalosm_model_types::FileSource;
 use kalosm_model_types::ModelLoadingProgress;

@@ -74,6 +74,18 @@ pub enum Event {
     /// The last answer, cut off, is being continued: the chunks and the
     /// answer that follow extend it.
     Continue,
+    /// An agent's tool call, journaled before it runs.
+    ToolCall {
+        step: u32,
+        call: serde_json::Value,
+    },
+    /// What the call did (or why it did not run).
+    ToolResult {
+        step: u32,
+        ok: bool,
+        refused: bool,
+        output: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

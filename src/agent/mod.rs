@@ -1,0 +1,504 @@
+//! The agent loop: the model calls a tool (JSON held to a grammar by
+//! constrained decoding), kiln checks and approves it, runs it inside the
+//! workspace, and hands the result back, until `finish` or a budget ends.
+//! Every call is journaled before it runs and its result after.
+
+pub mod headless;
+pub mod tools;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::{EngineCommand, EngineEvent, EngineHandle, GenStats, Message};
+use crate::store::journal::JournalHandle;
+use crate::store::session::Event;
+use crate::telemetry::alarms::{AlarmDetector, AlarmKind};
+use crate::telemetry::Sample;
+use tools::{Effect, Limits, ToolCall, ToolResult, Workspace};
+
+/// Invalid replies in a row before the run fails.
+const MAX_RETRIES: u32 = 3;
+/// Share of the context window at which older steps are summarised.
+const COMPACT_AT: f64 = 0.75;
+/// Tool output handed back to the model; the journal keeps more.
+const RESULT_FOR_MODEL: usize = 4 << 10;
+
+/// A JSON string's body: no raw quotes, backslashes or control characters.
+const JSON_STR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*"#;
+const PATH: &str = r#"[A-Za-z0-9_.][A-Za-z0-9_./ -]{0,200}"#;
+
+/// The grammar of a tool call, as one regular expression over its JSON.
+pub fn tool_call_pattern() -> String {
+    let s = JSON_STR;
+    let p = PATH;
+    [
+        format!(r#"\{{"tool": "list_dir", "path": "{p}"\}}"#),
+        format!(r#"\{{"tool": "read_file", "path": "{p}"\}}"#),
+        format!(r#"\{{"tool": "search", "query": "{s}"\}}"#),
+        format!(r#"\{{"tool": "write_file", "path": "{p}", "content": "{s}"\}}"#),
+        format!(r#"\{{"tool": "write_file", "path": "{p}", "find": "{s}", "replace": "{s}"\}}"#),
+        format!(r#"\{{"tool": "shell", "command": "{s}"\}}"#),
+        format!(r#"\{{"tool": "finish", "summary": "{s}"\}}"#),
+    ]
+    .join("|")
+}
+
+pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply to every message with exactly one tool call, as JSON, and nothing else:
+{"tool": "list_dir", "path": "."}
+{"tool": "read_file", "path": "notes.txt"}
+{"tool": "search", "query": "TODO"}
+{"tool": "write_file", "path": "out.txt", "content": "the whole new file"}
+{"tool": "write_file", "path": "out.txt", "find": "old text", "replace": "new text"}
+{"tool": "shell", "command": "ls -la"}
+{"tool": "finish", "summary": "what you did"}
+Paths are relative to the folder. Each reply gets the tool's result. Call finish when the task is done."#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Every call but `finish` needs a yes.
+    Ask,
+    /// Reads run; writes and shell commands need a yes.
+    AutoRead,
+    /// Everything runs.
+    Auto,
+}
+
+impl Policy {
+    fn needs_approval(self, call: &ToolCall) -> bool {
+        if matches!(call, ToolCall::Finish { .. }) {
+            return false;
+        }
+        match self {
+            Policy::Ask => true,
+            Policy::AutoRead => call.effect() != Effect::Read,
+            Policy::Auto => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum GovernorMode {
+    /// Wait between steps until the pressure is gone.
+    Pause,
+    /// Wait a while between steps, then go on.
+    Slow,
+    /// Go on regardless.
+    Ignore,
+}
+
+#[derive(Clone, Debug)]
+pub struct Budgets {
+    pub max_steps: u32,
+    pub max_time: Duration,
+    /// Prompt plus completion tokens over the whole run.
+    pub max_tokens: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Approval {
+    Yes,
+    No,
+    /// Yes, and do not ask again for this exact call.
+    Always,
+}
+
+/// Who answers approval questions: a person in the TUI, or nobody.
+pub trait Approver {
+    fn approve(&mut self, call: &ToolCall) -> impl std::future::Future<Output = Approval> + Send;
+}
+
+/// Headless with nobody to ask: every step that needs a yes is refused.
+pub struct Nobody;
+
+impl Approver for Nobody {
+    async fn approve(&mut self, _call: &ToolCall) -> Approval {
+        Approval::No
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    Call {
+        step: u32,
+        call: ToolCall,
+    },
+    Result {
+        step: u32,
+        ok: bool,
+        output: String,
+    },
+    Refused {
+        step: u32,
+        call: ToolCall,
+        reason: String,
+    },
+    Invalid {
+        step: u32,
+        reply: String,
+        error: String,
+    },
+    Paused {
+        reason: String,
+    },
+    Resumed,
+    Compacted {
+        context_tokens: usize,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "outcome", content = "detail", rename_all = "snake_case")]
+pub enum Outcome {
+    Finished(String),
+    Failed(String),
+    BudgetExhausted(String),
+    Stopped,
+}
+
+impl Outcome {
+    /// 0 finished, 1 failed, 3 budget exhausted, 4 stopped by the user.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Finished(_) => 0,
+            Outcome::Failed(_) => 1,
+            Outcome::BudgetExhausted(_) => 3,
+            Outcome::Stopped => 4,
+        }
+    }
+}
+
+pub struct Agent<'a, A: Approver> {
+    pub engine: &'a EngineHandle,
+    pub events: &'a mut mpsc::UnboundedReceiver<EngineEvent>,
+    pub workspace: Workspace,
+    pub policy: Policy,
+    pub budgets: Budgets,
+    pub limits: Limits,
+    pub approver: A,
+    pub journal: Option<&'a JournalHandle>,
+    /// Memory and heat pressure, from `pressure()`.
+    pub pressure: Option<watch::Receiver<Option<String>>>,
+    pub governor: GovernorMode,
+    pub stop: Arc<AtomicBool>,
+}
+
+enum TurnError {
+    Stopped,
+    Failed(String),
+}
+
+impl<A: Approver> Agent<'_, A> {
+    fn record(&self, event: Event) {
+        if let Some(j) = self.journal {
+            j.event(event);
+        }
+    }
+
+    pub async fn run(&mut self, task: &str, mut report: impl FnMut(Progress)) -> Outcome {
+        let started = Instant::now();
+        let context_limit = self.engine.info().context_limit;
+        self.engine
+            .send(EngineCommand::SetSystemPrompt(Some(SYSTEM_PROMPT.into())));
+        self.record(Event::SystemPrompt {
+            text: Some(SYSTEM_PROMPT.into()),
+        });
+        let pattern = tool_call_pattern();
+        let mut message = format!("Task: {task}");
+        let mut tokens = 0usize;
+        let mut retries = 0;
+        let mut always: HashSet<String> = HashSet::new();
+        let mut step = 0u32;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Outcome::Stopped;
+            }
+            if step >= self.budgets.max_steps {
+                return Outcome::BudgetExhausted(format!("{step} steps"));
+            }
+            if started.elapsed() >= self.budgets.max_time {
+                return Outcome::BudgetExhausted(format!(
+                    "{} s of wall time",
+                    self.budgets.max_time.as_secs()
+                ));
+            }
+            if tokens >= self.budgets.max_tokens {
+                return Outcome::BudgetExhausted(format!("{tokens} tokens"));
+            }
+            if !self.govern(&mut report).await {
+                return Outcome::Stopped;
+            }
+            step += 1;
+            self.record(Event::User {
+                text: message.clone(),
+            });
+            let (reply, stats) = match self.turn(&message, Some(&pattern)).await {
+                Ok(r) => r,
+                Err(TurnError::Stopped) => return Outcome::Stopped,
+                Err(TurnError::Failed(e)) => return Outcome::Failed(e),
+            };
+            tokens += stats.prompt_tokens + stats.completion_tokens;
+            let call: ToolCall = match serde_json::from_str(reply.trim()) {
+                Ok(c) => {
+                    retries = 0;
+                    c
+                }
+                Err(e) => {
+                    retries += 1;
+                    report(Progress::Invalid {
+                        step,
+                        reply: reply.clone(),
+                        error: e.to_string(),
+                    });
+                    if retries >= MAX_RETRIES {
+                        return Outcome::Failed(format!(
+                            "{MAX_RETRIES} replies in a row were not valid tool calls"
+                        ));
+                    }
+                    message = format!(
+                        "That was not a valid tool call ({e}). Reply with exactly one JSON tool call."
+                    );
+                    continue;
+                }
+            };
+            self.record(Event::ToolCall {
+                step,
+                call: serde_json::to_value(&call).expect("calls serialize"),
+            });
+            report(Progress::Call {
+                step,
+                call: call.clone(),
+            });
+            if let ToolCall::Finish { summary } = &call {
+                self.record(Event::ToolResult {
+                    step,
+                    ok: true,
+                    refused: false,
+                    output: summary.clone(),
+                });
+                return Outcome::Finished(summary.clone());
+            }
+            let key = serde_json::to_string(&call).expect("calls serialize");
+            if self.policy.needs_approval(&call) && !always.contains(&key) {
+                match self.approver.approve(&call).await {
+                    Approval::Yes => {}
+                    Approval::Always => {
+                        always.insert(key);
+                    }
+                    Approval::No => {
+                        let reason = format!(
+                            "refused: {} needs approval under the {:?} policy and was not approved",
+                            call.name(),
+                            self.policy
+                        );
+                        self.record(Event::ToolResult {
+                            step,
+                            ok: false,
+                            refused: true,
+                            output: reason.clone(),
+                        });
+                        report(Progress::Refused {
+                            step,
+                            call,
+                            reason: reason.clone(),
+                        });
+                        message = format!("Tool result: {reason}. Try another way, or finish.");
+                        continue;
+                    }
+                }
+            }
+            let result: ToolResult = tools::execute(&call, &self.workspace, &self.limits).await;
+            self.record(Event::ToolResult {
+                step,
+                ok: result.ok,
+                refused: false,
+                output: result.output.clone(),
+            });
+            report(Progress::Result {
+                step,
+                ok: result.ok,
+                output: result.output.clone(),
+            });
+            let status = if result.ok { "ok" } else { "error" };
+            message = format!(
+                "Tool result ({status}):\n{}",
+                tools::cap(result.output, RESULT_FOR_MODEL)
+            );
+            if stats.context_tokens as f64 > COMPACT_AT * context_limit as f64 {
+                match self.compact(task).await {
+                    Ok(summary) => {
+                        report(Progress::Compacted {
+                            context_tokens: stats.context_tokens,
+                        });
+                        self.record(Event::Notice {
+                            text: format!(
+                                "older steps compacted into a summary at {} tokens",
+                                stats.context_tokens
+                            ),
+                        });
+                        message =
+                            format!("Task: {task}\n\nProgress so far: {summary}\n\n{message}");
+                    }
+                    Err(TurnError::Stopped) => return Outcome::Stopped,
+                    Err(TurnError::Failed(e)) => return Outcome::Failed(e),
+                }
+            }
+        }
+    }
+
+    /// Ask the model to summarise the run so far, then start its
+    /// conversation afresh from that summary.
+    async fn compact(&mut self, task: &str) -> Result<String, TurnError> {
+        let (summary, _) = self
+            .turn(
+                &format!("Summarize in under 100 words what you have done and learned so far for the task: {task}"),
+                None,
+            )
+            .await?;
+        self.engine
+            .send(EngineCommand::SetHistory(Vec::<Message>::new()));
+        Ok(summary.trim().to_string())
+    }
+
+    /// One model turn; its reply and stats.
+    async fn turn(
+        &mut self,
+        message: &str,
+        pattern: Option<&str>,
+    ) -> Result<(String, GenStats), TurnError> {
+        let turn = match pattern {
+            Some(p) => self.engine.chat_constrained(message, p),
+            None => self.engine.chat(message),
+        };
+        loop {
+            let event = tokio::select! {
+                ev = self.events.recv() => ev,
+                _ = wait_for(&self.stop) => {
+                    self.engine.cancel();
+                    return Err(TurnError::Stopped);
+                }
+            };
+            match event {
+                Some(EngineEvent::TurnFinished {
+                    turn: t,
+                    reply,
+                    stats,
+                    ..
+                }) if t == turn => {
+                    if pattern.is_some() {
+                        self.record(Event::Answer {
+                            text: reply.clone(),
+                            finish: crate::engine::FinishReason::Stop,
+                            stats: stats.clone(),
+                        });
+                    }
+                    return Ok((reply, stats));
+                }
+                Some(EngineEvent::TurnFailed { turn: t, error }) if t == turn => {
+                    return Err(TurnError::Failed(error))
+                }
+                Some(_) => {}
+                None => return Err(TurnError::Failed("the engine stopped".into())),
+            }
+        }
+    }
+
+    /// Between steps: wait while the machine is under pressure (pause),
+    /// or slow down (slow). Returns false when the user stopped the run.
+    async fn govern(&mut self, report: &mut impl FnMut(Progress)) -> bool {
+        let Some(rx) = self.pressure.as_mut() else {
+            return true;
+        };
+        let Some(reason) = rx.borrow_and_update().clone() else {
+            return true;
+        };
+        match self.governor {
+            GovernorMode::Ignore => return true,
+            GovernorMode::Slow => {
+                tracing::info!("agent slowed: {reason}");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                return true;
+            }
+            GovernorMode::Pause => {}
+        }
+        report(Progress::Paused {
+            reason: reason.clone(),
+        });
+        if let Some(j) = self.journal {
+            j.event(Event::Notice {
+                text: format!("agent paused: {reason}"),
+            });
+        }
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if rx.borrow_and_update().is_none() {
+                        break;
+                    }
+                }
+                _ = wait_for(&self.stop) => return false,
+            }
+        }
+        report(Progress::Resumed);
+        if let Some(j) = self.journal {
+            j.event(Event::Notice {
+                text: "agent resumed: the pressure is gone".into(),
+            });
+        }
+        true
+    }
+}
+
+async fn wait_for(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Memory and heat pressure from telemetry, as the governor needs it: a
+/// reason while a swap storm lasts or the machine throttles, `None` when
+/// all is well. Every sample goes through the alarm detector, so a storm is
+/// judged on consecutive samples, not on the one seen between steps.
+pub fn pressure(mut samples: watch::Receiver<Sample>) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut detector = AlarmDetector::default();
+        let mut storm = String::new();
+        loop {
+            let sample = samples.borrow_and_update().clone();
+            if let Some(crate::telemetry::alarms::AlarmEvent::Raised { message, .. }) =
+                detector.on_sample(&sample, true)
+            {
+                storm = message;
+            }
+            let reason = if detector.active(AlarmKind::SwapStorm) {
+                Some(storm.clone())
+            } else if sample.throttle.throttled() == Some(true) {
+                Some("the CPU is throttling".to_string())
+            } else if sample.running_hot() {
+                sample
+                    .hottest()
+                    .map(|t| format!("{} at {:.0} °C", t.label, t.celsius))
+            } else {
+                None
+            };
+            if *tx.borrow() != reason && tx.send(reason).is_err() {
+                return;
+            }
+            if samples.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -39,6 +39,13 @@ pub struct Common {
     /// Load a model even when its memory budget says it will swap or not fit.
     #[arg(long, global = true)]
     pub allow_swap: bool,
+    /// The folder agents work in; their tools cannot leave it.
+    #[arg(long, global = true, default_value = ".")]
+    pub workspace: PathBuf,
+    /// Which agent tool calls run without a yes (`auto` runs everything).
+    /// Headless, nobody answers, so a call that needs a yes is refused.
+    #[arg(long, global = true, value_enum, default_value_t = crate::agent::Policy::Ask)]
+    pub approval: crate::agent::Policy,
     /// Colour theme: dark, light, contrast, or a file in the themes folder.
     #[arg(long, global = true, env = "KILN_THEME")]
     pub theme: Option<String>,
@@ -121,13 +128,6 @@ pub struct AgentArgs {
     /// What the agent should do.
     #[arg(long)]
     pub task: String,
-    /// The folder the agent works in; its tools cannot leave it.
-    #[arg(long, default_value = ".")]
-    pub workspace: PathBuf,
-    /// Which tool calls run without a yes. Headless, nobody answers, so a
-    /// call that needs one is refused.
-    #[arg(long, value_enum, default_value_t = crate::agent::Policy::Ask)]
-    pub approval: crate::agent::Policy,
     /// What to do between steps while the machine swaps or throttles.
     #[arg(long, value_enum, default_value_t = crate::agent::GovernorMode::Pause)]
     pub governor: crate::agent::GovernorMode,

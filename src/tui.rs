@@ -17,7 +17,12 @@ use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::app::{self, Effect, Msg, PickerItem, State};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::agent::tools::{Limits, ToolCall, Workspace};
+use crate::agent::{self, Agent, Approval, Approver, Budgets, GovernorMode, Outcome, Policy};
+use crate::app::{self, AgentMsg, Effect, Msg, PickerItem, State};
 use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
@@ -102,6 +107,7 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
     let mut state =
         State::new(engine.info().clone(), Some(shape), keys).with_system_prompt(system_prompt);
     state.notice = warnings.into_iter().next();
+    let samples = telemetry::spawn(Duration::from_secs(1));
     let mut runtime = Runtime {
         engine,
         store,
@@ -109,11 +115,14 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
         reports: None,
         model_spec,
         fingerprint,
+        samples: samples.clone(),
+        workspace: common.workspace.clone(),
+        policy: common.approval,
+        agent: None,
     };
     if let Some((loaded, open, source)) = resumed {
         state.notice = Some(runtime.resume(&mut state, loaded, open, &source).await);
     }
-    let samples = telemetry::spawn(Duration::from_secs(1));
     let code = run_terminal(state, &theme, &mut runtime, events, samples).await;
     runtime.close().await;
     code
@@ -128,6 +137,34 @@ struct Runtime {
     reports: Option<mpsc::UnboundedReceiver<Report>>,
     model_spec: String,
     fingerprint: Option<String>,
+    samples: watch::Receiver<Sample>,
+    workspace: std::path::PathBuf,
+    policy: Policy,
+    agent: Option<AgentLink>,
+}
+
+/// The runtime's side of a running agent: engine events go to it, its
+/// progress and approval questions come back.
+struct AgentLink {
+    events: mpsc::UnboundedSender<EngineEvent>,
+    messages: mpsc::UnboundedReceiver<AgentMsg>,
+    stop: Arc<AtomicBool>,
+    /// The approval question waiting for the user's answer.
+    asking: Option<oneshot::Sender<Approval>>,
+    questions: mpsc::UnboundedReceiver<(ToolCall, oneshot::Sender<Approval>)>,
+}
+
+/// Approval questions go to the TUI; an unanswered one is a no.
+struct AskTheUser(mpsc::UnboundedSender<(ToolCall, oneshot::Sender<Approval>)>);
+
+impl Approver for AskTheUser {
+    async fn approve(&mut self, call: &ToolCall) -> Approval {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send((call.clone(), tx)).is_err() {
+            return Approval::No;
+        }
+        rx.await.unwrap_or(Approval::No)
+    }
 }
 
 impl Runtime {
@@ -264,8 +301,83 @@ impl Runtime {
                 }
             }
             Effect::OpenSession(dir) => self.switch(state, dir).await,
+            Effect::StartAgent(task) => {
+                if let Err(outcome) = self.start_agent(state, task) {
+                    for effect in app::update(state, Msg::Agent(AgentMsg::Done(outcome))) {
+                        Box::pin(self.perform(effect, state)).await;
+                    }
+                }
+            }
+            Effect::StopAgent => {
+                if let Some(a) = &self.agent {
+                    a.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            Effect::Approve(answer) => {
+                if let Some(tx) = self.agent.as_mut().and_then(|a| a.asking.take()) {
+                    let _ = tx.send(answer);
+                }
+            }
+            Effect::RestoreChat {
+                system_prompt,
+                history,
+            } => {
+                self.agent = None;
+                self.engine
+                    .send(EngineCommand::SetSystemPrompt(system_prompt));
+                self.engine.send(EngineCommand::SetHistory(history));
+            }
             Effect::Quit => {}
         }
+    }
+
+    /// Run an agent as a task of its own: it drives the engine, journals to
+    /// this session, and asks the user through `AskTheUser`.
+    fn start_agent(&mut self, state: &mut State, task: String) -> Result<(), Outcome> {
+        let workspace = Workspace::new(&self.workspace)
+            .map_err(|e| Outcome::Failed(format!("workspace {}: {e}", self.workspace.display())))?;
+        let journal = self.journal(state).cloned();
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+        let (questions_tx, questions_rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = self.engine.clone();
+        let pressure = agent::pressure(self.samples.clone());
+        let policy = self.policy;
+        let agent_stop = stop.clone();
+        tokio::spawn(async move {
+            let progress = messages_tx.clone();
+            let outcome = Agent {
+                engine: &engine,
+                events: &mut events_rx,
+                workspace,
+                policy,
+                budgets: Budgets {
+                    max_steps: 30,
+                    max_time: Duration::from_secs(3600),
+                    max_tokens: 200_000,
+                },
+                limits: Limits::default(),
+                approver: AskTheUser(questions_tx),
+                journal: journal.as_ref(),
+                pressure: Some(pressure),
+                governor: GovernorMode::Pause,
+                stop: agent_stop,
+            }
+            .run(&task, |p| {
+                let _ = progress.send(AgentMsg::Progress(p));
+            })
+            .await;
+            let _ = messages_tx.send(AgentMsg::Done(outcome));
+        });
+        self.agent = Some(AgentLink {
+            events: events_tx,
+            messages: messages_rx,
+            stop,
+            asking: None,
+            questions: questions_rx,
+        });
+        Ok(())
     }
 
     /// Leave the current session (its KV snapshot and journal saved) for
@@ -346,6 +458,22 @@ fn picker_items(store: &SessionStore) -> Vec<PickerItem> {
             })
         })
         .collect()
+}
+
+/// The next message of a running agent; an approval question is parked in
+/// the link until the user answers it.
+async fn next_from_agent(agent: &mut Option<AgentLink>) -> Option<AgentMsg> {
+    let Some(a) = agent else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        msg = a.messages.recv() => msg,
+        question = a.questions.recv() => {
+            let (call, answer) = question?;
+            a.asking = Some(answer);
+            Some(AgentMsg::Approval(call))
+        }
+    }
 }
 
 async fn next_report(reports: &mut Option<mpsc::UnboundedReceiver<Report>>) -> Option<Report> {
@@ -441,8 +569,17 @@ async fn run_terminal(
                 None => break,
             },
             ev = events.recv() => match ev {
-                Some(ev) => Msg::Engine(ev, Instant::now()),
+                Some(ev) => {
+                    if let Some(agent) = &runtime.agent {
+                        let _ = agent.events.send(ev.clone());
+                    }
+                    Msg::Engine(ev, Instant::now())
+                }
                 None => return Err(KilnError::Engine("the engine stopped unexpectedly".into())),
+            },
+            from_agent = next_from_agent(&mut runtime.agent) => match from_agent {
+                Some(msg) => Msg::Agent(msg),
+                None => continue,
             },
             changed = samples.changed() => match changed {
                 Ok(()) => Msg::Telemetry(samples.borrow_and_update().clone()),

@@ -120,3 +120,59 @@ async fn resume_an_interrupted_example_then_the_last_session() {
     tmux.send(&["C-q"]);
     tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
 }
+
+/// Agent mode in the workstation: the approval question is answered by
+/// keys, yes then no, and Ctrl-C stops the run; the journal has the calls.
+#[tokio::test]
+async fn agent_mode_asks_before_each_call() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 128 --workspace {}; echo EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display(),
+        ws.path().display()
+    );
+    let tmux = common::Tmux::start("agent", 160, 45, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    tmux.send(&[
+        "/agent List the folder, read every file in it, and search for the word glaze.",
+        "Enter",
+    ]);
+    let screen = tmux.wait_for("the first approval question", 60, |s| {
+        s.contains("The agent wants to run")
+    });
+    assert!(screen.contains("approve?"), "{screen}");
+    tmux.send(&["y"]);
+    tmux.wait_for("the first result", 60, |s| {
+        s.contains("step 1: ok") || s.contains("step 1: error")
+    });
+    tmux.wait_for("the second approval question", 60, |s| {
+        s.contains("The agent wants to run") && s.contains("step 2:")
+    });
+    tmux.send(&["n"]);
+    tmux.wait_for("the refusal", 60, |s| s.contains("step 2: refused"));
+    tmux.send(&["C-c"]);
+    tmux.wait_for("the agent to stop", 60, |s| s.contains("agent stopped"));
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
+
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    let listing = store.list();
+    assert_eq!(listing.len(), 1);
+    let journal = kiln::store::session::read_events(&listing[0].dir.join("events.jsonl")).unwrap();
+    let results: Vec<(bool, bool)> = journal
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            kiln::store::session::Event::ToolResult { ok, refused, .. } => Some((*ok, *refused)),
+            _ => None,
+        })
+        .collect();
+    assert!(results.len() >= 2, "{results:?}");
+    assert!(!results[0].1, "the first call was approved");
+    assert!(results[1].1, "the second was refused");
+}

@@ -17,8 +17,8 @@ use crate::store::SessionStore;
 use crate::telemetry;
 
 pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
-    let workspace = Workspace::new(&args.workspace)
-        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", args.workspace.display())))?;
+    let workspace = Workspace::new(&common.workspace)
+        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", common.workspace.display())))?;
     if args.task.trim().is_empty() {
         return Err(KilnError::BadArgument("the task is empty".into()));
     }
@@ -52,7 +52,7 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
         engine: &handle,
         events: &mut events,
         workspace,
-        policy: args.approval,
+        policy: common.approval,
         budgets: Budgets {
             max_steps: args.max_steps,
             max_time: Duration::from_secs(args.max_minutes * 60),

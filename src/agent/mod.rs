@@ -58,10 +58,11 @@ pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply t
 {"tool": "finish", "summary": "what you did"}
 Paths are relative to the folder. Each reply gets the tool's result. Call finish when the task is done."#;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Every call but `finish` needs a yes.
+    #[default]
     Ask,
     /// Reads run; writes and shell commands need a yes.
     AutoRead,

@@ -10,6 +10,8 @@ use std::time::Instant;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use tui_textarea::TextArea;
 
+use crate::agent::tools::ToolCall;
+use crate::agent::{Approval, Outcome, Progress};
 use crate::budget::ModelShape;
 use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo};
 use crate::keys::{Action, KeyMap};
@@ -35,6 +37,26 @@ pub enum Mode {
     EditSystem,
     ConfirmQuit,
     Picker,
+    /// The agent waits for a yes or no on a tool call.
+    Approve,
+}
+
+/// What the agent tells the front end.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentMsg {
+    Progress(Progress),
+    /// A tool call needs a yes or no (answered with `Effect::Approve`).
+    Approval(ToolCall),
+    Done(Outcome),
+}
+
+/// The agent run in progress.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentView {
+    pub task: String,
+    pub step: u32,
+    pub pending: Option<ToolCall>,
+    pub stopping: bool,
 }
 
 /// A saved session as the picker lists it.
@@ -120,6 +142,15 @@ pub enum Effect {
     ListSessions,
     /// Leave this session for the one in this folder.
     OpenSession(std::path::PathBuf),
+    /// Run an agent on this task in the workspace.
+    StartAgent(String),
+    StopAgent,
+    Approve(Approval),
+    /// Give the engine the chat back after an agent run.
+    RestoreChat {
+        system_prompt: Option<String>,
+        history: Vec<Message>,
+    },
     Quit,
 }
 
@@ -134,6 +165,7 @@ pub enum Msg {
     Telemetry(Sample),
     Journal(Report),
     Sessions(Vec<PickerItem>),
+    Agent(AgentMsg),
 }
 
 #[derive(Clone)]
@@ -152,6 +184,7 @@ pub struct State {
     pub unseen_output: bool,
     pub mode: Mode,
     pub picker: Picker,
+    pub agent: Option<AgentView>,
     pub panels: Panels,
     pub size: (u16, u16),
     pub telemetry: Sample,
@@ -187,6 +220,7 @@ impl State {
             unseen_output: false,
             mode: Mode::Chat,
             picker: Picker::default(),
+            agent: None,
             panels: Panels::Auto,
             size: (80, 24),
             telemetry: Sample::default(),
@@ -314,6 +348,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::Engine(event, at) => on_engine(state, event, at),
         Msg::Telemetry(sample) => on_sample(state, sample),
+        Msg::Agent(msg) => on_agent(state, msg),
         Msg::Sessions(items) => {
             state.picker = Picker {
                 filter: String::new(),
@@ -351,6 +386,23 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             Vec::new()
         }
         Mode::Picker => on_picker_key(state, action, key),
+        Mode::Approve => {
+            let answer = match (action, key.code) {
+                (_, KeyCode::Char('y' | 'Y')) => Approval::Yes,
+                (_, KeyCode::Char('a' | 'A')) => Approval::Always,
+                (_, KeyCode::Char('n' | 'N')) | (Some(Action::Cancel), _) => Approval::No,
+                (Some(Action::Interrupt), _) => {
+                    state.mode = Mode::Chat;
+                    return stop_agent(state, Some(Effect::Approve(Approval::No)));
+                }
+                _ => return Vec::new(),
+            };
+            state.mode = Mode::Chat;
+            if let Some(a) = &mut state.agent {
+                a.pending = None;
+            }
+            vec![Effect::Approve(answer)]
+        }
         Mode::ConfirmQuit => match (action, key.code) {
             (Some(Action::Interrupt | Action::Quit), _)
             | (_, KeyCode::Char('y' | 'Y' | 'q'))
@@ -436,7 +488,7 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
         }
         Action::Cancel => cancel(state),
         Action::Interrupt => {
-            if state.generating() {
+            if state.generating() || state.agent.is_some() {
                 return cancel(state);
             }
             if state.interrupt_armed {
@@ -584,6 +636,37 @@ fn send(state: &mut State) -> Vec<Effect> {
     if text.trim().is_empty() {
         return Vec::new();
     }
+    if state.agent.is_some() {
+        state.notice = Some(format!(
+            "the agent is running; {} stops it",
+            state.keys.hint(Action::Cancel)
+        ));
+        return Vec::new();
+    }
+    if let Some(task) = text.trim().strip_prefix("/agent") {
+        let task = task.trim();
+        if task.is_empty() {
+            state.notice = Some("/agent needs a task: /agent fix the failing test".into());
+            return Vec::new();
+        }
+        if state.generating() {
+            state.notice = Some("still answering".into());
+            return Vec::new();
+        }
+        state.reset_input();
+        if state.title.is_none() {
+            state.title = Some(title_from(task));
+        }
+        state.push_entry(Entry::new(EntryKind::User, text.trim().to_string()));
+        state.agent = Some(AgentView {
+            task: task.to_string(),
+            step: 0,
+            pending: None,
+            stopping: false,
+        });
+        state.scroll = Scroll::Follow;
+        return vec![Effect::StartAgent(task.to_string())];
+    }
     if state.generating() {
         state.notice = Some(format!(
             "still answering; {} stops it",
@@ -628,7 +711,60 @@ fn generate_into_last(state: &mut State) {
     state.unseen_output = false;
 }
 
+fn stop_agent(state: &mut State, first: Option<Effect>) -> Vec<Effect> {
+    let mut effects: Vec<Effect> = first.into_iter().collect();
+    if let Some(a) = &mut state.agent {
+        if !a.stopping {
+            a.stopping = true;
+            state.notice = Some("stopping the agent…".into());
+            effects.push(Effect::StopAgent);
+        }
+    }
+    effects
+}
+
+fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
+    match msg {
+        AgentMsg::Progress(p) => {
+            let text = crate::agent::headless::line(&p);
+            if let (Some(a), Progress::Call { step, .. }) = (&mut state.agent, &p) {
+                a.step = *step;
+            }
+            state.push_entry(Entry::new(EntryKind::Notice, text));
+            Vec::new()
+        }
+        AgentMsg::Approval(call) => {
+            if let Some(a) = &mut state.agent {
+                a.pending = Some(call);
+            }
+            state.mode = Mode::Approve;
+            Vec::new()
+        }
+        AgentMsg::Done(outcome) => {
+            let text = match &outcome {
+                Outcome::Finished(summary) => format!("agent finished: {summary}"),
+                Outcome::Failed(why) => format!("agent failed: {why}"),
+                Outcome::BudgetExhausted(what) => format!("agent stopped: budget of {what} used"),
+                Outcome::Stopped => "agent stopped".to_string(),
+            };
+            state.agent = None;
+            if state.mode == Mode::Approve {
+                state.mode = Mode::Chat;
+            }
+            state.notice = Some(text.clone());
+            state.push_entry(Entry::new(EntryKind::Notice, text));
+            vec![Effect::RestoreChat {
+                system_prompt: state.system_prompt.clone(),
+                history: state.conversation(),
+            }]
+        }
+    }
+}
+
 fn cancel(state: &mut State) -> Vec<Effect> {
+    if state.agent.is_some() {
+        return stop_agent(state, None);
+    }
     match &mut state.generation {
         Some(g) if !g.cancelling => {
             g.cancelling = true;

@@ -29,6 +29,7 @@ pub enum Report {
     Recovered,
 }
 
+#[derive(Clone)]
 pub struct JournalHandle {
     tx: mpsc::Sender<Write>,
     pub id: String,

@@ -112,6 +112,7 @@ pub fn render(frame: &mut Frame, state: &State, theme: &Theme) {
         Mode::ConfirmQuit => help::render_confirm_quit(frame, area, state, theme),
         Mode::EditSystem => help::render_system_editor(frame, area, state, theme),
         Mode::Picker => help::render_picker(frame, area, state, theme),
+        Mode::Approve => help::render_approval(frame, area, state, theme),
         Mode::Chat => {}
     }
 }

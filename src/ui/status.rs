@@ -11,13 +11,19 @@ use crate::keys::Action;
 use crate::theme::{Slot, Theme};
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
+    let agent_mode = state
+        .agent
+        .as_ref()
+        .map(|a| format!("agent step {}", a.step));
     let mode = match state.mode {
+        Mode::Chat if agent_mode.is_some() => agent_mode.as_deref().unwrap_or(""),
         Mode::Chat if state.generating() => "answering",
         Mode::Chat => "chat",
         Mode::Help => "help",
         Mode::EditSystem => "system prompt",
         Mode::ConfirmQuit => "quit?",
         Mode::Picker => "sessions",
+        Mode::Approve => "approve?",
     };
     let ctx = format!(
         "ctx {}/{}",

@@ -638,12 +638,30 @@ fn to_msg(event: Event) -> Option<Msg> {
 /// OSC 52 asks the terminal to set the clipboard, which works through SSH
 /// and (with `set-clipboard on`) tmux.
 fn copy_osc52(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(osc52(text).as_bytes());
+    let _ = out.flush();
+}
+
+/// The OSC 52 sequence that puts `text` (cut to what terminals accept) on
+/// the clipboard.
+fn osc52(text: &str) -> String {
     let mut end = text.len().min(MAX_COPY_BYTES);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     let encoded = base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[..end]);
-    let mut out = std::io::stdout().lock();
-    let _ = write!(out, "\x1b]52;c;{encoded}\x07");
-    let _ = out.flush();
+    format!("\x1b]52;c;{encoded}\x07")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn osc52_encodes_the_text_and_caps_it() {
+        assert_eq!(super::osc52("hé"), "\x1b]52;c;aMOp\x07");
+        let big = "é".repeat(super::MAX_COPY_BYTES);
+        let seq = super::osc52(&big);
+        // Cut on a character boundary, base64 of at most the cap.
+        assert!(seq.len() <= super::MAX_COPY_BYTES / 3 * 4 + 16);
+    }
 }

@@ -176,3 +176,53 @@ async fn agent_mode_asks_before_each_call() {
     assert!(!results[0].1, "the first call was approved");
     assert!(results[1].1, "the second was refused");
 }
+
+/// A 10 MB paste through tmux's bracketed paste: the screen stays live, the
+/// editor keeps 1 MiB and says so.
+#[tokio::test]
+async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --model {}; echo EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display()
+    );
+    let tmux = common::Tmux::start("paste", 120, 40, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    let line = "The quick brown fox jumps over the lazy dog. ".repeat(20) + "\n";
+    let text = line.repeat(10 * 1024 * 1024 / line.len());
+    let file = home.path().join("paste.txt");
+    std::fs::write(&file, &text).unwrap();
+    let buffer = format!("kiln-paste-{}", std::process::id());
+    let load = std::process::Command::new("tmux")
+        .args(["load-buffer", "-b", &buffer])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(load.success());
+    let paste = std::process::Command::new("tmux")
+        .args([
+            "paste-buffer",
+            "-p",
+            "-d",
+            "-b",
+            &buffer,
+            "-t",
+            &tmux.session,
+        ])
+        .status()
+        .unwrap();
+    assert!(paste.success());
+    let screen = tmux.wait_for("the paste notice", 60, |s| s.contains("paste cut to"));
+    assert!(
+        screen.contains("paste cut to 1.0 MiB of 10.0 MiB"),
+        "{screen}"
+    );
+    // Still responsive: the help opens at once.
+    tmux.send(&["F1"]);
+    tmux.wait_for("the help", 10, |s| s.contains("toggle_panels"));
+    tmux.send(&["Escape", "C-q"]);
+    tmux.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
+}

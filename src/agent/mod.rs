@@ -390,13 +390,13 @@ impl<A: Approver> Agent<'_, A> {
                 Some(EngineEvent::TurnFinished {
                     turn: t,
                     reply,
+                    finish,
                     stats,
-                    ..
                 }) if t == turn => {
                     if pattern.is_some() {
                         self.record(Event::Answer {
                             text: reply.clone(),
-                            finish: crate::engine::FinishReason::Stop,
+                            finish,
                             stats: stats.clone(),
                         });
                     }

@@ -62,6 +62,10 @@ async fn run_agent<A: Approver>(
     Run { outcome, progress }
 }
 
+fn count(run: &Run, kind: fn(&Progress) -> bool) -> usize {
+    run.progress.iter().filter(|p| kind(p)).count()
+}
+
 fn results(run: &Run) -> Vec<(bool, String)> {
     run.progress
         .iter()
@@ -123,11 +127,7 @@ async fn headless_ask_refuses_instead_of_running() {
     ]);
     let run = run_agent(fake, &ws, Policy::Ask, 10, Limits::default(), Nobody, None).await;
     assert_eq!(run.outcome, Outcome::Finished("done".into()));
-    let refused = run
-        .progress
-        .iter()
-        .filter(|p| matches!(p, Progress::Refused { .. }))
-        .count();
+    let refused = count(&run, |p| matches!(p, Progress::Refused { .. }));
     assert_eq!(refused, 2);
     assert_eq!(
         std::fs::read_to_string(ws.root().join("notes.txt")).unwrap(),
@@ -240,11 +240,7 @@ async fn an_invalid_call_is_reported_back_and_retried_with_a_limit() {
     ]);
     let run = run_agent(fake, &ws, Policy::Auto, 10, Limits::default(), Nobody, None).await;
     assert_eq!(run.outcome, Outcome::Finished("done".into()));
-    let invalid = run
-        .progress
-        .iter()
-        .filter(|p| matches!(p, Progress::Invalid { .. }))
-        .count();
+    let invalid = count(&run, |p| matches!(p, Progress::Invalid { .. }));
     assert_eq!(invalid, 2);
 
     let fake = FakeEngine::new(["no", "json", "here"]);

@@ -2,7 +2,7 @@
 //! session picker and the agent's approval question.
 
 use ratatui::layout::{Constraint, Flex, Layout, Rect};
-use ratatui::style::Modifier;
+use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Clear, Paragraph, Wrap};
 use ratatui::Frame;
@@ -20,6 +20,27 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
         .flex(Flex::Center)
         .areas(row);
     cell
+}
+
+/// A bordered box of `lines` in the middle of the screen, over what is
+/// under it.
+fn popup(
+    frame: &mut Frame,
+    area: Rect,
+    width: u16,
+    title: &str,
+    border: Style,
+    lines: Vec<Line>,
+    theme: &Theme,
+) {
+    let rect = centered(area, width, lines.len() as u16 + 2);
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new(lines)
+            .block(super::panel_block(title, border, theme))
+            .wrap(Wrap { trim: false }),
+        rect,
+    );
 }
 
 pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
@@ -51,17 +72,14 @@ pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) 
         "mouse wheel scrolls · rebind keys by these names in [keys] of config.toml · any key closes",
         theme.fg(Slot::Dim),
     ));
-    let popup = centered(area, 112, lines.len() as u16 + 2);
-    frame.render_widget(Clear, popup);
-    frame.render_widget(
-        Paragraph::new(lines)
-            .block(super::panel_block(
-                "keys",
-                theme.fg(Slot::BorderActive),
-                theme,
-            ))
-            .wrap(Wrap { trim: false }),
-        popup,
+    popup(
+        frame,
+        area,
+        112,
+        "keys",
+        theme.fg(Slot::BorderActive),
+        lines,
+        theme,
     );
 }
 
@@ -70,17 +88,16 @@ pub fn render_confirm_quit(frame: &mut Frame, area: Rect, state: &State, theme: 
         "Quit kiln? y / Enter / {} again quits · any other key stays",
         state.keys.hint(Action::Interrupt)
     );
-    let popup = centered(area, text.chars().count() as u16 + 4, 3);
-    frame.render_widget(Clear, popup);
-    frame.render_widget(
-        Paragraph::new(Line::styled(text, theme.fg(Slot::Text)))
-            .block(super::panel_block(
-                "quit",
-                theme.alert(Slot::Warning),
-                theme,
-            ))
-            .wrap(Wrap { trim: true }),
-        popup,
+    let width = text.chars().count() as u16 + 4;
+    let line = Line::styled(text, theme.fg(Slot::Text));
+    popup(
+        frame,
+        area,
+        width,
+        "quit",
+        theme.alert(Slot::Warning),
+        vec![line],
+        theme,
     );
 }
 
@@ -170,16 +187,13 @@ pub fn render_approval(frame: &mut Frame, area: Rect, state: &State, theme: &The
         "y yes · n no · a always for this exact call · Ctrl-C stops the agent",
         theme.fg(Slot::Accent),
     ));
-    let popup = centered(area, 90, lines.len() as u16 + 2);
-    frame.render_widget(Clear, popup);
-    frame.render_widget(
-        Paragraph::new(lines)
-            .block(super::panel_block(
-                "approve?",
-                theme.alert(Slot::Warning),
-                theme,
-            ))
-            .wrap(Wrap { trim: false }),
-        popup,
+    popup(
+        frame,
+        area,
+        90,
+        "approve?",
+        theme.alert(Slot::Warning),
+        lines,
+        theme,
     );
 }

@@ -566,7 +566,10 @@ async fn run_terminal(
                     None => continue,
                 },
                 // The terminal is gone.
-                None => break,
+                None => {
+                    release_terminal();
+                    break;
+                }
             },
             ev = events.recv() => match ev {
                 Some(ev) => {
@@ -592,7 +595,10 @@ async fn run_terminal(
                     continue;
                 }
             },
-            _ = hangup.recv() => break,
+            _ = hangup.recv() => {
+                release_terminal();
+                break;
+            }
             _ = terminate.recv() => break,
             _ = tokio::time::sleep_until(next_frame), if dirty => continue,
         };
@@ -601,8 +607,39 @@ async fn run_terminal(
         }
         dirty = true;
     }
+    // Leaving mid-answer: stop it, and give the stopped answer a moment to
+    // come back so it is committed to the journal, not left as chunks.
     runtime.engine.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while state.generating() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ev)) => {
+                for effect in app::update(&mut state, Msg::Engine(ev, Instant::now())) {
+                    runtime.perform(effect, &mut state).await;
+                }
+            }
+            _ => break,
+        }
+    }
     Ok(0)
+}
+
+/// The terminal hung up (SSH dropped): point stdin, stdout and stderr at
+/// /dev/null, so that nothing kiln or its libraries write on the way out
+/// fails (a failed `eprintln!` panics) before the journal and the KV
+/// snapshot are saved.
+fn release_terminal() {
+    // SAFETY: open and dup2 on valid descriptors; the old ones are replaced
+    // atomically by dup2.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..=2 {
+                libc::dup2(null, fd);
+            }
+            libc::close(null);
+        }
+    }
 }
 
 /// Terminal input arrives on a thread of its own: crossterm's `read` blocks.

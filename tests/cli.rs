@@ -306,3 +306,14 @@ fn a_model_that_cannot_fit_is_refused_before_loading() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_workstation_needs_a_terminal() {
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "kiln: the workstation needs a terminal; for scripts use `kiln ask`"
+    );
+}

@@ -226,3 +226,47 @@ async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
     tmux.send(&["Escape", "C-q"]);
     tmux.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
 }
+
+/// The SSH connection drops mid-answer (tmux kill-session hangs up the
+/// terminal): the stopped answer is committed and the KV snapshot saved.
+#[tokio::test]
+async fn a_hangup_mid_answer_saves_the_session() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 400",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display()
+    );
+    let tmux = common::Tmux::start("hangup", 120, 40, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    tmux.send(&[
+        "Write a long story about a dragon who runs a pottery kiln.",
+        "Enter",
+    ]);
+    tmux.wait_for("the answer to stream", 60, |s| s.contains("live "));
+    drop(tmux);
+
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let dir = loop {
+        let listing = store.list();
+        if let Some(l) = listing.first() {
+            if l.dir.join("kv.snapshot").exists() && !l.open_elsewhere {
+                break l.dir.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot after the hangup"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let loaded = store.load(&dir).unwrap();
+    let answer = loaded.transcript.entries.last().unwrap();
+    assert_eq!(answer.finish, Some(kiln::engine::FinishReason::Cancelled));
+    assert!(!answer.text.is_empty());
+    let log = std::fs::read_to_string(home.path().join("logs/kiln.log")).unwrap();
+    assert!(!log.contains("panic"), "{log}");
+}

@@ -3,10 +3,9 @@
 use std::io::{IsTerminal, Read, Write};
 
 use crate::cli::{AskArgs, Common};
-use crate::engine::Engine;
-use crate::engine::{self, EngineEvent, FinishReason};
+use crate::engine::{EngineEvent, FinishReason};
 use crate::error::{KilnError, Result};
-use crate::launch::{launch, Launched};
+use crate::launch::{self, Started};
 use crate::store::journal::{self, JournalHandle};
 use crate::store::session::Event;
 use crate::store::SessionStore;
@@ -19,13 +18,15 @@ const MAX_QUESTION_BYTES: usize = 16 << 20;
 
 pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
     let question = read_question(args.question.as_deref())?;
-    let launched = launch(common, |_| {}).await?;
+    let started = launch::start(common).await?;
     let journal = if args.ephemeral {
         None
     } else {
-        start_session(&launched, &question)
+        start_session(&started, &question)
     };
-    let (handle, mut events) = engine::spawn(launched.engine);
+    let Started {
+        handle, mut events, ..
+    } = started;
     let mut stdout = std::io::stdout().lock();
     if args.json {
         let info = serde_json::json!({ "event": "model", "model": handle.info() });
@@ -99,17 +100,13 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
 
 /// Keep the exchange as a session. Failing to is a warning: the answer
 /// still matters more than its record.
-fn start_session(launched: &Launched, question: &str) -> Option<JournalHandle> {
-    let store = SessionStore::new(&launched.paths);
-    let context = launched.engine.info().context_limit;
-    match store.create(
-        &launched.model_spec(),
-        launched.fingerprint.clone(),
-        context,
-    ) {
+fn start_session(started: &Started, question: &str) -> Option<JournalHandle> {
+    let store = SessionStore::new(&started.paths);
+    let context = started.handle.info().context_limit;
+    match store.create(&started.model_spec, started.fingerprint.clone(), context) {
         Ok(open) => {
             let (journal, _reports) = journal::spawn(open);
-            if let Some(p) = &launched.config.system_prompt {
+            if let Some(p) = &started.config.system_prompt {
                 journal.event(Event::SystemPrompt {
                     text: Some(p.clone()),
                 });

@@ -46,6 +46,10 @@ pub struct Common {
     /// Headless, nobody answers, so a call that needs a yes is refused.
     #[arg(long, global = true, value_enum, default_value_t = crate::agent::Policy::Ask)]
     pub approval: crate::agent::Policy,
+    /// `local` (kalosm on this machine) or `remote:NAME`, an endpoint from
+    /// config.toml.
+    #[arg(long, global = true, default_value = "local")]
+    pub engine: String,
     /// Colour theme: dark, light, contrast, or a file in the themes folder.
     #[arg(long, global = true, env = "KILN_THEME")]
     pub theme: Option<String>,

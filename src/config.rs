@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::cli::Common;
+use crate::engine::remote::Endpoint;
 use crate::engine::SamplerSettings;
 use crate::error::{KilnError, Result};
 use crate::keys::{KeyMap, KeySpec};
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub model: Option<String>,
@@ -24,6 +25,8 @@ pub struct Config {
     pub theme: Option<String>,
     /// Key bindings: action name = key or list of keys.
     pub keys: BTreeMap<String, KeySpec>,
+    /// OpenAI-compatible endpoints by name, for `--engine remote:NAME`.
+    pub endpoints: BTreeMap<String, Endpoint>,
 }
 
 impl Config {
@@ -91,6 +94,18 @@ impl Config {
             self.system_prompt = cli.system.clone();
         }
         self
+    }
+
+    /// The endpoint `--engine remote:NAME` names, or why there is none.
+    pub fn endpoint(&self, name: &str) -> std::result::Result<Endpoint, String> {
+        self.endpoints.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.endpoints.keys().map(String::as_str).collect();
+            if known.is_empty() {
+                format!("no endpoint '{name}': add [endpoints.{name}] with base_url and model to config.toml")
+            } else {
+                format!("no endpoint '{name}' (config.toml has: {})", known.join(", "))
+            }
+        })
     }
 }
 

@@ -4,10 +4,15 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
+use tokio::sync::mpsc;
+
+use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::config::Config;
 use crate::engine::kalosm::{EngineOptions, KalosmEngine};
-use crate::error::Result;
+use crate::engine::remote::RemoteEngine;
+use crate::engine::{self, EngineEvent, EngineHandle};
+use crate::error::{KilnError, Result};
 use crate::models::{self, ModelSpec, ResolvedModel};
 use crate::paths::Paths;
 use crate::store::prompt_cache::PromptCache;
@@ -93,5 +98,74 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         engine,
         load_seconds: started.elapsed().as_secs_f64(),
         fingerprint,
+    })
+}
+
+/// The engine a front end talks to, running, whichever kind it is.
+pub struct Started {
+    pub paths: Paths,
+    pub config: Config,
+    pub handle: EngineHandle,
+    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+    /// The local model's dimensions, for the memory panel (`None` remote).
+    pub shape: Option<ModelShape>,
+    /// How a session names the model, so resume can start it again.
+    pub model_spec: String,
+    pub fingerprint: Option<String>,
+}
+
+/// `--engine local` (or nothing) or `--engine remote:NAME`.
+pub fn remote_name(common: &Common) -> Result<Option<String>> {
+    match common.engine.as_str() {
+        "" | "local" | "kalosm" => Ok(None),
+        other => match other.strip_prefix("remote:") {
+            Some(name) if !name.is_empty() => Ok(Some(name.to_string())),
+            _ => Err(KilnError::BadArgument(format!(
+                "--engine {other}: use local or remote:NAME"
+            ))),
+        },
+    }
+}
+
+/// A remote endpoint's engine, from `[endpoints.NAME]` in the config.
+pub fn remote_engine(config: &Config, name: &str) -> Result<RemoteEngine> {
+    let endpoint = config.endpoint(name).map_err(KilnError::BadArgument)?;
+    RemoteEngine::new(
+        name,
+        endpoint,
+        config.sampling.clone(),
+        config.system_prompt.clone(),
+    )
+    .map_err(KilnError::Engine)
+}
+
+/// Start the engine `--engine` names and spawn it as a background task.
+pub async fn start(common: &Common) -> Result<Started> {
+    if let Some(name) = remote_name(common)? {
+        let (paths, config) = paths_and_config(common)?;
+        let engine = remote_engine(&config, &name)?;
+        let (handle, events) = engine::spawn(engine);
+        return Ok(Started {
+            paths,
+            config,
+            handle,
+            events,
+            shape: None,
+            model_spec: format!("remote:{name}"),
+            fingerprint: None,
+        });
+    }
+    let launched = launch(common, |_| {}).await?;
+    let shape = Some(ModelShape::from_gguf(&launched.model.info));
+    let model_spec = launched.model_spec();
+    let (handle, events) = engine::spawn(launched.engine);
+    Ok(Started {
+        paths: launched.paths,
+        config: launched.config,
+        handle,
+        events,
+        shape,
+        model_spec,
+        fingerprint: launched.fingerprint,
     })
 }

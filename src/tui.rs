@@ -28,7 +28,7 @@ use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
 use crate::error::{KilnError, Result};
 use crate::keys::KeyMap;
-use crate::launch::launch;
+use crate::launch;
 use crate::store::journal::{self, JournalHandle, Report};
 use crate::store::session::{self, OpenSession};
 use crate::store::{snapshot, Loaded, SessionStore};
@@ -70,18 +70,24 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
             let open = store.open_for_resume(&dir)?;
             // The session's model, unless the user names another.
             if common.model.is_none() {
-                common.model = Some(loaded.meta.model.clone());
+                match loaded.meta.model.strip_prefix("remote:") {
+                    Some(_) if common.engine == "local" => {
+                        common.engine = loaded.meta.model.clone();
+                    }
+                    Some(_) => {}
+                    None => common.model = Some(loaded.meta.model.clone()),
+                }
             }
             Some((loaded, open, dir))
         }
     };
 
-    let launched = launch(&common, |_| {}).await?;
-    let config = &launched.config;
+    let started = launch::start(&common).await?;
+    let config = &started.config;
     let config_file = common
         .config
         .clone()
-        .unwrap_or_else(|| launched.paths.config_file.clone());
+        .unwrap_or_else(|| started.paths.config_file.clone());
     let keys = KeyMap::with_overrides(&config.keys)
         .map_err(|e| KilnError::Config(config_file.clone(), e))?;
     let theme_name = common
@@ -99,22 +105,28 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
         tracing::warn!("{w}");
     }
 
-    let shape = ModelShape::from_gguf(&launched.model.info);
-    let model_spec = launched.model_spec();
-    let fingerprint = launched.fingerprint.clone();
     let system_prompt = config.system_prompt.clone();
-    let (engine, events) = engine::spawn(launched.engine);
-    let mut state =
-        State::new(engine.info().clone(), Some(shape), keys).with_system_prompt(system_prompt);
+    let (merged_tx, events) = mpsc::unbounded_channel();
+    let spec = started.model_spec.clone();
+    forward(started.events, merged_tx.clone());
+    let mut state = State::new(started.handle.info().clone(), started.shape.clone(), keys)
+        .with_system_prompt(system_prompt);
+    if spec.starts_with("remote:") {
+        state.remote = Some(spec.clone());
+    }
     state.notice = warnings.into_iter().next();
     let samples = telemetry::spawn(Duration::from_secs(1));
     let mut runtime = Runtime {
-        engine,
+        engine: started.handle.clone(),
+        engines: vec![(spec.clone(), started.handle)],
+        merged: merged_tx,
+        config: started.config.clone(),
+        common: common.clone(),
         store,
         journal: None,
         reports: None,
-        model_spec,
-        fingerprint,
+        model_spec: spec,
+        fingerprint: started.fingerprint,
         samples: samples.clone(),
         workspace: common.workspace.clone(),
         policy: common.approval,
@@ -131,7 +143,15 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
 /// What the runtime holds besides the state: the engine, and the session
 /// journal once there is something to write.
 struct Runtime {
+    /// The engine chats go to now.
     engine: EngineHandle,
+    /// Every engine started so far, by spec ("smollm2-…", "remote:NAME"),
+    /// kept so a session can move back without a reload.
+    engines: Vec<(String, EngineHandle)>,
+    /// All engines' events, merged into the one stream `update` reads.
+    merged: mpsc::UnboundedSender<EngineEvent>,
+    config: crate::config::Config,
+    common: Common,
     store: SessionStore,
     journal: Option<JournalHandle>,
     reports: Option<mpsc::UnboundedReceiver<Report>>,
@@ -308,6 +328,14 @@ impl Runtime {
                     }
                 }
             }
+            Effect::SwitchEngine(target) => {
+                let line = self.switch_engine(state, target).await;
+                state.notice = Some(line.clone());
+                state.push_notice(line.clone());
+                if let Some(j) = self.journal(state) {
+                    j.event(session::Event::Notice { text: line });
+                }
+            }
             Effect::StopAgent => {
                 if let Some(a) = &self.agent {
                     a.stop.store(true, Ordering::SeqCst);
@@ -328,6 +356,61 @@ impl Runtime {
                 self.engine.send(EngineCommand::SetHistory(history));
             }
             Effect::Quit => {}
+        }
+    }
+
+    /// Move the conversation to another engine: `Some(NAME)` an endpoint,
+    /// `None` the local model. The transcript and journal stay here; the
+    /// target gets the conversation and re-reads it on the next message.
+    async fn switch_engine(&mut self, state: &mut State, target: Option<String>) -> String {
+        let spec = match &target {
+            Some(name) => format!("remote:{name}"),
+            None => self
+                .engines
+                .iter()
+                .map(|(s, _)| s.clone())
+                .find(|s| !s.starts_with("remote:"))
+                .unwrap_or_else(|| "local".to_string()),
+        };
+        let handle = match self.engines.iter().find(|(s, _)| *s == spec) {
+            Some((_, h)) => h.clone(),
+            None => {
+                let started = match &target {
+                    Some(name) => launch::remote_engine(&self.config, name).map(engine::spawn),
+                    None => {
+                        let mut common = self.common.clone();
+                        common.engine = "local".into();
+                        launch::launch(&common, |_| {}).await.map(|l| {
+                            state.shape = Some(ModelShape::from_gguf(&l.model.info));
+                            engine::spawn(l.engine)
+                        })
+                    }
+                };
+                match started {
+                    Ok((handle, events)) => {
+                        forward(events, self.merged.clone());
+                        self.engines.push((spec.clone(), handle.clone()));
+                        handle
+                    }
+                    Err(e) => return format!("cannot move the session: {e}"),
+                }
+            }
+        };
+        handle.send(EngineCommand::SetSystemPrompt(state.system_prompt.clone()));
+        handle.send(EngineCommand::SetHistory(Transcript::messages(
+            &state.transcript,
+        )));
+        self.engine = handle;
+        state.model = self.engine.info().clone();
+        state.remote = target.as_ref().map(|_| spec.clone());
+        match target {
+            Some(name) => format!(
+                "moved to endpoint {name}; this machine no longer holds the conversation's KV cache"
+            ),
+            None => {
+                "moved back to the local model; it re-reads the conversation on the next message"
+                    .to_string()
+            }
         }
     }
 
@@ -462,6 +545,20 @@ fn picker_items(store: &SessionStore) -> Vec<PickerItem> {
 
 /// The next message of a running agent; an approval question is parked in
 /// the link until the user answers it.
+/// Pass one engine's events into the merged stream.
+fn forward(
+    mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    to: mpsc::UnboundedSender<EngineEvent>,
+) {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if to.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+}
+
 async fn next_from_agent(agent: &mut Option<AgentLink>) -> Option<AgentMsg> {
     let Some(a) = agent else {
         return std::future::pending().await;

@@ -146,6 +146,9 @@ pub enum Effect {
     StartAgent(String),
     StopAgent,
     Approve(Approval),
+    /// Move the conversation to endpoint `Some(NAME)`, or back to the local
+    /// model (`None`).
+    SwitchEngine(Option<String>),
     /// Give the engine the chat back after an agent run.
     RestoreChat {
         system_prompt: Option<String>,
@@ -185,6 +188,8 @@ pub struct State {
     pub mode: Mode,
     pub picker: Picker,
     pub agent: Option<AgentView>,
+    /// `remote:NAME` while the conversation runs on an endpoint.
+    pub remote: Option<String>,
     pub panels: Panels,
     pub size: (u16, u16),
     pub telemetry: Sample,
@@ -221,6 +226,7 @@ impl State {
             mode: Mode::Chat,
             picker: Picker::default(),
             agent: None,
+            remote: None,
             panels: Panels::Auto,
             size: (80, 24),
             telemetry: Sample::default(),
@@ -295,6 +301,10 @@ impl State {
         self.input = TextArea::new(text.split('\n').map(str::to_string).collect());
         self.input.move_cursor(tui_textarea::CursorMove::Bottom);
         self.input.move_cursor(tui_textarea::CursorMove::End);
+    }
+
+    pub fn push_notice(&mut self, text: String) {
+        self.push_entry(Entry::new(EntryKind::Notice, text));
     }
 
     fn push_entry(&mut self, entry: Entry) {
@@ -642,6 +652,23 @@ fn send(state: &mut State) -> Vec<Effect> {
             state.keys.hint(Action::Cancel)
         ));
         return Vec::new();
+    }
+    let command = text.trim();
+    if command == "/local" || command.starts_with("/offload") {
+        if state.generating() {
+            state.notice = Some("still answering".into());
+            return Vec::new();
+        }
+        let target = match command.strip_prefix("/offload") {
+            Some(name) if !name.trim().is_empty() => Some(name.trim().to_string()),
+            Some(_) => {
+                state.notice = Some("/offload needs an endpoint name from config.toml".into());
+                return Vec::new();
+            }
+            None => None,
+        };
+        state.reset_input();
+        return vec![Effect::SwitchEngine(target)];
     }
     if let Some(task) = text.trim().strip_prefix("/agent") {
         let task = task.trim();

@@ -7,6 +7,7 @@
 pub mod context;
 pub mod fake;
 pub mod kalosm;
+pub mod remote;
 pub mod sampler;
 pub mod template;
 

@@ -29,6 +29,9 @@ pub struct MemoryView {
     /// Tokens the KV cache can still grow by in free memory (`None` when the
     /// model's shape is unknown).
     pub memory_left: Option<u64>,
+    /// KV bytes the local engine would hold for this conversation, saved
+    /// while it runs on a remote endpoint.
+    pub offloaded: Option<u64>,
 }
 
 pub fn view(state: &State) -> Option<MemoryView> {
@@ -36,12 +39,16 @@ pub fn view(state: &State) -> Option<MemoryView> {
     let rss = state.telemetry.process.map(|p| p.rss);
     let used = mem.used();
     let context = state.context_tokens as u64;
-    let (weights, kv) = match &state.shape {
+    let (weights, local_kv) = match &state.shape {
         Some(shape) => (
             shape.weight_bytes(),
             shape.kv_allocated_tokens(context) * shape.kv_per_token_engine(),
         ),
         None => (0, 0),
+    };
+    let (kv, offloaded) = match state.remote {
+        Some(_) => (0, Some(local_kv)),
+        None => (local_kv, None),
     };
     // Parts of the weights may not be resident (mmap); never show more than
     // the process holds.
@@ -60,6 +67,7 @@ pub fn view(state: &State) -> Option<MemoryView> {
             .shape
             .as_ref()
             .map(|s| tokens_before_memory_runs_out(s, context, mem.available)),
+        offloaded,
     })
 }
 
@@ -101,15 +109,21 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         format!(" {} tok", super::count(state.context_tokens as u64)),
         theme.fg(Slot::Dim),
     ));
-    let (left, style) = match v.memory_left {
-        Some(m) if m < v.context_left => (
-            format!("{} tok left, then memory runs out", super::count(m)),
-            theme.alert(Slot::Warning),
+    let (left, style) = match (v.offloaded, v.memory_left) {
+        (Some(saved), _) => (
+            format!("offloaded: {} of KV not held here", gib(saved)),
+            theme.fg(Slot::Ok),
         ),
-        _ => (
-            format!("{} tok left in context", super::count(v.context_left)),
-            theme.fg(Slot::Text),
-        ),
+        (None, memory_left) => match memory_left {
+            Some(m) if m < v.context_left => (
+                format!("{} tok left, then memory runs out", super::count(m)),
+                theme.alert(Slot::Warning),
+            ),
+            _ => (
+                format!("{} tok left in context", super::count(v.context_left)),
+                theme.fg(Slot::Text),
+            ),
+        },
     };
     lines.push(Line::styled(left, style));
     frame.render_widget(Paragraph::new(lines), inner);

@@ -171,3 +171,75 @@ impl Drop for Tmux {
             .status();
     }
 }
+
+/// A real OpenAI-compatible server on loopback: llama-cpp-python's server
+/// (installed by `.ci/run` into a venv) serving the SmolLM2 model.
+pub struct LlamaServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl LlamaServer {
+    pub async fn start() -> LlamaServer {
+        let model = model().await;
+        let python = std::env::var("KILN_LLAMA_PYTHON").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/kiln-llama-venv/bin/python")
+        });
+        assert!(
+            std::path::Path::new(&python).exists(),
+            "{python} is missing: .ci/run installs llama-cpp-python[server] there"
+        );
+        let port = free_port();
+        let child = std::process::Command::new(&python)
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(&model.path)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--n_ctx", "4096", "--verbose", "false"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start llama_cpp.server");
+        let server = LlamaServer { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let ok = reqwest::get(format!("{}/models", server.base_url()))
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    return server;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "llama_cpp.server did not come up on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

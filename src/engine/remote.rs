@@ -1,0 +1,351 @@
+//! `RemoteEngine`: a session on an OpenAI-compatible chat endpoint (a
+//! llama.cpp or vLLM server, a bigger machine in the closet).
+//!
+//! kalosm 0.4's OpenAI-compatible model was the first choice, but it does
+//! not fit: it reports no token usage, files the reply as a user message in
+//! its session, has no timeouts, and ends at the first `finish_reason`
+//! before the usage chunk arrives. This engine speaks the same streaming API
+//! with reqwest and `eventsource-stream`, asks for usage
+//! (`stream_options.include_usage`), and turns every failure into a clear
+//! `TurnFailed`.
+
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::context::{Conversation, Message, Role};
+use super::sampler::SamplerSettings;
+use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+use crate::store::snapshot::KvState;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Waiting for the first token includes the server's prefill.
+const FIRST_EVENT_TIMEOUT: Duration = Duration::from_secs(300);
+const BETWEEN_EVENTS_TIMEOUT: Duration = Duration::from_secs(60);
+/// A cancel is noticed at least this often while waiting for the server.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// A named endpoint from `[endpoints.NAME]` in `config.toml`. The API key
+/// is read from the environment variable named here, never written down.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub base_url: String,
+    pub model: String,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The context window the server runs with.
+    #[serde(default = "default_context")]
+    pub context: usize,
+}
+
+fn default_context() -> usize {
+    8192
+}
+
+pub struct RemoteEngine {
+    name: String,
+    endpoint: Endpoint,
+    client: reqwest::Client,
+    conv: Conversation,
+    sampler: SamplerSettings,
+}
+
+impl RemoteEngine {
+    pub fn new(
+        name: &str,
+        endpoint: Endpoint,
+        sampler: SamplerSettings,
+        system_prompt: Option<String>,
+    ) -> Result<RemoteEngine, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("endpoint {name}: {e}"))?;
+        Ok(RemoteEngine {
+            name: name.to_string(),
+            endpoint,
+            client,
+            conv: Conversation {
+                system: system_prompt,
+                messages: Vec::new(),
+            },
+            sampler,
+        })
+    }
+
+    fn body(&self, messages: &[Message]) -> serde_json::Value {
+        let messages: Vec<_> = messages
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                };
+                serde_json::json!({ "role": role, "content": m.content })
+            })
+            .collect();
+        let s = &self.sampler;
+        let mut body = serde_json::json!({
+            "model": self.endpoint.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": { "include_usage": true },
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+        });
+        if let Some(seed) = s.seed {
+            body["seed"] = seed.into();
+        }
+        body
+    }
+
+    /// One streamed completion of `messages`; sends the turn's events.
+    /// Returns the reply, or the one-line reason it failed.
+    async fn stream(
+        &self,
+        turn: u64,
+        messages: &[Message],
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> Result<String, String> {
+        let name = &self.name;
+        let url = format!(
+            "{}/chat/completions",
+            self.endpoint.base_url.trim_end_matches('/')
+        );
+        let mut request = self.client.post(&url).json(&self.body(messages));
+        if let Some(var) = &self.endpoint.api_key_env {
+            let key = std::env::var(var)
+                .map_err(|_| format!("endpoint {name}: the API key variable {var} is not set"))?;
+            request = request.bearer_auth(key);
+        }
+        let _ = out.send(EngineEvent::TurnStarted {
+            turn,
+            prompt_tokens: 0,
+            reused_tokens: 0,
+        });
+        let started = Instant::now();
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                format!(
+                    "endpoint {name}: cannot connect to {url}: {}",
+                    root_cause(&e)
+                )
+            } else if e.is_timeout() {
+                format!("endpoint {name}: {url} timed out")
+            } else {
+                format!("endpoint {name}: {}", root_cause(&e))
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+            let body: String = body.chars().take(300).collect();
+            return Err(format!("endpoint {name}: HTTP {status}: {body}"));
+        }
+
+        let mut events = response.bytes_stream().eventsource();
+        let mut reply = String::new();
+        let mut finish = None;
+        let mut done = false;
+        let mut usage: Option<Usage> = None;
+        let mut first_at = None;
+        let mut chunks = 0usize;
+        let mut last_event = Instant::now();
+        loop {
+            if cancel.is_cancelled(turn) {
+                finish = Some(FinishReason::Cancelled);
+                break;
+            }
+            let limit = if first_at.is_none() {
+                FIRST_EVENT_TIMEOUT
+            } else {
+                BETWEEN_EVENTS_TIMEOUT
+            };
+            if last_event.elapsed() > limit {
+                return Err(format!(
+                    "endpoint {name}: no data for {} s; the server may be stuck",
+                    limit.as_secs()
+                ));
+            }
+            let event = match tokio::time::timeout(CANCEL_POLL, events.next()).await {
+                Err(_) => continue,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(format!("endpoint {name}: the stream broke: {e}")),
+                Ok(Some(Ok(event))) => event,
+            };
+            last_event = Instant::now();
+            if event.data.trim() == "[DONE]" {
+                done = true;
+                break;
+            }
+            let chunk: Chunk = serde_json::from_str(&event.data).map_err(|e| {
+                let data: String = event.data.chars().take(120).collect();
+                format!("endpoint {name}: malformed stream data ({e}): {data}")
+            })?;
+            if let Some(u) = chunk.usage {
+                usage = Some(u);
+            }
+            for choice in chunk.choices {
+                if let Some(text) = choice.delta.and_then(|d| d.content) {
+                    if !text.is_empty() {
+                        first_at.get_or_insert_with(Instant::now);
+                        chunks += 1;
+                        reply.push_str(&text);
+                        let _ = out.send(EngineEvent::Token { turn, text });
+                    }
+                }
+                if let Some(reason) = choice.finish_reason {
+                    finish = Some(match reason.as_str() {
+                        "length" => FinishReason::MaxTokens,
+                        _ => FinishReason::Stop,
+                    });
+                }
+            }
+        }
+        let finish = match (finish, done) {
+            (Some(f), _) => f,
+            (None, true) => FinishReason::Stop,
+            (None, false) => {
+                return Err(format!(
+                    "endpoint {name}: the server closed the stream in the middle of the answer"
+                ))
+            }
+        };
+        let total_s = started.elapsed().as_secs_f64();
+        let ttft_s = first_at.map_or(total_s, |t| (t - started).as_secs_f64());
+        let (prompt_tokens, completion_tokens) = match &usage {
+            Some(u) => (u.prompt_tokens, u.completion_tokens),
+            // Servers that report no usage: one streamed chunk is one token
+            // on llama.cpp and vLLM.
+            None => (0, chunks),
+        };
+        let (prefill_tok_s, decode_tok_s) =
+            rates(prompt_tokens, completion_tokens, ttft_s, total_s);
+        let stats = GenStats {
+            ttft_ms: ttft_s * 1000.0,
+            prompt_tokens,
+            reused_tokens: 0,
+            completion_tokens,
+            prefill_tok_s,
+            decode_tok_s,
+            total_ms: total_s * 1000.0,
+            context_tokens: prompt_tokens + completion_tokens,
+            cached_tokens: 0,
+        };
+        tracing::info!("remote {name} turn {turn}: {}", stats.summary(finish));
+        let _ = out.send(EngineEvent::TurnFinished {
+            turn,
+            reply: reply.clone(),
+            finish,
+            stats,
+        });
+        Ok(reply)
+    }
+}
+
+/// The innermost error, which says what actually went wrong.
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Engine for RemoteEngine {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: format!("{} @ {}", self.endpoint.model, self.name),
+            engine: format!("remote:{}", self.name),
+            architecture: "remote".into(),
+            path: None,
+            context_limit: self.endpoint.context,
+        }
+    }
+
+    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+        let messages = self.conv.with_new(0, &message);
+        let result = self.stream(turn, &messages, out, cancel).await;
+        self.conv.messages.push(Message::new(Role::User, message));
+        match result {
+            Ok(reply) => self
+                .conv
+                .messages
+                .push(Message::new(Role::Assistant, reply)),
+            Err(error) => {
+                tracing::warn!("{error}");
+                let _ = out.send(EngineEvent::TurnFailed { turn, error });
+            }
+        }
+    }
+
+    async fn continue_last(&mut self, turn: u64, out: &EventSink, _cancel: &CancelFlag) {
+        let _ = out.send(EngineEvent::TurnFailed {
+            turn,
+            error: format!(
+                "endpoint {}: continuing a cut answer needs a local engine; answer again instead",
+                self.name
+            ),
+        });
+    }
+
+    fn set_system_prompt(&mut self, prompt: Option<String>) {
+        self.conv.system = prompt;
+    }
+
+    fn set_history(&mut self, messages: Vec<Message>) {
+        self.conv.messages = messages;
+    }
+
+    fn snapshot(&self) -> Result<Option<KvState>, String> {
+        // The KV cache lives on the server.
+        Ok(None)
+    }
+
+    fn restore(&mut self, _state: KvState) -> Result<(), String> {
+        Err("a remote endpoint keeps no local KV state".into())
+    }
+
+    fn set_sampler(&mut self, settings: SamplerSettings) {
+        self.sampler = settings;
+    }
+
+    fn reset(&mut self) {
+        self.conv.messages.clear();
+    }
+}

@@ -25,6 +25,9 @@ pub struct Config {
     pub theme: Option<String>,
     /// Key bindings: action name = key or list of keys.
     pub keys: BTreeMap<String, KeySpec>,
+    /// Move a session to this endpoint when its next turn would outgrow the
+    /// local context window or memory.
+    pub auto_offload: Option<String>,
     /// OpenAI-compatible endpoints by name, for `--engine remote:NAME`.
     pub endpoints: BTreeMap<String, Endpoint>,
 }

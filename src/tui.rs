@@ -291,6 +291,7 @@ impl Runtime {
     async fn perform(&mut self, effect: Effect, state: &mut State) {
         match effect {
             Effect::Chat(text) => {
+                self.offload_if_needed(state, &text).await;
                 self.engine.chat(text);
             }
             Effect::Regenerate { history, message } => {
@@ -329,7 +330,8 @@ impl Runtime {
                 }
             }
             Effect::SwitchEngine(target) => {
-                let line = self.switch_engine(state, target).await;
+                let history = Transcript::messages(&state.transcript);
+                let line = self.switch_engine(state, target, history).await;
                 state.notice = Some(line.clone());
                 state.push_notice(line.clone());
                 if let Some(j) = self.journal(state) {
@@ -362,7 +364,12 @@ impl Runtime {
     /// Move the conversation to another engine: `Some(NAME)` an endpoint,
     /// `None` the local model. The transcript and journal stay here; the
     /// target gets the conversation and re-reads it on the next message.
-    async fn switch_engine(&mut self, state: &mut State, target: Option<String>) -> String {
+    async fn switch_engine(
+        &mut self,
+        state: &mut State,
+        target: Option<String>,
+        history: Vec<crate::engine::Message>,
+    ) -> String {
         let spec = match &target {
             Some(name) => format!("remote:{name}"),
             None => self
@@ -397,9 +404,7 @@ impl Runtime {
             }
         };
         handle.send(EngineCommand::SetSystemPrompt(state.system_prompt.clone()));
-        handle.send(EngineCommand::SetHistory(Transcript::messages(
-            &state.transcript,
-        )));
+        handle.send(EngineCommand::SetHistory(history));
         self.engine = handle;
         state.model = self.engine.info().clone();
         state.remote = target.as_ref().map(|_| spec.clone());
@@ -411,6 +416,28 @@ impl Runtime {
                 "moved back to the local model; it re-reads the conversation on the next message"
                     .to_string()
             }
+        }
+    }
+
+    /// With `auto_offload` set, move to that endpoint before a turn that
+    /// would outgrow this machine.
+    async fn offload_if_needed(&mut self, state: &mut State, message: &str) {
+        let Some(name) = self.config.auto_offload.clone() else {
+            return;
+        };
+        let answer = self.config.sampling.max_tokens as usize;
+        if !app::outgrows_local(state, message, answer) {
+            return;
+        }
+        // The question and its empty answer are already in the transcript;
+        // the engine gets the conversation before them, then the question.
+        let before = state.transcript.len().saturating_sub(2);
+        let history = Transcript::messages(&state.transcript[..before]);
+        let line = self.switch_engine(state, Some(name), history).await;
+        let line = format!("the next turn would outgrow this machine: {line}");
+        state.notice = Some(line.clone());
+        if let Some(j) = self.journal(state) {
+            j.event(session::Event::Notice { text: line });
         }
     }
 

@@ -33,6 +33,31 @@ fn budgets(steps: u32) -> Budgets {
     }
 }
 
+/// An agent with the tests' defaults: no journal, no governor pressure,
+/// default limits.
+fn agent<'a, A: Approver>(
+    engine: &'a engine::EngineHandle,
+    events: &'a mut tokio::sync::mpsc::UnboundedReceiver<engine::EngineEvent>,
+    ws: &Workspace,
+    policy: Policy,
+    steps: u32,
+    approver: A,
+) -> Agent<'a, A> {
+    Agent {
+        engine,
+        events,
+        workspace: ws.clone(),
+        policy,
+        budgets: budgets(steps),
+        limits: Limits::default(),
+        approver,
+        journal: None,
+        pressure: None,
+        governor: GovernorMode::Pause,
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
 async fn run_agent<A: Approver>(
     fake: FakeEngine,
     ws: &Workspace,
@@ -45,17 +70,9 @@ async fn run_agent<A: Approver>(
     let (handle, mut events) = engine::spawn(fake);
     let mut progress = Vec::new();
     let outcome = Agent {
-        engine: &handle,
-        events: &mut events,
-        workspace: ws.clone(),
-        policy,
-        budgets: budgets(steps),
         limits,
-        approver,
-        journal: None,
         pressure,
-        governor: GovernorMode::Pause,
-        stop: Arc::new(AtomicBool::new(false)),
+        ..agent(&handle, &mut events, ws, policy, steps, approver)
     }
     .run("test task", |p| progress.push(p))
     .await;
@@ -161,21 +178,9 @@ async fn approvals_yes_no_and_always() {
     let mut asked = Person(vec![Approval::No, Approval::Always], 0);
     let (handle, mut events) = engine::spawn(fake);
     let mut progress = Vec::new();
-    let outcome = Agent {
-        engine: &handle,
-        events: &mut events,
-        workspace: ws.clone(),
-        policy: Policy::AutoRead,
-        budgets: budgets(10),
-        limits: Limits::default(),
-        approver: &mut asked,
-        journal: None,
-        pressure: None,
-        governor: GovernorMode::Pause,
-        stop: Arc::new(AtomicBool::new(false)),
-    }
-    .run("t", |p| progress.push(p))
-    .await;
+    let outcome = agent(&handle, &mut events, &ws, Policy::AutoRead, 10, &mut asked)
+        .run("t", |p| progress.push(p))
+        .await;
     assert_eq!(outcome, Outcome::Finished("done".into()));
     // The read ran unasked; the write was refused; "always" covered the
     // same shell command twice more.
@@ -360,17 +365,8 @@ async fn every_call_is_journaled_before_it_runs_and_an_interrupted_one_is_not_re
     let fake = FakeEngine::new([r#"{"tool": "read_file", "path": "notes.txt"}"#, FINISH]);
     let (handle, mut events) = engine::spawn(fake);
     let outcome = Agent {
-        engine: &handle,
-        events: &mut events,
-        workspace: ws.clone(),
-        policy: Policy::Auto,
-        budgets: budgets(5),
-        limits: Limits::default(),
-        approver: Nobody,
         journal: Some(&journal),
-        pressure: None,
-        governor: GovernorMode::Pause,
-        stop: Arc::new(AtomicBool::new(false)),
+        ..agent(&handle, &mut events, &ws, Policy::Auto, 5, Nobody)
     }
     .run("t", |_| {})
     .await;
@@ -427,17 +423,8 @@ async fn the_real_model_makes_five_valid_calls_and_each_is_journaled() {
     let (journal, _reports) = journal::spawn(session);
     let mut progress = Vec::new();
     let outcome = Agent {
-        engine: &handle,
-        events: &mut events,
-        workspace: ws.clone(),
-        policy: Policy::AutoRead,
-        budgets: budgets(5),
-        limits: Limits::default(),
-        approver: Nobody,
         journal: Some(&journal),
-        pressure: None,
-        governor: GovernorMode::Pause,
-        stop: Arc::new(AtomicBool::new(false)),
+        ..agent(&handle, &mut events, &ws, Policy::AutoRead, 5, Nobody)
     }
     .run(
         "List the folder, read every file in it, and search for the word glaze.",

@@ -226,3 +226,38 @@ async fn offload_to_the_endpoint_and_back_in_the_workstation() {
         .text
         .starts_with("moved to endpoint box"));
 }
+
+/// `auto_offload`: a turn that would not fit the local context window goes
+/// to the endpoint on its own, and is answered there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_too_big_for_this_machine_is_offloaded_automatically() {
+    let server = LlamaServer::start().await;
+    let model = model().await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "auto_offload = \"box\"\n[endpoints.box]\nbase_url = \"{}\"\nmodel = \"smollm2\"\n",
+            server.base_url()
+        ),
+    )
+    .unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --model {} --ctx 256 --temperature 0 --max-tokens 16; echo EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display()
+    );
+    let tmux = Tmux::start("autooffload", 160, 45, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    let long = "Summarise these kiln notes. ".to_string()
+        + &"The bisque firing reached cone 04 after a slow overnight ramp. ".repeat(15);
+    tmux.send(&[&long, "Enter"]);
+    let screen = tmux.wait_for("the offloaded answer", 90, |s| {
+        s.contains(" tok · ") && s.contains("idle")
+    });
+    assert!(screen.contains("smollm2 @ box"), "{screen}");
+    assert!(screen.contains("would outgrow this machine"), "{screen}");
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
+}

@@ -1072,6 +1072,29 @@ fn push_bounded<T>(v: &mut VecDeque<T>, x: T) {
     v.push_back(x);
 }
 
+/// Whether a turn of `message` with an answer of up to `answer_tokens`
+/// would outgrow this machine: the context window, or the memory the KV
+/// cache can still take. Used to offload to an endpoint before it happens.
+pub fn outgrows_local(state: &State, message: &str, answer_tokens: usize) -> bool {
+    if state.remote.is_some() {
+        return false;
+    }
+    // About four bytes of text a token; three errs towards moving early.
+    let needed = message.len() / 3 + answer_tokens;
+    let context = state.context_tokens;
+    if context + needed > state.model.context_limit {
+        return true;
+    }
+    match (&state.shape, state.telemetry.memory) {
+        (Some(shape), Some(mem)) => {
+            let left =
+                crate::budget::tokens_before_memory_runs_out(shape, context as u64, mem.available);
+            (left as usize) < needed
+        }
+        _ => false,
+    }
+}
+
 /// Ctrl-C as crossterm reports it, for tests and the runtime.
 pub fn ctrl(c: char) -> KeyEvent {
     KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL)

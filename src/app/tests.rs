@@ -622,3 +622,32 @@ fn continue_extends_a_cut_answer() {
 fn key_alt(c: char) -> Msg {
     Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::ALT))
 }
+
+#[test]
+fn a_turn_that_would_outgrow_the_machine_is_offloaded() {
+    let preset = crate::models::preset(crate::models::DEFAULT_PRESET).unwrap();
+    let mut s = State::for_preset(preset, 8192);
+    update(&mut s, Msg::Resize(120, 40));
+    let mut sample = Sample {
+        memory: Some(crate::telemetry::MemorySnapshot {
+            total: 32 << 30,
+            available: 16 << 30,
+            swap_total: 0,
+            swap_free: 0,
+        }),
+        ..Sample::default()
+    };
+    update(&mut s, Msg::Telemetry(sample.clone()));
+    assert!(!outgrows_local(&s, "hello", 512));
+    // The context window would overflow.
+    s.context_tokens = 8000;
+    assert!(outgrows_local(&s, "hello", 512));
+    // Memory would run out first: 20 MB left is about 150 tokens of cache.
+    s.context_tokens = 100;
+    sample.memory.as_mut().unwrap().available = 20 << 20;
+    update(&mut s, Msg::Telemetry(sample));
+    assert!(outgrows_local(&s, "hello", 512));
+    // Already remote: nothing to offload.
+    s.remote = Some("remote:box".into());
+    assert!(!outgrows_local(&s, "hello", 512));
+}

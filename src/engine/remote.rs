@@ -79,14 +79,7 @@ impl RemoteEngine {
     fn body(&self, messages: &[Message]) -> serde_json::Value {
         let messages: Vec<_> = messages
             .iter()
-            .map(|m| {
-                let role = match m.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                };
-                serde_json::json!({ "role": role, "content": m.content })
-            })
+            .map(|m| serde_json::json!({ "role": m.role.as_str(), "content": m.content }))
             .collect();
         let s = &self.sampler;
         let mut body = serde_json::json!({

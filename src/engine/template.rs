@@ -4,7 +4,7 @@
 
 use minijinja::{context, Environment, ErrorKind};
 
-use super::context::{Message, Role};
+use super::context::Message;
 
 /// ChatML, for GGUF files that carry no template of their own.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -48,14 +48,7 @@ impl ChatTemplate {
     ) -> Result<String, String> {
         let messages: Vec<_> = messages
             .iter()
-            .map(|m| {
-                let role = match m.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                };
-                context! { role => role, content => m.content }
-            })
+            .map(|m| context! { role => m.role.as_str(), content => m.content })
             .collect();
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template
@@ -72,6 +65,7 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Role;
 
     #[test]
     fn chatml_fallback_renders_and_extends() {

@@ -96,6 +96,14 @@ pub enum Command {
     },
     /// Run an agent on a task in a workspace folder, headless.
     Agent(AgentArgs),
+    /// Run the daemon that keeps agent runs going without a terminal.
+    Daemon,
+    /// The daemon's agent runs and their state.
+    Ps,
+    /// Stop one of the daemon's agent runs.
+    Stop { id: String },
+    /// Follow one of the daemon's agent runs: what it did so far, then live.
+    Attach { id: String },
     /// Saved sessions: list, show, export, rm, rename.
     Sessions {
         #[command(subcommand)]
@@ -148,6 +156,10 @@ pub struct AgentArgs {
     /// Print JSON events, one per line.
     #[arg(long)]
     pub json: bool,
+    /// Run it in the daemon (started if none runs) and return at once; it
+    /// survives the terminal. `kiln attach ID` follows it.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 #[derive(Debug, Subcommand)]

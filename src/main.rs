@@ -2,7 +2,10 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{agent, ask, bench, cache_cmd, fit, launch, logging, models, monitor, session_cmd, tui};
+use kiln::{
+    agent, ask, bench, cache_cmd, daemon, fit, launch, logging, models, monitor, runs_cmd,
+    session_cmd, tui,
+};
 
 fn main() {
     let cli = Cli::parse();
@@ -26,7 +29,12 @@ fn main() {
             Some(Command::Fit(args)) => fit::run(args, &cli.common),
             Some(Command::Monitor(args)) => monitor::run(args).await,
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
+            Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
             Some(Command::Agent(args)) => agent::headless::run(args, &cli.common).await,
+            Some(Command::Daemon) => daemon::run(&cli.common).await,
+            Some(Command::Ps) => runs_cmd::ps(&cli.common).await,
+            Some(Command::Stop { id }) => runs_cmd::stop(&id, &cli.common).await,
+            Some(Command::Attach { id }) => runs_cmd::attach(&id, &cli.common).await,
             Some(Command::Sessions { action }) => session_cmd::run(action, &cli.common),
             Some(Command::Cache { action }) => cache_cmd::run(action, &cli.common),
             Some(Command::Fetch { preset }) => fetch(preset.as_deref(), &cli.common).await,

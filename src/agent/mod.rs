@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{EngineCommand, EngineEvent, EngineHandle, GenStats, Message};
@@ -58,7 +58,7 @@ pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply t
 {"tool": "finish", "summary": "what you did"}
 Paths are relative to the folder. Each reply gets the tool's result. Call finish when the task is done."#;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Every call but `finish` needs a yes.
@@ -124,7 +124,7 @@ impl Approver for Nobody {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Progress {
     Call {
@@ -155,7 +155,7 @@ pub enum Progress {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", content = "detail", rename_all = "snake_case")]
 pub enum Outcome {
     Finished(String),

@@ -1,0 +1,471 @@
+//! `kiln daemon`: agent runs that outlive the terminal that started them.
+//!
+//! The daemon owns the model and runs agents headless; clients (`kiln agent
+//! --detach`, `kiln ps`, `kiln stop`, `kiln attach`) reach it over a Unix
+//! socket private to the user (a 0700 folder, a 0600 socket, and a
+//! peer-credential check). No TCP listener. One actor task owns the runs;
+//! connections and agent runs talk to it over channels.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::tools::{Limits, Workspace};
+use crate::agent::{pressure, Agent, Budgets, GovernorMode, Nobody, Outcome, Progress};
+use crate::cli::Common;
+use crate::engine::{EngineEvent, EngineHandle};
+use crate::error::{KilnError, Result};
+use crate::launch;
+use crate::paths::Paths;
+use crate::protocol::{self, FrameError, Reply, Request, RunInfo};
+use crate::store::{journal, SessionStore};
+use crate::telemetry;
+
+/// Events a subscriber may fall behind by before it is resynced.
+const SUBSCRIBER_BUFFER: usize = 256;
+
+/// The socket, in the user's runtime folder when there is one.
+pub fn socket_path(paths: &Paths) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() && std::env::var_os("KILN_HOME").is_none() => {
+            Path::new(&dir).join("kiln").join("daemon.sock")
+        }
+        _ => paths.data.join("run").join("daemon.sock"),
+    }
+}
+
+/// Bind the socket with its folder private to this user.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let dir = path.parent().expect("the socket has a folder");
+    std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir.display(), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| KilnError::io(dir.display(), e))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(KilnError::Store(format!(
+                "{}: a kiln daemon is already running",
+                path.display()
+            )));
+        }
+        // Left by a daemon that died.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|e| KilnError::io(path.display(), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| KilnError::io(path.display(), e))?;
+    Ok(listener)
+}
+
+enum ActorMsg {
+    Request(Request, oneshot::Sender<Reply>),
+    Attach(String, mpsc::Sender<Reply>, oneshot::Sender<Reply>),
+    Progress(String, Progress),
+    Done(String, Outcome, mpsc::UnboundedReceiver<EngineEvent>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Run {
+    task: String,
+    events: Vec<Progress>,
+    outcome: Option<Outcome>,
+    stop: Arc<AtomicBool>,
+    subscribers: Vec<mpsc::Sender<Reply>>,
+}
+
+struct Actor {
+    tx: mpsc::UnboundedSender<ActorMsg>,
+    engine: EngineHandle,
+    /// The engine's events, lent to the run that uses the engine.
+    engine_events: Option<mpsc::UnboundedReceiver<EngineEvent>>,
+    store: SessionStore,
+    samples: tokio::sync::watch::Receiver<telemetry::Sample>,
+    runs: BTreeMap<String, Run>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ActorMsg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                ActorMsg::Request(req, reply) => {
+                    let _ = reply.send(self.request(req));
+                }
+                ActorMsg::Attach(id, sub, reply) => {
+                    let answer = match self.runs.get_mut(&id) {
+                        Some(run) => {
+                            // The snapshot and the subscription happen in one
+                            // step of the actor: no event falls between them.
+                            run.subscribers.push(sub);
+                            Reply::Snapshot {
+                                id,
+                                events: run.events.clone(),
+                                outcome: run.outcome.clone(),
+                            }
+                        }
+                        None => Reply::Error {
+                            message: format!("no run '{id}' (see `kiln ps`)"),
+                        },
+                    };
+                    let _ = reply.send(answer);
+                }
+                ActorMsg::Progress(id, event) => {
+                    if let Some(run) = self.runs.get_mut(&id) {
+                        run.events.push(event.clone());
+                        let seq = run.events.len() as u64;
+                        let reply = Reply::Event {
+                            id: id.clone(),
+                            seq,
+                            event,
+                        };
+                        // A full or closed subscriber is dropped; its
+                        // connection attaches again for a fresh snapshot.
+                        run.subscribers
+                            .retain(|s| s.try_send(reply.clone()).is_ok());
+                    }
+                }
+                ActorMsg::Done(id, outcome, events) => {
+                    self.engine_events = Some(events);
+                    if let Some(run) = self.runs.get_mut(&id) {
+                        run.outcome = Some(outcome.clone());
+                        let reply = Reply::Done { id, outcome };
+                        for s in run.subscribers.drain(..) {
+                            let _ = s.try_send(reply.clone());
+                        }
+                    }
+                    if self.engine_events.is_some() && self.all_done() {
+                        if let Some(done) = self.shutdown.take() {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                ActorMsg::Shutdown(done) => {
+                    for run in self.runs.values() {
+                        run.stop.store(true, Ordering::SeqCst);
+                    }
+                    if self.all_done() {
+                        let _ = done.send(());
+                    } else {
+                        self.shutdown = Some(done);
+                    }
+                }
+            }
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.runs.values().all(|r| r.outcome.is_some())
+    }
+
+    fn request(&mut self, req: Request) -> Reply {
+        match req {
+            Request::List => Reply::Runs {
+                runs: self
+                    .runs
+                    .iter()
+                    .map(|(id, r)| RunInfo {
+                        id: id.clone(),
+                        task: r.task.clone(),
+                        steps: r
+                            .events
+                            .iter()
+                            .filter(|e| matches!(e, Progress::Call { .. }))
+                            .count() as u32,
+                        outcome: r.outcome.clone(),
+                    })
+                    .collect(),
+            },
+            Request::Stop { id } => match self.runs.get(&id) {
+                Some(run) => {
+                    run.stop.store(true, Ordering::SeqCst);
+                    Reply::Stopping { id }
+                }
+                None => Reply::Error {
+                    message: format!("no run '{id}' (see `kiln ps`)"),
+                },
+            },
+            Request::Attach { .. } => Reply::Error {
+                message: "attach goes through its own path".into(),
+            },
+            Request::StartAgent {
+                task,
+                workspace,
+                policy,
+                max_steps,
+                max_minutes,
+            } => self.start(task, workspace, policy, max_steps, max_minutes),
+        }
+    }
+
+    fn start(
+        &mut self,
+        task: String,
+        workspace: PathBuf,
+        policy: crate::agent::Policy,
+        max_steps: u32,
+        max_minutes: u64,
+    ) -> Reply {
+        let Some(mut events) = self.engine_events.take() else {
+            let running = self
+                .runs
+                .iter()
+                .find(|(_, r)| r.outcome.is_none())
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+            return Reply::Error {
+                message: format!("run {running} is using the model; stop it or wait"),
+            };
+        };
+        let workspace = match Workspace::new(&workspace) {
+            Ok(w) => w,
+            Err(e) => {
+                self.engine_events = Some(events);
+                return Reply::Error {
+                    message: format!("{}: {e}", workspace.display()),
+                };
+            }
+        };
+        let info = self.engine.info().clone();
+        let session = match self.store.create(&info.name, None, info.context_limit) {
+            Ok(s) => s,
+            Err(e) => {
+                self.engine_events = Some(events);
+                return Reply::Error {
+                    message: format!("cannot journal the run: {e}"),
+                };
+            }
+        };
+        let id = session.meta.id.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        self.runs.insert(
+            id.clone(),
+            Run {
+                task: task.clone(),
+                events: Vec::new(),
+                outcome: None,
+                stop: stop.clone(),
+                subscribers: Vec::new(),
+            },
+        );
+        let engine = self.engine.clone();
+        let tx = self.tx.clone();
+        let samples = self.samples.clone();
+        let run_id = id.clone();
+        tokio::spawn(async move {
+            let (journal, _reports) = journal::spawn(session);
+            let progress_tx = tx.clone();
+            let progress_id = run_id.clone();
+            let outcome = Agent {
+                engine: &engine,
+                events: &mut events,
+                workspace,
+                policy,
+                budgets: Budgets {
+                    max_steps,
+                    max_time: Duration::from_secs(max_minutes * 60),
+                    max_tokens: 200_000,
+                },
+                limits: Limits::default(),
+                approver: Nobody,
+                journal: Some(&journal),
+                pressure: Some(pressure(samples)),
+                governor: GovernorMode::Pause,
+                stop,
+            }
+            .run(&task, |p| {
+                let _ = progress_tx.send(ActorMsg::Progress(progress_id.clone(), p));
+            })
+            .await;
+            let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+            let _ = tx.send(ActorMsg::Done(run_id, outcome, events));
+        });
+        Reply::Started { id }
+    }
+}
+
+pub async fn run(common: &Common) -> Result<i32> {
+    let (paths, _) = launch::paths_and_config(common)?;
+    let path = socket_path(&paths);
+    let listener = bind(&path)?;
+    let started = launch::start(common).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Actor {
+        tx: tx.clone(),
+        engine: started.handle,
+        engine_events: Some(started.events),
+        store: SessionStore::new(&started.paths),
+        samples: telemetry::spawn(Duration::from_secs(1)),
+        runs: BTreeMap::new(),
+        shutdown: None,
+    };
+    tokio::spawn(actor.run(rx));
+    eprintln!("kiln: daemon listening on {}", path.display());
+    tracing::info!("daemon listening on {}", path.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| KilnError::io("signal handler", e))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                match stream.peer_cred() {
+                    Ok(cred) if cred.uid() == uid => {
+                        tokio::spawn(serve(stream, tx.clone()));
+                    }
+                    Ok(cred) => tracing::warn!("refused a client of uid {}", cred.uid()),
+                    Err(e) => tracing::warn!("refused a client: {e}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Stop every run and let each close its journal before exiting.
+    let (done_tx, done_rx) = oneshot::channel();
+    let _ = tx.send(ActorMsg::Shutdown(done_tx));
+    let _ = tokio::time::timeout(Duration::from_secs(30), done_rx).await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("daemon stopped");
+    Ok(0)
+}
+
+/// One client connection: requests in, replies out. A malformed or
+/// oversized frame closes this client only.
+async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
+    let (mut read, mut write) = stream.into_split();
+    loop {
+        let req: Request = match protocol::read(&mut read).await {
+            Ok(r) => r,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                tracing::warn!("closing a client: {e}");
+                let _ = protocol::write(
+                    &mut write,
+                    &Reply::Error {
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                return;
+            }
+        };
+        if let Request::Attach { id } = req {
+            follow(&mut write, &actor, id).await;
+            return;
+        }
+        let (reply_tx, reply_rx) = oneshot::channel();
+        if actor.send(ActorMsg::Request(req, reply_tx)).is_err() {
+            return;
+        }
+        let Ok(reply) = reply_rx.await else { return };
+        if protocol::write(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stream a run to an attached client: a snapshot, then live events. When
+/// the client falls behind (its buffer filled and the actor dropped it), it
+/// gets a fresh snapshot and goes on.
+async fn follow(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    actor: &mpsc::UnboundedSender<ActorMsg>,
+    id: String,
+) {
+    loop {
+        let (sub_tx, mut sub_rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        if actor
+            .send(ActorMsg::Attach(id.clone(), sub_tx, reply_tx))
+            .is_err()
+        {
+            return;
+        }
+        let Ok(snapshot) = reply_rx.await else { return };
+        let finished = matches!(
+            &snapshot,
+            Reply::Snapshot {
+                outcome: Some(_),
+                ..
+            } | Reply::Error { .. }
+        );
+        if protocol::write(write, &snapshot).await.is_err() || finished {
+            return;
+        }
+        while let Some(reply) = sub_rx.recv().await {
+            let done = matches!(reply, Reply::Done { .. });
+            if protocol::write(write, &reply).await.is_err() || done {
+                return;
+            }
+        }
+    }
+}
+
+/// Connect to the daemon, starting one in the background when none runs.
+pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
+    let (paths, _) = launch::paths_and_config(common)?;
+    let path = socket_path(&paths);
+    if let Ok(s) = UnixStream::connect(&path).await {
+        return Ok(s);
+    }
+    if !start {
+        return Err(KilnError::Store(format!(
+            "no kiln daemon runs ({}); `kiln agent --detach` starts one",
+            path.display()
+        )));
+    }
+    let exe = std::env::current_exe().map_err(|e| KilnError::io("kiln", e))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("daemon");
+    if let Some(m) = &common.model {
+        cmd.args(["--model", m]);
+    }
+    if let Some(d) = &common.data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
+    if let Some(c) = &common.config {
+        cmd.arg("--config").arg(c);
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // A session of its own, so the terminal hanging up does not reach it.
+    // SAFETY: setsid in the child before exec touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| KilnError::io("kiln daemon", e))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(s) = UnixStream::connect(&path).await {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(KilnError::Store(format!(
+                "the kiln daemon did not start (see the log); {}",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One request, one reply.
+pub async fn ask(stream: &mut UnixStream, req: &Request) -> Result<Reply> {
+    protocol::write(stream, req)
+        .await
+        .map_err(|e| KilnError::io("daemon", e))?;
+    protocol::read(stream)
+        .await
+        .map_err(|e| KilnError::Store(format!("daemon: {e}")))
+}

@@ -1,0 +1,252 @@
+//! The daemon protocol: versioned, length-delimited JSON frames.
+//!
+//! A frame is a 4-byte big-endian length, then that many bytes of JSON
+//! `{"v": VERSION, ...}`. A frame over `MAX_FRAME`, one that does not parse,
+//! or one of another version is an error that closes that one client.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::agent::{Outcome, Policy, Progress};
+
+pub const VERSION: u32 = 1;
+pub const MAX_FRAME: usize = 4 << 20;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    StartAgent {
+        task: String,
+        workspace: std::path::PathBuf,
+        policy: Policy,
+        max_steps: u32,
+        max_minutes: u64,
+    },
+    List,
+    Stop {
+        id: String,
+    },
+    /// A snapshot of the run, then its live events.
+    Attach {
+        id: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub task: String,
+    pub steps: u32,
+    /// `None` while running.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Started {
+        id: String,
+    },
+    Runs {
+        runs: Vec<RunInfo>,
+    },
+    Stopping {
+        id: String,
+    },
+    /// Every event of the run so far, numbered from 1.
+    Snapshot {
+        id: String,
+        events: Vec<Progress>,
+        outcome: Option<Outcome>,
+    },
+    /// The next event: number `seq` follows the snapshot without a gap.
+    Event {
+        id: String,
+        seq: u64,
+        event: Progress,
+    },
+    Done {
+        id: String,
+        outcome: Outcome,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("protocol version {0}, this kiln speaks {VERSION}")]
+    WrongVersion(u64),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Serialize)]
+struct Out<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    msg: &'a T,
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(&Out { v: VERSION, msg }).expect("messages serialize");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Decode one frame from the front of `buf`: the message and the bytes it
+/// took, or `None` when more bytes are needed.
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let body = &buf[4..4 + len];
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    match value.get("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == VERSION as u64 => {}
+        Some(v) => return Err(FrameError::WrongVersion(v)),
+        None => return Err(FrameError::Malformed("no version".into())),
+    }
+    let msg = serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok(Some((msg, 4 + len)))
+}
+
+pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> std::io::Result<()> {
+    w.write_all(&encode(msg)).await?;
+    w.flush().await
+}
+
+pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_FRAME {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut frame = Vec::with_capacity(4 + n);
+    frame.extend_from_slice(&len);
+    frame.resize(4 + n, 0);
+    r.read_exact(&mut frame[4..]).await?;
+    match decode(&frame)? {
+        Some((msg, _)) => Ok(msg),
+        None => Err(FrameError::Malformed("short frame".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn sample() -> Request {
+        Request::StartAgent {
+            task: "tidy the notes ✓".into(),
+            workspace: "/tmp/ws".into(),
+            policy: Policy::AutoRead,
+            max_steps: 5,
+            max_minutes: 10,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_partial_frames() {
+        let frame = encode(&sample());
+        for cut in 0..frame.len() {
+            assert!(decode::<Request>(&frame[..cut]).unwrap().is_none(), "{cut}");
+        }
+        let (msg, used) = decode::<Request>(&frame).unwrap().unwrap();
+        assert_eq!((msg, used), (sample(), frame.len()));
+        // Two frames back to back.
+        let mut two = frame.clone();
+        two.extend_from_slice(&encode(&Request::List));
+        let (_, used) = decode::<Request>(&two).unwrap().unwrap();
+        assert_eq!(
+            decode::<Request>(&two[used..]).unwrap().unwrap().0,
+            Request::List
+        );
+    }
+
+    #[test]
+    fn oversized_wrong_version_and_garbage_are_errors() {
+        let mut big = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        big.extend_from_slice(b"{}");
+        assert!(matches!(
+            decode::<Request>(&big),
+            Err(FrameError::TooLarge(_))
+        ));
+        let body = br#"{"v": 2, "type": "list"}"#;
+        let mut old = (body.len() as u32).to_be_bytes().to_vec();
+        old.extend_from_slice(body);
+        assert!(matches!(
+            decode::<Request>(&old),
+            Err(FrameError::WrongVersion(2))
+        ));
+        let body = br#"{"v": 1, "type": "launch_missiles"}"#;
+        let mut bad = (body.len() as u32).to_be_bytes().to_vec();
+        bad.extend_from_slice(body);
+        assert!(matches!(
+            decode::<Request>(&bad),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    /// Random bytes, truncations and bit flips never panic the decoder; it
+    /// answers a message, "need more", or an error.
+    #[test]
+    fn the_decoder_survives_random_input() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let good = encode(&sample());
+        for _ in 0..20_000 {
+            let mut bytes = if rng.gen_bool(0.5) {
+                let n = rng.gen_range(0..64);
+                (0..n).map(|_| rng.gen()).collect::<Vec<u8>>()
+            } else {
+                good.clone()
+            };
+            if !bytes.is_empty() && rng.gen_bool(0.7) {
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] ^= 1 << rng.gen_range(0..8);
+            }
+            if rng.gen_bool(0.3) {
+                bytes.truncate(rng.gen_range(0..=bytes.len()));
+            }
+            let _ = decode::<Request>(&bytes);
+        }
+    }
+
+    #[tokio::test]
+    async fn async_read_and_write() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write(&mut a, &sample()).await.unwrap();
+        write(&mut a, &Request::List).await.unwrap();
+        assert_eq!(read::<Request, _>(&mut b).await.unwrap(), sample());
+        assert_eq!(read::<Request, _>(&mut b).await.unwrap(), Request::List);
+        drop(a);
+        assert!(matches!(
+            read::<Request, _>(&mut b).await,
+            Err(FrameError::Closed)
+        ));
+    }
+}

@@ -1,0 +1,132 @@
+//! The daemon's clients: `kiln agent --detach`, `kiln ps`, `kiln stop` and
+//! `kiln attach`.
+
+use std::io::Write;
+
+use crate::agent::headless::line;
+use crate::agent::Outcome;
+use crate::cli::{AgentArgs, Common};
+use crate::daemon::{ask, connect};
+use crate::error::{KilnError, Result};
+use crate::protocol::{self, Reply, Request};
+
+fn unexpected(reply: Reply) -> KilnError {
+    match reply {
+        Reply::Error { message } => KilnError::Store(format!("daemon: {message}")),
+        other => KilnError::Store(format!("daemon: unexpected reply {other:?}")),
+    }
+}
+
+/// Start an agent run in the daemon (starting the daemon if none runs).
+pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
+    let workspace = common
+        .workspace
+        .canonicalize()
+        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", common.workspace.display())))?;
+    let mut stream = connect(common, true).await?;
+    let reply = ask(
+        &mut stream,
+        &Request::StartAgent {
+            task: args.task,
+            workspace,
+            policy: common.approval,
+            max_steps: args.max_steps,
+            max_minutes: args.max_minutes,
+        },
+    )
+    .await?;
+    match reply {
+        Reply::Started { id } => {
+            println!("{id}");
+            eprintln!("kiln: run {id} started in the daemon; `kiln attach {id}` follows it");
+            Ok(0)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn ps(common: &Common) -> Result<i32> {
+    let mut stream = connect(common, false).await?;
+    match ask(&mut stream, &Request::List).await? {
+        Reply::Runs { runs } => {
+            println!("{:<22} {:>5}  {:<18}  TASK", "RUN", "STEPS", "STATE");
+            for r in runs {
+                let state = match &r.outcome {
+                    None => "running".to_string(),
+                    Some(Outcome::Finished(_)) => "finished".into(),
+                    Some(Outcome::Failed(_)) => "failed".into(),
+                    Some(Outcome::BudgetExhausted(_)) => "budget exhausted".into(),
+                    Some(Outcome::Stopped) => "stopped".into(),
+                };
+                let task: String = r.task.chars().take(60).collect();
+                println!("{:<22} {:>5}  {:<18}  {task}", r.id, r.steps, state);
+            }
+            Ok(0)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn stop(id: &str, common: &Common) -> Result<i32> {
+    let mut stream = connect(common, false).await?;
+    match ask(&mut stream, &Request::Stop { id: id.into() }).await? {
+        Reply::Stopping { id } => {
+            eprintln!("kiln: stopping run {id}");
+            Ok(0)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Follow a run: everything so far, then each step as it happens. Leaving
+/// (Ctrl-C, a dropped connection) leaves the run going.
+pub async fn attach(id: &str, common: &Common) -> Result<i32> {
+    let mut stream = connect(common, false).await?;
+    protocol::write(&mut stream, &Request::Attach { id: id.into() })
+        .await
+        .map_err(|e| KilnError::io("daemon", e))?;
+    let mut out = std::io::stdout();
+    let mut seen = 0u64;
+    loop {
+        let reply: Reply = match protocol::read(&mut stream).await {
+            Ok(r) => r,
+            Err(e) => return Err(KilnError::Store(format!("daemon: {e}"))),
+        };
+        match reply {
+            Reply::Snapshot {
+                events, outcome, ..
+            } => {
+                // A resync after falling behind repeats what was shown.
+                for e in events.iter().skip(seen as usize) {
+                    let _ = writeln!(out, "{}", line(e));
+                }
+                seen = seen.max(events.len() as u64);
+                if let Some(o) = outcome {
+                    let _ = writeln!(out, "{}", describe(&o));
+                    return Ok(o.exit_code());
+                }
+            }
+            Reply::Event { seq, event, .. } => {
+                if seq > seen {
+                    let _ = writeln!(out, "{}", line(&event));
+                    seen = seq;
+                }
+            }
+            Reply::Done { outcome, .. } => {
+                let _ = writeln!(out, "{}", describe(&outcome));
+                return Ok(outcome.exit_code());
+            }
+            other => return Err(unexpected(other)),
+        }
+        let _ = out.flush();
+    }
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Finished(summary) => format!("finished: {summary}"),
+        Outcome::Failed(why) => format!("failed: {why}"),
+        Outcome::BudgetExhausted(what) => format!("budget exhausted: {what}"),
+        Outcome::Stopped => "stopped".into(),
+    }
+}

@@ -228,6 +228,9 @@ pub struct BenchArgs {
     /// Measure the prompt cache and KV snapshots instead.
     #[arg(long)]
     pub cache: bool,
+    /// Measure daemon-to-client event latency and throughput instead.
+    #[arg(long)]
+    pub daemon: bool,
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,9 @@ enum ActorMsg {
     Progress(String, Progress),
     Done(String, Outcome, mpsc::UnboundedReceiver<EngineEvent>),
     Shutdown(oneshot::Sender<()>),
+    /// A run with no agent behind it, fed by `Progress` messages: the
+    /// benchmark's event source.
+    Open(String),
 }
 
 struct Run {
@@ -143,6 +146,18 @@ impl Actor {
                             let _ = done.send(());
                         }
                     }
+                }
+                ActorMsg::Open(id) => {
+                    self.runs.insert(
+                        id,
+                        Run {
+                            task: "benchmark".into(),
+                            events: Vec::new(),
+                            outcome: None,
+                            stop: Arc::new(AtomicBool::new(false)),
+                            subscribers: Vec::new(),
+                        },
+                    );
                 }
                 ActorMsg::Shutdown(done) => {
                     for run in self.runs.values() {
@@ -308,23 +323,10 @@ pub async fn run(common: &Common) -> Result<i32> {
     tracing::info!("daemon listening on {}", path.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| KilnError::io("signal handler", e))?;
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                match stream.peer_cred() {
-                    Ok(cred) if cred.uid() == uid => {
-                        tokio::spawn(serve(stream, tx.clone()));
-                    }
-                    Ok(cred) => tracing::warn!("refused a client of uid {}", cred.uid()),
-                    Err(e) => tracing::warn!("refused a client: {e}"),
-                }
-            }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+    tokio::select! {
+        _ = accept(listener, tx.clone()) => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
     // Stop every run and let each close its journal before exiting.
     let (done_tx, done_rx) = oneshot::channel();
@@ -333,6 +335,24 @@ pub async fn run(common: &Common) -> Result<i32> {
     let _ = std::fs::remove_file(&path);
     tracing::info!("daemon stopped");
     Ok(0)
+}
+
+/// Accept clients of this user only, each served by a task of its own.
+async fn accept(listener: UnixListener, actor: mpsc::UnboundedSender<ActorMsg>) {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == uid => {
+                tokio::spawn(serve(stream, actor.clone()));
+            }
+            Ok(cred) => tracing::warn!("refused a client of uid {}", cred.uid()),
+            Err(e) => tracing::warn!("refused a client: {e}"),
+        }
+    }
 }
 
 /// One client connection: requests in, replies out. A malformed or
@@ -468,4 +488,108 @@ pub async fn ask(stream: &mut UnixStream, req: &Request) -> Result<Reply> {
     protocol::read(stream)
         .await
         .map_err(|e| KilnError::Store(format!("daemon: {e}")))
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct DeliveryFigures {
+    pub clients: usize,
+    pub events: usize,
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+    /// Events per second each client received, publishing flat out.
+    pub throughput_per_client: f64,
+}
+
+/// `kiln bench --daemon`: the daemon's own actor, framing and socket, with
+/// an event source in place of an agent. Latency is from publishing an event
+/// to a client having decoded it, at 1,000 events/s; throughput publishes as
+/// fast as the actor takes them.
+pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFigures> {
+    let dir = tempfile::tempdir().map_err(|e| KilnError::io("temporary folder", e))?;
+    let path = dir.path().join("daemon.sock");
+    let listener = bind(&path)?;
+    let (engine, engine_events) =
+        crate::engine::spawn(crate::engine::fake::FakeEngine::new(Vec::<String>::new()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Actor {
+        tx: tx.clone(),
+        engine,
+        engine_events: Some(engine_events),
+        store: SessionStore {
+            root: dir.path().join("sessions"),
+        },
+        samples: telemetry::spawn(Duration::from_secs(3600)),
+        runs: BTreeMap::new(),
+        shutdown: None,
+    };
+    tokio::spawn(actor.run(rx));
+    tokio::spawn(accept(listener, tx.clone()));
+    let mut figures = Vec::new();
+    for (round, paced) in [("latency", true), ("throughput", false)] {
+        let id = format!("bench-{round}");
+        let _ = tx.send(ActorMsg::Open(id.clone()));
+        let mut readers = Vec::new();
+        for _ in 0..clients {
+            let mut s = UnixStream::connect(&path)
+                .await
+                .map_err(|e| KilnError::io("bench client", e))?;
+            protocol::write(&mut s, &Request::Attach { id: id.clone() })
+                .await
+                .map_err(|e| KilnError::io("bench client", e))?;
+            let _snapshot: Reply = protocol::read(&mut s)
+                .await
+                .map_err(|e| KilnError::Store(e.to_string()))?;
+            readers.push(tokio::spawn(async move {
+                let mut got = Vec::with_capacity(events);
+                while got.len() < events {
+                    match protocol::read::<Reply, _>(&mut s).await {
+                        Ok(Reply::Event { .. }) => got.push(std::time::Instant::now()),
+                        // Fell behind and was resynced: the snapshot delivers
+                        // what was missed, now.
+                        Ok(Reply::Snapshot { events: all, .. }) => {
+                            let now = std::time::Instant::now();
+                            got.resize(all.len().max(got.len()), now);
+                        }
+                        _ => break,
+                    }
+                }
+                got
+            }));
+        }
+        let start = std::time::Instant::now();
+        let mut sent = Vec::with_capacity(events);
+        for i in 0..events {
+            sent.push(std::time::Instant::now());
+            let _ = tx.send(ActorMsg::Progress(id.clone(), Progress::Resumed));
+            if paced {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else if i % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut latencies = Vec::new();
+        let mut last = start;
+        for r in readers {
+            let got = r.await.map_err(|e| KilnError::Engine(e.to_string()))?;
+            for (i, at) in got.iter().enumerate() {
+                latencies.push(at.duration_since(sent[i]).as_secs_f64() * 1e6);
+                last = last.max(*at);
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        let pick =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        figures.push((
+            pick(0.5),
+            pick(0.99),
+            events as f64 / last.duration_since(start).as_secs_f64(),
+        ));
+    }
+    Ok(DeliveryFigures {
+        clients,
+        events,
+        latency_p50_us: figures[0].0,
+        latency_p99_us: figures[0].1,
+        throughput_per_client: figures[1].2,
+    })
 }

@@ -68,6 +68,33 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     if args.render {
         return render::run(args.runs, args.json);
     }
+    if args.daemon {
+        let mut all = Vec::new();
+        for clients in [1, 10] {
+            all.push(crate::daemon::bench_delivery(clients, 2000).await?);
+        }
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&all).expect("serializes")
+            );
+        } else {
+            println!(
+                "kiln bench --daemon · events from the actor to attached clients over the socket"
+            );
+            println!(
+                "{:<10}{:>14}{:>14}{:>22}",
+                "clients", "p50 µs", "p99 µs", "events/s per client"
+            );
+            for f in &all {
+                println!(
+                    "{:<10}{:>14.0}{:>14.0}{:>22.0}",
+                    f.clients, f.latency_p50_us, f.latency_p99_us, f.throughput_per_client
+                );
+            }
+        }
+        return Ok(0);
+    }
     if args.cache {
         return cache::run(args.runs, args.json, common).await;
     }

@@ -151,29 +151,41 @@ async fn malformed_streams_and_http_errors_are_clear() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-/// A session moves from the local model to the endpoint and back, in the
-/// workstation; the transcript and journal stay local and hold all of it.
-#[tokio::test(flavor = "multi_thread")]
-async fn offload_to_the_endpoint_and_back_in_the_workstation() {
-    let server = LlamaServer::start().await;
+/// The workstation on the local model, with `config` (which names the
+/// server as endpoint `box`) and `args`, in tmux, past its welcome screen.
+async fn workstation(
+    server: &LlamaServer,
+    config: &str,
+    args: &str,
+    name: &str,
+) -> (tempfile::TempDir, Tmux) {
     let model = model().await;
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join("config.toml"),
         format!(
-            "[endpoints.box]\nbase_url = \"{}\"\nmodel = \"smollm2\"\ncontext = 4096\n",
+            "{config}\n[endpoints.box]\nbase_url = \"{}\"\nmodel = \"smollm2\"\ncontext = 4096\n",
             server.base_url()
         ),
     )
     .unwrap();
     let cmd = format!(
-        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 24; echo EXIT=$?; sleep 60",
+        "KILN_HOME={} {} --model {} --temperature 0 {args}; echo EXIT=$?; sleep 60",
         home.path().display(),
         env!("CARGO_BIN_EXE_kiln"),
         model.path.display()
     );
-    let tmux = Tmux::start("offload", 160, 45, &cmd);
+    let tmux = Tmux::start(name, 160, 45, &cmd);
     tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    (home, tmux)
+}
+
+/// A session moves from the local model to the endpoint and back, in the
+/// workstation; the transcript and journal stay local and hold all of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn offload_to_the_endpoint_and_back_in_the_workstation() {
+    let server = LlamaServer::start().await;
+    let (home, tmux) = workstation(&server, "", "--max-tokens 24", "offload").await;
     let answers = |s: &str| s.matches(" tok · ").count();
     tmux.send(&["Name a colour.", "Enter"]);
     tmux.wait_for("the local answer", 60, |s| {
@@ -232,24 +244,13 @@ async fn offload_to_the_endpoint_and_back_in_the_workstation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_turn_too_big_for_this_machine_is_offloaded_automatically() {
     let server = LlamaServer::start().await;
-    let model = model().await;
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
-            "auto_offload = \"box\"\n[endpoints.box]\nbase_url = \"{}\"\nmodel = \"smollm2\"\n",
-            server.base_url()
-        ),
+    let (_home, tmux) = workstation(
+        &server,
+        "auto_offload = \"box\"",
+        "--ctx 256 --max-tokens 16",
+        "autooffload",
     )
-    .unwrap();
-    let cmd = format!(
-        "KILN_HOME={} {} --model {} --ctx 256 --temperature 0 --max-tokens 16; echo EXIT=$?; sleep 60",
-        home.path().display(),
-        env!("CARGO_BIN_EXE_kiln"),
-        model.path.display()
-    );
-    let tmux = Tmux::start("autooffload", 160, 45, &cmd);
-    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    .await;
     let long = "Summarise these kiln notes. ".to_string()
         + &"The bisque firing reached cone 04 after a slow overnight ramp. ".repeat(15);
     tmux.send(&[&long, "Enter"]);

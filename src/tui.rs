@@ -316,7 +316,11 @@ impl Runtime {
                 }
             }
             Effect::ListSessions => {
-                let items = picker_items(&self.store);
+                // Reading every journal is disk work: keep it off the UI loop.
+                let store = self.store.clone();
+                let items = tokio::task::spawn_blocking(move || picker_items(&store))
+                    .await
+                    .unwrap_or_default();
                 for effect in app::update(state, Msg::Sessions(items)) {
                     Box::pin(self.perform(effect, state)).await;
                 }

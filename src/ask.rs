@@ -6,7 +6,7 @@ use crate::cli::{AskArgs, Common};
 use crate::engine::{EngineEvent, FinishReason};
 use crate::error::{KilnError, Result};
 use crate::launch::{self, Started};
-use crate::store::journal::{self, JournalHandle};
+use crate::store::journal::JournalHandle;
 use crate::store::session::Event;
 use crate::store::SessionStore;
 
@@ -103,14 +103,13 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
 fn start_session(started: &Started, question: &str) -> Option<JournalHandle> {
     let store = SessionStore::new(&started.paths);
     let context = started.handle.info().context_limit;
-    match store.create(&started.model_spec, started.fingerprint.clone(), context) {
-        Ok(open) => {
-            let (journal, _reports) = journal::spawn(open);
-            if let Some(p) = &started.config.system_prompt {
-                journal.event(Event::SystemPrompt {
-                    text: Some(p.clone()),
-                });
-            }
+    match store.start(
+        &started.model_spec,
+        started.fingerprint.clone(),
+        context,
+        started.config.system_prompt.as_deref(),
+    ) {
+        Ok((journal, _reports)) => {
             journal.event(Event::User {
                 text: question.to_string(),
             });

@@ -43,7 +43,7 @@ pub fn run(action: CacheAction, common: &Common) -> Result<i32> {
                     stats.entries,
                     gib(stats.bytes),
                     gib(stats.cap_bytes),
-                    cache.dir().display()
+                    cache.dir.display()
                 );
             }
         }

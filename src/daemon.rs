@@ -24,17 +24,24 @@ use crate::error::{KilnError, Result};
 use crate::launch;
 use crate::paths::Paths;
 use crate::protocol::{self, FrameError, Reply, Request, RunInfo};
-use crate::store::{journal, SessionStore};
+use crate::store::SessionStore;
 use crate::telemetry;
 
 /// Events a subscriber may fall behind by before it is resynced.
 const SUBSCRIBER_BUFFER: usize = 256;
 
-/// The socket, in the user's runtime folder when there is one.
+/// The socket of the daemon serving `paths`' data folder: in the user's
+/// runtime folder when there is one, named after the data folder so that
+/// `--data-dir`/`KILN_HOME` folders each get a daemon of their own.
 pub fn socket_path(paths: &Paths) -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() && std::env::var_os("KILN_HOME").is_none() => {
-            Path::new(&dir).join("kiln").join("daemon.sock")
+        Some(dir) if !dir.is_empty() => {
+            use sha2::Digest;
+            let data = paths.data.to_string_lossy();
+            let tag = hex::encode(&sha2::Sha256::digest(data.as_bytes())[..4]);
+            Path::new(&dir)
+                .join("kiln")
+                .join(format!("daemon-{tag}.sock"))
         }
         _ => paths.data.join("run").join("daemon.sock"),
     }
@@ -246,8 +253,9 @@ impl Actor {
             }
         };
         let info = self.engine.info().clone();
-        let session = match self.store.create(&info.name, None, info.context_limit) {
-            Ok(s) => s,
+        let (journal, _reports) = match self.store.start(&info.name, None, info.context_limit, None)
+        {
+            Ok(j) => j,
             Err(e) => {
                 self.engine_events = Some(events);
                 return Reply::Error {
@@ -255,7 +263,7 @@ impl Actor {
                 };
             }
         };
-        let id = session.meta.id.clone();
+        let id = journal.id.clone();
         let stop = Arc::new(AtomicBool::new(false));
         self.runs.insert(
             id.clone(),
@@ -272,7 +280,6 @@ impl Actor {
         let samples = self.samples.clone();
         let run_id = id.clone();
         tokio::spawn(async move {
-            let (journal, _reports) = journal::spawn(session);
             let progress_tx = tx.clone();
             let progress_id = run_id.clone();
             let outcome = Agent {

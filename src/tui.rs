@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::agent::tools::{Limits, ToolCall, Workspace};
-use crate::agent::{self, Agent, Approval, Approver, Budgets, GovernorMode, Outcome, Policy};
+use crate::agent::{self, Agent, Approval, Approver, Budgets, GovernorMode, Outcome};
 use crate::app::{self, AgentMsg, Effect, Msg, PickerItem, State};
 use crate::budget::ModelShape;
 use crate::cli::Common;
@@ -128,8 +128,6 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
         model_spec: spec,
         fingerprint: started.fingerprint,
         samples: samples.clone(),
-        workspace: common.workspace.clone(),
-        policy: common.approval,
         agent: None,
     };
     if let Some((loaded, open, source)) = resumed {
@@ -158,8 +156,6 @@ struct Runtime {
     model_spec: String,
     fingerprint: Option<String>,
     samples: watch::Receiver<Sample>,
-    workspace: std::path::PathBuf,
-    policy: Policy,
     agent: Option<AgentLink>,
 }
 
@@ -263,19 +259,13 @@ impl Runtime {
     fn journal(&mut self, state: &mut State) -> Option<&JournalHandle> {
         if self.journal.is_none() {
             let info = self.engine.info();
-            match self.store.create(
+            match self.store.start(
                 &self.model_spec,
                 self.fingerprint.clone(),
                 info.context_limit,
+                state.system_prompt.as_deref(),
             ) {
-                Ok(open) => {
-                    let (journal, reports) = journal::spawn(open);
-                    if state.system_prompt.is_some() {
-                        journal.event(session::Event::SystemPrompt {
-                            text: state.system_prompt.clone(),
-                        });
-                    }
-                    tracing::info!("session {}", journal.id);
+                Ok((journal, reports)) => {
                     self.journal = Some(journal);
                     self.reports = Some(reports);
                 }
@@ -448,8 +438,9 @@ impl Runtime {
     /// Run an agent as a task of its own: it drives the engine, journals to
     /// this session, and asks the user through `AskTheUser`.
     fn start_agent(&mut self, state: &mut State, task: String) -> Result<(), Outcome> {
-        let workspace = Workspace::new(&self.workspace)
-            .map_err(|e| Outcome::Failed(format!("workspace {}: {e}", self.workspace.display())))?;
+        let root = &self.common.workspace;
+        let workspace = Workspace::new(root)
+            .map_err(|e| Outcome::Failed(format!("workspace {}: {e}", root.display())))?;
         let journal = self.journal(state).cloned();
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let (messages_tx, messages_rx) = mpsc::unbounded_channel();
@@ -457,7 +448,7 @@ impl Runtime {
         let stop = Arc::new(AtomicBool::new(false));
         let engine = self.engine.clone();
         let pressure = agent::pressure(self.samples.clone());
-        let policy = self.policy;
+        let policy = self.common.approval;
         let agent_stop = stop.clone();
         tokio::spawn(async move {
             let progress = messages_tx.clone();

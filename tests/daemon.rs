@@ -28,7 +28,7 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let socket = home.join("data/run/daemon.sock");
+        let socket = kiln::daemon::socket_path(&kiln::paths::Paths::under(home));
         let deadline = Instant::now() + Duration::from_secs(60);
         while UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "the daemon did not come up");

@@ -12,7 +12,6 @@ use crate::cli::{AgentArgs, Common};
 use crate::engine::{self, Engine};
 use crate::error::{KilnError, Result};
 use crate::launch::launch;
-use crate::store::journal;
 use crate::store::SessionStore;
 use crate::telemetry;
 
@@ -29,14 +28,15 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
     .await?;
     let store = SessionStore::new(&launched.paths);
     let context = launched.engine.info().context_limit;
-    let session = store
-        .create(
+    // The agent records its own system prompt.
+    let (journal, _reports) = store
+        .start(
             &launched.model_spec(),
             launched.fingerprint.clone(),
             context,
+            None,
         )
         .map_err(|e| KilnError::Store(format!("cannot journal the run: {e}")))?;
-    let (journal, _reports) = journal::spawn(session);
     let (handle, mut events) = engine::spawn(launched.engine);
     let stop = Arc::new(AtomicBool::new(false));
     {

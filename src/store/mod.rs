@@ -147,6 +147,29 @@ impl SessionStore {
         OpenSession::create(self.root.join(id), meta)
     }
 
+    /// A new session with its journal writer running; the system prompt
+    /// in force, if any, is its first event.
+    pub fn start(
+        &self,
+        model: &str,
+        fingerprint: Option<String>,
+        context_limit: usize,
+        system_prompt: Option<&str>,
+    ) -> Result<(
+        journal::JournalHandle,
+        tokio::sync::mpsc::UnboundedReceiver<journal::Report>,
+    )> {
+        let open = self.create(model, fingerprint, context_limit)?;
+        let (journal, reports) = journal::spawn(open);
+        if let Some(text) = system_prompt {
+            journal.event(session::Event::SystemPrompt {
+                text: Some(text.to_string()),
+            });
+        }
+        tracing::info!("session {}", journal.id);
+        Ok((journal, reports))
+    }
+
     /// Open a session to continue it. A session folder outside the store
     /// (an example in the repository) is copied in first, so kiln never
     /// writes into it.

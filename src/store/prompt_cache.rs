@@ -2,7 +2,7 @@
 //! an agent's tool instructions), stored by a key of (model fingerprint,
 //! prefix text), capped in size and evicted least recently used first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -146,10 +146,6 @@ impl PromptCache {
                 total -= oldest.bytes;
             }
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

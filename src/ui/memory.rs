@@ -2,7 +2,6 @@
 //! split into weights, KV cache and the rest, and the tokens left.
 
 use ratatui::layout::Rect;
-use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 use ratatui::Frame;
@@ -100,7 +99,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let mut lines = vec![bar(&parts, v.total, inner.width as usize, theme)];
     for ((c, slot, name), bytes) in SEGMENTS.iter().zip(parts) {
         lines.push(Line::from(vec![
-            Span::styled(format!("{c} "), bar_style(*slot, theme)),
+            Span::styled(format!("{c} "), theme.fg(*slot)),
             Span::styled(format!("{name:<11}"), theme.fg(Slot::Text)),
             Span::styled(format!("{:>10}", gib(bytes)), theme.fg(Slot::Text)),
         ]));
@@ -129,10 +128,6 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     frame.render_widget(Paragraph::new(lines), inner);
 }
 
-fn bar_style(slot: Slot, theme: &Theme) -> Style {
-    theme.fg(slot)
-}
-
 /// A bar `width` cells wide, each part at least one cell when non-zero so
 /// a small KV cache is still visible.
 fn bar(parts: &[u64], total: u64, width: usize, theme: &Theme) -> Line<'static> {
@@ -158,7 +153,7 @@ fn bar(parts: &[u64], total: u64, width: usize, theme: &Theme) -> Line<'static> 
         .iter()
         .zip(cells)
         .filter(|(_, n)| *n > 0)
-        .map(|((c, slot, _), n)| Span::styled(c.to_string().repeat(n), bar_style(*slot, theme)))
+        .map(|((c, slot, _), n)| Span::styled(c.to_string().repeat(n), theme.fg(*slot)))
         .collect();
     Line::from(spans)
 }

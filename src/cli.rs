@@ -53,6 +53,10 @@ pub struct Common {
     /// Colour theme: dark, light, contrast, or a file in the themes folder.
     #[arg(long, global = true, env = "KILN_THEME")]
     pub theme: Option<String>,
+    /// Keep the workstation in this process instead of the daemon: closing
+    /// the terminal then ends the conversation (saved) and frees the model.
+    #[arg(long, global = true)]
+    pub no_daemon: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -96,14 +100,33 @@ pub enum Command {
     },
     /// Run an agent on a task in a workspace folder, headless.
     Agent(AgentArgs),
-    /// Run the daemon that keeps agent runs going without a terminal.
-    Daemon,
-    /// The daemon's agent runs and their state.
+    /// Run the daemon: the model, the workstation's conversation and agent
+    /// runs, going on without a terminal. `kiln` starts one when none runs.
+    Daemon {
+        /// Exit this many seconds after the workstation and every run end
+        /// (kiln starts its daemon so); without it the daemon runs until
+        /// SIGTERM or `kiln stop --daemon`.
+        #[arg(long, value_name = "SECONDS")]
+        idle_exit: Option<u64>,
+    },
+    /// The daemon's open session and agent runs, with their state.
     Ps,
-    /// Stop one of the daemon's agent runs.
-    Stop { id: String },
-    /// Follow one of the daemon's agent runs: what it did so far, then live.
-    Attach { id: String },
+    /// Stop a session open in the daemon (saving it) or an agent run.
+    Stop {
+        /// A session open in the workstation, or an agent run.
+        #[arg(required_unless_present = "daemon")]
+        id: Option<String>,
+        /// Stop the daemon: every run, and the workstation after saving it.
+        #[arg(long, conflicts_with = "id")]
+        daemon: bool,
+    },
+    /// Attach this terminal to the daemon's workstation (Ctrl-\ detaches),
+    /// or follow an agent run: what it did so far, then live.
+    Attach {
+        /// A session (shown in the workstation) or an agent run (followed
+        /// line by line); without it, the workstation as it is.
+        id: Option<String>,
+    },
     /// Saved sessions: list, show, export, rm, rename.
     Sessions {
         #[command(subcommand)]

@@ -1,10 +1,14 @@
-//! `kiln daemon`: agent runs that outlive the terminal that started them.
+//! `kiln daemon`: the workstation and agent runs, outliving the terminals
+//! that started them.
 //!
-//! The daemon owns the model and runs agents headless; clients (`kiln agent
-//! --detach`, `kiln ps`, `kiln stop`, `kiln attach`) reach it over a Unix
-//! socket private to the user (a 0700 folder, a 0600 socket, and a
-//! peer-credential check). No TCP listener. One actor task owns the runs;
-//! connections and agent runs talk to it over channels.
+//! The daemon owns the model, hosts the workstation's conversation (any
+//! number of terminals attached) and runs agents headless. Clients (`kiln`,
+//! `kiln attach`, `kiln agent --detach`, `kiln ps`, `kiln stop`) reach it
+//! over a Unix socket private to the user (a 0700 folder, a 0600 socket,
+//! and a peer-credential check). No TCP listener. One actor task owns the
+//! runs and lends the engine to one user at a time (the workstation or an
+//! agent run); connections, runs and the workstation talk to it over
+//! channels.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -23,9 +27,10 @@ use crate::engine::{EngineEvent, EngineHandle};
 use crate::error::{KilnError, Result};
 use crate::launch;
 use crate::paths::Paths;
-use crate::protocol::{self, FrameError, Reply, Request, RunInfo};
+use crate::protocol::{self, FrameError, Open, Reply, Request, RunInfo};
 use crate::store::SessionStore;
 use crate::telemetry;
+use crate::workstation::{self, Client, Host, HostIn, Resumed, Screen, CLIENT_BUFFER};
 
 /// Events a subscriber may fall behind by before it is resynced.
 const SUBSCRIBER_BUFFER: usize = 256;
@@ -78,6 +83,35 @@ enum ActorMsg {
     /// A run with no agent behind it, fed by `Progress` messages: the
     /// benchmark's event source.
     Open(String),
+    /// A terminal for the workstation; answered with the host's inbox.
+    Workstation(
+        Open,
+        Client,
+        /// The model the client asked for.
+        Option<String>,
+        oneshot::Sender<Result<mpsc::UnboundedSender<HostIn>, String>>,
+    ),
+    /// The workstation closed and gave the engine back.
+    HostGone(Option<mpsc::UnboundedReceiver<EngineEvent>>),
+    /// Exit if still idle since this many idle periods began.
+    IdleCheck(u64),
+}
+
+/// The model as loaded, for each user the engine is lent to.
+struct Model {
+    common: Common,
+    keys: crate::keys::KeyMap,
+    paths: crate::paths::Paths,
+    config: crate::config::Config,
+    shape: Option<crate::budget::ModelShape>,
+    model_spec: String,
+    fingerprint: Option<String>,
+}
+
+/// The workstation as the actor sees it.
+struct WorkstationLink {
+    inbox: mpsc::UnboundedSender<HostIn>,
+    status: tokio::sync::watch::Receiver<workstation::Status>,
 }
 
 struct Run {
@@ -97,6 +131,14 @@ struct Actor {
     samples: tokio::sync::watch::Receiver<telemetry::Sample>,
     runs: BTreeMap<String, Run>,
     shutdown: Option<oneshot::Sender<()>>,
+    /// `None` in the benchmark, which has no workstation.
+    model: Option<Model>,
+    workstation: Option<WorkstationLink>,
+    /// Exit this long after the last run and the workstation end (a daemon
+    /// a client started); `None` keeps it running.
+    idle_exit: Option<Duration>,
+    idle_period: u64,
+    exit: Arc<tokio::sync::Notify>,
 }
 
 impl Actor {
@@ -148,10 +190,22 @@ impl Actor {
                             let _ = s.try_send(reply.clone());
                         }
                     }
-                    if self.engine_events.is_some() && self.all_done() {
-                        if let Some(done) = self.shutdown.take() {
-                            let _ = done.send(());
-                        }
+                    self.check_done();
+                }
+                ActorMsg::Workstation(open, client, model, reply) => {
+                    let _ = reply.send(self.workstation(open, client, model));
+                }
+                ActorMsg::HostGone(events) => {
+                    self.workstation = None;
+                    if events.is_some() {
+                        self.engine_events = events;
+                    }
+                    self.check_done();
+                }
+                ActorMsg::IdleCheck(period) => {
+                    if period == self.idle_period && self.idle() {
+                        tracing::info!("daemon idle: exiting");
+                        self.exit.notify_one();
                     }
                 }
                 ActorMsg::Open(id) => {
@@ -170,6 +224,9 @@ impl Actor {
                     for run in self.runs.values() {
                         run.stop.store(true, Ordering::SeqCst);
                     }
+                    if let Some(w) = &self.workstation {
+                        let _ = w.inbox.send(HostIn::Stop);
+                    }
                     if self.all_done() {
                         let _ = done.send(());
                     } else {
@@ -181,7 +238,126 @@ impl Actor {
     }
 
     fn all_done(&self) -> bool {
-        self.runs.values().all(|r| r.outcome.is_some())
+        self.workstation.is_none() && self.runs.values().all(|r| r.outcome.is_some())
+    }
+
+    fn idle(&self) -> bool {
+        self.all_done() && self.engine_events.is_some()
+    }
+
+    /// After a run or the workstation ended: finish a shutdown waiting on
+    /// it, or start the idle countdown.
+    fn check_done(&mut self) {
+        if !self.idle() {
+            return;
+        }
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(());
+            return;
+        }
+        if let Some(after) = self.idle_exit {
+            self.idle_period += 1;
+            let period = self.idle_period;
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = tx.send(ActorMsg::IdleCheck(period));
+            });
+        }
+    }
+
+    /// Attach a terminal to the workstation, opening one (it borrows the
+    /// engine) when none is open.
+    fn workstation(
+        &mut self,
+        open: Open,
+        client: Client,
+        asked: Option<String>,
+    ) -> Result<mpsc::UnboundedSender<HostIn>, String> {
+        if self.shutdown.is_some() {
+            return Err("the daemon is shutting down".into());
+        }
+        let Some(model) = &self.model else {
+            return Err("this daemon has no workstation".into());
+        };
+        if let Some(asked) = asked.filter(|a| Some(a) != model.common.model.as_ref()) {
+            return Err(format!(
+                "the daemon has {} loaded, not {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
+                model.model_spec
+            ));
+        }
+        let wanted = match &open {
+            Open::Session { query } => {
+                Some(self.store.resolve(Some(query)).map_err(|e| e.to_string())?)
+            }
+            Open::Current | Open::Last => None,
+        };
+        self.idle_period += 1;
+        if let Some(w) = &self.workstation {
+            if let Some(dir) = wanted {
+                let showing = w.status.borrow().session.clone();
+                if dir.file_name().and_then(|n| n.to_str()) != showing.as_deref() {
+                    let _ = w.inbox.send(HostIn::Open(dir));
+                }
+            }
+            let _ = w.inbox.send(HostIn::Attach(client));
+            return Ok(w.inbox.clone());
+        }
+        let Some(events) = self.engine_events.take() else {
+            let running = self
+                .runs
+                .iter()
+                .find(|(_, r)| r.outcome.is_none())
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+            return Err(format!(
+                "agent run {running} is using the model; `kiln attach {running}` follows it, `kiln stop {running}` ends it"
+            ));
+        };
+        let resumed = match (&open, wanted) {
+            (Open::Current, _) => None,
+            (Open::Last, _) => match Resumed::open(&self.store, None) {
+                Ok(r) => Some(r),
+                // Nothing saved yet: a new conversation.
+                Err(_) => None,
+            },
+            (Open::Session { .. }, dir) => {
+                let dir = dir.expect("resolved above");
+                match Resumed::open(&self.store, Some(&dir.to_string_lossy())) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        self.engine_events = Some(events);
+                        return Err(e.to_string());
+                    }
+                }
+            }
+        };
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = tokio::sync::watch::channel(workstation::Status::default());
+        let started = launch::Started {
+            paths: model.paths.clone(),
+            config: model.config.clone(),
+            handle: self.engine.clone(),
+            events,
+            shape: model.shape.clone(),
+            model_spec: model.model_spec.clone(),
+            fingerprint: model.fingerprint.clone(),
+        };
+        let common = model.common.clone();
+        let keys = model.keys.clone();
+        let samples = self.samples.clone();
+        let tx = self.tx.clone();
+        let _ = inbox.send(HostIn::Attach(client));
+        tokio::spawn(async move {
+            let host = Host::new(common, started, keys, samples, resumed).await;
+            let events = host.run(inbox_rx, status_tx).await;
+            let _ = tx.send(ActorMsg::HostGone(events));
+        });
+        self.workstation = Some(WorkstationLink {
+            inbox: inbox.clone(),
+            status,
+        });
+        Ok(inbox)
     }
 
     fn request(&mut self, req: Request) -> Reply {
@@ -201,19 +377,32 @@ impl Actor {
                         outcome: r.outcome.clone(),
                     })
                     .collect(),
+                workstation: self.workstation.as_ref().map(|w| w.status.borrow().clone()),
             },
-            Request::Stop { id } => match self.runs.get(&id) {
-                Some(run) => {
+            Request::Stop { id } => {
+                if let Some(run) = self.runs.get(&id) {
                     run.stop.store(true, Ordering::SeqCst);
-                    Reply::Stopping { id }
+                    return Reply::Stopping { id };
                 }
-                None => Reply::Error {
-                    message: format!("no run '{id}' (see `kiln ps`)"),
-                },
-            },
-            Request::Attach { .. } => Reply::Error {
-                message: "attach goes through its own path".into(),
-            },
+                match &self.workstation {
+                    Some(w) if w.status.borrow().session.as_ref() == Some(&id) => {
+                        let _ = w.inbox.send(HostIn::Stop);
+                        Reply::Stopping { id }
+                    }
+                    _ => Reply::Error {
+                        message: format!("no session or run '{id}' in the daemon (see `kiln ps`)"),
+                    },
+                }
+            }
+            Request::Shutdown => {
+                self.exit.notify_one();
+                Reply::ShuttingDown
+            }
+            Request::Attach { .. } | Request::Workstation { .. } | Request::Input { .. } => {
+                Reply::Error {
+                    message: "a terminal attaches with its first request".into(),
+                }
+            }
             Request::StartAgent {
                 task,
                 workspace,
@@ -264,6 +453,7 @@ impl Actor {
             }
         };
         let id = journal.id.clone();
+        self.idle_period += 1;
         let stop = Arc::new(AtomicBool::new(false));
         self.runs.insert(
             id.clone(),
@@ -310,12 +500,16 @@ impl Actor {
     }
 }
 
-pub async fn run(common: &Common) -> Result<i32> {
+/// `idle_exit`: exit this long after the last terminal's conversation and
+/// run end (a daemon a client started); `None` runs until SIGTERM.
+pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
     let (paths, _) = launch::paths_and_config(common)?;
     let path = socket_path(&paths);
     let listener = bind(&path)?;
     let started = launch::start(common).await?;
+    let keys = workstation::key_map(common, &started)?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let exit = Arc::new(tokio::sync::Notify::new());
     let actor = Actor {
         tx: tx.clone(),
         engine: started.handle,
@@ -324,18 +518,35 @@ pub async fn run(common: &Common) -> Result<i32> {
         samples: telemetry::spawn(Duration::from_secs(1)),
         runs: BTreeMap::new(),
         shutdown: None,
+        model: Some(Model {
+            common: common.clone(),
+            keys,
+            paths: started.paths,
+            config: started.config,
+            shape: started.shape,
+            model_spec: started.model_spec,
+            fingerprint: started.fingerprint,
+        }),
+        workstation: None,
+        idle_exit,
+        idle_period: 0,
+        exit: exit.clone(),
     };
     tokio::spawn(actor.run(rx));
     eprintln!("kiln: daemon listening on {}", path.display());
     tracing::info!("daemon listening on {}", path.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| KilnError::io("signal handler", e))?;
+    // A daemon no one asked for yet counts as idle from the start.
+    let _ = tx.send(ActorMsg::HostGone(None));
     tokio::select! {
         _ = accept(listener, tx.clone()) => {}
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = exit.notified() => {}
     }
-    // Stop every run and let each close its journal before exiting.
+    // Stop every run and the workstation, and let each close its journal
+    // before exiting.
     let (done_tx, done_rx) = oneshot::channel();
     let _ = tx.send(ActorMsg::Shutdown(done_tx));
     let _ = tokio::time::timeout(Duration::from_secs(30), done_rx).await;
@@ -382,9 +593,23 @@ async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
                 return;
             }
         };
-        if let Request::Attach { id } = req {
-            follow(&mut write, &actor, id).await;
-            return;
+        match req {
+            Request::Attach { id } => {
+                follow(&mut write, &actor, id).await;
+                return;
+            }
+            Request::Workstation {
+                open,
+                size,
+                theme,
+                no_color,
+                model,
+            } => {
+                let client = (size, theme, no_color, model);
+                terminal(&mut read, &mut write, &actor, open, client).await;
+                return;
+            }
+            _ => {}
         }
         let (reply_tx, reply_rx) = oneshot::channel();
         if actor.send(ActorMsg::Request(req, reply_tx)).is_err() {
@@ -395,6 +620,66 @@ async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
             return;
         }
     }
+}
+
+/// Serve one terminal of the workstation: its input to the host, the
+/// host's screens back, until either side goes. The client going detaches
+/// it; the conversation goes on.
+async fn terminal(
+    read: &mut tokio::net::unix::OwnedReadHalf,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    actor: &mpsc::UnboundedSender<ActorMsg>,
+    open: Open,
+    (size, theme, no_color, model): ((u16, u16), Option<String>, bool, Option<String>),
+) {
+    let refuse = |message: String| Reply::Error { message };
+    let (out, mut screens) = mpsc::channel(CLIENT_BUFFER);
+    let client = Client::new(size, theme, no_color, out);
+    let id = client.id;
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let _ = actor.send(ActorMsg::Workstation(open, client, model, reply_tx));
+    let inbox = match reply_rx.await {
+        Ok(Ok(inbox)) => inbox,
+        Ok(Err(message)) => {
+            let _ = protocol::write(write, &refuse(message)).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    loop {
+        tokio::select! {
+            req = protocol::read::<Request, _>(read) => match req {
+                Ok(Request::Input { event }) => {
+                    if inbox.send(HostIn::Input { client: id, event }).is_err() {
+                        break;
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!("closing a terminal: {other:?} while attached");
+                    let reply = refuse("only input while attached".into());
+                    let _ = protocol::write(write, &reply).await;
+                    break;
+                }
+                Err(FrameError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!("closing a terminal: {e}");
+                    let _ = protocol::write(write, &refuse(e.to_string())).await;
+                    break;
+                }
+            },
+            screen = screens.recv() => {
+                let (reply, last) = match screen {
+                    Some(Screen::Frame(text)) => (Reply::Screen { text }, false),
+                    Some(Screen::Closed(reason)) => (Reply::Closed { reason }, true),
+                    None => (Reply::Closed { reason: "the workstation is gone".into() }, true),
+                };
+                if protocol::write(write, &reply).await.is_err() || last {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = inbox.send(HostIn::Detach(id));
 }
 
 /// Stream a run to an attached client: a snapshot, then live events. When
@@ -449,16 +734,10 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
     }
     let exe = std::env::current_exe().map_err(|e| KilnError::io("kiln", e))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("daemon");
-    if let Some(m) = &common.model {
-        cmd.args(["--model", m]);
-    }
-    if let Some(d) = &common.data_dir {
-        cmd.arg("--data-dir").arg(d);
-    }
-    if let Some(c) = &common.config {
-        cmd.arg("--config").arg(c);
-    }
+    // It exits a minute after its last conversation and run end, so a
+    // model no one uses does not stay in memory.
+    cmd.args(["daemon", "--idle-exit", "60"]);
+    cmd.args(daemon_args(common));
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -485,6 +764,49 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The settings a started daemon takes from the client that starts it.
+fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut pair = |flag: &str, value: Option<std::ffi::OsString>| {
+        if let Some(v) = value {
+            args.push(flag.into());
+            args.push(v);
+        }
+    };
+    pair("--model", common.model.clone().map(Into::into));
+    pair("--data-dir", common.data_dir.clone().map(Into::into));
+    pair("--config", common.config.clone().map(Into::into));
+    pair("--ctx", common.ctx.map(|c| c.to_string().into()));
+    pair("--system", common.system.clone().map(Into::into));
+    pair("--engine", Some(common.engine.clone().into()));
+    pair(
+        "--workspace",
+        Some(
+            common
+                .workspace
+                .canonicalize()
+                .unwrap_or_else(|_| common.workspace.clone())
+                .into(),
+        ),
+    );
+    let policy = clap::ValueEnum::to_possible_value(&common.approval)
+        .map(|v| v.get_name().to_string().into());
+    pair("--approval", policy);
+    let s = &common.sampling;
+    pair("--temperature", s.temperature.map(|v| v.to_string().into()));
+    pair("--top-p", s.top_p.map(|v| v.to_string().into()));
+    pair(
+        "--repeat-penalty",
+        s.repeat_penalty.map(|v| v.to_string().into()),
+    );
+    pair("--seed", s.seed.map(|v| v.to_string().into()));
+    pair("--max-tokens", s.max_tokens.map(|v| v.to_string().into()));
+    if common.allow_swap {
+        args.push("--allow-swap".into());
+    }
+    args
 }
 
 /// One request, one reply.
@@ -528,6 +850,11 @@ pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFig
         samples: telemetry::spawn(Duration::from_secs(3600)),
         runs: BTreeMap::new(),
         shutdown: None,
+        model: None,
+        workstation: None,
+        idle_exit: None,
+        idle_period: 0,
+        exit: Arc::new(tokio::sync::Notify::new()),
     };
     tokio::spawn(actor.run(rx));
     tokio::spawn(accept(listener, tx.clone()));

@@ -31,10 +31,14 @@ fn main() {
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
             Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
             Some(Command::Agent(args)) => agent::headless::run(args, &cli.common).await,
-            Some(Command::Daemon) => daemon::run(&cli.common).await,
+            Some(Command::Daemon { idle_exit }) => {
+                daemon::run(&cli.common, idle_exit.map(std::time::Duration::from_secs)).await
+            }
             Some(Command::Ps) => runs_cmd::ps(&cli.common).await,
-            Some(Command::Stop { id }) => runs_cmd::stop(&id, &cli.common).await,
-            Some(Command::Attach { id }) => runs_cmd::attach(&id, &cli.common).await,
+            Some(Command::Stop { id, daemon }) => {
+                runs_cmd::stop(id.as_deref(), daemon, &cli.common).await
+            }
+            Some(Command::Attach { id }) => runs_cmd::attach(id, &cli.common).await,
             Some(Command::Sessions { action }) => session_cmd::run(action, &cli.common),
             Some(Command::Cache { action }) => cache_cmd::run(action, &cli.common),
             Some(Command::Fetch { preset }) => fetch(preset.as_deref(), &cli.common).await,

@@ -10,7 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::agent::{Outcome, Policy, Progress};
 
-pub const VERSION: u32 = 1;
+/// 2: the workstation over the socket.
+pub const VERSION: u32 = 2;
 pub const MAX_FRAME: usize = 4 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,34 @@ pub enum Request {
     Attach {
         id: String,
     },
+    /// Attach a terminal to the workstation: `Screen` replies follow, and
+    /// the client sends `Input` until it goes.
+    Workstation {
+        open: Open,
+        /// Columns and rows.
+        size: (u16, u16),
+        theme: Option<String>,
+        no_color: bool,
+        /// The model the client asked for, checked against the daemon's.
+        model: Option<String>,
+    },
+    Input {
+        event: crossterm::event::Event,
+    },
+    /// Stop every run, save the workstation, exit.
+    Shutdown,
+}
+
+/// Which conversation a terminal attaches to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Open {
+    /// The one open in the daemon, else a new one (`kiln`).
+    Current,
+    /// The one open in the daemon, else the most recent (`kiln attach`).
+    Last,
+    /// This session (`kiln attach ID`, `kiln resume ID`).
+    Session { query: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +79,9 @@ pub enum Reply {
     },
     Runs {
         runs: Vec<RunInfo>,
+        /// The conversation open in the workstation.
+        #[serde(default)]
+        workstation: Option<crate::workstation::Status>,
     },
     Stopping {
         id: String,
@@ -73,6 +105,15 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// Escape sequences for the attached terminal.
+    Screen {
+        text: String,
+    },
+    /// The workstation closed; why, or empty after a quit.
+    Closed {
+        reason: String,
+    },
+    ShuttingDown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,14 +237,14 @@ mod tests {
             decode::<Request>(&big),
             Err(FrameError::TooLarge(_))
         ));
-        let body = br#"{"v": 2, "type": "list"}"#;
+        let body = br#"{"v": 1, "type": "list"}"#;
         let mut old = (body.len() as u32).to_be_bytes().to_vec();
         old.extend_from_slice(body);
         assert!(matches!(
             decode::<Request>(&old),
-            Err(FrameError::WrongVersion(2))
+            Err(FrameError::WrongVersion(1))
         ));
-        let body = br#"{"v": 1, "type": "launch_missiles"}"#;
+        let body = br#"{"v": 2, "type": "launch_missiles"}"#;
         let mut bad = (body.len() as u32).to_be_bytes().to_vec();
         bad.extend_from_slice(body);
         assert!(matches!(

@@ -1,5 +1,5 @@
 //! The daemon's clients: `kiln agent --detach`, `kiln ps`, `kiln stop` and
-//! `kiln attach`.
+//! `kiln attach` (which hands a session to the workstation's terminal).
 
 use std::io::Write;
 
@@ -48,7 +48,20 @@ pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
 pub async fn ps(common: &Common) -> Result<i32> {
     let mut stream = connect(common, false).await?;
     match ask(&mut stream, &Request::List).await? {
-        Reply::Runs { runs } => {
+        Reply::Runs { runs, workstation } => {
+            println!(
+                "{:<22} {:<8} {:<18}  TITLE",
+                "SESSION", "TERMINALS", "STATE"
+            );
+            match workstation {
+                Some(w) => {
+                    let id = w.session.unwrap_or_else(|| "(new, unsaved)".into());
+                    let title: String = w.title.unwrap_or_default().chars().take(60).collect();
+                    println!("{id:<22} {:<8} {:<18}  {title}", w.clients, w.activity);
+                }
+                None => println!("(none open)"),
+            }
+            println!();
             println!("{:<22} {:>5}  {:<18}  TASK", "RUN", "STEPS", "STATE");
             for r in runs {
                 let state = match &r.outcome {
@@ -67,20 +80,48 @@ pub async fn ps(common: &Common) -> Result<i32> {
     }
 }
 
-pub async fn stop(id: &str, common: &Common) -> Result<i32> {
+/// `kiln stop ID` (a session or a run) or `kiln stop --daemon`.
+pub async fn stop(id: Option<&str>, daemon: bool, common: &Common) -> Result<i32> {
     let mut stream = connect(common, false).await?;
-    match ask(&mut stream, &Request::Stop { id: id.into() }).await? {
+    let request = match id {
+        Some(id) if !daemon => Request::Stop { id: id.into() },
+        _ => Request::Shutdown,
+    };
+    match ask(&mut stream, &request).await? {
         Reply::Stopping { id } => {
-            eprintln!("kiln: stopping run {id}");
+            eprintln!("kiln: stopping {id}");
+            Ok(0)
+        }
+        Reply::ShuttingDown => {
+            eprintln!("kiln: the daemon saves its session, stops its runs and exits");
             Ok(0)
         }
         other => Err(unexpected(other)),
     }
 }
 
+/// `kiln attach [ID]`: an agent run is followed line by line; anything
+/// else is a session for the workstation's terminal.
+pub async fn attach(id: Option<String>, common: &Common) -> Result<i32> {
+    let run = match &id {
+        Some(id) => match connect(common, false).await {
+            Ok(mut stream) => match ask(&mut stream, &Request::List).await? {
+                Reply::Runs { runs, .. } => runs.iter().any(|r| &r.id == id),
+                other => return Err(unexpected(other)),
+            },
+            Err(_) => false,
+        },
+        None => false,
+    };
+    if run {
+        return follow(id.as_deref().unwrap_or_default(), common).await;
+    }
+    crate::tui::run(common, crate::tui::Start::Resume(id)).await
+}
+
 /// Follow a run: everything so far, then each step as it happens. Leaving
 /// (Ctrl-C, a dropped connection) leaves the run going.
-pub async fn attach(id: &str, common: &Common) -> Result<i32> {
+async fn follow(id: &str, common: &Common) -> Result<i32> {
     let mut stream = connect(common, false).await?;
     protocol::write(&mut stream, &Request::Attach { id: id.into() })
         .await

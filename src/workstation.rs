@@ -1,0 +1,434 @@
+//! The workstation host: one conversation's `State` and `Runtime`, and the
+//! terminals attached to it.
+//!
+//! Terminal input from any attached client becomes a `Msg`; `update` runs
+//! once for everyone; each client gets the screen drawn at its own size as
+//! the escape sequences its terminal needs (ratatui diffs against what that
+//! client was last sent). The same host serves `kiln --no-daemon` in one
+//! process and the daemon's clients over its socket, so a dropped client
+//! costs nothing: the conversation, the model and an agent run go on.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossterm::event::{Event, MouseEventKind};
+use ratatui::backend::CrosstermBackend;
+use ratatui::layout::Rect;
+use ratatui::{Terminal, TerminalOptions, Viewport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::app::{self, Msg, State};
+use crate::cli::Common;
+use crate::engine::EngineEvent;
+use crate::error::{KilnError, Result};
+use crate::keys::KeyMap;
+use crate::launch::Started;
+use crate::runtime::Runtime;
+use crate::store::session::OpenSession;
+use crate::store::{Loaded, SessionStore};
+use crate::telemetry::Sample;
+use crate::theme::{self, Theme};
+use crate::ui;
+
+/// At most ~30 frames a second.
+const FRAME: Duration = Duration::from_millis(33);
+const WHEEL_ROWS: i16 = 3;
+/// Frames queued for a client before it counts as fallen behind.
+pub const CLIENT_BUFFER: usize = 64;
+
+/// What a client receives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Screen {
+    /// Escape sequences to write to the terminal as they are.
+    Frame(String),
+    /// The conversation ended (quit, `kiln stop`, an error); why, or empty.
+    Closed(String),
+}
+
+/// A terminal attaching to the host.
+pub struct Client {
+    pub id: u64,
+    pub size: (u16, u16),
+    /// The client's `--theme` (else the config's).
+    pub theme: Option<String>,
+    pub no_color: bool,
+    pub out: mpsc::Sender<Screen>,
+}
+
+impl Client {
+    pub fn new(
+        size: (u16, u16),
+        theme: Option<String>,
+        no_color: bool,
+        out: mpsc::Sender<Screen>,
+    ) -> Client {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Client {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            size,
+            theme,
+            no_color,
+            out,
+        }
+    }
+}
+
+pub enum HostIn {
+    Attach(Client),
+    Input {
+        client: u64,
+        event: Event,
+    },
+    Detach(u64),
+    /// Show the session in this folder (`kiln attach ID` while another one
+    /// is open).
+    Open(PathBuf),
+    /// Save and close (`kiln stop`, daemon shutdown, the one terminal of a
+    /// `--no-daemon` workstation gone).
+    Stop,
+}
+
+/// What `kiln ps` shows of the workstation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The session id, once the conversation has been saved.
+    pub session: Option<String>,
+    pub title: Option<String>,
+    /// "idle", "answering", "agent step N".
+    pub activity: String,
+    pub clients: usize,
+}
+
+/// A saved session to show, read and locked before a model loads so a bad
+/// id or a locked session fails first.
+pub struct Resumed {
+    loaded: Loaded,
+    open: OpenSession,
+    dir: PathBuf,
+}
+
+impl Resumed {
+    pub fn open(store: &SessionStore, query: Option<&str>) -> Result<Resumed> {
+        let dir = store.resolve(query)?;
+        let loaded = store.load(&dir)?;
+        let open = store.open_for_resume(&dir)?;
+        Ok(Resumed { loaded, open, dir })
+    }
+
+    /// How the session names its model (a preset, a path, `remote:NAME`).
+    pub fn model(&self) -> &str {
+        &self.loaded.meta.model
+    }
+}
+
+fn config_file(common: &Common, paths: &crate::paths::Paths) -> PathBuf {
+    common
+        .config
+        .clone()
+        .unwrap_or_else(|| paths.config_file.clone())
+}
+
+/// The key map the config asks for; a bad `[keys]` entry names the file.
+pub fn key_map(common: &Common, started: &Started) -> Result<KeyMap> {
+    KeyMap::with_overrides(&started.config.keys)
+        .map_err(|e| KilnError::Config(config_file(common, &started.paths), e))
+}
+
+/// One attached terminal as the host sees it.
+struct Attached {
+    id: u64,
+    size: (u16, u16),
+    theme: Theme,
+    terminal: Terminal<CrosstermBackend<Vec<u8>>>,
+    out: mpsc::Sender<Screen>,
+    /// Frames were dropped: repaint everything once it has room again.
+    stale: bool,
+}
+
+pub struct Host {
+    state: State,
+    runtime: Runtime,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    samples: watch::Receiver<Sample>,
+    clients: Vec<Attached>,
+    /// Where user themes live, and the config's theme.
+    themes_dir: Option<PathBuf>,
+    default_theme: String,
+}
+
+impl Host {
+    /// The host for a loaded model; `keys` from `key_map` (checked before,
+    /// so that a bad config fails before the engine is lent).
+    pub async fn new(
+        common: Common,
+        started: Started,
+        keys: KeyMap,
+        samples: watch::Receiver<Sample>,
+        resumed: Option<Resumed>,
+    ) -> Host {
+        let config_file = config_file(&common, &started.paths);
+        let default_theme = started
+            .config
+            .theme
+            .clone()
+            .unwrap_or_else(|| theme::DEFAULT_THEME.to_string());
+        let system_prompt = started.config.system_prompt.clone();
+        let spec = started.model_spec.clone();
+        let mut state = State::new(started.handle.info().clone(), started.shape.clone(), keys)
+            .with_system_prompt(system_prompt.clone());
+        if spec.starts_with("remote:") {
+            state.remote = Some(spec);
+        }
+        let (mut runtime, events) = Runtime::new(common, started, samples.clone());
+        // The engine may come from a daemon that served someone else.
+        runtime.engine.send(crate::engine::EngineCommand::Reset);
+        runtime
+            .engine
+            .send(crate::engine::EngineCommand::SetSystemPrompt(system_prompt));
+        if let Some(r) = resumed {
+            state.notice = Some(runtime.resume(&mut state, r.loaded, r.open, &r.dir).await);
+        }
+        Host {
+            state,
+            runtime,
+            events,
+            samples,
+            clients: Vec::new(),
+            themes_dir: config_file.parent().map(|d| d.join("themes")),
+            default_theme,
+        }
+    }
+
+    /// Serve the attached terminals until the conversation is closed; then
+    /// save it and hand back the engine's events.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::UnboundedReceiver<HostIn>,
+        status: watch::Sender<Status>,
+    ) -> Option<mpsc::UnboundedReceiver<EngineEvent>> {
+        let telemetry = self.samples.borrow_and_update().clone();
+        app::update(&mut self.state, Msg::Telemetry(telemetry));
+        let mut dirty = true;
+        let mut last_draw = Instant::now() - FRAME;
+        let mut reason = String::new();
+        loop {
+            if dirty && last_draw.elapsed() >= FRAME {
+                self.draw();
+                last_draw = Instant::now();
+                dirty = false;
+            }
+            self.report(&status);
+            if self.state.quit {
+                break;
+            }
+            let next_frame = tokio::time::Instant::from_std(last_draw + FRAME);
+            let msg = tokio::select! {
+                input = inbox.recv() => match input {
+                    Some(HostIn::Attach(client)) => {
+                        self.attach(client);
+                        dirty = true;
+                        continue;
+                    }
+                    Some(HostIn::Input { client, event }) => match self.input(client, event) {
+                        Some(msg) => msg,
+                        None => {
+                            dirty = true;
+                            continue;
+                        }
+                    },
+                    Some(HostIn::Detach(id)) => {
+                        self.clients.retain(|c| c.id != id);
+                        continue;
+                    }
+                    Some(HostIn::Open(dir)) => {
+                        if self.state.generating() || self.state.agent.is_some() {
+                            self.state.notice =
+                                Some("still working; another session opens when it is done".into());
+                        } else {
+                            self.runtime.switch(&mut self.state, dir).await;
+                        }
+                        dirty = true;
+                        continue;
+                    }
+                    Some(HostIn::Stop) | None => {
+                        reason = "the session was stopped".into();
+                        break;
+                    }
+                },
+                ev = self.events.recv() => match ev {
+                    Some(ev) => {
+                        if let Some(agent) = &self.runtime.agent {
+                            let _ = agent.events.send(ev.clone());
+                        }
+                        Msg::Engine(ev, Instant::now())
+                    }
+                    None => {
+                        reason = "the engine stopped unexpectedly".into();
+                        break;
+                    }
+                },
+                msg = self.runtime.next_msg() => msg,
+                changed = self.samples.changed() => match changed {
+                    Ok(()) => Msg::Telemetry(self.samples.borrow_and_update().clone()),
+                    Err(_) => continue,
+                },
+                _ = tokio::time::sleep_until(next_frame), if dirty => continue,
+            };
+            self.apply(msg).await;
+            dirty = true;
+        }
+        self.close(&reason).await;
+        status.send_replace(Status::default());
+        let events = self.runtime.finish().await;
+        for c in &self.clients {
+            let _ = c.out.send(Screen::Closed(reason.clone())).await;
+        }
+        events
+    }
+
+    async fn apply(&mut self, msg: Msg) {
+        for effect in app::update(&mut self.state, msg) {
+            self.runtime.perform(effect, &mut self.state).await;
+        }
+        for seq in std::mem::take(&mut self.runtime.outbox) {
+            for c in &self.clients {
+                let _ = c.out.try_send(Screen::Frame(seq.clone()));
+            }
+        }
+    }
+
+    /// Leaving mid-answer: stop it, and give the stopped answer a moment to
+    /// come back so it is committed to the journal, not left as chunks.
+    async fn close(&mut self, reason: &str) {
+        if !reason.is_empty() {
+            tracing::info!("closing the workstation: {reason}");
+        }
+        self.runtime.engine.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.state.generating() {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) => self.apply(Msg::Engine(ev, Instant::now())).await,
+                _ => break,
+            }
+        }
+    }
+
+    fn attach(&mut self, client: Client) {
+        let name = client.theme.unwrap_or_else(|| self.default_theme.clone());
+        let (theme, warnings) = Theme::load(&name, self.themes_dir.as_deref(), client.no_color);
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        if let Some(w) = warnings.into_iter().next() {
+            self.state.notice = Some(w);
+        }
+        let (w, h) = client.size;
+        let terminal = Terminal::with_options(
+            CrosstermBackend::new(Vec::new()),
+            TerminalOptions {
+                viewport: Viewport::Fixed(Rect::new(0, 0, w, h)),
+            },
+        )
+        .expect("a terminal over a buffer cannot fail");
+        self.clients.push(Attached {
+            id: client.id,
+            size: client.size,
+            theme,
+            terminal,
+            out: client.out,
+            stale: false,
+        });
+        app::update(&mut self.state, Msg::Resize(w, h));
+        if self.clients.len() > 1 {
+            self.state.notice = Some(format!("{} terminals attached", self.clients.len()));
+        }
+    }
+
+    /// A terminal event from one client. Resizes apply to that client's
+    /// screen; everything else goes to `update`, laid out for the size of
+    /// the terminal the user is typing in.
+    fn input(&mut self, client: u64, event: Event) -> Option<Msg> {
+        let c = self.clients.iter_mut().find(|c| c.id == client)?;
+        if let Event::Resize(w, h) = event {
+            c.size = (w, h);
+            let _ = c.terminal.resize(Rect::new(0, 0, w, h));
+        }
+        let (w, h) = c.size;
+        if self.state.size != (w, h) {
+            app::update(&mut self.state, Msg::Resize(w, h));
+        }
+        match event {
+            Event::Key(key) => Some(Msg::Key(key)),
+            Event::Paste(text) => Some(Msg::Paste(text)),
+            Event::Mouse(m) => match m.kind {
+                MouseEventKind::ScrollUp => Some(Msg::Wheel(-WHEEL_ROWS)),
+                MouseEventKind::ScrollDown => Some(Msg::Wheel(WHEEL_ROWS)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Draw the state on every attached terminal. A client whose queue is
+    /// full misses frames and is repainted whole once it has room; a gone
+    /// client is dropped. Neither slows the others.
+    fn draw(&mut self) {
+        let shared_size = self.state.size;
+        let state = &mut self.state;
+        self.clients.retain_mut(|c| {
+            if c.out.is_closed() {
+                return false;
+            }
+            if c.out.capacity() == 0 {
+                c.stale = true;
+                return true;
+            }
+            if c.stale {
+                let _ = c.terminal.clear();
+                c.stale = false;
+            }
+            // Panels and scroll limits follow this client's size.
+            state.size = c.size;
+            let theme = &c.theme;
+            let _ = c.terminal.draw(|f| ui::render(f, state, theme));
+            let bytes = std::mem::take(c.terminal.backend_mut().writer_mut());
+            if bytes.is_empty() {
+                return true;
+            }
+            let frame = String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+            match c.out.try_send(Screen::Frame(frame)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    c.stale = true;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        self.state.size = shared_size;
+    }
+
+    fn report(&self, status: &watch::Sender<Status>) {
+        let activity = match (&self.state.agent, self.state.generating()) {
+            (Some(a), _) => format!("agent step {}", a.step),
+            (None, true) => "answering".to_string(),
+            (None, false) => "idle".to_string(),
+        };
+        let now = Status {
+            session: self.runtime.session().map(|j| j.id.clone()),
+            title: self.state.title.clone(),
+            activity,
+            clients: self.clients.len(),
+        };
+        status.send_if_modified(|s| {
+            if *s == now {
+                return false;
+            }
+            *s = now;
+            true
+        });
+    }
+}

@@ -649,8 +649,8 @@ async fn terminal(
     loop {
         tokio::select! {
             req = protocol::read::<Request, _>(read) => match req {
-                Ok(Request::Input { event }) => {
-                    if inbox.send(HostIn::Input { client: id, event }).is_err() {
+                Ok(Request::Input { input }) => {
+                    if inbox.send(HostIn::Input { client: id, input }).is_err() {
                         break;
                     }
                 }

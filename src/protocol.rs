@@ -12,7 +12,8 @@ use crate::agent::{Outcome, Policy, Progress};
 
 /// 2: the workstation over the socket.
 pub const VERSION: u32 = 2;
-pub const MAX_FRAME: usize = 4 << 20;
+/// Room for a cut paste (1 MiB) even where JSON escapes every byte.
+pub const MAX_FRAME: usize = 8 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -44,7 +45,7 @@ pub enum Request {
         model: Option<String>,
     },
     Input {
-        event: crossterm::event::Event,
+        input: crate::workstation::Input,
     },
     /// Stop every run, save the workstation, exit.
     Shutdown,

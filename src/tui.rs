@@ -23,7 +23,9 @@ use crate::protocol::{self, Open, Reply, Request};
 use crate::store::SessionStore;
 use crate::telemetry;
 use crate::theme;
-use crate::workstation::{self, Client, Host, HostIn, Resumed, Screen, Status, CLIENT_BUFFER};
+use crate::workstation::{
+    self, Client, Host, HostIn, Input, Resumed, Screen, Status, CLIENT_BUFFER,
+};
 
 /// What the workstation opens with.
 pub enum Start {
@@ -55,7 +57,13 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
     let open = match start {
         Start::New => Open::Current,
         Start::Resume(None) => Open::Last,
-        Start::Resume(Some(query)) => Open::Session { query },
+        // A folder is named for the daemon, whose working folder differs.
+        Start::Resume(Some(query)) => Open::Session {
+            query: match std::fs::canonicalize(&query) {
+                Ok(dir) if dir.is_dir() => dir.to_string_lossy().into_owned(),
+                _ => query,
+            },
+        },
     };
     attach(common, open, size).await
 }
@@ -94,8 +102,8 @@ async fn in_process(common: &Common, start: Start, size: (u16, u16)) -> Result<i
     let id = client.id;
     let _ = inbox.send(HostIn::Attach(client));
     let to_host = inbox.clone();
-    let ending = drive(screens, false, move |event| {
-        to_host.send(HostIn::Input { client: id, event }).is_ok()
+    let ending = drive(screens, false, move |input| {
+        to_host.send(HostIn::Input { client: id, input }).is_ok()
     })
     .await?;
     if !matches!(ending, Ending::Closed(_)) {
@@ -153,8 +161,8 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
     });
     let (input, mut input_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(event) = input_rx.recv().await {
-            if protocol::write(&mut write, &Request::Input { event })
+        while let Some(input) = input_rx.recv().await {
+            if protocol::write(&mut write, &Request::Input { input })
                 .await
                 .is_err()
             {
@@ -162,7 +170,7 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
             }
         }
     });
-    let ending = drive(screens, true, move |event| input.send(event).is_ok()).await?;
+    let ending = drive(screens, true, move |i| input.send(i).is_ok()).await?;
     finish(ending)
 }
 
@@ -192,7 +200,7 @@ fn is_detach(key: &KeyEvent) -> bool {
 async fn drive(
     mut screens: mpsc::Receiver<Screen>,
     detachable: bool,
-    send: impl Fn(Event) -> bool,
+    send: impl Fn(Input) -> bool,
 ) -> Result<Ending> {
     let signal_error = |e| KilnError::io("signal handler", e);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -206,7 +214,7 @@ async fn drive(
             ev = input.recv() => match ev {
                 Some(Event::Key(key)) if detachable && is_detach(&key) => return Ok(Ending::Detached),
                 Some(ev) => {
-                    if !send(ev) {
+                    if !send(Input::from(ev)) {
                         return Ok(Ending::Closed("the workstation is gone".into()));
                     }
                 }

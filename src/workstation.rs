@@ -19,7 +19,7 @@ use ratatui::{Terminal, TerminalOptions, Viewport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::app::{self, Msg, State};
+use crate::app::{self, Msg, Pasted, State};
 use crate::cli::Common;
 use crate::engine::EngineEvent;
 use crate::error::{KilnError, Result};
@@ -75,11 +75,31 @@ impl Client {
     }
 }
 
+/// Terminal input as it travels to the host: events as crossterm reads
+/// them, except that pastes are cut where they arrive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    Event { event: Event },
+    Paste { pasted: Pasted },
+}
+
+impl From<Event> for Input {
+    fn from(event: Event) -> Input {
+        match event {
+            Event::Paste(text) => Input::Paste {
+                pasted: Pasted::new(text),
+            },
+            event => Input::Event { event },
+        }
+    }
+}
+
 pub enum HostIn {
     Attach(Client),
     Input {
         client: u64,
-        event: Event,
+        input: Input,
     },
     Detach(u64),
     /// Show the session in this folder (`kiln attach ID` while another one
@@ -231,7 +251,7 @@ impl Host {
                         dirty = true;
                         continue;
                     }
-                    Some(HostIn::Input { client, event }) => match self.input(client, event) {
+                    Some(HostIn::Input { client, input }) => match self.input(client, input) {
                         Some(msg) => msg,
                         None => {
                             dirty = true;
@@ -349,8 +369,12 @@ impl Host {
     /// A terminal event from one client. Resizes apply to that client's
     /// screen; everything else goes to `update`, laid out for the size of
     /// the terminal the user is typing in.
-    fn input(&mut self, client: u64, event: Event) -> Option<Msg> {
+    fn input(&mut self, client: u64, input: Input) -> Option<Msg> {
         let c = self.clients.iter_mut().find(|c| c.id == client)?;
+        let event = match input {
+            Input::Paste { pasted } => return Some(Msg::Paste(pasted)),
+            Input::Event { event } => event,
+        };
         if let Event::Resize(w, h) = event {
             c.size = (w, h);
             let _ = c.terminal.resize(Rect::new(0, 0, w, h));
@@ -361,7 +385,7 @@ impl Host {
         }
         match event {
             Event::Key(key) => Some(Msg::Key(key)),
-            Event::Paste(text) => Some(Msg::Paste(text)),
+            Event::Paste(text) => Some(Msg::Paste(Pasted::new(text))),
             Event::Mouse(m) => match m.kind {
                 MouseEventKind::ScrollUp => Some(Msg::Wheel(-WHEEL_ROWS)),
                 MouseEventKind::ScrollDown => Some(Msg::Wheel(WHEEL_ROWS)),
@@ -430,5 +454,121 @@ impl Host {
             *s = now;
             true
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake::FakeEngine;
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+    fn started(dir: &std::path::Path, engine: FakeEngine) -> Started {
+        let (handle, events) = crate::engine::spawn(engine);
+        Started {
+            paths: crate::paths::Paths::under(dir),
+            config: crate::config::Config::default(),
+            handle,
+            events,
+            shape: None,
+            model_spec: "fake".into(),
+            fingerprint: None,
+        }
+    }
+
+    fn key(code: KeyCode) -> Input {
+        Input::Event {
+            event: Event::Key(KeyEvent::new(code, KeyModifiers::NONE)),
+        }
+    }
+
+    /// Everything a client was sent, as one string, once `done` holds.
+    async fn read_until(
+        rx: &mut mpsc::Receiver<Screen>,
+        seen: &mut String,
+        done: impl Fn(&str) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done(seen) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Screen::Frame(f))) => seen.push_str(&f),
+                other => panic!("{other:?} before {seen:?}"),
+            }
+        }
+    }
+
+    /// Two terminals on one conversation: both are drawn the answer at their
+    /// own size; one that stops reading misses frames, never holds up the
+    /// other, and is repainted whole once it reads again; a detached one is
+    /// forgotten.
+    #[tokio::test]
+    async fn terminals_share_a_conversation_and_a_stalled_one_is_repainted() {
+        let dir = tempfile::tempdir().unwrap();
+        let words = (0..150)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let engine = FakeEngine::new([words]).with_delay(Duration::from_millis(5));
+        let started = started(dir.path(), engine);
+        let keys = key_map(&Common::default(), &started).unwrap();
+        let (_tx, samples) = watch::channel(Sample::default());
+        let host = Host::new(Common::default(), started, keys, samples, None).await;
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let (status_tx, mut status) = watch::channel(Status::default());
+        let host = tokio::spawn(host.run(inbox_rx, status_tx));
+
+        let (a_out, mut a) = mpsc::channel(CLIENT_BUFFER);
+        let (b_out, mut b) = mpsc::channel(2);
+        let client_a = Client::new((100, 30), None, true, a_out);
+        let client_b = Client::new((60, 20), None, true, b_out);
+        let (ida, idb) = (client_a.id, client_b.id);
+        inbox.send(HostIn::Attach(client_a)).unwrap();
+        inbox.send(HostIn::Attach(client_b)).unwrap();
+        let mut seen_a = String::new();
+        // Escape sequences move over unchanged cells: look for single words.
+        read_until(&mut a, &mut seen_a, |s| s.contains("Type")).await;
+
+        for c in "hello".chars() {
+            let input = key(KeyCode::Char(c));
+            inbox.send(HostIn::Input { client: ida, input }).unwrap();
+        }
+        let input = key(KeyCode::Enter);
+        inbox.send(HostIn::Input { client: ida, input }).unwrap();
+        // A sees every word of the answer arrive while B reads nothing.
+        read_until(&mut a, &mut seen_a, |s| s.contains("w149")).await;
+        status
+            .wait_for(|s| s.activity == "idle" && s.session.is_some())
+            .await
+            .unwrap();
+        assert_eq!(status.borrow().clients, 2);
+
+        // B's two queued frames are stale; the next one repaints everything
+        // (ratatui clears the viewport first), drawn at B's 60 columns.
+        let mut seen_b = String::new();
+        while let Ok(Screen::Frame(f)) = b.try_recv() {
+            seen_b.push_str(&f);
+        }
+        let input = key(KeyCode::Char('x'));
+        inbox.send(HostIn::Input { client: idb, input }).unwrap();
+        let mut repaint = String::new();
+        read_until(&mut b, &mut repaint, |s| s.contains("w149")).await;
+        assert!(repaint.contains("\u{1b}[J"), "a full repaint: {repaint:?}");
+        assert!(repaint.contains("hello"), "{repaint:?}");
+        assert!(!repaint.contains("memory"), "60 columns: no side panels");
+        assert!(seen_a.contains("memory"), "100 columns: side panels");
+
+        inbox.send(HostIn::Detach(idb)).unwrap();
+        status.wait_for(|s| s.clients == 1).await.unwrap();
+        inbox.send(HostIn::Stop).unwrap();
+        let events = host.await.unwrap();
+        assert!(events.is_some(), "the engine is handed back");
+        // The conversation was journaled once, whatever the terminals.
+        let store = SessionStore::new(&crate::paths::Paths::under(dir.path()));
+        let listing = store.list();
+        assert_eq!(listing.len(), 1);
+        let loaded = store.load(&listing[0].dir).unwrap();
+        let messages = crate::transcript::Transcript::messages(&loaded.transcript.entries);
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[1].content.ends_with("w149"));
     }
 }

@@ -98,7 +98,13 @@ async fn the_socket_is_private_and_bad_frames_close_only_their_client() {
     );
 
     // The daemon goes on serving others.
-    assert_eq!(daemon.request(&Request::List), Reply::Runs { runs: vec![] });
+    assert_eq!(
+        daemon.request(&Request::List),
+        Reply::Runs {
+            runs: vec![],
+            workstation: None
+        }
+    );
 
     // SIGTERM: a clean stop that removes the socket.
     daemon.terminate();
@@ -164,4 +170,93 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
     let expected: Vec<u32> = (1..=steps.len() as u32).collect();
     assert_eq!(steps, expected, "each call journaled once, in order");
     assert!(!steps.is_empty());
+}
+
+/// The workstation through the daemon: SSH drops mid-answer, the answer
+/// goes on; `kiln ps` shows the session with no terminal; two new terminals
+/// attach and see the whole conversation; one detaches with Ctrl-\, the
+/// other quits. The journal has the question and its full answer once.
+#[tokio::test]
+async fn a_conversation_survives_its_terminal_hanging_up() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
+    let kiln = |args: &str| {
+        format!(
+            "KILN_HOME={} {} --model {} {args}",
+            home.path().display(),
+            env!("CARGO_BIN_EXE_kiln"),
+            model.path.display()
+        )
+    };
+    let first = common::Tmux::start(
+        "ws1",
+        120,
+        40,
+        &kiln("--temperature 0 --max-tokens 300"),
+    );
+    first.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
+    first.send(&[
+        "Write a very long story about a dragon who runs a pottery kiln.",
+        "Enter",
+    ]);
+    first.wait_for("the answer to stream", 60, |s| s.contains("live "));
+    drop(first); // kill-session: the terminal hangs up
+
+    // The hung-up client goes; the conversation stays.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ps = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_HOME", home.path())
+            .arg("ps")
+            .output()
+            .unwrap();
+        let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+        let row = ps.lines().nth(1).unwrap_or_default().to_string();
+        assert!(row.contains("Write a very long story"), "{ps}");
+        if row.split_whitespace().nth(1) == Some("0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the terminal stays attached: {ps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let second = common::Tmux::start("ws2", 120, 40, &kiln("attach; echo EXIT=$?; sleep 60"));
+    let third = common::Tmux::start("ws3", 80, 24, &kiln("attach; echo EXIT=$?; sleep 60"));
+    let done = |s: &str| s.contains(" tok · ") && s.contains("idle");
+    let screen = second.wait_for("the finished answer", 120, done);
+    assert!(screen.contains("dragon"), "{screen}");
+    // 80 columns: the panels fold into a summary line without "idle".
+    third.wait_for("the same answer at 80x24", 30, |s| s.contains(" tok · "));
+    third.send(&["C-\\"]);
+    third.wait_for("a detach", 30, |s| s.contains("detached") && s.contains("EXIT=0"));
+    second.send(&["C-q"]);
+    second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
+
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    let listing = store.list();
+    assert_eq!(listing.len(), 1);
+    let journal = kiln::store::session::read_events(&listing[0].dir.join("events.jsonl")).unwrap();
+    use kiln::store::session::Event;
+    let users = journal
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::User { .. }))
+        .count();
+    let answers: Vec<_> = journal
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Answer { text, finish, .. } => Some((text.clone(), *finish)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(users, 1);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_ne!(
+        answers[0].1,
+        kiln::engine::FinishReason::Cancelled,
+        "the hangup did not stop the answer"
+    );
+    assert!(answers[0].0.len() > 200, "{answers:?}");
 }

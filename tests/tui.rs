@@ -13,6 +13,7 @@ fn decode_rate(screen: &str) -> Option<f64> {
 async fn chat_cancel_and_quit_in_a_real_terminal() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
     // The wrapper reports the exit code and whether the terminal is back in
     // cooked mode (raw mode clears icanon).
     let cmd = format!(
@@ -69,6 +70,7 @@ async fn chat_cancel_and_quit_in_a_real_terminal() {
 async fn resume_an_interrupted_example_then_the_last_session() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sessions/example-interrupted");
     let before = std::fs::read(example.join("events.jsonl")).unwrap();
@@ -127,6 +129,7 @@ async fn resume_an_interrupted_example_then_the_last_session() {
 async fn agent_mode_asks_before_each_call() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
     let ws = tempfile::tempdir().unwrap();
     std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
     let cmd = format!(
@@ -183,6 +186,7 @@ async fn agent_mode_asks_before_each_call() {
 async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
     let cmd = format!(
         "KILN_HOME={} {} --model {}; echo EXIT=$?; sleep 60",
         home.path().display(),
@@ -227,14 +231,15 @@ async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
     tmux.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
 }
 
-/// The SSH connection drops mid-answer (tmux kill-session hangs up the
-/// terminal): the stopped answer is committed and the KV snapshot saved.
+/// Without the daemon, the SSH connection dropping mid-answer (tmux
+/// kill-session hangs up the terminal) ends the conversation: the stopped
+/// answer is committed and the KV snapshot saved.
 #[tokio::test]
 async fn a_hangup_mid_answer_saves_the_session() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let cmd = format!(
-        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 400",
+        "KILN_HOME={} {} --no-daemon --model {} --temperature 0 --max-tokens 400",
         home.path().display(),
         env!("CARGO_BIN_EXE_kiln"),
         model.path.display()

@@ -157,10 +157,32 @@ pub enum Effect {
     Quit,
 }
 
+/// Pasted text, cut to `MAX_PASTE_BYTES` where it arrives (so that a huge
+/// paste never travels further), with the size it had.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Pasted {
+    pub text: String,
+    pub total: usize,
+}
+
+impl Pasted {
+    pub fn new(mut text: String) -> Pasted {
+        let total = text.len();
+        if total > MAX_PASTE_BYTES {
+            let mut cut = MAX_PASTE_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        Pasted { text, total }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Msg {
     Key(KeyEvent),
-    Paste(String),
+    Paste(Pasted),
     /// Mouse wheel: positive scrolls down, negative up, in rows.
     Wheel(i16),
     Resize(u16, u16),
@@ -343,8 +365,8 @@ impl State {
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
     match msg {
         Msg::Key(key) => on_key(state, key),
-        Msg::Paste(text) => {
-            on_paste(state, text);
+        Msg::Paste(pasted) => {
+            on_paste(state, pasted);
             Vec::new()
         }
         Msg::Wheel(rows) => {
@@ -901,29 +923,20 @@ fn recall(state: &mut State, step: i64) {
     }
 }
 
-fn on_paste(state: &mut State, text: String) {
+fn on_paste(state: &mut State, pasted: Pasted) {
     let target = match state.mode {
         Mode::Chat => &mut state.input,
         Mode::EditSystem => &mut state.system_editor,
         _ => return,
     };
-    let total = text.len();
-    let mut text = text;
-    if total > MAX_PASTE_BYTES {
-        let mut cut = MAX_PASTE_BYTES;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
     // Terminals send pasted line ends as CR.
-    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let text = pasted.text.replace("\r\n", "\n").replace('\r', "\n");
     target.insert_str(&text);
-    if total > MAX_PASTE_BYTES {
+    if pasted.total > pasted.text.len() {
         state.notice = Some(format!(
             "paste cut to {:.1} MiB of {:.1} MiB",
-            MAX_PASTE_BYTES as f64 / 1048576.0,
-            total as f64 / 1048576.0
+            pasted.text.len() as f64 / 1048576.0,
+            pasted.total as f64 / 1048576.0
         ));
     }
 }

@@ -267,12 +267,12 @@ fn question_mark_is_help_only_on_an_empty_input() {
 #[test]
 fn a_huge_paste_is_cut_with_a_notice_and_line_ends_are_normalised() {
     let mut s = state();
-    update(&mut s, Msg::Paste("a\r\nb\rc".into()));
+    update(&mut s, Msg::Paste(Pasted::new("a\r\nb\rc".into())));
     assert_eq!(s.input.lines(), ["a", "b", "c"]);
 
     let mut s = state();
     let big = "é".repeat(5 << 20); // 10 MiB of two-byte characters
-    update(&mut s, Msg::Paste(big));
+    update(&mut s, Msg::Paste(Pasted::new(big)));
     let kept: usize = s.input.lines().iter().map(|l| l.len()).sum();
     assert!(
         kept <= MAX_PASTE_BYTES && kept > MAX_PASTE_BYTES - 4,

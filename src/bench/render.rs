@@ -9,7 +9,7 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use serde::Serialize;
 
-use crate::app::{update, Msg, State};
+use crate::app::{update, Msg, Pasted, State};
 use crate::engine::{EngineEvent, FinishReason, GenStats};
 use crate::error::{KilnError, Result};
 use crate::models;
@@ -41,9 +41,9 @@ fn conversation() -> State {
     for i in 0..MESSAGES / 2 {
         update(
             &mut s,
-            Msg::Paste(format!(
+            Msg::Paste(Pasted::new(format!(
                 "Question {i}: how should I fire a piece this size?"
-            )),
+            ))),
         );
         update(&mut s, Msg::Key(enter));
         update(
@@ -113,7 +113,7 @@ pub fn run(runs: usize, json: bool) -> Result<i32> {
         s
     })?;
     let mut streaming = base.clone();
-    update(&mut streaming, Msg::Paste("one more question".into()));
+    update(&mut streaming, Msg::Paste(Pasted::new("one more question".into())));
     update(
         &mut streaming,
         Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)),
@@ -140,7 +140,9 @@ pub fn run(runs: usize, json: bool) -> Result<i32> {
     let line = "The quick brown fox jumps over the lazy dog. ".repeat(20) + "\n";
     update(
         &mut pasted,
-        Msg::Paste(line.repeat(crate::app::MAX_PASTE_BYTES / line.len())),
+        Msg::Paste(Pasted::new(
+            line.repeat(crate::app::MAX_PASTE_BYTES / line.len()),
+        )),
     );
     update(
         &mut pasted,

@@ -9,7 +9,7 @@ use ratatui::layout::Rect;
 use ratatui::Terminal;
 
 use super::*;
-use crate::app::{update, Msg};
+use crate::app::{update, Msg, Pasted};
 use crate::engine::{EngineEvent, FinishReason, GenStats};
 use crate::models;
 use crate::telemetry::{
@@ -85,7 +85,7 @@ fn base(width: u16, height: u16) -> State {
 }
 
 fn send(s: &mut State, text: &str) {
-    update(s, Msg::Paste(text.into()));
+    update(s, Msg::Paste(Pasted::new(text.into())));
     update(
         s,
         Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)),

@@ -172,6 +172,25 @@ impl Drop for Tmux {
     }
 }
 
+/// Stops the daemon a test's `kiln` started in `home`, pass or fail.
+pub struct DaemonGuard(std::path::PathBuf);
+
+impl DaemonGuard {
+    pub fn new(home: &std::path::Path) -> DaemonGuard {
+        DaemonGuard(home.to_path_buf())
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_HOME", &self.0)
+            .args(["stop", "--daemon"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// A real OpenAI-compatible server on loopback: llama-cpp-python's server
 /// (installed by `.ci/run` into a venv) serving the SmolLM2 model.
 pub struct LlamaServer {

@@ -739,9 +739,14 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
     cmd.args(["daemon", "--idle-exit", "60"]);
     cmd.args(daemon_args(common));
     use std::os::unix::process::CommandExt;
+    // Its one-line error (a bad model, a bad config) is kept for the client.
+    let stderr = std::fs::create_dir_all(&paths.logs)
+        .and_then(|_| std::fs::File::create(startup_log(&paths)))
+        .map(std::process::Stdio::from)
+        .unwrap_or_else(|_| std::process::Stdio::null());
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(stderr);
     // A session of its own, so the terminal hanging up does not reach it.
     // SAFETY: setsid in the child before exec touches no shared state.
     unsafe {
@@ -750,11 +755,18 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| KilnError::io("kiln daemon", e))?;
+    let mut child = cmd.spawn().map_err(|e| KilnError::io("kiln daemon", e))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(s) = UnixStream::connect(&path).await {
+            // Reap it whenever it exits.
+            std::thread::spawn(move || child.wait());
             return Ok(s);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(KilnError::Store(
+                why_it_stopped(common).unwrap_or_else(|| format!("the kiln daemon exited ({status})")),
+            ));
         }
         if tokio::time::Instant::now() > deadline {
             return Err(KilnError::Store(format!(
@@ -764,6 +776,22 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Where a daemon a client started writes its stderr.
+fn startup_log(paths: &Paths) -> PathBuf {
+    paths.logs.join("daemon-stderr.log")
+}
+
+/// Why the daemon went away: the last line it wrote, when a client
+/// started it.
+pub fn why_it_stopped(common: &Common) -> Option<String> {
+    let (paths, _) = launch::paths_and_config(common).ok()?;
+    let text = std::fs::read_to_string(startup_log(&paths)).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.contains("daemon listening"))
+        .map(|l| l.trim_start_matches("kiln: ").to_string())
 }
 
 /// The settings a started daemon takes from the client that starts it.

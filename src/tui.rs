@@ -128,10 +128,23 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
     protocol::write(&mut write, &hello)
         .await
         .map_err(|e| KilnError::io("daemon", e))?;
-    // The first reply says whether the daemon took the terminal.
-    let first: Reply = protocol::read(&mut read)
-        .await
-        .map_err(|e| KilnError::Store(format!("daemon: {e}")))?;
+    // The first reply says whether the daemon took the terminal; a daemon
+    // just started replies once its model is loaded.
+    let first = {
+        let reply = protocol::read::<Reply, _>(&mut read);
+        tokio::pin!(reply);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), &mut reply).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                eprintln!("kiln: the daemon is loading the model…");
+                reply.await
+            }
+        }
+    };
+    let first = first.map_err(|e| match daemon::why_it_stopped(common) {
+        Some(why) => KilnError::Store(why),
+        None => KilnError::Store(format!("daemon: {e}")),
+    })?;
     let (out, screens) = mpsc::channel(CLIENT_BUFFER);
     match first {
         Reply::Screen { text } => {

@@ -260,3 +260,27 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     );
     assert!(answers[0].0.len() > 200, "{answers:?}");
 }
+
+/// A daemon that cannot load its model tells the terminal that started it
+/// why, in one line, instead of leaving it waiting.
+#[test]
+fn a_bad_model_reaches_the_terminal_through_the_daemon() {
+    let home = tempfile::tempdir().unwrap();
+    let bad = home.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --model {}; echo EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        bad.display()
+    );
+    let tmux = common::Tmux::start("badmodel", 120, 20, &cmd);
+    let screen = tmux.wait_for("the error", 60, |s| s.contains("EXIT="));
+    let line = screen
+        .lines()
+        .find(|l| l.starts_with("kiln: "))
+        .unwrap_or_else(|| panic!("{screen}"));
+    assert!(line.contains("bad.gguf"), "{screen}");
+    assert!(line.contains("GGUF"), "{screen}");
+    assert!(!screen.contains("EXIT=0"), "{screen}");
+}

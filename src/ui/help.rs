@@ -69,7 +69,11 @@ pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) 
     }
     lines.push(Line::default());
     lines.push(Line::styled(
-        "mouse wheel scrolls · rebind keys by these names in [keys] of config.toml · any key closes",
+        "Ctrl-\\ detaches, leaving the session running in the daemon · mouse wheel scrolls",
+        theme.fg(Slot::Dim),
+    ));
+    lines.push(Line::styled(
+        "rebind keys by these names in [keys] of config.toml · any key closes",
         theme.fg(Slot::Dim),
     ));
     popup(

@@ -189,12 +189,7 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
             model.path.display()
         )
     };
-    let first = common::Tmux::start(
-        "ws1",
-        120,
-        40,
-        &kiln("--temperature 0 --max-tokens 300"),
-    );
+    let first = common::Tmux::start("ws1", 120, 40, &kiln("--temperature 0 --max-tokens 300"));
     first.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
     first.send(&[
         "Write a very long story about a dragon who runs a pottery kiln.",
@@ -217,7 +212,10 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
         if row.split_whitespace().nth(1) == Some("0") {
             break;
         }
-        assert!(Instant::now() < deadline, "the terminal stays attached: {ps}");
+        assert!(
+            Instant::now() < deadline,
+            "the terminal stays attached: {ps}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -229,7 +227,9 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     // 80 columns: the panels fold into a summary line without "idle".
     third.wait_for("the same answer at 80x24", 30, |s| s.contains(" tok · "));
     third.send(&["C-\\"]);
-    third.wait_for("a detach", 30, |s| s.contains("detached") && s.contains("EXIT=0"));
+    third.wait_for("a detach", 30, |s| {
+        s.contains("detached") && s.contains("EXIT=0")
+    });
     second.send(&["C-q"]);
     second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
 

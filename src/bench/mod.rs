@@ -70,13 +70,19 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     }
     if args.daemon {
         let mut all = Vec::new();
+        let mut screens = Vec::new();
         for clients in [1, 10] {
             all.push(crate::daemon::bench_delivery(clients, 2000).await?);
+            screens.push(crate::daemon::bench_screens(clients, 100).await?);
         }
         if args.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&all).expect("serializes")
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "agent_events": all,
+                    "workstation_screens": screens,
+                }))
+                .expect("serializes")
             );
         } else {
             println!(
@@ -90,6 +96,20 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
                 println!(
                     "{:<10}{:>14.0}{:>14.0}{:>22.0}",
                     f.clients, f.latency_p50_us, f.latency_p99_us, f.throughput_per_client
+                );
+            }
+            println!();
+            println!(
+                "workstation screens · key echo to every terminal, a 500-token answer streamed"
+            );
+            println!(
+                "{:<10}{:>14}{:>14}{:>22}",
+                "clients", "echo p50 ms", "echo p99 ms", "tokens/s per client"
+            );
+            for f in &screens {
+                println!(
+                    "{:<10}{:>14.2}{:>14.2}{:>22.0}",
+                    f.clients, f.echo_p50_ms, f.echo_p99_ms, f.tokens_per_s_per_client
                 );
             }
         }

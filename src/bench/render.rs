@@ -113,7 +113,10 @@ pub fn run(runs: usize, json: bool) -> Result<i32> {
         s
     })?;
     let mut streaming = base.clone();
-    update(&mut streaming, Msg::Paste(Pasted::new("one more question".into())));
+    update(
+        &mut streaming,
+        Msg::Paste(Pasted::new("one more question".into())),
+    );
     update(
         &mut streaming,
         Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)),

@@ -314,22 +314,19 @@ impl Actor {
                 "agent run {running} is using the model; `kiln attach {running}` follows it, `kiln stop {running}` ends it"
             ));
         };
-        let resumed = match (&open, wanted) {
+        let query = match (&open, wanted) {
             (Open::Current, _) => None,
-            (Open::Last, _) => match Resumed::open(&self.store, None) {
-                Ok(r) => Some(r),
-                // Nothing saved yet: a new conversation.
-                Err(_) => None,
-            },
-            (Open::Session { .. }, dir) => {
-                let dir = dir.expect("resolved above");
-                match Resumed::open(&self.store, Some(&dir.to_string_lossy())) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        self.engine_events = Some(events);
-                        return Err(e.to_string());
-                    }
-                }
+            // Nothing saved yet: a new conversation.
+            (Open::Last, _) if self.store.list().is_empty() => None,
+            (Open::Last, _) => Some(None),
+            (Open::Session { .. }, dir) => dir.map(|d| Some(d.to_string_lossy().into_owned())),
+        };
+        let resumed = match query.map(|q| Resumed::open(&self.store, q.as_deref())) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                self.engine_events = Some(events);
+                return Err(e.to_string());
             }
         };
         let (inbox, inbox_rx) = mpsc::unbounded_channel();

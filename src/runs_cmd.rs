@@ -57,7 +57,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                 Some(w) => {
                     let id = w.session.unwrap_or_else(|| "(new, unsaved)".into());
                     let title: String = w.title.unwrap_or_default().chars().take(60).collect();
-                    println!("{id:<22} {:<8} {:<18}  {title}", w.clients, w.activity);
+                    println!("{id:<22} {:<10} {:<18}  {title}", w.clients, w.activity);
                 }
                 None => println!("(none open)"),
             }

@@ -174,8 +174,9 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
 
 /// The workstation through the daemon: SSH drops mid-answer, the answer
 /// goes on; `kiln ps` shows the session with no terminal; two new terminals
-/// attach and see the whole conversation; one detaches with Ctrl-\, the
-/// other quits. The journal has the question and its full answer once.
+/// attach and see the whole conversation; one detaches with Ctrl-\, and
+/// `kiln stop ID` closes the other. The journal has the question and its
+/// full answer once.
 #[tokio::test]
 async fn a_conversation_survives_its_terminal_hanging_up() {
     let model = common::model().await;
@@ -230,12 +231,20 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     third.wait_for("a detach", 30, |s| {
         s.contains("detached") && s.contains("EXIT=0")
     });
-    second.send(&["C-q"]);
-    second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
-
+    // `kiln stop ID` saves the session and closes the terminal still on it.
     let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
     let listing = store.list();
     assert_eq!(listing.len(), 1);
+    let id = listing[0].dir.file_name().unwrap().to_str().unwrap().to_string();
+    let stop = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_HOME", home.path())
+        .args(["stop", &id])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let screen = second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
+    assert!(screen.contains("the session was stopped"), "{screen}");
+    assert!(listing[0].dir.join("kv.snapshot").exists(), "saved on stop");
     let journal = kiln::store::session::read_events(&listing[0].dir.join("events.jsonl")).unwrap();
     use kiln::store::session::Event;
     let users = journal

@@ -1,8 +1,14 @@
 //! Memory budget: what a model needs at a given context, for the engine as it
 //! really stores things, and whether that fits this machine.
 //!
-//! Pure functions; the figures for kalosm 0.4 come from its source and were
-//! checked against measured RSS on SmolLM2-135M (see `tests/budget_accuracy.rs`):
+//! Pure functions, for either local backend (`KvLayout`).
+//!
+//! llama.cpp keeps the weights as the file has them (mapped), and allocates
+//! the whole KV cache when its context is made: n_ctx cells of f16 K and V
+//! per KV head, n_layer × n_kv_head × head_dim × 2 × 2 bytes per token.
+//!
+//! The figures for kalosm 0.4 come from its source and were checked against
+//! measured RSS on SmolLM2-135M (see `tests/budget_accuracy.rs`):
 //! - weights are kept as loaded, except the token embedding table, which is
 //!   dequantized to f32 (vocab × hidden × 4 bytes) on top of the file's copy;
 //! - K and V are cached after the grouped-query repeat, in f32 (on CPU and
@@ -47,6 +53,17 @@ pub struct ModelShape {
     pub tensor_bytes: u64,
     /// Bytes per tensor type, largest first (empty for built-in presets).
     pub tensor_types: Vec<(String, u64)>,
+    pub kv_layout: KvLayout,
+}
+
+/// How the engine stores the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvLayout {
+    /// kalosm 0.4: f32, repeated to every query head, grown by powers of two.
+    KalosmF32,
+    /// llama.cpp: f16 per KV head, all `cells` allocated with the context.
+    F16Gqa { cells: u64 },
 }
 
 impl ModelShape {
@@ -65,7 +82,23 @@ impl ModelShape {
             context_length: info.context_length as u64,
             tensor_bytes: info.tensor_bytes,
             tensor_types: info.tensor_types.clone(),
+            kv_layout: KvLayout::KalosmF32,
         }
+    }
+
+    /// The same model with a context of `n` tokens made for it (llama.cpp
+    /// allocates the whole window up front).
+    fn sized_for(&self, n: u64) -> ModelShape {
+        match self.kv_layout {
+            KvLayout::F16Gqa { .. } => self.clone().with_kv_layout(KvLayout::F16Gqa { cells: n }),
+            KvLayout::KalosmF32 => self.clone(),
+        }
+    }
+
+    /// The same model as an engine storing its KV cache this way.
+    pub fn with_kv_layout(mut self, layout: KvLayout) -> ModelShape {
+        self.kv_layout = layout;
+        self
     }
 
     /// Built-in dimensions of a preset that is not downloaded yet.
@@ -84,13 +117,16 @@ impl ModelShape {
             context_length: s.context_length,
             tensor_bytes: p.approx_bytes,
             tensor_types: Vec::new(),
+            kv_layout: KvLayout::KalosmF32,
         }
     }
 
-    /// KV bytes per token as kalosm 0.4 stores them: repeated to every query
-    /// head, f32.
+    /// KV bytes per token as the engine stores them.
     pub fn kv_per_token_engine(&self) -> u64 {
-        self.n_layer * self.n_head * self.head_dim * 2 * 4
+        match self.kv_layout {
+            KvLayout::KalosmF32 => self.n_layer * self.n_head * self.head_dim * 2 * 4,
+            KvLayout::F16Gqa { .. } => self.kv_per_token_f16_gqa(),
+        }
     }
 
     /// KV bytes per token for an f16 cache kept per KV head (llama.cpp's
@@ -99,13 +135,20 @@ impl ModelShape {
         self.n_layer * self.n_kv_head * self.kv_head_dim * 2 * 2
     }
 
-    /// Weights in memory: the file's tensors plus the f32 embedding table.
+    /// Weights in memory: the file's tensors, plus (kalosm) the f32
+    /// embedding table.
     pub fn weight_bytes(&self) -> u64 {
-        self.tensor_bytes + self.vocab * self.hidden * 4
+        match self.kv_layout {
+            KvLayout::KalosmF32 => self.tensor_bytes + self.vocab * self.hidden * 4,
+            KvLayout::F16Gqa { .. } => self.tensor_bytes,
+        }
     }
 
-    /// Tokens of KV cache kalosm has allocated when it holds `tokens`.
+    /// Tokens of KV cache the engine has allocated when it holds `tokens`.
     pub fn kv_allocated_tokens(&self, tokens: u64) -> u64 {
+        if let KvLayout::F16Gqa { cells } = self.kv_layout {
+            return cells;
+        }
         if tokens == 0 {
             return 0;
         }
@@ -121,8 +164,13 @@ impl ModelShape {
         2 * self.n_head * prompt * context * 4
     }
 
+    /// Activations the allocator keeps after a prefill (kalosm; llama.cpp
+    /// prefills in fixed chunks into buffers made with its context).
     fn retained_activation_bytes(&self, prefilled: u64) -> u64 {
-        prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH
+        match self.kv_layout {
+            KvLayout::KalosmF32 => prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH,
+            KvLayout::F16Gqa { .. } => 0,
+        }
     }
 }
 
@@ -196,6 +244,7 @@ pub fn verdict(need: u64, mem: &MemorySnapshot) -> Verdict {
 
 pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget {
     let context = context.min(shape.context_length);
+    let shape = &shape.sized_for(context);
     let total = steady_bytes(shape, context, context);
     Budget {
         context,
@@ -238,7 +287,7 @@ fn largest(lo: u64, hi: u64, fits: impl Fn(u64) -> bool) -> Option<u64> {
 /// budget fits in `available` bytes; 0 when not even the weights fit.
 pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
     largest(1, shape.context_length, |n| {
-        steady_bytes(shape, n, n) <= available
+        steady_bytes(&shape.sized_for(n), n, n) <= available
     })
     .unwrap_or(0)
 }

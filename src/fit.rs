@@ -37,6 +37,10 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     };
     let mem = memory()?;
     let context = config.context.map_or(shape.context_length, |c| c as u64);
+    // For the engine `--engine` names (llama.cpp unless it says kalosm).
+    let backend = crate::engine::local::Backend::parse(&common.engine)
+        .unwrap_or(crate::engine::local::Backend::LlamaCpp);
+    let shape = shape.with_kv_layout(backend.kv_layout(context as usize));
     let b = budget::budget(&shape, context, &mem);
     if args.json {
         let out =
@@ -121,12 +125,17 @@ fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budge
 
 /// Refuse to load a model whose budget at `context` will swap or does not
 /// fit, unless the user said `--allow-swap`.
-pub fn guard(info: &gguf::GgufInfo, context: usize, allow_swap: bool) -> Result<()> {
+pub fn guard(
+    info: &gguf::GgufInfo,
+    context: usize,
+    allow_swap: bool,
+    layout: crate::budget::KvLayout,
+) -> Result<()> {
     let Some(mem) = MemorySnapshot::read() else {
         tracing::warn!("no memory figures; skipping the budget check");
         return Ok(());
     };
-    let shape = ModelShape::from_gguf(info);
+    let shape = ModelShape::from_gguf(info).with_kv_layout(layout);
     let b = budget::budget(&shape, context as u64, &mem);
     tracing::info!(
         "budget at {context} tokens: {} needed, {} available: {:?}",

@@ -10,6 +10,8 @@ use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::config::Config;
 use crate::engine::kalosm::{EngineOptions, KalosmEngine};
+use crate::engine::llamacpp::LlamaCppEngine;
+use crate::engine::local::{Backend, LocalEngine};
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{self, EngineEvent, EngineHandle};
 use crate::error::{KilnError, Result};
@@ -22,13 +24,21 @@ pub struct Launched {
     pub paths: Paths,
     pub config: Config,
     pub model: ResolvedModel,
-    pub engine: KalosmEngine,
+    pub engine: LocalEngine,
+    pub backend: Backend,
+    /// The context window the engine was made with.
+    pub context: usize,
     pub load_seconds: f64,
     /// What KV states of this model and context depend on.
     pub fingerprint: Option<String>,
 }
 
 impl Launched {
+    /// The model's dimensions with the engine's KV layout, for budgets.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape::from_gguf(&self.model.info).with_kv_layout(self.backend.kv_layout(self.context))
+    }
+
     /// How the model is named in a session, so resume can load it again:
     /// the preset name, or the file's path.
     pub fn model_spec(&self) -> String {
@@ -54,10 +64,16 @@ pub fn paths_and_config(common: &Common) -> Result<(Paths, Config)> {
 /// terminal, so scripts see just the answer and the stats line.
 pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) -> Result<Launched> {
     let (paths, config) = paths_and_config(common)?;
+    let backend = Backend::parse(&common.engine).ok_or_else(|| {
+        KilnError::BadArgument(format!(
+            "--engine {}: a local model runs on llamacpp or kalosm",
+            common.engine
+        ))
+    })?;
     let spec = ModelSpec::parse(config.model.as_deref());
     let model = models::resolve(&spec, &paths).await?;
     let context = config.context.unwrap_or(model.info.context_length);
-    let fingerprint = match fingerprint(&model.path, "kalosm", context) {
+    let fingerprint = match fingerprint(&model.path, backend.name(), context) {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!("{}: cannot fingerprint: {e}", model.path.display());
@@ -78,16 +94,31 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     };
     adjust(&mut options);
     let context = options.context.unwrap_or(model.info.context_length);
-    crate::fit::guard(&model.info, context, common.allow_swap)?;
+    crate::fit::guard(
+        &model.info,
+        context,
+        common.allow_swap,
+        backend.kv_layout(context),
+    )?;
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
     let started = Instant::now();
-    let engine = KalosmEngine::load(&model, options, move |f| {
-        if show {
-            eprint!("\rkiln: loading {name} {:>3.0}%", f * 100.0);
+    let engine = match backend {
+        Backend::LlamaCpp => {
+            if show {
+                eprint!("\rkiln: loading {name}…");
+            }
+            LocalEngine::LlamaCpp(LlamaCppEngine::load(&model, options).await?)
         }
-    })
-    .await?;
+        Backend::Kalosm => LocalEngine::Kalosm(
+            KalosmEngine::load(&model, options, move |f| {
+                if show {
+                    eprint!("\rkiln: loading {name} {:>3.0}%", f * 100.0);
+                }
+            })
+            .await?,
+        ),
+    };
     if show {
         eprint!("\r\x1b[2K");
     }
@@ -96,6 +127,8 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         config,
         model,
         engine,
+        backend,
+        context,
         load_seconds: started.elapsed().as_secs_f64(),
         fingerprint,
     })
@@ -117,11 +150,11 @@ pub struct Started {
 /// `--engine local` (or nothing) or `--engine remote:NAME`.
 pub fn remote_name(common: &Common) -> Result<Option<String>> {
     match common.engine.as_str() {
-        "" | "local" | "kalosm" => Ok(None),
+        other if Backend::parse(other).is_some() => Ok(None),
         other => match other.strip_prefix("remote:") {
             Some(name) if !name.is_empty() => Ok(Some(name.to_string())),
             _ => Err(KilnError::BadArgument(format!(
-                "--engine {other}: use local or remote:NAME"
+                "--engine {other}: use local (llamacpp), kalosm or remote:NAME"
             ))),
         },
     }
@@ -156,7 +189,7 @@ pub async fn start(common: &Common) -> Result<Started> {
         });
     }
     let launched = launch(common, |_| {}).await?;
-    let shape = Some(ModelShape::from_gguf(&launched.model.info));
+    let shape = Some(launched.shape());
     let model_spec = launched.model_spec();
     let (handle, events) = engine::spawn(launched.engine);
     Ok(Started {

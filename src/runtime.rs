@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::agent::tools::{Limits, ToolCall, Workspace};
 use crate::agent::{self, Agent, Approval, Approver, Budgets, GovernorMode, Outcome};
 use crate::app::{self, AgentMsg, Effect, Msg, PickerItem, State};
-use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
 use crate::launch;
@@ -332,7 +331,7 @@ impl Runtime {
                         let mut common = self.common.clone();
                         common.engine = "local".into();
                         launch::launch(&common, |_| {}).await.map(|l| {
-                            state.shape = Some(ModelShape::from_gguf(&l.model.info));
+                            state.shape = Some(l.shape());
                             engine::spawn(l.engine)
                         })
                     }

@@ -235,7 +235,13 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
     let listing = store.list();
     assert_eq!(listing.len(), 1);
-    let id = listing[0].dir.file_name().unwrap().to_str().unwrap().to_string();
+    let id = listing[0]
+        .dir
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let stop = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", home.path())
         .args(["stop", &id])

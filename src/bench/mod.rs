@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::cli::{BenchArgs, Common};
-use crate::engine::kalosm::KalosmEngine;
+use crate::engine::local::LocalEngine;
 use crate::engine::{CancelFlag, Engine, EngineEvent, GenStats};
 use crate::error::{KilnError, Result};
 use crate::launch::launch;
@@ -59,6 +59,8 @@ pub struct BenchReport {
     pub prefill_tok_s: Option<Figure>,
     pub decode_tok_s: Option<Figure>,
     pub peak_rss_mb: Option<f64>,
+    /// KV cache bytes per token as the engine stores them.
+    pub kv_bytes_per_token: u64,
 }
 
 pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
@@ -132,6 +134,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         o.system_prompt = None;
     })
     .await?;
+    let kv_bytes_per_token = launched.shape().kv_per_token_engine();
     let mut engine = launched.engine;
     let prompt = build_prompt(&engine, args.prompt_tokens);
 
@@ -165,6 +168,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         prefill_tok_s: Figure::of(measured.iter().filter_map(|s| s.prefill_tok_s).collect()),
         decode_tok_s: Figure::of(measured.iter().filter_map(|s| s.decode_tok_s).collect()),
         peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        kv_bytes_per_token,
     };
     if args.json {
         println!(
@@ -177,11 +181,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     Ok(0)
 }
 
-pub(crate) async fn one_run(
-    engine: &mut KalosmEngine,
-    turn: u64,
-    prompt: &str,
-) -> Result<GenStats> {
+pub(crate) async fn one_run(engine: &mut LocalEngine, turn: u64, prompt: &str) -> Result<GenStats> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     engine
         .chat(turn, prompt.to_string(), &tx, &CancelFlag::default())
@@ -199,7 +199,7 @@ pub(crate) async fn one_run(
 
 /// A prompt of about `target` tokens: numbered, varied sentences, so the
 /// tokenizer sees ordinary prose rather than one repeated token.
-pub(crate) fn build_prompt(engine: &KalosmEngine, target: usize) -> String {
+pub(crate) fn build_prompt(engine: &LocalEngine, target: usize) -> String {
     const TOPICS: &[&str] = &[
         "the kiln reached its firing temperature after a slow climb through the night",
         "glazes change colour as the oxygen in the chamber is reduced",
@@ -240,6 +240,7 @@ fn print_table(r: &BenchReport) {
         Some(mb) => println!("{:<16}{:>12.0}", "peak RSS MB", mb),
         None => println!("{:<16}{:>12}", "peak RSS MB", "n/a"),
     }
+    println!("{:<16}{:>12}", "KV B/token", r.kv_bytes_per_token);
 }
 
 #[cfg(test)]

@@ -59,6 +59,23 @@ pub struct KalosmEngine {
     kv_tokens: usize,
 }
 
+/// The context window `--ctx` asks for, checked against what the model was
+/// trained for; the trained context without it.
+pub fn context_limit(asked: Option<usize>, info: &crate::gguf::GgufInfo) -> Result<usize> {
+    match asked {
+        Some(n) if n > info.context_length => Err(KilnError::BadArgument(format!(
+            "--ctx {n} is larger than the {} tokens {} was trained for",
+            info.context_length,
+            info.display_name()
+        ))),
+        Some(n) if n < 64 => Err(KilnError::BadArgument(format!(
+            "--ctx {n} is too small (at least 64)"
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(info.context_length),
+    }
+}
+
 /// kalosm prints "Running on CPU…" on stdout the first time it picks a
 /// device. Pick it here, once, with stdout pointed at /dev/null, so the line
 /// can never land in `kiln ask` output or on the TUI's screen.
@@ -97,22 +114,7 @@ impl KalosmEngine {
         mut progress: impl FnMut(f32) + Send + Sync + 'static,
     ) -> Result<Self> {
         let info = &model.info;
-        let context_limit = match options.context {
-            Some(n) if n > info.context_length => {
-                return Err(KilnError::BadArgument(format!(
-                    "--ctx {n} is larger than the {} tokens {} was trained for",
-                    info.context_length,
-                    info.display_name()
-                )))
-            }
-            Some(n) if n < 64 => {
-                return Err(KilnError::BadArgument(format!(
-                    "--ctx {n} is too small (at least 64)"
-                )))
-            }
-            Some(n) => n,
-            None => info.context_length,
-        };
+        let context_limit = context_limit(options.context, info)?;
         options.sampler.validate().map_err(KilnError::BadArgument)?;
         let name = model
             .preset

@@ -7,6 +7,8 @@
 pub mod context;
 pub mod fake;
 pub mod kalosm;
+pub mod llamacpp;
+pub mod local;
 pub mod remote;
 pub mod sampler;
 pub mod template;

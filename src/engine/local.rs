@@ -1,0 +1,115 @@
+//! The engine for a model on this machine, whichever backend `--engine`
+//! picked: llama.cpp (the default, see the README's engine table) or
+//! kalosm's own `Llama`.
+
+use super::kalosm::KalosmEngine;
+use super::llamacpp::LlamaCppEngine;
+use super::sampler::SamplerSettings;
+use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
+use crate::store::snapshot::KvState;
+
+pub enum LocalEngine {
+    LlamaCpp(LlamaCppEngine),
+    Kalosm(KalosmEngine),
+}
+
+/// The backend names `--engine` takes for a local model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    LlamaCpp,
+    Kalosm,
+}
+
+impl Backend {
+    /// `--engine local` (or nothing), `llamacpp` or `kalosm`; `None` for
+    /// anything else (`remote:NAME`).
+    pub fn parse(engine: &str) -> Option<Backend> {
+        match engine {
+            "" | "local" | "llamacpp" => Some(Backend::LlamaCpp),
+            "kalosm" => Some(Backend::Kalosm),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::LlamaCpp => "llamacpp",
+            Backend::Kalosm => "kalosm",
+        }
+    }
+
+    /// How this backend stores the KV cache of a `context`-token window.
+    pub fn kv_layout(self, context: usize) -> crate::budget::KvLayout {
+        match self {
+            Backend::LlamaCpp => crate::budget::KvLayout::F16Gqa {
+                cells: context as u64,
+            },
+            Backend::Kalosm => crate::budget::KvLayout::KalosmF32,
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            LocalEngine::LlamaCpp($e) => $body,
+            LocalEngine::Kalosm($e) => $body,
+        }
+    };
+}
+
+impl LocalEngine {
+    /// Tokens `text` becomes in this model's tokenizer.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        each!(self, e => e.count_tokens(text))
+    }
+}
+
+impl Engine for LocalEngine {
+    fn info(&self) -> ModelInfo {
+        each!(self, e => e.info())
+    }
+
+    async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
+        each!(self, e => e.chat(turn, message, out, cancel).await)
+    }
+
+    async fn chat_constrained(
+        &mut self,
+        turn: u64,
+        message: String,
+        pattern: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) {
+        each!(self, e => e.chat_constrained(turn, message, pattern, out, cancel).await)
+    }
+
+    async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {
+        each!(self, e => e.continue_last(turn, out, cancel).await)
+    }
+
+    fn set_system_prompt(&mut self, prompt: Option<String>) {
+        each!(self, e => e.set_system_prompt(prompt))
+    }
+
+    fn set_history(&mut self, messages: Vec<Message>) {
+        each!(self, e => e.set_history(messages))
+    }
+
+    fn snapshot(&self) -> Result<Option<KvState>, String> {
+        each!(self, e => e.snapshot())
+    }
+
+    fn restore(&mut self, state: KvState) -> Result<(), String> {
+        each!(self, e => e.restore(state))
+    }
+
+    fn set_sampler(&mut self, settings: SamplerSettings) {
+        each!(self, e => e.set_sampler(settings))
+    }
+
+    fn reset(&mut self) {
+        each!(self, e => e.reset())
+    }
+}

@@ -29,7 +29,7 @@ fi
 out="$(mktemp -d)"
 for engine in llamacpp kalosm; do
   echo "bench: kiln --engine $engine" >&2
-  "$kiln" bench --engine "$engine" --model "$model" --runs 1 --prompt-tokens 1024 --gen-tokens 128 --json \
+  "$kiln" bench --engine "$engine" --model "$model" --ctx 2048 --runs 1 --prompt-tokens 1024 --gen-tokens 128 --json \
     > "$out/$engine.json"
 done
 echo "bench: llama.cpp (llama-cpp-python)" >&2

@@ -341,7 +341,21 @@ mod tests {
             context_length: 32_768,
             tensor_bytes: 19_851_336_256,
             tensor_types: Vec::new(),
+            kv_layout: KvLayout::KalosmF32,
         }
+    }
+
+    /// llama.cpp's layout: 256 KiB a token for Qwen2.5-32B, the whole window
+    /// allocated with the context, so a held window never grows.
+    #[test]
+    fn the_llamacpp_layout_is_f16_per_kv_head_and_allocated_up_front() {
+        let q = qwen32().with_kv_layout(KvLayout::F16Gqa { cells: 32_768 });
+        assert_eq!(q.kv_per_token_engine(), 262_144);
+        assert_eq!(q.kv_allocated_tokens(10), 32_768);
+        assert_eq!(q.weight_bytes(), q.tensor_bytes);
+        let b = budget(&q, 16_384, &mem(64, 0));
+        assert_eq!(b.kv_at_context, 16_384 * 262_144);
+        assert_eq!(tokens_before_memory_runs_out(&q, 1_000, 1 << 30), 31_768);
     }
 
     fn mem(avail_gib: u64, swap_gib: u64) -> MemorySnapshot {

@@ -243,10 +243,22 @@ fn fit_plans_a_preset_before_download() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let b = &v["budget"];
-    assert_eq!(b["kv_per_token"], 2_621_440, "64 × 40 × 128 × 2 × 4 bytes");
+    // The default engine (llama.cpp) keeps f16 per KV head.
+    assert_eq!(b["kv_per_token"], 262_144, "64 × 8 × 128 × 2 × 2 bytes");
+    assert_eq!(b["kv_per_token_f16_gqa"], 262_144);
+    let kalosm = run(&[
+        "fit",
+        "qwen2.5-32b-instruct-q4_k_m",
+        "--ctx",
+        "32768",
+        "--engine",
+        "kalosm",
+        "--json",
+    ]);
+    let k: serde_json::Value = serde_json::from_slice(&kalosm.stdout).unwrap();
     assert_eq!(
-        b["kv_per_token_f16_gqa"], 262_144,
-        "64 × 8 × 128 × 2 × 2 bytes"
+        k["budget"]["kv_per_token"], 2_621_440,
+        "kalosm: 64 × 40 × 128 × 2 × 4 bytes"
     );
     let (total, available) = (
         b["total"].as_u64().unwrap(),

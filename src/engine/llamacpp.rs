@@ -84,7 +84,7 @@ struct GenerateJob {
 
 enum Job {
     Generate(
-        GenerateJob,
+        Box<GenerateJob>,
         /// The new answer text.
         tokio::sync::oneshot::Sender<std::result::Result<String, String>>,
     ),
@@ -275,7 +275,7 @@ impl LlamaCppEngine {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Job::Generate(job, tx))
+            .send(Job::Generate(Box::new(job), tx))
             .map_err(|_| "the engine thread stopped".to_string())?;
         let reply = rx
             .await
@@ -497,7 +497,7 @@ fn worker(
     for job in jobs {
         match job {
             Job::Generate(job, reply) => {
-                let result = w.generate(job);
+                let result = w.generate(*job);
                 if result.is_err() {
                     // The cache state after a failed decode is unknown.
                     w.reset();
@@ -852,9 +852,7 @@ fn constrained_pick(
         }
         match parser.parse(state, &bytes) {
             Ok(ParseStatus::Incomplete { new_state, .. }) => Some((id, new_state, false)),
-            Ok(ParseStatus::Finished { remaining, .. }) if remaining.is_empty() => {
-                Some((id, state.clone(), true))
-            }
+            Ok(ParseStatus::Finished { remaining: [], .. }) => Some((id, state.clone(), true)),
             _ => None,
         }
     };

@@ -881,34 +881,18 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
         .map(|i| format!("t{i}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let (engine, engine_events) =
-        crate::engine::spawn(crate::engine::fake::FakeEngine::new([answer]));
     let paths = Paths::under(dir.path());
-    let (tx, rx) = mpsc::unbounded_channel();
-    let actor = Actor {
-        tx: tx.clone(),
-        engine,
-        engine_events: Some(engine_events),
-        store: SessionStore::new(&paths),
-        samples: telemetry::spawn(Duration::from_secs(3600)),
-        runs: BTreeMap::new(),
-        shutdown: None,
-        model: Some(Model {
-            common: Common::default(),
-            keys: crate::keys::KeyMap::default(),
-            paths,
-            config: crate::config::Config::default(),
-            shape: None,
-            model_spec: "fake".into(),
-            fingerprint: None,
-        }),
-        workstation: None,
-        idle_exit: None,
-        idle_period: 0,
-        exit: Arc::new(tokio::sync::Notify::new()),
+    let model = Model {
+        common: Common::default(),
+        keys: crate::keys::KeyMap::default(),
+        paths: paths.clone(),
+        config: crate::config::Config::default(),
+        shape: None,
+        model_spec: "fake".into(),
+        fingerprint: None,
     };
-    tokio::spawn(actor.run(rx));
-    tokio::spawn(accept(listener, tx.clone()));
+    let engine = crate::engine::fake::FakeEngine::new([answer]);
+    bench_daemon(listener, engine, &paths, Some(model));
 
     let mut readers = Vec::new();
     let mut writer = None;
@@ -1016,6 +1000,35 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
     })
 }
 
+/// A daemon for the benchmarks: the real actor and socket, a scripted
+/// engine, and the workstation when `model` is given.
+fn bench_daemon(
+    listener: UnixListener,
+    engine: crate::engine::fake::FakeEngine,
+    paths: &Paths,
+    model: Option<Model>,
+) -> mpsc::UnboundedSender<ActorMsg> {
+    let (engine, engine_events) = crate::engine::spawn(engine);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Actor {
+        tx: tx.clone(),
+        engine,
+        engine_events: Some(engine_events),
+        store: SessionStore::new(paths),
+        samples: telemetry::spawn(Duration::from_secs(3600)),
+        runs: BTreeMap::new(),
+        shutdown: None,
+        model,
+        workstation: None,
+        idle_exit: None,
+        idle_period: 0,
+        exit: Arc::new(tokio::sync::Notify::new()),
+    };
+    tokio::spawn(actor.run(rx));
+    tokio::spawn(accept(listener, tx.clone()));
+    tx
+}
+
 /// When each of `n` terminals reported its marker (fewer after 10 s).
 async fn seen_by_all(
     seen: &mut mpsc::UnboundedReceiver<(usize, std::time::Instant)>,
@@ -1039,27 +1052,8 @@ pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFig
     let dir = tempfile::tempdir().map_err(|e| KilnError::io("temporary folder", e))?;
     let path = dir.path().join("daemon.sock");
     let listener = bind(&path)?;
-    let (engine, engine_events) =
-        crate::engine::spawn(crate::engine::fake::FakeEngine::new(Vec::<String>::new()));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let actor = Actor {
-        tx: tx.clone(),
-        engine,
-        engine_events: Some(engine_events),
-        store: SessionStore {
-            root: dir.path().join("sessions"),
-        },
-        samples: telemetry::spawn(Duration::from_secs(3600)),
-        runs: BTreeMap::new(),
-        shutdown: None,
-        model: None,
-        workstation: None,
-        idle_exit: None,
-        idle_period: 0,
-        exit: Arc::new(tokio::sync::Notify::new()),
-    };
-    tokio::spawn(actor.run(rx));
-    tokio::spawn(accept(listener, tx.clone()));
+    let engine = crate::engine::fake::FakeEngine::new(Vec::<String>::new());
+    let tx = bench_daemon(listener, engine, &Paths::under(dir.path()), None);
     let mut figures = Vec::new();
     for (round, paced) in [("latency", true), ("throughput", false)] {
         let id = format!("bench-{round}");

@@ -120,6 +120,36 @@ pub fn plan_turn(
     }
 }
 
+/// The prompt that continues the conversation's cut-off last answer: the
+/// conversation before it rendered for a reply, then the answer so far.
+/// Returns the prompt and the answer so far.
+pub fn continue_prompt(
+    conv: &Conversation,
+    limit: usize,
+    reserve: usize,
+    render: impl Fn(&[Message]) -> Result<String, String>,
+    count: impl Fn(&str) -> usize,
+) -> Result<(String, String), String> {
+    let Some(last) = conv.messages.last().filter(|m| m.role == Role::Assistant) else {
+        return Err("there is no answer to continue".into());
+    };
+    let head = &conv.messages[..conv.messages.len() - 1];
+    let messages: Vec<Message> = conv
+        .system
+        .iter()
+        .map(|s| Message::new(Role::System, s.clone()))
+        .chain(head.iter().cloned())
+        .collect();
+    let prompt = render(&messages)? + &last.content;
+    let tokens = count(&prompt);
+    if tokens + reserve > limit {
+        return Err(format!(
+            "the conversation needs {tokens} tokens, too many to continue in a {limit}-token window; answer again instead"
+        ));
+    }
+    Ok((prompt, last.content.clone()))
+}
+
 /// The index where the exchange after the one starting at `from` begins: past
 /// the next user message and every reply up to the following user message.
 fn next_exchange(messages: &[Message], from: usize) -> usize {

@@ -19,7 +19,7 @@ use tokenizers::Tokenizer;
 /// kalosm does not export its error type by name; its callbacks return it.
 type LlamaError = <Llama as CreateTextCompletionSession>::Error;
 
-use super::context::{answer_reserve, plan_turn, Conversation, Message, Role};
+use super::context::{answer_reserve, continue_prompt, plan_turn, Conversation, Message, Role};
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
@@ -314,36 +314,21 @@ impl KalosmEngine {
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> std::result::Result<(), String> {
-        let Some(last) = self
-            .conv
-            .messages
-            .last()
-            .filter(|m| m.role == Role::Assistant)
-            .cloned()
-        else {
-            return Err("there is no answer to continue".into());
-        };
-        let head = &self.conv.messages[..self.conv.messages.len() - 1];
-        let messages: Vec<Message> = self
-            .conv
-            .system
-            .iter()
-            .map(|s| Message::new(Role::System, s.clone()))
-            .chain(head.iter().cloned())
-            .collect();
-        let prompt = self.template.render(&messages, true)? + &last.content;
         let limit = self.info.context_limit;
         let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
-        let tokens = self.count_tokens(&prompt);
-        if tokens + reserve > limit {
-            return Err(format!(
-                "the conversation needs {tokens} tokens, too many to continue in a {limit}-token window; answer again instead"
-            ));
-        }
+        let template = &self.template;
+        let tokenizer = &self.tokenizer;
+        let (prompt, so_far) = continue_prompt(
+            &self.conv,
+            limit,
+            reserve,
+            |msgs| template.render(msgs, true),
+            |text| count_tokens(tokenizer, text),
+        )?;
         let (more, _) = self
-            .generate(turn, prompt, &last.content, None, out, cancel)
+            .generate(turn, prompt, &so_far, None, out, cancel)
             .await?;
-        let full = last.content + &more;
+        let full = so_far + &more;
         if let Some(m) = self.conv.messages.last_mut() {
             m.content = full;
         }

@@ -51,6 +51,31 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// Drop the oldest messages `plan` leaves out, telling `out` when any go.
+    pub fn trim(&mut self, plan: &TurnPlan, turn: u64, limit: usize, out: &super::EventSink) {
+        if plan.drop == 0 {
+            return;
+        }
+        self.messages.drain(..plan.drop);
+        let _ = out.send(super::EngineEvent::ContextTrimmed {
+            turn,
+            dropped_messages: plan.drop,
+            context_tokens: plan.prompt_tokens,
+            limit,
+        });
+    }
+
+    /// Keep an exchange: the question always, the answer when there is one.
+    pub fn record(
+        &mut self,
+        question: String,
+        answer: Result<String, String>,
+    ) -> Result<(), String> {
+        self.messages.push(Message::new(Role::User, question));
+        self.messages.push(Message::new(Role::Assistant, answer?));
+        Ok(())
+    }
+
     /// Every message in template order, the system prompt first.
     pub fn with_new(&self, kept_from: usize, new_user: &str) -> Vec<Message> {
         self.system

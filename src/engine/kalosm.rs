@@ -278,32 +278,12 @@ impl KalosmEngine {
             |text| count_tokens(tokenizer, text),
         )
         .map_err(|e| e.to_string())?;
-
-        if plan.drop > 0 {
-            self.conv.messages.drain(..plan.drop);
-            let _ = out.send(EngineEvent::ContextTrimmed {
-                turn,
-                dropped_messages: plan.drop,
-                context_tokens: plan.prompt_tokens,
-                limit,
-            });
-        }
-        match self
+        self.conv.trim(&plan, turn, limit, out);
+        let answer = self
             .generate(turn, plan.prompt, "", constraint, out, cancel)
             .await
-        {
-            Ok((reply, _)) => {
-                self.conv.messages.push(Message::new(Role::User, message));
-                self.conv
-                    .messages
-                    .push(Message::new(Role::Assistant, reply));
-                Ok(())
-            }
-            Err(e) => {
-                self.conv.messages.push(Message::new(Role::User, message));
-                Err(e)
-            }
-        }
+            .map(|(reply, _)| reply);
+        self.conv.record(message, answer)
     }
 
     /// Continue the conversation's last answer from where it was cut off:

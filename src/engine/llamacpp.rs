@@ -310,24 +310,11 @@ impl LlamaCppEngine {
             |text| tokenize(model, text).len(),
         )
         .map_err(|e| e.to_string())?;
-        if plan.drop > 0 {
-            self.conv.messages.drain(..plan.drop);
-            let _ = out.send(EngineEvent::ContextTrimmed {
-                turn,
-                dropped_messages: plan.drop,
-                context_tokens: plan.prompt_tokens,
-                limit,
-            });
-        }
-        let result = self
+        self.conv.trim(&plan, turn, limit, out);
+        let answer = self
             .generate(turn, plan.prompt, "", constraint, out, cancel)
             .await;
-        self.conv.messages.push(Message::new(Role::User, message));
-        let reply = result?;
-        self.conv
-            .messages
-            .push(Message::new(Role::Assistant, reply));
-        Ok(())
+        self.conv.record(message, answer)
     }
 
     /// Continue the last answer where it was cut: the prompt ends with the

@@ -241,6 +241,29 @@ impl Actor {
         self.workstation.is_none() && self.runs.values().all(|r| r.outcome.is_some())
     }
 
+    /// Who has the engine, said so that the user knows how to get it back.
+    fn engine_holder(&self) -> String {
+        let id = match &self.workstation {
+            Some(w) => w.status.borrow().session.clone(),
+            None => self
+                .runs
+                .iter()
+                .find(|(_, r)| r.outcome.is_none())
+                .map(|(id, _)| id.clone()),
+        };
+        let what = if self.workstation.is_some() {
+            "the workstation's session"
+        } else {
+            "agent run"
+        };
+        match id {
+            Some(id) => format!(
+                "{what} {id} is using the model; `kiln attach {id}` shows it, `kiln stop {id}` ends it"
+            ),
+            None => format!("{what} is using the model; `kiln ps` shows it"),
+        }
+    }
+
     fn idle(&self) -> bool {
         self.all_done() && self.engine_events.is_some()
     }
@@ -304,15 +327,7 @@ impl Actor {
             return Ok(w.inbox.clone());
         }
         let Some(events) = self.engine_events.take() else {
-            let running = self
-                .runs
-                .iter()
-                .find(|(_, r)| r.outcome.is_none())
-                .map(|(id, _)| id.clone())
-                .unwrap_or_default();
-            return Err(format!(
-                "agent run {running} is using the model; `kiln attach {running}` follows it, `kiln stop {running}` ends it"
-            ));
+            return Err(self.engine_holder());
         };
         let query = match (&open, wanted) {
             (Open::Current, _) => None,
@@ -419,14 +434,8 @@ impl Actor {
         max_minutes: u64,
     ) -> Reply {
         let Some(mut events) = self.engine_events.take() else {
-            let running = self
-                .runs
-                .iter()
-                .find(|(_, r)| r.outcome.is_none())
-                .map(|(id, _)| id.clone())
-                .unwrap_or_default();
             return Reply::Error {
-                message: format!("run {running} is using the model; stop it or wait"),
+                message: self.engine_holder(),
             };
         };
         let workspace = match Workspace::new(&workspace) {

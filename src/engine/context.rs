@@ -147,14 +147,14 @@ pub fn plan_turn(
 
 /// The prompt that continues the conversation's cut-off last answer: the
 /// conversation before it rendered for a reply, then the answer so far.
-/// Returns the prompt and the answer so far.
+/// Returns the prompt, the answer so far and the prompt's tokens.
 pub fn continue_prompt(
     conv: &Conversation,
     limit: usize,
     reserve: usize,
     render: impl Fn(&[Message]) -> Result<String, String>,
     count: impl Fn(&str) -> usize,
-) -> Result<(String, String), String> {
+) -> Result<(String, String, usize), String> {
     let Some(last) = conv.messages.last().filter(|m| m.role == Role::Assistant) else {
         return Err("there is no answer to continue".into());
     };
@@ -172,7 +172,7 @@ pub fn continue_prompt(
             "the conversation needs {tokens} tokens, too many to continue in a {limit}-token window; answer again instead"
         ));
     }
-    Ok((prompt, last.content.clone()))
+    Ok((prompt, last.content.clone(), tokens))
 }
 
 /// The index where the exchange after the one starting at `from` begins: past

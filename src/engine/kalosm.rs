@@ -298,7 +298,7 @@ impl KalosmEngine {
         let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
         let template = &self.template;
         let tokenizer = &self.tokenizer;
-        let (prompt, so_far) = continue_prompt(
+        let (prompt, so_far, _) = continue_prompt(
             &self.conv,
             limit,
             reserve,

@@ -236,7 +236,8 @@ impl LlamaCppEngine {
     async fn generate(
         &mut self,
         turn: u64,
-        prompt: String,
+        // The prompt and its tokens, counted while planning the turn.
+        (prompt, prompt_tokens): (String, usize),
         earlier: &str,
         constraint: Option<&str>,
         out: &EventSink,
@@ -253,7 +254,6 @@ impl LlamaCppEngine {
             .transpose()
             .map_err(|e| format!("the answer's pattern does not compile: {e}"))?;
         let limit = self.info.context_limit;
-        let prompt_tokens = self.count_tokens(&prompt);
         let room = limit.saturating_sub(prompt_tokens + 1);
         let wanted = self.options.sampler.max_tokens as usize;
         let max_new = wanted.min(room).max(1);
@@ -312,7 +312,14 @@ impl LlamaCppEngine {
         .map_err(|e| e.to_string())?;
         self.conv.trim(&plan, turn, limit, out);
         let answer = self
-            .generate(turn, plan.prompt, "", constraint, out, cancel)
+            .generate(
+                turn,
+                (plan.prompt, plan.prompt_tokens),
+                "",
+                constraint,
+                out,
+                cancel,
+            )
             .await;
         self.conv.record(message, answer)
     }
@@ -329,7 +336,7 @@ impl LlamaCppEngine {
         let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
         let template = &self.template;
         let model = &self.model;
-        let (prompt, so_far) = continue_prompt(
+        let (prompt, so_far, prompt_tokens) = continue_prompt(
             &self.conv,
             limit,
             reserve,
@@ -337,7 +344,7 @@ impl LlamaCppEngine {
             |text| tokenize(model, text).len(),
         )?;
         let more = self
-            .generate(turn, prompt, &so_far, None, out, cancel)
+            .generate(turn, (prompt, prompt_tokens), &so_far, None, out, cancel)
             .await?;
         if let Some(m) = self.conv.messages.last_mut() {
             m.content = so_far + &more;

@@ -3,9 +3,11 @@
 //!
 //! Pure functions, for either local backend (`KvLayout`).
 //!
-//! llama.cpp keeps the weights as the file has them (mapped), and allocates
-//! the whole KV cache when its context is made: n_ctx cells of f16 K and V
-//! per KV head, n_layer × n_kv_head × head_dim × 2 × 2 bytes per token.
+//! llama.cpp keeps the weights as the file has them (mapped). kiln's
+//! llama.cpp engine makes its context for `KV_CHUNK` tokens and makes it
+//! again, bigger, when the conversation outgrows it (`grown_kv_cells`): f16
+//! K and V per KV head, n_layer × n_kv_head × head_dim × 2 × 2 bytes per
+//! allocated token.
 //!
 //! The figures for kalosm 0.4 come from its source and were checked against
 //! measured RSS on SmolLM2-135M (see `tests/budget_accuracy.rs`):
@@ -56,14 +58,24 @@ pub struct ModelShape {
     pub kv_layout: KvLayout,
 }
 
+/// Tokens the llama.cpp engine's first KV cache holds; it doubles from there.
+pub const KV_CHUNK: u64 = 4096;
+
+/// KV cells the llama.cpp engine allocates to hold `tokens` in a
+/// `window`-token context: `KV_CHUNK` doubled until they fit, at most the
+/// window. Doubling keeps the copies a growing conversation costs to a few.
+pub fn grown_kv_cells(tokens: u64, window: u64) -> u64 {
+    (tokens.max(1).div_ceil(KV_CHUNK).next_power_of_two() * KV_CHUNK).min(window)
+}
+
 /// How the engine stores the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvLayout {
     /// kalosm 0.4: f32, repeated to every query head, grown by powers of two.
     KalosmF32,
-    /// llama.cpp: f16 per KV head, all `cells` allocated with the context.
-    F16Gqa { cells: u64 },
+    /// llama.cpp: f16 per KV head, grown in chunks up to `window` tokens.
+    F16Gqa { window: u64 },
 }
 
 impl ModelShape {
@@ -86,11 +98,10 @@ impl ModelShape {
         }
     }
 
-    /// The same model with a context of `n` tokens made for it (llama.cpp
-    /// allocates the whole window up front).
+    /// The same model with its window set to `n` tokens.
     fn sized_for(&self, n: u64) -> ModelShape {
         match self.kv_layout {
-            KvLayout::F16Gqa { .. } => self.clone().with_kv_layout(KvLayout::F16Gqa { cells: n }),
+            KvLayout::F16Gqa { .. } => self.clone().with_kv_layout(KvLayout::F16Gqa { window: n }),
             KvLayout::KalosmF32 => self.clone(),
         }
     }
@@ -146,8 +157,8 @@ impl ModelShape {
 
     /// Tokens of KV cache the engine has allocated when it holds `tokens`.
     pub fn kv_allocated_tokens(&self, tokens: u64) -> u64 {
-        if let KvLayout::F16Gqa { cells } = self.kv_layout {
-            return cells;
+        if let KvLayout::F16Gqa { window } = self.kv_layout {
+            return grown_kv_cells(tokens, window);
         }
         if tokens == 0 {
             return 0;
@@ -345,17 +356,25 @@ mod tests {
         }
     }
 
-    /// llama.cpp's layout: 256 KiB a token for Qwen2.5-32B, the whole window
-    /// allocated with the context, so a held window never grows.
+    /// llama.cpp's layout: 256 KiB a token for Qwen2.5-32B, allocated 4k
+    /// tokens at a time and doubled up to the window.
     #[test]
-    fn the_llamacpp_layout_is_f16_per_kv_head_and_allocated_up_front() {
-        let q = qwen32().with_kv_layout(KvLayout::F16Gqa { cells: 32_768 });
+    fn the_llamacpp_layout_is_f16_per_kv_head_and_grows_in_chunks() {
+        let q = qwen32().with_kv_layout(KvLayout::F16Gqa { window: 32_768 });
         assert_eq!(q.kv_per_token_engine(), 262_144);
-        assert_eq!(q.kv_allocated_tokens(10), 32_768);
+        assert_eq!(q.kv_allocated_tokens(0), 4096);
+        assert_eq!(q.kv_allocated_tokens(10), 4096);
+        assert_eq!(q.kv_allocated_tokens(4097), 8192);
+        assert_eq!(q.kv_allocated_tokens(12_289), 16_384);
+        assert_eq!(q.kv_allocated_tokens(20_000), 32_768);
         assert_eq!(q.weight_bytes(), q.tensor_bytes);
         let b = budget(&q, 16_384, &mem(64, 0));
         assert_eq!(b.kv_at_context, 16_384 * 262_144);
-        assert_eq!(tokens_before_memory_runs_out(&q, 1_000, 1 << 30), 31_768);
+        // 1 GiB holds the first 4,096 cells but not the 8,192 after them.
+        assert_eq!(tokens_before_memory_runs_out(&q, 1_000, 1 << 30), 3_096);
+        // A small window is allocated whole.
+        let small = q.clone().with_kv_layout(KvLayout::F16Gqa { window: 2048 });
+        assert_eq!(small.kv_allocated_tokens(1), 2048);
     }
 
     fn mem(avail_gib: u64, swap_gib: u64) -> MemorySnapshot {

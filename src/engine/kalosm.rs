@@ -22,7 +22,9 @@ type LlamaError = <Llama as CreateTextCompletionSession>::Error;
 use super::context::{answer_reserve, continue_prompt, plan_turn, Conversation, Message, Role};
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
-use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+use super::{
+    rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo, Trace,
+};
 use crate::error::{KilnError, Result};
 use crate::models::ResolvedModel;
 use crate::store::prompt_cache::PromptCache;
@@ -41,9 +43,6 @@ pub struct EngineOptions {
     /// fingerprint of this model and its settings.
     pub prompt_cache: Option<(PromptCache, String)>,
 }
-
-/// System prompts shorter than this are cheaper to prefill than to load.
-const MIN_CACHED_PREFIX: usize = 64;
 
 pub struct KalosmEngine {
     model: Llama,
@@ -205,7 +204,7 @@ impl KalosmEngine {
             return 0;
         };
         let tokens = self.count_tokens(&prefix);
-        if !prompt.starts_with(&prefix) || tokens < MIN_CACHED_PREFIX {
+        if !prompt.starts_with(&prefix) || tokens < PromptCache::MIN_TOKENS {
             return 0;
         }
         let key = PromptCache::key(&fingerprint, &prefix);
@@ -366,10 +365,7 @@ impl KalosmEngine {
             let cancel = cancel.clone();
             move |text: String| -> std::result::Result<(), LlamaError> {
                 let mut t = trace.lock().expect("trace lock");
-                t.first_at.get_or_insert_with(Instant::now);
-                t.chunks += 1;
-                t.reply.push_str(&text);
-                let _ = out.send(EngineEvent::Token { turn, text });
+                t.token(turn, text, &out);
                 // Returning an error is kalosm's only way to stop mid-stream.
                 // The token just emitted is already in the KV cache, so it is
                 // kept in the reply to keep the two in step.
@@ -459,14 +455,6 @@ impl KalosmEngine {
         });
         Ok((trace.reply, finish))
     }
-}
-
-#[derive(Default)]
-struct Trace {
-    reply: String,
-    chunks: usize,
-    first_at: Option<Instant>,
-    stopped: Option<FinishReason>,
 }
 
 fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {

@@ -42,7 +42,7 @@ impl Backend {
     pub fn kv_layout(self, context: usize) -> crate::budget::KvLayout {
         match self {
             Backend::LlamaCpp => crate::budget::KvLayout::F16Gqa {
-                cells: context as u64,
+                window: context as u64,
             },
             Backend::Kalosm => crate::budget::KvLayout::KalosmF32,
         }

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -330,6 +331,25 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
         }
     });
     (handle, event_rx)
+}
+
+/// What a turn's token callback saw.
+#[derive(Default)]
+pub(crate) struct Trace {
+    pub reply: String,
+    pub chunks: usize,
+    pub first_at: Option<Instant>,
+    pub stopped: Option<FinishReason>,
+}
+
+impl Trace {
+    /// Note streamed `text` and pass it on.
+    pub fn token(&mut self, turn: u64, text: String, out: &EventSink) {
+        self.first_at.get_or_insert_with(Instant::now);
+        self.chunks += 1;
+        self.reply.push_str(&text);
+        let _ = out.send(EngineEvent::Token { turn, text });
+    }
 }
 
 /// Derive the per-turn rates from the three instants every engine can see:

@@ -93,12 +93,11 @@ impl KilnSampler {
     }
 }
 
-/// Resources for the chain: kalosm's view of the previous tokens, and this
-/// sampler's own RNG.
+/// Resources for a sampler chain: the previous tokens, and an RNG.
 #[derive(Debug)]
-struct Resources<'a> {
-    rng: &'a mut StdRng,
-    last_tokens: Vec<TID>,
+pub(crate) struct Resources<'a> {
+    pub(crate) rng: &'a mut StdRng,
+    pub(crate) last_tokens: Vec<TID>,
 }
 
 impl HasSamplerResources for Resources<'_> {

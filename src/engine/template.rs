@@ -9,6 +9,7 @@ use super::context::Message;
 /// ChatML, for GGUF files that carry no template of their own.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,

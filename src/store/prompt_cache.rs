@@ -35,6 +35,9 @@ pub struct CacheStats {
 }
 
 impl PromptCache {
+    /// System prompts shorter than this are cheaper to prefill than to load.
+    pub const MIN_TOKENS: usize = 64;
+
     pub fn new(dir: PathBuf, cap_bytes: u64) -> PromptCache {
         PromptCache { dir, cap_bytes }
     }

@@ -1,0 +1,641 @@
+//! `LlamaCpp`: a GGUF model run by llama.cpp, as a kalosm model. It
+//! implements kalosm's text-completion, structured-generation and chat
+//! traits, so code written against kalosm drives it as it drives kalosm's
+//! own `Llama` (`model.complete(..)`, `model.chat()`, parsers); kiln's
+//! `LlamaCppEngine` is one such user.
+//!
+//! A session is the tokens it holds and the text they spell (after
+//! `from_bytes`, also llama.cpp's saved state for them). The KV cache itself
+//! belongs to the model's one worker thread, which reuses whatever prefix of
+//! a session it already holds: going back to a session, or to another one
+//! with the same start, recomputes only the part that differs.
+
+use std::any::Any;
+use std::future::Future;
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kalosm_language_model::kalosm_sample::{CreateParserState, ParseStatus, Parser};
+use kalosm_language_model::{
+    ChatMessage, ChatModel, ChatSession, CreateChatSession, CreateTextCompletionSession,
+    GenerationParameters, MessageType, StructuredChatModel, StructuredTextCompletionModel,
+    TextCompletionModel, TextCompletionSession,
+};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llm_samplers::prelude::{HasSamplerResources, Logits, Sampler};
+
+use super::worker::{self, Constraint, Job, OnToken, Run, RunReport, Tokens};
+use crate::engine::context::{Message, Role};
+use crate::engine::sampler::KilnSampler;
+use crate::engine::template::ChatTemplate;
+use crate::engine::CancelFlag;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaCppError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{0}")]
+    Engine(String),
+    #[error("the engine thread stopped")]
+    Stopped,
+    /// What a token callback returns to end a run early.
+    #[error("generation was stopped by its caller")]
+    Interrupted,
+    #[error("not a llama.cpp session: {0}")]
+    BadSession(String),
+    #[error("the model has no chat template: {0}")]
+    Template(String),
+    #[error("generation ended before the answer's format was complete")]
+    Incomplete,
+}
+
+pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            // llama.cpp logs to stderr, which is the TUI's screen.
+            backend.void_logs();
+            Ok(backend)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Tokens `text` becomes, special tokens (`<|im_start|>`) included.
+pub(super) fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    // The chat template writes BOS itself where the model wants it.
+    model.vocab().tokenize(text.as_bytes(), false, true)
+}
+
+pub struct LlamaCppSettings {
+    /// The context window: the KV cache grows up to this many tokens.
+    pub window: usize,
+    /// Threads for llama.cpp; every core when `None`.
+    pub threads: Option<usize>,
+    /// The chat template chat sessions render with.
+    pub template: Option<ChatTemplate>,
+}
+
+/// A llama.cpp model; clones share the model and its KV cache.
+#[derive(Clone)]
+pub struct LlamaCpp {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: Arc<LlamaModel>,
+    jobs: std_mpsc::Sender<Job>,
+    template: Option<ChatTemplate>,
+    window: usize,
+}
+
+impl LlamaCpp {
+    pub async fn load(path: &Path, settings: LlamaCppSettings) -> Result<LlamaCpp, LlamaCppError> {
+        let backend = backend().map_err(LlamaCppError::Load)?;
+        let file = path.to_path_buf();
+        let model = tokio::task::spawn_blocking(move || {
+            LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default())
+        })
+        .await
+        .map_err(|e| LlamaCppError::Load(e.to_string()))?
+        .map_err(|e| LlamaCppError::Load(e.to_string()))?;
+        let model = Arc::new(model);
+        let threads = settings
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let (jobs, rx) = std_mpsc::channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let worker_model = model.clone();
+        let worker_settings = worker::Settings {
+            window: settings.window,
+            threads: threads as i32,
+        };
+        std::thread::Builder::new()
+            .name("kiln-llamacpp".into())
+            .spawn(move || worker::serve(worker_model, worker_settings, rx, ready_tx))
+            .map_err(|e| LlamaCppError::Load(e.to_string()))?;
+        ready
+            .await
+            .map_err(|_| LlamaCppError::Stopped)?
+            .map_err(LlamaCppError::Load)?;
+        tracing::info!(
+            "llama.cpp: {} loaded, window {}, {threads} threads",
+            path.display(),
+            settings.window
+        );
+        Ok(LlamaCpp {
+            inner: Arc::new(Inner {
+                model,
+                jobs,
+                template: settings.template,
+                window: settings.window,
+            }),
+        })
+    }
+
+    pub fn count_tokens(&self, text: &str) -> usize {
+        tokenize(&self.inner.model, text).len()
+    }
+
+    pub fn window(&self) -> usize {
+        self.inner.window
+    }
+
+    /// The tokens that end a generation (end of turn, end of text).
+    pub fn end_tokens(&self) -> Vec<u32> {
+        let vocab = self.inner.model.vocab();
+        (0..self.inner.model.n_vocab())
+            .filter(|&id| vocab.is_eog(LlamaToken(id)))
+            .map(|id| id as u32)
+            .collect()
+    }
+
+    /// Everything a run needs from the caller's sampler type:
+    /// `GenerationParameters` brings a length, stop text and seed; kiln's
+    /// `Turn` a length and a cancel flag; any other sampler runs to the end
+    /// of the window or the model's end token.
+    fn run<S: Sampler + 'static>(
+        &self,
+        session: &LlamaCppSession,
+        text: &str,
+        sampler: S,
+        constraint: Option<worker::MakeConstraint>,
+        on_token: OnToken,
+    ) -> Run {
+        let any = &sampler as &dyn Any;
+        let (max_new, stop_on, seed, interrupted) =
+            if let Some(p) = any.downcast_ref::<GenerationParameters>() {
+                let stop = p.stop_on().map(str::to_string);
+                (p.max_length() as usize, stop, p.seed(), None)
+            } else if let Some(turn) = any.downcast_ref::<Turn>() {
+                let (cancel, n) = (turn.cancel.clone(), turn.turn);
+                let check: Box<dyn Fn() -> bool + Send> = Box::new(move || cancel.is_cancelled(n));
+                (turn.max_new, None, None, Some(check))
+            } else {
+                (usize::MAX, None, None, None)
+            };
+        Run {
+            session: session.tokens.clone(),
+            state: session.state.clone(),
+            text: text.to_string(),
+            sampler: Box::new(sampler),
+            seed,
+            max_new,
+            stop_on,
+            interrupted,
+            constraint,
+            on_token,
+        }
+    }
+
+    /// Hand `run` to the worker; `session` then holds what the cache holds.
+    async fn send(
+        &self,
+        session: &mut LlamaCppSession,
+        run: Run,
+    ) -> Result<RunReport, LlamaCppError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job::Run(Box::new(run), tx))
+            .map_err(|_| LlamaCppError::Stopped)?;
+        let ran = rx.await.map_err(|_| LlamaCppError::Stopped)?;
+        session.tokens = ran.tokens;
+        session.state = None;
+        session.worker = Some(self.inner.jobs.clone());
+        session.last = ran.result.as_ref().ok().copied();
+        ran.result
+    }
+
+    /// The text `messages` add to a chat session: the whole conversation
+    /// rendered, less the prefix the session already holds (cut back where
+    /// the template rendered earlier messages differently).
+    fn chat_delta(
+        &self,
+        session: &mut LlamaCppChatSession,
+        messages: &[ChatMessage],
+    ) -> Result<String, LlamaCppError> {
+        let template = self
+            .inner
+            .template
+            .as_ref()
+            .ok_or_else(|| LlamaCppError::Template("none was given at load".into()))?;
+        session.history.extend_from_slice(messages);
+        let rendered: Vec<Message> = session
+            .history
+            .iter()
+            .map(|m| {
+                let role = match m.role() {
+                    MessageType::SystemPrompt => Role::System,
+                    MessageType::UserMessage => Role::User,
+                    MessageType::ModelAnswer => Role::Assistant,
+                };
+                Message::new(role, m.content())
+            })
+            .collect();
+        let prompt = template
+            .render(&rendered, true)
+            .map_err(LlamaCppError::Template)?;
+        session.session.keep_prefix_of(&prompt);
+        Ok(prompt[session.session.tokens.text.len()..].to_string())
+    }
+}
+
+/// kiln's settings for one turn, passed as the model's sampler: how to
+/// sample, how many tokens at most, and the cancel flag, which the model
+/// checks between prefill chunks too (a token callback runs only once
+/// tokens come out, and a long prompt takes minutes on a big model).
+#[derive(Debug)]
+pub struct Turn {
+    pub sampler: KilnSampler,
+    pub max_new: usize,
+    pub cancel: CancelFlag,
+    pub turn: u64,
+}
+
+impl Sampler for Turn {
+    fn sample<'a>(
+        &mut self,
+        res: &mut dyn HasSamplerResources,
+        logits: &'a mut Logits,
+    ) -> anyhow::Result<&'a mut Logits> {
+        self.sampler.sample(res, logits)
+    }
+
+    fn sampled_token_id(&self) -> Option<llm_samplers::types::TID> {
+        self.sampler.sampled_token_id()
+    }
+}
+
+/// A completion session: tokens and their text.
+#[derive(Default)]
+pub struct LlamaCppSession {
+    tokens: Tokens,
+    /// llama.cpp's state for `tokens`, from `from_bytes`, until a run has
+    /// put the session in the worker's cache.
+    state: Option<Arc<Vec<u8>>>,
+    /// The worker whose cache last held this session (for `write_to`).
+    worker: Option<std_mpsc::Sender<Job>>,
+    last: Option<RunReport>,
+}
+
+/// The saved form: this header (JSON), the text, llama.cpp's state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionHeader {
+    tokens: Vec<i32>,
+    ends: Vec<usize>,
+    text_len: usize,
+}
+
+impl LlamaCppSession {
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The text the session's tokens spell.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.tokens.text).into_owned()
+    }
+
+    /// Bytes of the text the session's tokens spell.
+    pub fn text_len(&self) -> usize {
+        self.tokens.text.len()
+    }
+
+    /// What the last run on this session did.
+    pub fn last_run(&self) -> Option<RunReport> {
+        self.last
+    }
+
+    /// Cut the session back to the longest prefix of `text` it holds that
+    /// ends between two tokens and two characters; returns the tokens kept.
+    pub fn keep_prefix_of(&mut self, text: &str) -> usize {
+        let keep = self
+            .tokens
+            .shared_with(text.as_bytes(), |end| text.is_char_boundary(end));
+        if keep < self.tokens.len() {
+            self.tokens.truncate(keep);
+            // A saved state holds the tokens cut off too.
+            self.state = None;
+        }
+        keep
+    }
+
+    /// llama.cpp's state for this session: from the worker when its cache
+    /// still holds exactly these tokens, else the state it was loaded with.
+    fn llama_state(&self) -> Result<Option<Arc<Vec<u8>>>, LlamaCppError> {
+        if let Some(worker) = &self.worker {
+            let (tx, rx) = std_mpsc::channel();
+            worker
+                .send(Job::State(self.tokens.ids.clone(), tx))
+                .map_err(|_| LlamaCppError::Stopped)?;
+            let state = rx.recv().map_err(|_| LlamaCppError::Stopped)?;
+            if let Some(bytes) = state.map_err(LlamaCppError::Engine)? {
+                return Ok(Some(Arc::new(bytes)));
+            }
+        }
+        Ok(self.state.clone())
+    }
+}
+
+impl TextCompletionSession for LlamaCppSession {
+    type Error = LlamaCppError;
+
+    /// Without a state for its tokens (the worker moved on to another
+    /// session), the session is written as text and tokens only and is
+    /// prefilled again when used.
+    fn write_to(&self, into: &mut Vec<u8>) -> Result<(), Self::Error> {
+        let state = self.llama_state()?;
+        let header = serde_json::to_vec(&SessionHeader {
+            tokens: self.tokens.ids.iter().map(|t| t.0).collect(),
+            ends: self.tokens.ends.clone(),
+            text_len: self.tokens.text.len(),
+        })
+        .map_err(|e| LlamaCppError::BadSession(e.to_string()))?;
+        into.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        into.extend_from_slice(&header);
+        into.extend_from_slice(&self.tokens.text);
+        if let Some(state) = state {
+            into.extend_from_slice(&state);
+        }
+        Ok(())
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, Self::Error> {
+        let bad = |why: &str| LlamaCppError::BadSession(why.to_string());
+        let len = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| bad("too short"))?;
+        let header_end = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(8))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| bad("its header is cut off"))?;
+        let header: SessionHeader = serde_json::from_slice(&bytes[8..header_end])
+            .map_err(|e| LlamaCppError::BadSession(format!("its header: {e}")))?;
+        let text_end = header_end
+            .checked_add(header.text_len)
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| bad("its text is cut off"))?;
+        let ordered = header.ends.windows(2).all(|w| w[0] <= w[1])
+            && header.ends.last().is_none_or(|&end| end <= header.text_len);
+        if header.tokens.len() != header.ends.len() || !ordered {
+            return Err(bad("its tokens and text do not agree"));
+        }
+        let state = &bytes[text_end..];
+        Ok(LlamaCppSession {
+            tokens: Tokens {
+                ids: header.tokens.into_iter().map(LlamaToken).collect(),
+                ends: header.ends,
+                text: bytes[header_end..text_end].to_vec(),
+            },
+            state: (!state.is_empty()).then(|| Arc::new(state.to_vec())),
+            worker: None,
+            last: None,
+        })
+    }
+
+    fn try_clone(&self) -> Result<Self, Self::Error> {
+        Ok(LlamaCppSession {
+            tokens: self.tokens.clone(),
+            state: self.llama_state()?,
+            worker: None,
+            last: self.last,
+        })
+    }
+}
+
+impl CreateTextCompletionSession for LlamaCpp {
+    type Error = LlamaCppError;
+    type Session = LlamaCppSession;
+
+    fn new_session(&self) -> Result<Self::Session, Self::Error> {
+        Ok(LlamaCppSession::default())
+    }
+}
+
+impl<S: Sampler + 'static> TextCompletionModel<S> for LlamaCpp {
+    fn stream_text_with_callback<'a>(
+        &'a self,
+        session: &'a mut Self::Session,
+        text: &str,
+        sampler: S,
+        on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'a {
+        let run = self.run(session, text, sampler, None, Box::new(on_token));
+        async move { self.send(session, run).await.map(|_| ()) }
+    }
+}
+
+/// A kalosm parser as the worker's constraint; the parsed value lands in
+/// `output` when the format completes.
+struct ParserConstraint<P: Parser> {
+    parser: P,
+    state: P::PartialState,
+    output: Arc<Mutex<Option<P::Output>>>,
+}
+
+impl<P: Parser> Constraint for ParserConstraint<P> {
+    fn check(&self, piece: &[u8]) -> Option<bool> {
+        match self.parser.parse(&self.state, piece) {
+            Ok(ParseStatus::Incomplete { .. }) => Some(false),
+            Ok(ParseStatus::Finished { remaining: [], .. }) => Some(true),
+            _ => None,
+        }
+    }
+
+    fn accept(&mut self, piece: &[u8]) {
+        match self.parser.parse(&self.state, piece) {
+            Ok(ParseStatus::Incomplete { new_state, .. }) => self.state = new_state,
+            Ok(ParseStatus::Finished { result, .. }) => {
+                *self.output.lock().expect("parser output") = Some(result);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A constraint made on the worker thread from `parser`, and where its
+/// result will be.
+fn constraint_for<P>(parser: P) -> (worker::MakeConstraint, Arc<Mutex<Option<P::Output>>>)
+where
+    P: CreateParserState + Send + 'static,
+    P::Output: Send + 'static,
+{
+    let output = Arc::new(Mutex::new(None));
+    let out = output.clone();
+    let make: worker::MakeConstraint = Box::new(move || {
+        let state = parser.create_parser_state();
+        Box::new(ParserConstraint {
+            parser,
+            state,
+            output: out,
+        }) as Box<dyn Constraint>
+    });
+    (make, output)
+}
+
+fn parsed<T>(output: &Mutex<Option<T>>) -> Result<T, LlamaCppError> {
+    output
+        .lock()
+        .expect("parser output")
+        .take()
+        .ok_or(LlamaCppError::Incomplete)
+}
+
+impl<S, P> StructuredTextCompletionModel<P, S> for LlamaCpp
+where
+    P: CreateParserState + Send + 'static,
+    P::Output: Send + 'static,
+    S: Sampler + 'static,
+{
+    fn stream_text_with_callback_and_parser<'a>(
+        &'a self,
+        session: &'a mut Self::Session,
+        text: &str,
+        sampler: S,
+        parser: P,
+        on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<P::Output, Self::Error>> + Send + 'a {
+        let (make, output) = constraint_for(parser);
+        let run = self.run(session, text, sampler, Some(make), Box::new(on_token));
+        async move {
+            self.send(session, run).await?;
+            parsed(&output)
+        }
+    }
+}
+
+/// A chat session: the messages, and the completion session of their
+/// rendering.
+#[derive(Default)]
+pub struct LlamaCppChatSession {
+    history: Vec<ChatMessage>,
+    session: LlamaCppSession,
+}
+
+impl ChatSession for LlamaCppChatSession {
+    type Error = LlamaCppError;
+
+    fn write_to(&self, into: &mut Vec<u8>) -> Result<(), Self::Error> {
+        let history = serde_json::to_vec(&self.history)
+            .map_err(|e| LlamaCppError::BadSession(e.to_string()))?;
+        into.extend_from_slice(&(history.len() as u64).to_le_bytes());
+        into.extend_from_slice(&history);
+        self.session.write_to(into)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, Self::Error> {
+        let len = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .and_then(|l| usize::try_from(l).ok())
+            .and_then(|l| l.checked_add(8))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| LlamaCppError::BadSession("its history is cut off".into()))?;
+        let history = serde_json::from_slice(&bytes[8..len])
+            .map_err(|e| LlamaCppError::BadSession(format!("its history: {e}")))?;
+        Ok(LlamaCppChatSession {
+            history,
+            session: LlamaCppSession::from_bytes(&bytes[len..])?,
+        })
+    }
+
+    fn history(&self) -> Vec<ChatMessage> {
+        self.history.clone()
+    }
+
+    fn try_clone(&self) -> Result<Self, Self::Error> {
+        Ok(LlamaCppChatSession {
+            history: self.history.clone(),
+            session: self.session.try_clone()?,
+        })
+    }
+}
+
+impl CreateChatSession for LlamaCpp {
+    type Error = LlamaCppError;
+    type ChatSession = LlamaCppChatSession;
+
+    fn new_chat_session(&self) -> Result<Self::ChatSession, Self::Error> {
+        Ok(LlamaCppChatSession::default())
+    }
+}
+
+/// The token callback of a chat turn: the caller's, and the answer kept
+/// for the history.
+fn recording(
+    mut on_token: impl FnMut(String) -> Result<(), LlamaCppError> + Send + Sync + 'static,
+) -> (OnToken, Arc<Mutex<String>>) {
+    let answer = Arc::new(Mutex::new(String::new()));
+    let kept = answer.clone();
+    let callback: OnToken = Box::new(move |token: String| {
+        kept.lock().expect("chat answer").push_str(&token);
+        on_token(token)
+    });
+    (callback, answer)
+}
+
+fn record_answer(session: &mut LlamaCppChatSession, answer: &Mutex<String>) {
+    let answer = std::mem::take(&mut *answer.lock().expect("chat answer"));
+    session
+        .history
+        .push(ChatMessage::new(MessageType::ModelAnswer, answer));
+}
+
+impl<S: Sampler + 'static> ChatModel<S> for LlamaCpp {
+    fn add_messages_with_callback<'a>(
+        &'a self,
+        session: &'a mut Self::ChatSession,
+        messages: &[ChatMessage],
+        sampler: S,
+        on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'a {
+        let delta = self.chat_delta(session, messages);
+        let (callback, answer) = recording(on_token);
+        async move {
+            let run = self.run(&session.session, &delta?, sampler, None, callback);
+            let sent = self.send(&mut session.session, run).await;
+            record_answer(session, &answer);
+            sent.map(|_| ())
+        }
+    }
+}
+
+impl<S, P> StructuredChatModel<P, S> for LlamaCpp
+where
+    P: CreateParserState + Send + 'static,
+    P::Output: Send + 'static,
+    S: Sampler + 'static,
+{
+    fn add_message_with_callback_and_constraints<'a>(
+        &'a self,
+        session: &'a mut Self::ChatSession,
+        messages: &[ChatMessage],
+        sampler: S,
+        constraints: P,
+        on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<P::Output, Self::Error>> + Send + 'a {
+        let delta = self.chat_delta(session, messages);
+        let (callback, answer) = recording(on_token);
+        let (make, output) = constraint_for(constraints);
+        async move {
+            let run = self.run(&session.session, &delta?, sampler, Some(make), callback);
+            let sent = self.send(&mut session.session, run).await;
+            record_answer(session, &answer);
+            sent?;
+            parsed(&output)
+        }
+    }
+}

@@ -9,8 +9,7 @@ use tokio::sync::mpsc;
 use crate::budget::ModelShape;
 use crate::cli::Common;
 use crate::config::Config;
-use crate::engine::kalosm::{EngineOptions, KalosmEngine};
-use crate::engine::llamacpp::LlamaCppEngine;
+use crate::engine::kalosm::EngineOptions;
 use crate::engine::local::{Backend, LocalEngine};
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{self, EngineEvent, EngineHandle};
@@ -103,22 +102,15 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
     let started = Instant::now();
-    let engine = match backend {
-        Backend::LlamaCpp => {
-            if show {
-                eprint!("\rkiln: loading {name}…");
-            }
-            LocalEngine::LlamaCpp(LlamaCppEngine::load(&model, options).await?)
+    if show {
+        eprint!("\rkiln: loading {name}…");
+    }
+    let engine = LocalEngine::load(backend, &model, options, move |f| {
+        if show {
+            eprint!("\rkiln: loading {name} {:>3.0}%", f * 100.0);
         }
-        Backend::Kalosm => LocalEngine::Kalosm(
-            KalosmEngine::load(&model, options, move |f| {
-                if show {
-                    eprint!("\rkiln: loading {name} {:>3.0}%", f * 100.0);
-                }
-            })
-            .await?,
-        ),
-    };
+    })
+    .await?;
     if show {
         eprint!("\r\x1b[2K");
     }

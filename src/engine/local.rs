@@ -2,10 +2,12 @@
 //! picked: llama.cpp (the default, see the README's engine table) or
 //! kalosm's own `Llama`.
 
-use super::kalosm::KalosmEngine;
+use super::kalosm::{EngineOptions, KalosmEngine};
 use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
 use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
+use crate::error::KilnError;
+use crate::models::ResolvedModel;
 use crate::store::snapshot::KvState;
 
 pub enum LocalEngine {
@@ -59,6 +61,22 @@ macro_rules! each {
 }
 
 impl LocalEngine {
+    /// Load `model` on `backend`; `progress` gets the load fraction where
+    /// the backend reports one (kalosm).
+    pub async fn load(
+        backend: Backend,
+        model: &ResolvedModel,
+        options: EngineOptions,
+        progress: impl FnMut(f32) + Send + Sync + 'static,
+    ) -> Result<LocalEngine, KilnError> {
+        Ok(match backend {
+            Backend::LlamaCpp => LocalEngine::LlamaCpp(LlamaCppEngine::load(model, options).await?),
+            Backend::Kalosm => {
+                LocalEngine::Kalosm(KalosmEngine::load(model, options, progress).await?)
+            }
+        })
+    }
+
     /// Tokens `text` becomes in this model's tokenizer.
     pub fn count_tokens(&self, text: &str) -> usize {
         each!(self, e => e.count_tokens(text))

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use kiln::engine::kalosm::{EngineOptions, KalosmEngine};
+use kiln::engine::local::{Backend, LocalEngine};
 use kiln::engine::{self, EngineEvent, EngineHandle, FinishReason, GenStats, SamplerSettings};
 use kiln::models::{self, ModelSpec, ResolvedModel};
 use kiln::paths::Paths;
@@ -36,6 +37,28 @@ pub async fn engine(options: EngineOptions) -> KalosmEngine {
 
 pub async fn spawned(options: EngineOptions) -> (EngineHandle, UnboundedReceiver<EngineEvent>) {
     engine::spawn(engine(options).await)
+}
+
+/// Tests that run an engine take turns: on a 2-core machine, llama.cpp's
+/// threads spin while they wait for each other, and engines side by side
+/// slow each other down several times over (16 tests: 37 s in turn, 181 s
+/// at once).
+pub async fn one_engine_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
+pub async fn local_engine(backend: Backend, options: EngineOptions) -> LocalEngine {
+    LocalEngine::load(backend, &model().await, options, |_| {})
+        .await
+        .expect("model loads")
+}
+
+pub async fn spawned_on(
+    backend: Backend,
+    options: EngineOptions,
+) -> (EngineHandle, UnboundedReceiver<EngineEvent>) {
+    engine::spawn(local_engine(backend, options).await)
 }
 
 /// Everything one turn sent, up to and including its end.

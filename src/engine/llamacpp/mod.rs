@@ -257,7 +257,7 @@ impl LlamaCppEngine {
             prefill_tok_s,
             decode_tok_s,
             total_ms: total_s * 1000.0,
-            context_tokens: self.session.token_count(),
+            context_tokens: report.in_cache,
             cached_tokens,
         };
         tracing::info!(

@@ -28,7 +28,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llm_samplers::prelude::{HasSamplerResources, Logits, Sampler};
 
-use super::worker::{self, Constraint, Job, OnToken, Run, RunReport, Tokens};
+use super::worker::{self, Constraint, Job, OnToken, Run, RunReport, SavedState, Tokens};
 use crate::engine::context::{Message, Role};
 use crate::engine::sampler::KilnSampler;
 use crate::engine::template::ChatTemplate;
@@ -275,13 +275,14 @@ impl Sampler for Turn {
     }
 }
 
-/// A completion session: tokens and their text.
-#[derive(Default)]
+/// A completion session: tokens and their text. Clones share nothing but
+/// the saved state (kalosm's builders clone sessions).
+#[derive(Clone, Default)]
 pub struct LlamaCppSession {
     tokens: Tokens,
-    /// llama.cpp's state for `tokens`, from `from_bytes`, until a run has
-    /// put the session in the worker's cache.
-    state: Option<Arc<Vec<u8>>>,
+    /// llama.cpp's state for the start of `tokens`, from `from_bytes`,
+    /// until a run has put the session in the worker's cache.
+    state: Option<SavedState>,
     /// The worker whose cache last held this session (for `write_to`).
     worker: Option<std_mpsc::Sender<Job>>,
     last: Option<RunReport>,
@@ -293,6 +294,9 @@ struct SessionHeader {
     tokens: Vec<i32>,
     ends: Vec<usize>,
     text_len: usize,
+    /// How many of the tokens llama.cpp's state holds (all when absent).
+    #[serde(default)]
+    state_tokens: Option<usize>,
 }
 
 impl LlamaCppSession {
@@ -323,23 +327,25 @@ impl LlamaCppSession {
             .shared_with(text.as_bytes(), |end| text.is_char_boundary(end));
         if keep < self.tokens.len() {
             self.tokens.truncate(keep);
-            // A saved state holds the tokens cut off too.
-            self.state = None;
+            if self.state.as_ref().is_some_and(|s| s.tokens > keep) {
+                // The saved state holds tokens that are cut off.
+                self.state = None;
+            }
         }
         keep
     }
 
     /// llama.cpp's state for this session: from the worker when its cache
-    /// still holds exactly these tokens, else the state it was loaded with.
-    fn llama_state(&self) -> Result<Option<Arc<Vec<u8>>>, LlamaCppError> {
+    /// still holds these tokens, else the state it was loaded with.
+    fn llama_state(&self) -> Result<Option<SavedState>, LlamaCppError> {
         if let Some(worker) = &self.worker {
             let (tx, rx) = std_mpsc::channel();
             worker
                 .send(Job::State(self.tokens.ids.clone(), tx))
                 .map_err(|_| LlamaCppError::Stopped)?;
             let state = rx.recv().map_err(|_| LlamaCppError::Stopped)?;
-            if let Some(bytes) = state.map_err(LlamaCppError::Engine)? {
-                return Ok(Some(Arc::new(bytes)));
+            if let Some(state) = state.map_err(LlamaCppError::Engine)? {
+                return Ok(Some(state));
             }
         }
         Ok(self.state.clone())
@@ -358,13 +364,14 @@ impl TextCompletionSession for LlamaCppSession {
             tokens: self.tokens.ids.iter().map(|t| t.0).collect(),
             ends: self.tokens.ends.clone(),
             text_len: self.tokens.text.len(),
+            state_tokens: state.as_ref().map(|s| s.tokens),
         })
         .map_err(|e| LlamaCppError::BadSession(e.to_string()))?;
         into.extend_from_slice(&(header.len() as u64).to_le_bytes());
         into.extend_from_slice(&header);
         into.extend_from_slice(&self.tokens.text);
         if let Some(state) = state {
-            into.extend_from_slice(&state);
+            into.extend_from_slice(&state.bytes);
         }
         Ok(())
     }
@@ -389,7 +396,11 @@ impl TextCompletionSession for LlamaCppSession {
             .ok_or_else(|| bad("its text is cut off"))?;
         let ordered = header.ends.windows(2).all(|w| w[0] <= w[1])
             && header.ends.last().is_none_or(|&end| end <= header.text_len);
-        if header.tokens.len() != header.ends.len() || !ordered {
+        let state_tokens = header.state_tokens.unwrap_or(header.tokens.len());
+        if header.tokens.len() != header.ends.len()
+            || !ordered
+            || state_tokens > header.tokens.len()
+        {
             return Err(bad("its tokens and text do not agree"));
         }
         let state = &bytes[text_end..];
@@ -399,7 +410,10 @@ impl TextCompletionSession for LlamaCppSession {
                 ends: header.ends,
                 text: bytes[header_end..text_end].to_vec(),
             },
-            state: (!state.is_empty()).then(|| Arc::new(state.to_vec())),
+            state: (!state.is_empty()).then(|| SavedState {
+                bytes: Arc::new(state.to_vec()),
+                tokens: state_tokens,
+            }),
             worker: None,
             last: None,
         })
@@ -518,7 +532,7 @@ where
 
 /// A chat session: the messages, and the completion session of their
 /// rendering.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct LlamaCppChatSession {
     history: Vec<ChatMessage>,
     session: LlamaCppSession,

@@ -59,7 +59,7 @@ impl Tokens {
         self.ids.len()
     }
 
-    fn push(&mut self, token: LlamaToken, piece: &[u8]) {
+    pub(super) fn push(&mut self, token: LlamaToken, piece: &[u8]) {
         self.text.extend_from_slice(piece);
         self.ids.push(token);
         self.ends.push(self.text.len());
@@ -88,6 +88,14 @@ impl Tokens {
     }
 }
 
+/// llama.cpp's state of a session's first `tokens` tokens (the last token
+/// a run chose is only computed when the next run needs it).
+#[derive(Clone, Debug)]
+pub(super) struct SavedState {
+    pub(super) bytes: Arc<Vec<u8>>,
+    pub(super) tokens: usize,
+}
+
 /// Which tokens a constrained run may produce next.
 pub(super) trait Constraint {
     /// Whether `piece` may come next, and if so whether it completes the
@@ -105,9 +113,9 @@ pub(super) type OnToken = Box<dyn FnMut(String) -> Result<(), LlamaCppError> + S
 pub(super) struct Run {
     /// The session this run continues.
     pub(super) session: Tokens,
-    /// llama.cpp's saved state for `session`, when it was loaded from bytes
-    /// and the worker may not hold it.
-    pub(super) state: Option<Arc<Vec<u8>>>,
+    /// llama.cpp's saved state for the start of `session`, when it was
+    /// loaded from bytes and the worker may not hold it.
+    pub(super) state: Option<SavedState>,
     pub(super) text: String,
     pub(super) sampler: Box<dyn Sampler>,
     pub(super) seed: Option<u64>,
@@ -146,20 +154,24 @@ pub struct RunReport {
     pub first_token: Option<Instant>,
     /// KV cells allocated after the run.
     pub kv_cells: usize,
+    /// Tokens in the KV cache after the run (the session may hold one
+    /// more: the last token chosen, computed when the next run needs it).
+    pub in_cache: usize,
 }
 
 pub(super) struct Ran {
-    /// The cache after the run: the session's new content.
+    /// The session's new content: the cache after the run, and the last
+    /// token chosen when it is not in the cache yet.
     pub(super) tokens: Tokens,
     pub(super) result: Result<RunReport, LlamaCppError>,
 }
 
 pub(super) enum Job {
     Run(Box<Run>, tokio::sync::oneshot::Sender<Ran>),
-    /// llama.cpp's state of the cache, when it holds exactly these tokens.
+    /// llama.cpp's state of the cache, when these tokens start with it.
     State(
         Vec<LlamaToken>,
-        std_mpsc::Sender<Result<Option<Vec<u8>>, String>>,
+        std_mpsc::Sender<Result<Option<SavedState>, String>>,
     ),
 }
 
@@ -208,21 +220,30 @@ pub(super) fn serve(
     for job in jobs {
         match job {
             Job::Run(run, reply) => {
-                let result = w.run(*run);
+                let mut pending = None;
+                let result = w.run(*run, &mut pending);
                 if result.is_err() {
                     // After a failed decode the cache's state is unknown.
                     w.reset();
+                    pending = None;
                 }
-                let _ = reply.send(Ran {
-                    tokens: w.cache.clone(),
-                    result,
-                });
+                let mut tokens = w.cache.clone();
+                if let Some((token, piece)) = pending {
+                    tokens.push(token, &piece);
+                }
+                let _ = reply.send(Ran { tokens, result });
             }
             Job::State(tokens, reply) => {
-                let state = if tokens.is_empty() || tokens != w.cache.ids {
+                let held = w.cache.len();
+                let state = if held == 0 || !tokens.starts_with(&w.cache.ids) {
                     Ok(None)
                 } else {
-                    w.save_state().map(Some)
+                    w.save_state().map(|bytes| {
+                        Some(SavedState {
+                            bytes: Arc::new(bytes),
+                            tokens: held,
+                        })
+                    })
                 };
                 let _ = reply.send(state);
             }
@@ -387,17 +408,25 @@ impl<'m> Worker<'m> {
 
     /// Load the session's saved state when the cache holds less of the
     /// session than the state does.
-    fn adopt(&mut self, session: &Tokens, state: &[u8]) {
-        if self.cache.shared_with(&session.text, |_| true) >= session.len() {
+    fn adopt(&mut self, session: &Tokens, state: &SavedState) {
+        let mut saved = session.clone();
+        saved.truncate(state.tokens.min(session.len()));
+        if self.cache.shared_with(&saved.text, |_| true) >= saved.len() {
             return;
         }
-        if let Err(e) = self.load_state(session, state) {
+        if let Err(e) = self.load_state(&saved, &state.bytes) {
             tracing::warn!("the session's KV state does not load ({e}); prefilling it instead");
             self.reset();
         }
     }
 
-    fn run(&mut self, run: Run) -> Result<RunReport, LlamaCppError> {
+    /// Carry out `run`; `pending` gets the last token chosen when it is not
+    /// decoded into the cache.
+    fn run(
+        &mut self,
+        run: Run,
+        pending: &mut Option<(LlamaToken, Vec<u8>)>,
+    ) -> Result<RunReport, LlamaCppError> {
         let Run {
             session,
             state,
@@ -482,6 +511,7 @@ impl<'m> Worker<'m> {
             if let Some(c) = &mut constraint {
                 c.accept(&bytes);
             }
+            *pending = Some((token, bytes.clone()));
             reply.extend_from_slice(&bytes);
             generated += 1;
             let valid = match std::str::from_utf8(&reply[emitted..]) {
@@ -518,6 +548,7 @@ impl<'m> Worker<'m> {
                 .map_err(|e| engine(e.to_string()))?;
             self.decode().map_err(engine)?;
             self.cache.push(token, &bytes);
+            *pending = None;
             logits_at = 0;
         };
         if emitted < reply.len() {
@@ -541,6 +572,7 @@ impl<'m> Worker<'m> {
             ended,
             first_token,
             kv_cells: self.cells(),
+            in_cache: self.cache.len(),
         }
     }
 

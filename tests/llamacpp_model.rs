@@ -1,0 +1,242 @@
+//! `LlamaCpp` as a kalosm model on the real SmolLM2: kalosm's own helpers
+//! (`complete`, `chat`, parsers) drive it, sessions survive bytes, and the
+//! KV cache grows in chunks without changing what the model says.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use kalosm_language_model::kalosm_sample::{Parse, RegexParser};
+use kalosm_language_model::{
+    ChatModelExt, ChatSession, CreateTextCompletionSession, GenerationParameters,
+    StructuredTextCompletionModel, TextCompletionModel, TextCompletionModelExt,
+    TextCompletionSession,
+};
+use kiln::budget::grown_kv_cells;
+use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Turn};
+use kiln::engine::sampler::KilnSampler;
+use kiln::engine::template::ChatTemplate;
+use kiln::engine::CancelFlag;
+
+async fn load(window: usize) -> LlamaCpp {
+    let model = model().await;
+    let info = &model.info;
+    let template = ChatTemplate::new(
+        info.chat_template.as_deref(),
+        info.bos_token.as_deref(),
+        &info.eos_token,
+    )
+    .unwrap();
+    let settings = LlamaCppSettings {
+        window,
+        threads: None,
+        template: Some(template),
+    };
+    LlamaCpp::load(&model.path, settings).await.unwrap()
+}
+
+fn greedy_turn(max_new: usize) -> Turn {
+    Turn {
+        sampler: KilnSampler::new(&greedy(max_new as u32), vec![]),
+        max_new,
+        cancel: CancelFlag::default(),
+        turn: 1,
+    }
+}
+
+/// Generate greedily from `session` after adding `text`; the tokens' text.
+async fn continue_greedy(llm: &LlamaCpp, session: &mut LlamaCppSession, text: &str) -> Vec<String> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = out.clone();
+    llm.stream_text_with_callback(session, text, greedy_turn(16), move |t| {
+        sink.lock().unwrap().push(t);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let tokens = out.lock().unwrap().clone();
+    tokens
+}
+
+/// kalosm 0.4.1's completion builder never polls its task when awaited
+/// as a future (its `IntoFuture` sets `result` and then only runs the task
+/// when `result` is unset), so completions are read as the stream it also
+/// is; its chat builder awaits fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn kalosm_helpers_complete_chat_and_parse() {
+    let _turn = one_engine_at_a_time().await;
+    let llm = load(2048).await;
+
+    let mut stream = llm.complete("The three primary colours are").with_sampler(
+        GenerationParameters::default()
+            .with_max_length(12)
+            .with_seed(1),
+    );
+    let mut text = String::new();
+    while let Some(token) = stream.next().await {
+        text.push_str(&token);
+    }
+    assert!(!text.trim().is_empty(), "{text:?}");
+
+    // A typed answer: kalosm's own number parser, and the value it read.
+    let mut session = llm.new_session().unwrap();
+    let n: u32 = llm
+        .stream_text_with_callback_and_parser(
+            &mut session,
+            "Question: how many legs does a cat have? Answer (a number): ",
+            GenerationParameters::default().with_seed(1),
+            u32::new_parser(),
+            |_| Ok(()),
+        )
+        .await
+        .unwrap();
+    assert!(
+        session.text().ends_with(&n.to_string()),
+        "{n} {:?}",
+        session.text()
+    );
+
+    let mut chat = llm
+        .chat()
+        .with_system_prompt("You answer in one short sentence.");
+    let first = chat("What colour is the sky on a clear day?")
+        .with_sampler(
+            GenerationParameters::default()
+                .with_max_length(24)
+                .with_seed(1),
+        )
+        .await
+        .unwrap();
+    assert!(!first.trim().is_empty());
+    let second = chat("And at night?")
+        .with_sampler(
+            GenerationParameters::default()
+                .with_max_length(24)
+                .with_seed(1),
+        )
+        .await
+        .unwrap();
+    assert!(!second.trim().is_empty());
+    let history = chat.session().unwrap().history();
+    let contents: Vec<&str> = history.iter().map(|m| m.content()).collect();
+    assert_eq!(history.len(), 5, "{contents:?}");
+    assert_eq!(contents[2], first);
+    assert_eq!(contents[4], second);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_constrained_run_returns_what_its_parser_read() {
+    let _turn = one_engine_at_a_time().await;
+    let llm = load(2048).await;
+    let mut session = llm.new_session().unwrap();
+    let parser = RegexParser::new(r"(yes|no)\.").unwrap();
+    let prompt =
+        "<|im_start|>user\nIs water wet? Answer yes or no.<|im_end|>\n<|im_start|>assistant\n";
+    let streamed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = streamed.clone();
+    llm.stream_text_with_callback_and_parser(
+        &mut session,
+        prompt,
+        greedy_turn(8),
+        parser,
+        move |t| {
+            sink.lock().unwrap().push_str(&t);
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    let answer = streamed.lock().unwrap().clone();
+    assert!(answer == "yes." || answer == "no.", "{answer:?}");
+    assert_eq!(session.last_run().unwrap().ended, Ended::Complete);
+}
+
+/// A session written to bytes and read back in another model instance
+/// loads llama.cpp's saved state instead of prefilling, and goes on
+/// exactly as the original does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_from_bytes_goes_on_where_it_was() {
+    let _turn = one_engine_at_a_time().await;
+    let prompt =
+        "<|im_start|>user\nTell me about pottery kilns.<|im_end|>\n<|im_start|>assistant\n";
+    let llm = load(2048).await;
+    let mut session = llm.new_session().unwrap();
+    llm.stream_text_with_callback(
+        &mut session,
+        prompt,
+        GenerationParameters::default().with_max_length(0),
+        |_| Ok(()),
+    )
+    .await
+    .unwrap();
+    let held = session.token_count();
+    assert!(held > 10);
+    let bytes = session.to_bytes().unwrap();
+    let original = continue_greedy(&llm, &mut session, "").await;
+
+    let other = load(2048).await;
+    let mut restored = LlamaCppSession::from_bytes(&bytes).unwrap();
+    assert_eq!(restored.token_count(), held);
+    let again = continue_greedy(&other, &mut restored, "").await;
+    assert_eq!(original, again);
+    let run = restored.last_run().unwrap();
+    // Everything but the last token (decoded again for its logits) came
+    // from the saved state.
+    assert_eq!((run.reused, run.prefilled), (held - 1, 1), "{run:?}");
+
+    // Cut bytes are refused with a reason, not loaded half.
+    let err = LlamaCppSession::from_bytes(&bytes[..20]).err().unwrap();
+    assert!(err.to_string().contains("not a llama.cpp session"), "{err}");
+}
+
+/// The cache starts at 4,096 cells and doubles when a session outgrows it;
+/// the tokens in it are copied across, so the model's next tokens are the
+/// same as from a cache that was already big enough.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kv_cache_grows_without_changing_the_answer() {
+    let _turn = one_engine_at_a_time().await;
+    let lines: Vec<String> = (1..=420)
+        .map(|i| format!("Log line {i}: the kiln reached cone {}.\n", i % 11))
+        .collect();
+    let head = lines[..250].concat();
+    let tail = lines[250..].concat() + "Log line 421: the kiln reached cone";
+
+    // Grown in the middle of a session: 250 lines fit in 4,096 cells, the
+    // rest do not.
+    let llm = load(8192).await;
+    let mut session = llm.new_session().unwrap();
+    let prefill = || GenerationParameters::default().with_max_length(0);
+    llm.stream_text_with_callback(&mut session, &head, prefill(), |_| Ok(()))
+        .await
+        .unwrap();
+    let before = session.last_run().unwrap();
+    assert_eq!(before.kv_cells, 4096, "{before:?}");
+    let grown = continue_greedy(&llm, &mut session, &tail).await;
+    let after = session.last_run().unwrap();
+    assert!(session.token_count() > 4096, "{}", session.token_count());
+    assert_eq!(
+        after.kv_cells as u64,
+        grown_kv_cells(session.token_count() as u64, 8192)
+    );
+    assert_eq!(after.kv_cells, 8192);
+    assert_eq!(after.reused, before.reused + before.prefilled);
+
+    // Already big: another model grows its cache with a throwaway text,
+    // then reads the same text in the same two steps (the same batches),
+    // into cells it already has.
+    let big = load(8192).await;
+    let mut filler = big.new_session().unwrap();
+    let throwaway = "pottery ".repeat(4500);
+    big.stream_text_with_callback(&mut filler, &throwaway, prefill(), |_| Ok(()))
+        .await
+        .unwrap();
+    assert_eq!(filler.last_run().unwrap().kv_cells, 8192);
+    let mut fresh = big.new_session().unwrap();
+    big.stream_text_with_callback(&mut fresh, &head, prefill(), |_| Ok(()))
+        .await
+        .unwrap();
+    assert_eq!(fresh.last_run().unwrap().reused, 0);
+    let reference = continue_greedy(&big, &mut fresh, &tail).await;
+    assert_eq!(fresh.last_run().unwrap().kv_cells, 8192);
+    assert_eq!(grown, reference);
+}

@@ -58,6 +58,9 @@ pub struct ModelShape {
     pub kv_layout: KvLayout,
 }
 
+/// Tokens the llama.cpp engine prefills per forward pass.
+pub const PREFILL_CHUNK: u64 = 512;
+
 /// Tokens the llama.cpp engine's first KV cache holds; it doubles from there.
 pub const KV_CHUNK: u64 = 4096;
 
@@ -68,14 +71,54 @@ pub fn grown_kv_cells(tokens: u64, window: u64) -> u64 {
     (tokens.max(1).div_ceil(KV_CHUNK).next_power_of_two() * KV_CHUNK).min(window)
 }
 
+/// How llama.cpp stores each K and V value (`--kv-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    #[default]
+    F16,
+    /// Blocks of 32 values in 34 bytes: about half of f16, slightly less
+    /// exact.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl KvType {
+    /// Bytes of a row of `values` values.
+    pub fn bytes(self, values: u64) -> u64 {
+        match self {
+            KvType::F16 => values * 2,
+            KvType::Q8_0 => values.div_ceil(32) * 34,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+}
+
 /// How the engine stores the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvLayout {
     /// kalosm 0.4: f32, repeated to every query head, grown by powers of two.
     KalosmF32,
-    /// llama.cpp: f16 per KV head, grown in chunks up to `window` tokens.
-    F16Gqa { window: u64 },
+    /// llama.cpp: `kv` values per KV head, grown in chunks up to `window`
+    /// tokens.
+    Gqa { window: u64, kv: KvType },
+}
+
+impl KvLayout {
+    /// For `kiln fit`: how the values are kept.
+    pub fn describe(self) -> String {
+        match self {
+            KvLayout::KalosmF32 => "kalosm f32, repeated heads".into(),
+            KvLayout::Gqa { kv, .. } => format!("{} per KV head", kv.name()),
+        }
+    }
 }
 
 impl ModelShape {
@@ -101,7 +144,9 @@ impl ModelShape {
     /// The same model with its window set to `n` tokens.
     fn sized_for(&self, n: u64) -> ModelShape {
         match self.kv_layout {
-            KvLayout::F16Gqa { .. } => self.clone().with_kv_layout(KvLayout::F16Gqa { window: n }),
+            KvLayout::Gqa { kv, .. } => {
+                self.clone().with_kv_layout(KvLayout::Gqa { window: n, kv })
+            }
             KvLayout::KalosmF32 => self.clone(),
         }
     }
@@ -136,7 +181,9 @@ impl ModelShape {
     pub fn kv_per_token_engine(&self) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => self.n_layer * self.n_head * self.head_dim * 2 * 4,
-            KvLayout::F16Gqa { .. } => self.kv_per_token_f16_gqa(),
+            KvLayout::Gqa { kv, .. } => {
+                self.n_layer * 2 * kv.bytes(self.n_kv_head * self.kv_head_dim)
+            }
         }
     }
 
@@ -151,13 +198,13 @@ impl ModelShape {
     pub fn weight_bytes(&self) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => self.tensor_bytes + self.vocab * self.hidden * 4,
-            KvLayout::F16Gqa { .. } => self.tensor_bytes,
+            KvLayout::Gqa { .. } => self.tensor_bytes,
         }
     }
 
     /// Tokens of KV cache the engine has allocated when it holds `tokens`.
     pub fn kv_allocated_tokens(&self, tokens: u64) -> u64 {
-        if let KvLayout::F16Gqa { window } = self.kv_layout {
+        if let KvLayout::Gqa { window, .. } = self.kv_layout {
             return grown_kv_cells(tokens, window);
         }
         if tokens == 0 {
@@ -169,10 +216,15 @@ impl ModelShape {
             .max(tokens.min(self.context_length))
     }
 
-    /// Transient bytes to prefill `prompt` tokens in one pass with `context`
-    /// tokens in the cache afterwards.
+    /// Transient bytes of attention scores while prefilling `prompt` tokens
+    /// with `context` tokens in the cache afterwards: kalosm does it in one
+    /// pass (scores and their softmax), llama.cpp `PREFILL_CHUNK` tokens at
+    /// a time.
     pub fn prefill_peak_bytes(&self, prompt: u64, context: u64) -> u64 {
-        2 * self.n_head * prompt * context * 4
+        match self.kv_layout {
+            KvLayout::KalosmF32 => 2 * self.n_head * prompt * context * 4,
+            KvLayout::Gqa { .. } => self.n_head * prompt.min(PREFILL_CHUNK) * context * 4,
+        }
     }
 
     /// Activations the allocator keeps after a prefill (kalosm; llama.cpp
@@ -180,7 +232,7 @@ impl ModelShape {
     fn retained_activation_bytes(&self, prefilled: u64) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH,
-            KvLayout::F16Gqa { .. } => 0,
+            KvLayout::Gqa { .. } => 0,
         }
     }
 }
@@ -360,7 +412,10 @@ mod tests {
     /// tokens at a time and doubled up to the window.
     #[test]
     fn the_llamacpp_layout_is_f16_per_kv_head_and_grows_in_chunks() {
-        let q = qwen32().with_kv_layout(KvLayout::F16Gqa { window: 32_768 });
+        let q = qwen32().with_kv_layout(KvLayout::Gqa {
+            window: 32_768,
+            kv: KvType::F16,
+        });
         assert_eq!(q.kv_per_token_engine(), 262_144);
         assert_eq!(q.kv_allocated_tokens(0), 4096);
         assert_eq!(q.kv_allocated_tokens(10), 4096);
@@ -373,8 +428,17 @@ mod tests {
         // 1 GiB holds the first 4,096 cells but not the 8,192 after them.
         assert_eq!(tokens_before_memory_runs_out(&q, 1_000, 1 << 30), 3_096);
         // A small window is allocated whole.
-        let small = q.clone().with_kv_layout(KvLayout::F16Gqa { window: 2048 });
+        let small = q.clone().with_kv_layout(KvLayout::Gqa {
+            window: 2048,
+            kv: KvType::F16,
+        });
         assert_eq!(small.kv_allocated_tokens(1), 2048);
+        // q8_0: 128 values a head row, four blocks of 34 bytes.
+        let q8 = q.with_kv_layout(KvLayout::Gqa {
+            window: 32_768,
+            kv: KvType::Q8_0,
+        });
+        assert_eq!(q8.kv_per_token_engine(), 64 * 2 * 8 * 4 * 34);
     }
 
     fn mem(avail_gib: u64, swap_gib: u64) -> MemorySnapshot {

@@ -46,10 +46,14 @@ pub struct Common {
     /// Headless, nobody answers, so a call that needs a yes is refused.
     #[arg(long, global = true, value_enum, default_value_t = crate::agent::Policy::Ask)]
     pub approval: crate::agent::Policy,
-    /// `local` (kalosm on this machine) or `remote:NAME`, an endpoint from
-    /// config.toml.
+    /// `local` (llama.cpp on this machine; `llamacpp` too), `kalosm`
+    /// (kalosm's own Llama), or `remote:NAME`, an endpoint from config.toml.
     #[arg(long, global = true, default_value = "local")]
     pub engine: String,
+    /// How the llama.cpp engine stores KV values: f16, or q8_0 in about
+    /// half the memory (slightly less exact).
+    #[arg(long, global = true, value_enum, default_value_t = crate::budget::KvType::F16)]
+    pub kv_type: crate::budget::KvType,
     /// Colour theme: dark, light, contrast, or a file in the themes folder.
     #[arg(long, global = true, env = "KILN_THEME")]
     pub theme: Option<String>,

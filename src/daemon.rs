@@ -816,6 +816,7 @@ fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
     pair("--ctx", common.ctx.map(|c| c.to_string().into()));
     pair("--system", common.system.clone().map(Into::into));
     pair("--engine", Some(common.engine.clone().into()));
+    pair("--kv-type", Some(common.kv_type.name().into()));
     pair(
         "--workspace",
         Some(

@@ -40,7 +40,7 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     // For the engine `--engine` names (llama.cpp unless it says kalosm).
     let backend = crate::engine::local::Backend::parse(&common.engine)
         .unwrap_or(crate::engine::local::Backend::LlamaCpp);
-    let shape = shape.with_kv_layout(backend.kv_layout(context as usize));
+    let shape = shape.with_kv_layout(backend.kv_layout(context as usize, common.kv_type));
     let b = budget::budget(&shape, context, &mem);
     if args.json {
         let out =
@@ -84,8 +84,9 @@ fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budge
     row(
         "KV cache per token",
         format!(
-            "{:.1} KiB (kalosm f32, repeated heads); f16 per KV head would be {:.1} KiB",
+            "{:.1} KiB ({}); f16 per KV head would be {:.1} KiB",
             b.kv_per_token as f64 / 1024.0,
+            shape.kv_layout.describe(),
             b.kv_per_token_f16_gqa as f64 / 1024.0
         ),
     );
@@ -113,12 +114,15 @@ fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budge
         "largest context that fits",
         format!("{} tokens", b.max_context),
     );
+    let at_once = match shape.kv_layout {
+        budget::KvLayout::KalosmF32 => b.context,
+        budget::KvLayout::Gqa { .. } => b.context.min(budget::PREFILL_CHUNK),
+    };
     row(
-        "one-pass prefill of all",
+        "prefilling a full window",
         format!(
-            "+{} briefly (attention scores for {} tokens at once)",
+            "+{} briefly (attention scores, {at_once} tokens at a time)",
             gib(b.full_prefill_peak),
-            b.context
         ),
     );
 }

@@ -25,6 +25,7 @@ pub struct Launched {
     pub model: ResolvedModel,
     pub engine: LocalEngine,
     pub backend: Backend,
+    pub kv_type: crate::budget::KvType,
     /// The context window the engine was made with.
     pub context: usize,
     pub load_seconds: f64,
@@ -35,7 +36,8 @@ pub struct Launched {
 impl Launched {
     /// The model's dimensions with the engine's KV layout, for budgets.
     pub fn shape(&self) -> ModelShape {
-        ModelShape::from_gguf(&self.model.info).with_kv_layout(self.backend.kv_layout(self.context))
+        ModelShape::from_gguf(&self.model.info)
+            .with_kv_layout(self.backend.kv_layout(self.context, self.kv_type))
     }
 
     /// How the model is named in a session, so resume can load it again:
@@ -69,10 +71,11 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
             common.engine
         ))
     })?;
+    backend.check(common.kv_type)?;
     let spec = ModelSpec::parse(config.model.as_deref());
     let model = models::resolve(&spec, &paths).await?;
     let context = config.context.unwrap_or(model.info.context_length);
-    let fingerprint = match fingerprint(&model.path, backend.name(), context) {
+    let fingerprint = match fingerprint(&model.path, &backend.label(common.kv_type), context) {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!("{}: cannot fingerprint: {e}", model.path.display());
@@ -90,6 +93,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         system_prompt: config.system_prompt.clone(),
         ignore_eos: false,
         prompt_cache,
+        kv_type: common.kv_type,
     };
     adjust(&mut options);
     let context = options.context.unwrap_or(model.info.context_length);
@@ -97,7 +101,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         &model.info,
         context,
         common.allow_swap,
-        backend.kv_layout(context),
+        backend.kv_layout(context, common.kv_type),
     )?;
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
@@ -120,6 +124,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         model,
         engine,
         backend,
+        kv_type: common.kv_type,
         context,
         load_seconds: started.elapsed().as_secs_f64(),
         fingerprint,

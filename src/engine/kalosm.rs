@@ -42,6 +42,8 @@ pub struct EngineOptions {
     /// Where KV states after long system prompts are kept, with the
     /// fingerprint of this model and its settings.
     pub prompt_cache: Option<(PromptCache, String)>,
+    /// How llama.cpp stores KV values (kalosm: f32 only).
+    pub kv_type: crate::budget::KvType,
 }
 
 pub struct KalosmEngine {

@@ -6,6 +6,7 @@ use super::kalosm::{EngineOptions, KalosmEngine};
 use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
 use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
+use crate::budget::KvType;
 use crate::error::KilnError;
 use crate::models::ResolvedModel;
 use crate::store::snapshot::KvState;
@@ -40,11 +41,31 @@ impl Backend {
         }
     }
 
+    /// The backend and how it stores KV values, for fingerprints: a saved
+    /// KV state is only good for the same.
+    pub fn label(self, kv: KvType) -> String {
+        match (self, kv) {
+            (Backend::LlamaCpp, KvType::Q8_0) => format!("{}-{}", self.name(), kv.name()),
+            _ => self.name().to_string(),
+        }
+    }
+
+    /// Refuse settings this backend cannot honour.
+    pub fn check(self, kv: KvType) -> Result<(), KilnError> {
+        match (self, kv) {
+            (Backend::Kalosm, KvType::Q8_0) => Err(KilnError::BadArgument(
+                "--kv-type q8_0: kalosm keeps its KV cache in f32; use --engine llamacpp".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// How this backend stores the KV cache of a `context`-token window.
-    pub fn kv_layout(self, context: usize) -> crate::budget::KvLayout {
+    pub fn kv_layout(self, context: usize, kv: KvType) -> crate::budget::KvLayout {
         match self {
-            Backend::LlamaCpp => crate::budget::KvLayout::F16Gqa {
+            Backend::LlamaCpp => crate::budget::KvLayout::Gqa {
                 window: context as u64,
+                kv,
             },
             Backend::Kalosm => crate::budget::KvLayout::KalosmF32,
         }

@@ -69,6 +69,7 @@ impl LlamaCppEngine {
         let settings = LlamaCppSettings {
             window: context_limit,
             threads: None,
+            kv_type: options.kv_type,
             template: Some(template.clone()),
         };
         let llm = LlamaCpp::load(&model.path, settings)
@@ -402,9 +403,8 @@ impl Engine for LlamaCppEngine {
     }
 
     fn reset(&mut self) {
-        // The worker's cache stays: a new conversation with the same
-        // system prompt reuses it.
         self.conv.messages.clear();
         self.session = LlamaCppSession::default();
+        self.llm.clear_cache();
     }
 }

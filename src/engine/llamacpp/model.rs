@@ -29,6 +29,7 @@ use llama_cpp_2::token::LlamaToken;
 use llm_samplers::prelude::{HasSamplerResources, Logits, Sampler};
 
 use super::worker::{self, Constraint, Job, OnToken, Run, RunReport, SavedState, Tokens};
+use crate::budget::KvType;
 use crate::engine::context::{Message, Role};
 use crate::engine::sampler::KilnSampler;
 use crate::engine::template::ChatTemplate;
@@ -80,6 +81,8 @@ pub struct LlamaCppSettings {
     pub window: usize,
     /// Threads for llama.cpp; every core when `None`.
     pub threads: Option<usize>,
+    /// How K and V values are stored.
+    pub kv_type: KvType,
     /// The chat template chat sessions render with.
     pub template: Option<ChatTemplate>,
 }
@@ -116,6 +119,7 @@ impl LlamaCpp {
         let worker_model = model.clone();
         let worker_settings = worker::Settings {
             window: settings.window,
+            kv_type: settings.kv_type,
             threads: threads as i32,
         };
         std::thread::Builder::new()
@@ -127,9 +131,10 @@ impl LlamaCpp {
             .map_err(|_| LlamaCppError::Stopped)?
             .map_err(LlamaCppError::Load)?;
         tracing::info!(
-            "llama.cpp: {} loaded, window {}, {threads} threads",
+            "llama.cpp: {} loaded, window {}, {} KV, {threads} threads",
             path.display(),
-            settings.window
+            settings.window,
+            settings.kv_type.name()
         );
         Ok(LlamaCpp {
             inner: Arc::new(Inner {
@@ -147,6 +152,11 @@ impl LlamaCpp {
 
     pub fn window(&self) -> usize {
         self.inner.window
+    }
+
+    /// Empty the KV cache: the next run of any session prefills it whole.
+    pub fn clear_cache(&self) {
+        let _ = self.inner.jobs.send(Job::Clear);
     }
 
     /// The tokens that end a generation (end of turn, end of text).

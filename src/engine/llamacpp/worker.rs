@@ -21,7 +21,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -32,11 +32,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::model::LlamaCppError;
-use crate::budget::grown_kv_cells;
+use crate::budget::{grown_kv_cells, KvType};
 use crate::engine::sampler::Resources;
 
 /// Tokens per prefill chunk (and llama.cpp's physical batch).
-pub(super) const BATCH: usize = 512;
+pub(super) const BATCH: usize = crate::budget::PREFILL_CHUNK as usize;
 /// With a constraint, the most likely tokens checked against it per step
 /// before the whole vocabulary is.
 const CONSTRAINED_TOP_K: usize = 64;
@@ -168,6 +168,8 @@ pub(super) struct Ran {
 
 pub(super) enum Job {
     Run(Box<Run>, tokio::sync::oneshot::Sender<Ran>),
+    /// Empty the cache.
+    Clear,
     /// llama.cpp's state of the cache, when these tokens start with it.
     State(
         Vec<LlamaToken>,
@@ -178,11 +180,19 @@ pub(super) enum Job {
 pub(super) struct Settings {
     pub(super) window: usize,
     pub(super) threads: i32,
+    pub(super) kv_type: KvType,
 }
 
-fn context_params(cells: usize, threads: i32) -> LlamaContextParams {
+fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
+    let (threads, kv) = (settings.threads, settings.kv_type);
+    let kv = match kv {
+        KvType::F16 => KvCacheType::F16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+    };
     LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(cells as u32))
+        .with_type_k(kv)
+        .with_type_v(kv)
         .with_n_batch(BATCH as u32)
         .with_n_ubatch(BATCH as u32)
         .with_n_threads(threads)
@@ -200,7 +210,7 @@ pub(super) fn serve(
     let cells = grown_kv_cells(0, settings.window as u64) as usize;
     let ctx = match super::model::backend().and_then(|b| {
         model
-            .new_context(b, context_params(cells, settings.threads))
+            .new_context(b, context_params(cells, &settings))
             .map_err(|e| e.to_string())
     }) {
         Ok(ctx) => ctx,
@@ -233,6 +243,7 @@ pub(super) fn serve(
                 }
                 let _ = reply.send(Ran { tokens, result });
             }
+            Job::Clear => w.reset(),
             Job::State(tokens, reply) => {
                 let held = w.cache.len();
                 let state = if held == 0 || !tokens.starts_with(&w.cache.ids) {
@@ -310,14 +321,14 @@ impl<'m> Worker<'m> {
         // of the old cache twice over at the worst moment.
         self.ctx = None;
         let backend = super::model::backend()?;
-        let params = context_params(cells, self.settings.threads);
+        let params = context_params(cells, &self.settings);
         let ctx = match self.model.new_context(backend, params) {
             Ok(ctx) => ctx,
             Err(e) => {
                 // Back to the size that worked, empty.
                 self.ctx = self
                     .model
-                    .new_context(backend, context_params(had, self.settings.threads))
+                    .new_context(backend, context_params(had, &self.settings))
                     .ok();
                 self.cache = Tokens::default();
                 return Err(format!("cannot grow the KV cache to {cells} tokens: {e}"));

@@ -333,6 +333,13 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
     (handle, event_rx)
 }
 
+/// A turn that could not run ends with its reason.
+pub(crate) fn end_turn(turn: u64, result: Result<(), String>, out: &EventSink) {
+    if let Err(error) = result {
+        let _ = out.send(EngineEvent::TurnFailed { turn, error });
+    }
+}
+
 /// What a turn's token callback saw.
 #[derive(Default)]
 pub(crate) struct Trace {

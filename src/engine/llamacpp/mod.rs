@@ -32,7 +32,8 @@ use super::kalosm::EngineOptions;
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
 use super::{
-    rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo, Trace,
+    end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
+    Trace,
 };
 use crate::error::{KilnError, Result};
 use crate::models::ResolvedModel;
@@ -345,9 +346,8 @@ impl Engine for LlamaCppEngine {
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        if let Err(error) = self.run_turn(turn, message, None, out, cancel).await {
-            let _ = out.send(EngineEvent::TurnFailed { turn, error });
-        }
+        let result = self.run_turn(turn, message, None, out, cancel).await;
+        end_turn(turn, result, out);
     }
 
     async fn chat_constrained(
@@ -358,18 +358,15 @@ impl Engine for LlamaCppEngine {
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        if let Err(error) = self
+        let result = self
             .run_turn(turn, message, Some(&pattern), out, cancel)
-            .await
-        {
-            let _ = out.send(EngineEvent::TurnFailed { turn, error });
-        }
+            .await;
+        end_turn(turn, result, out);
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {
-        if let Err(error) = self.run_continue(turn, out, cancel).await {
-            let _ = out.send(EngineEvent::TurnFailed { turn, error });
-        }
+        let result = self.run_continue(turn, out, cancel).await;
+        end_turn(turn, result, out);
     }
 
     fn set_system_prompt(&mut self, prompt: Option<String>) {

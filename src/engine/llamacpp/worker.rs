@@ -361,9 +361,14 @@ impl<'m> Worker<'m> {
         want_logits: bool,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Option<(usize, usize)>, String> {
-        let mut keep = self.cache.shared_with(prompt, |_| true);
+        // The rest is tokenized as text, so it must start on a character.
+        let starts_char = |end: usize| starts_char(prompt, end);
+        let mut keep = self.cache.shared_with(prompt, starts_char);
         if want_logits && keep > 0 && self.cache.ends[keep - 1] == prompt.len() {
             keep -= 1;
+            while keep > 0 && !starts_char(self.cache.ends[keep - 1]) {
+                keep -= 1;
+            }
         }
         if keep < self.cache.len() {
             let cut = self
@@ -616,6 +621,13 @@ impl<'m> Worker<'m> {
     }
 }
 
+/// Whether a character of UTF-8 `text` starts at byte `at` (or the text
+/// ends there).
+fn starts_char(text: &[u8], at: usize) -> bool {
+    // Continuation bytes are 0b10xxxxxx.
+    text.get(at).is_none_or(|b| (*b as i8) >= -0x40)
+}
+
 fn piece(model: &LlamaModel, token: LlamaToken, special: bool) -> Vec<u8> {
     model.vocab().token_to_piece(token, special, None)
 }
@@ -676,4 +688,34 @@ fn constrained_pick(
         .find(|(id, _)| *id == chosen)
         .ok_or("the sampler chose a token outside the answer format")?;
     Ok((LlamaToken(id as i32), complete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "abécd" in tokens that split the é between two byte tokens.
+    fn tokens() -> Tokens {
+        let mut t = Tokens::default();
+        for (id, piece) in [(1, &b"ab"[..]), (2, &[0xC3]), (3, &[0xA9]), (4, b"cd")] {
+            t.push(LlamaToken(id), piece);
+        }
+        t
+    }
+
+    #[test]
+    fn the_shared_prefix_ends_between_tokens_and_characters() {
+        let t = tokens();
+        // "abéx": the three tokens that spell "abé".
+        let text = "abéx".as_bytes();
+        assert_eq!(t.shared_with(text, |at| starts_char(text, at)), 3);
+        // "abêx" shares "ab" and the first byte of the character; a cut
+        // there would leave half a character to tokenize.
+        let text = "abêx".as_bytes();
+        assert_eq!(t.shared_with(text, |_| true), 2);
+        assert_eq!(t.shared_with(text, |at| starts_char(text, at)), 1);
+        let mut cut = t.clone();
+        cut.truncate(1);
+        assert_eq!((cut.ids.len(), cut.text.as_slice()), (1, &b"ab"[..]));
+    }
 }

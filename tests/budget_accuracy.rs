@@ -5,10 +5,9 @@
 mod common;
 
 use common::*;
-use kiln::budget::{steady_bytes, ModelShape};
+use kiln::budget::ModelShape;
 use kiln::engine::kalosm::EngineOptions;
 use kiln::engine::{CancelFlag, Engine, EngineEvent};
-use kiln::procinfo::current_rss_bytes;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn predicted_rss_is_within_15_percent_at_three_fills() {
@@ -44,22 +43,7 @@ async fn predicted_rss_is_within_15_percent_at_three_fills() {
             }
         }
         let stats = stats.expect("the turn finished");
-        let measured = current_rss_bytes().unwrap();
-        let predicted = steady_bytes(
-            &shape,
-            stats.context_tokens as u64,
-            stats.prompt_tokens as u64,
-        );
-        let err = (predicted as f64 - measured as f64) / measured as f64;
-        let line = format!(
-            "fill {fill:>5} ({} tokens): predicted {:>6.1} MB, measured {:>6.1} MB, error {:+.1}%",
-            stats.context_tokens,
-            predicted as f64 / 1e6,
-            measured as f64 / 1e6,
-            err * 100.0
-        );
-        println!("{line}");
-        report.push((line, err));
+        report.push(rss_against_budget(&shape, fill, &stats));
     }
     for (line, err) in &report {
         assert!(err.abs() <= 0.15, "{line}");

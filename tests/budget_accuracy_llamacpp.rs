@@ -7,11 +7,10 @@
 mod common;
 
 use common::*;
-use kiln::budget::{steady_bytes, KvLayout, KvType, ModelShape};
+use kiln::budget::{KvLayout, KvType, ModelShape};
 use kiln::engine::kalosm::EngineOptions;
 use kiln::engine::llamacpp::LlamaCppEngine;
 use kiln::engine::{CancelFlag, Engine, EngineEvent};
-use kiln::procinfo::current_rss_bytes;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn predicted_rss_is_within_15_percent_as_the_cache_grows() {
@@ -54,19 +53,7 @@ async fn predicted_rss_is_within_15_percent_as_the_cache_grows() {
             }
         }
         let stats = stats.expect("the turn finished");
-        let measured = current_rss_bytes().unwrap();
-        let tokens = stats.context_tokens as u64;
-        let predicted = steady_bytes(&shape, tokens, stats.prompt_tokens as u64);
-        let err = (predicted as f64 - measured as f64) / measured as f64;
-        let line = format!(
-            "fill {fill:>5} ({tokens} tokens, {} cells): predicted {:>6.1} MB, measured {:>6.1} MB, error {:+.1}%",
-            shape.kv_allocated_tokens(tokens),
-            predicted as f64 / 1e6,
-            measured as f64 / 1e6,
-            err * 100.0
-        );
-        println!("{line}");
-        report.push((line, err));
+        report.push(rss_against_budget(&shape, fill, &stats));
     }
     for (line, err) in &report {
         assert!(err.abs() <= 0.15, "{line}");

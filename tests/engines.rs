@@ -29,31 +29,49 @@ async fn greedy_tokens_match_kalosm_until_a_near_tie() {
         sampler: greedy(32),
         ..Default::default()
     };
-    let (kalosm, mut kalosm_rx) = kiln::engine::spawn(engine(options.clone()).await);
+    let kalosm = engine(options.clone()).await;
     let llama = LlamaCppEngine::load(&model, options).await.unwrap();
+    let agreed: Vec<usize> = agreement("llama", kalosm, llama, 32)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(agreed.iter().all(|&n| n >= 2), "{agreed:?}");
+    assert!(
+        agreed.iter().filter(|&&n| n >= 8).count() >= 3,
+        "{agreed:?}"
+    );
+}
+
+/// Per prompt, greedy: how many leading tokens the two engines stream alike,
+/// and whether those are both whole answers.
+async fn agreement(
+    label: &str,
+    kalosm: impl kiln::engine::Engine,
+    llama: impl kiln::engine::Engine,
+    max_tokens: usize,
+) -> Vec<(usize, bool)> {
+    let (kalosm, mut kalosm_rx) = kiln::engine::spawn(kalosm);
     let (llama, mut llama_rx) = kiln::engine::spawn(llama);
     let mut agreed = Vec::new();
     for prompt in PROMPTS {
-        kalosm.send(kiln::engine::EngineCommand::Reset);
-        llama.send(kiln::engine::EngineCommand::Reset);
         let a = collect(&mut kalosm_rx, kalosm.chat(prompt)).await;
         let b = collect(&mut llama_rx, llama.chat(prompt)).await;
+        kalosm.send(kiln::engine::EngineCommand::Reset);
+        llama.send(kiln::engine::EngineCommand::Reset);
+        assert_eq!((&a.error, &b.error), (&None, &None));
         // Both engines stream a chunk per token (kalosm holds back a token
         // that ends mid-character and sends it with the next).
         let ta: Vec<_> = a.events.iter().filter_map(token_text).collect();
         let tb: Vec<_> = b.events.iter().filter_map(token_text).collect();
         let same = ta.iter().zip(&tb).take_while(|(x, y)| x == y).count();
         eprintln!(
-            "{prompt:?}: {same} of 32 tokens agree\n  kalosm:   {:?}\n  llamacpp: {:?}",
+            "{label} {prompt:?}: {same} of {max_tokens} tokens agree\n  kalosm:   {:?}\n  llamacpp: {:?}",
             a.reply, b.reply
         );
-        agreed.push(same);
+        agreed.push((same, same == ta.len() && same == tb.len()));
     }
-    assert!(agreed.iter().all(|&n| n >= 2), "{agreed:?}");
-    assert!(
-        agreed.iter().filter(|&&n| n >= 8).count() >= 3,
-        "{agreed:?}"
-    );
+    agreed
 }
 
 fn token_text(e: &kiln::engine::EngineEvent) -> Option<String> {
@@ -164,26 +182,8 @@ async fn qwen2_greedy_tokens_match_kalosm_until_a_near_tie() {
     let kalosm = kiln::engine::kalosm::KalosmEngine::load(&qwen2, options.clone(), |_| {})
         .await
         .unwrap();
-    let (kalosm, mut kalosm_rx) = kiln::engine::spawn(kalosm);
     let llama = LlamaCppEngine::load(&qwen2, options).await.unwrap();
-    let (llama, mut llama_rx) = kiln::engine::spawn(llama);
-    let mut agreed = Vec::new();
-    for prompt in PROMPTS {
-        kalosm.send(kiln::engine::EngineCommand::Reset);
-        llama.send(kiln::engine::EngineCommand::Reset);
-        let a = collect(&mut kalosm_rx, kalosm.chat(prompt)).await;
-        let b = collect(&mut llama_rx, llama.chat(prompt)).await;
-        assert_eq!((&a.error, &b.error), (&None, &None));
-        let ta: Vec<_> = a.events.iter().filter_map(token_text).collect();
-        let tb: Vec<_> = b.events.iter().filter_map(token_text).collect();
-        let same = ta.iter().zip(&tb).take_while(|(x, y)| x == y).count();
-        eprintln!(
-            "qwen2 {prompt:?}: {same} of 16 tokens agree\n  kalosm:   {:?}\n  llamacpp: {:?}",
-            a.reply, b.reply
-        );
-        let whole = same == ta.len() && same == tb.len();
-        agreed.push((same, whole));
-    }
+    let agreed = agreement("qwen2", kalosm, llama, 16).await;
     let close = agreed.iter().filter(|(n, whole)| *n >= 6 || *whole).count();
     assert!(close >= 3, "{agreed:?}");
 }

@@ -285,3 +285,25 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Predicted against measured RSS after a turn: the report line and the
+/// relative error.
+pub fn rss_against_budget(
+    shape: &kiln::budget::ModelShape,
+    fill: usize,
+    stats: &GenStats,
+) -> (String, f64) {
+    let measured = kiln::procinfo::current_rss_bytes().unwrap();
+    let tokens = stats.context_tokens as u64;
+    let predicted = kiln::budget::steady_bytes(shape, tokens, stats.prompt_tokens as u64);
+    let err = (predicted as f64 - measured as f64) / measured as f64;
+    let line = format!(
+        "fill {fill:>5} ({tokens} tokens, {} KV cells): predicted {:>6.1} MB, measured {:>6.1} MB, error {:+.1}%",
+        shape.kv_allocated_tokens(tokens),
+        predicted as f64 / 1e6,
+        measured as f64 / 1e6,
+        err * 100.0
+    );
+    println!("{line}");
+    (line, err)
+}

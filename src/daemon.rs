@@ -23,11 +23,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::agent::tools::{Limits, Workspace};
 use crate::agent::{pressure, Agent, Budgets, GovernorMode, Nobody, Outcome, Progress};
 use crate::cli::Common;
+use crate::engine::local::Backend;
 use crate::engine::{EngineEvent, EngineHandle};
 use crate::error::{KilnError, Result};
 use crate::launch;
 use crate::paths::Paths;
-use crate::protocol::{self, FrameError, Open, Reply, Request, RunInfo};
+use crate::protocol::{self, FrameError, Open, Reply, Request, RunInfo, Wanted};
 use crate::store::SessionStore;
 use crate::telemetry;
 use crate::workstation::{self, Client, Host, HostIn, Resumed, Screen, CLIENT_BUFFER};
@@ -87,8 +88,8 @@ enum ActorMsg {
     Workstation(
         Open,
         Client,
-        /// The model the client asked for.
-        Option<String>,
+        /// What the client was started with.
+        Wanted,
         oneshot::Sender<Result<mpsc::UnboundedSender<HostIn>, String>>,
     ),
     /// The workstation closed and gave the engine back.
@@ -295,7 +296,7 @@ impl Actor {
         &mut self,
         open: Open,
         client: Client,
-        asked: Option<String>,
+        wanted: Wanted,
     ) -> Result<mpsc::UnboundedSender<HostIn>, String> {
         if self.shutdown.is_some() {
             return Err("the daemon is shutting down".into());
@@ -303,7 +304,7 @@ impl Actor {
         let Some(model) = &self.model else {
             return Err("this daemon has no workstation".into());
         };
-        if let Some(asked) = asked.filter(|a| Some(a) != model.common.model.as_ref()) {
+        if let Some(asked) = differs(&wanted, &model.common) {
             return Err(format!(
                 "the daemon has {} loaded, not {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
                 model.model_spec
@@ -609,9 +610,9 @@ async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
                 size,
                 theme,
                 no_color,
-                model,
+                wanted,
             } => {
-                let client = (size, theme, no_color, model);
+                let client = (size, theme, no_color, wanted);
                 terminal(&mut read, &mut write, &actor, open, client).await;
                 return;
             }
@@ -636,14 +637,14 @@ async fn terminal(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     actor: &mpsc::UnboundedSender<ActorMsg>,
     open: Open,
-    (size, theme, no_color, model): ((u16, u16), Option<String>, bool, Option<String>),
+    (size, theme, no_color, wanted): ((u16, u16), Option<String>, bool, Wanted),
 ) {
     let refuse = |message: String| Reply::Error { message };
     let (out, mut screens) = mpsc::channel(CLIENT_BUFFER);
     let client = Client::new(size, theme, no_color, out);
     let id = client.id;
     let (reply_tx, reply_rx) = oneshot::channel();
-    let _ = actor.send(ActorMsg::Workstation(open, client, model, reply_tx));
+    let _ = actor.send(ActorMsg::Workstation(open, client, wanted, reply_tx));
     let inbox = match reply_rx.await {
         Ok(Ok(inbox)) => inbox,
         Ok(Err(message)) => {
@@ -802,6 +803,35 @@ pub fn why_it_stopped(common: &Common) -> Option<String> {
 }
 
 /// The settings a started daemon takes from the client that starts it.
+/// What a client wants that the daemon's settings are not, in words.
+fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
+    let mut asked = Vec::new();
+    if let Some(m) = wanted
+        .model
+        .as_ref()
+        .filter(|m| Some(*m) != common.model.as_ref())
+    {
+        asked.push(m.clone());
+    }
+    if let Some(e) = &wanted.engine {
+        let same = match (Backend::parse(e), Backend::parse(&common.engine)) {
+            (Some(a), Some(b)) => a == b,
+            _ => *e == common.engine,
+        };
+        if !same {
+            asked.push(format!("--engine {e}"));
+        }
+    }
+    if let Some(kv) = wanted
+        .kv_type
+        .as_ref()
+        .filter(|kv| **kv != common.kv_type.name())
+    {
+        asked.push(format!("--kv-type {kv}"));
+    }
+    (!asked.is_empty()).then(|| asked.join(" "))
+}
+
 fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     let mut pair = |flag: &str, value: Option<std::ffi::OsString>| {
@@ -918,7 +948,7 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
             size: (120, 40),
             theme: None,
             no_color: true,
-            model: None,
+            wanted: Wanted::default(),
         };
         protocol::write(&mut write, &hello)
             .await
@@ -1132,4 +1162,34 @@ pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFig
         latency_p99_us: figures[0].1,
         throughput_per_client: figures[1].2,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_started_with_other_settings_is_told_what_differs() {
+        let daemon = Common {
+            engine: "llamacpp".into(),
+            model: Some("a.gguf".into()),
+            ..Default::default()
+        };
+        let same = Wanted {
+            model: Some("a.gguf".into()),
+            engine: Some("local".into()),
+            kv_type: Some("f16".into()),
+        };
+        assert_eq!(differs(&same, &daemon), None);
+        assert_eq!(differs(&Wanted::default(), &daemon), None);
+        let other = Wanted {
+            model: Some("b.gguf".into()),
+            engine: Some("kalosm".into()),
+            kv_type: Some("q8_0".into()),
+        };
+        assert_eq!(
+            differs(&other, &daemon).unwrap(),
+            "b.gguf --engine kalosm --kv-type q8_0"
+        );
+    }
 }

@@ -15,6 +15,29 @@ pub const VERSION: u32 = 2;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 
+/// The model and engine settings a terminal's `kiln` was started with, where
+/// they are not the defaults (so a plain `kiln attach` takes whatever runs);
+/// a daemon running something else refuses it rather than serve it silently.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Wanted {
+    pub model: Option<String>,
+    pub engine: Option<String>,
+    pub kv_type: Option<String>,
+}
+
+impl Wanted {
+    pub fn of(common: &crate::cli::Common) -> Wanted {
+        use crate::engine::local::Backend;
+        let default_engine = Backend::parse(&common.engine) == Some(Backend::LlamaCpp);
+        Wanted {
+            model: common.model.clone(),
+            engine: (!default_engine).then(|| common.engine.clone()),
+            kv_type: (common.kv_type != crate::budget::KvType::default())
+                .then(|| common.kv_type.name().into()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -41,8 +64,8 @@ pub enum Request {
         size: (u16, u16),
         theme: Option<String>,
         no_color: bool,
-        /// The model the client asked for, checked against the daemon's.
-        model: Option<String>,
+        /// What the client was asked to run, checked against the daemon's.
+        wanted: Wanted,
     },
     Input {
         input: crate::workstation::Input,

@@ -19,7 +19,7 @@ use crate::cli::Common;
 use crate::daemon;
 use crate::error::{KilnError, Result};
 use crate::launch;
-use crate::protocol::{self, Open, Reply, Request};
+use crate::protocol::{self, Open, Reply, Request, Wanted};
 use crate::store::SessionStore;
 use crate::telemetry;
 use crate::theme;
@@ -123,7 +123,7 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
         size,
         theme: common.theme.clone(),
         no_color: theme::no_color_requested(),
-        model: common.model.clone(),
+        wanted: Wanted::of(common),
     };
     protocol::write(&mut write, &hello)
         .await

@@ -189,6 +189,13 @@ async fn a_session_from_bytes_goes_on_where_it_was() {
     // from the saved state.
     assert_eq!((run.reused, run.prefilled), (held - 1, 1), "{run:?}");
 
+    // A state cut short is refused by llama.cpp: the session is prefilled
+    // instead and goes on the same.
+    other.clear_cache();
+    let mut damaged = LlamaCppSession::from_bytes(&bytes[..bytes.len() - 1000]).unwrap();
+    assert_eq!(continue_greedy(&other, &mut damaged, "").await, original);
+    assert_eq!(damaged.last_run().unwrap().reused, 0);
+
     // Cut bytes are refused with a reason, not loaded half.
     let err = LlamaCppSession::from_bytes(&bytes[..20]).err().unwrap();
     assert!(err.to_string().contains("not a llama.cpp session"), "{err}");

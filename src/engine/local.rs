@@ -41,12 +41,14 @@ impl Backend {
         }
     }
 
-    /// The backend and how it stores KV values, for fingerprints: a saved
-    /// KV state is only good for the same.
+    /// The backend, the form of its saved states and how it stores KV
+    /// values, for fingerprints: a saved KV state is only good for the same.
     pub fn label(self, kv: KvType) -> String {
-        match (self, kv) {
-            (Backend::LlamaCpp, KvType::Q8_0) => format!("{}-{}", self.name(), kv.name()),
-            _ => self.name().to_string(),
+        match self {
+            // States are llama.cpp's in-memory sequence data (v2), not its
+            // session files (v1).
+            Backend::LlamaCpp => format!("{}-v2-{}", self.name(), kv.name()),
+            Backend::Kalosm => self.name().to_string(),
         }
     }
 

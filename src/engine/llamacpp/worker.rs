@@ -592,29 +592,41 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// llama.cpp's sequence state (through a file: the crate offers no safe
-    /// way to load one from memory).
+    /// llama.cpp's state of sequence 0 (its KV rows and their positions),
+    /// copied straight into memory: the crate's file route wrote it to a
+    /// temporary file first, which on a tmpfs `/tmp` is as much RAM again
+    /// (gigabytes for a long context on a big model).
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        let file = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-        let ids = self.cache.ids.clone();
-        self.ctx()
-            .state_seq_save_file(file.path(), 0, &ids)
-            .map_err(|e| e.to_string())?;
-        std::fs::read(file.path()).map_err(|e| e.to_string())
+        let ctx = self.ctx();
+        let flags = LlamaStateSeqFlags::empty();
+        let size = ctx.state_seq_get_size_ext(0, flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: `bytes` is the size llama.cpp just reported for this
+        // sequence, and nothing runs on the context in between (this thread
+        // owns it).
+        let written = unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), 0, flags) };
+        if written != size {
+            return Err(format!("llama.cpp wrote {written} of {size} state bytes"));
+        }
+        Ok(bytes)
     }
 
     fn load_state(&mut self, session: &Tokens, state: &[u8]) -> Result<(), String> {
-        let mut file = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-        std::io::Write::write_all(&mut file, state).map_err(|e| e.to_string())?;
         self.reset();
         self.ensure_room(session.len())?;
-        let (tokens, _) = self
-            .ctx()
-            .state_seq_load_file(file.path(), 0, session.len())
-            .map_err(|e| e.to_string())?;
-        if tokens != session.ids {
+        let ctx = self.ctx();
+        // SAFETY: llama.cpp reads the buffer through its own bounds-checked
+        // reader (the one its file loader uses on a file's bytes) and
+        // refuses a state whose sizes or shapes do not match this context;
+        // the bytes came from `save_state` through a checksummed file.
+        let loaded = unsafe { ctx.state_seq_set_data_ext(state, 0, LlamaStateSeqFlags::empty()) };
+        let held = ctx.kv_cache_seq_pos_max(0) + 1;
+        if !loaded || held != session.len() as i32 {
             self.reset();
-            return Err("its tokens are not the session's".into());
+            return Err(format!(
+                "llama.cpp took {held} of the session's {} tokens",
+                session.len()
+            ));
         }
         self.cache = session.clone();
         Ok(())

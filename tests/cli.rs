@@ -128,6 +128,7 @@ fn bad_config_and_arguments_exit_2() {
 
 #[tokio::test]
 async fn ask_streams_the_answer_and_prints_stats_on_stderr() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = model_path().await;
     let out = run(&[
         "ask",
@@ -158,6 +159,7 @@ async fn ask_streams_the_answer_and_prints_stats_on_stderr() {
 
 #[tokio::test]
 async fn ask_reads_stdin_and_prints_json_events() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = model_path().await;
     let mut child = kiln()
         .args([
@@ -210,6 +212,7 @@ async fn ask_reads_stdin_and_prints_json_events() {
 /// A person at a terminal: run `kiln ask` inside tmux and read the screen.
 #[tokio::test]
 async fn ask_in_a_real_terminal() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = model_path().await;
     let cmd = format!(
         "{} ask --model {} --temperature 0 --max-tokens 16 'Name a colour.'; echo EXIT=$?; sleep 30",

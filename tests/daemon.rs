@@ -74,6 +74,7 @@ fn read_reply(s: &mut UnixStream) -> Reply {
 
 #[tokio::test]
 async fn the_socket_is_private_and_bad_frames_close_only_their_client() {
+    let _turn = common::one_engine_at_a_time().await;
     let home = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start(home.path()).await;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -116,6 +117,7 @@ async fn the_socket_is_private_and_bad_frames_close_only_their_client() {
 /// journaled exactly once.
 #[tokio::test]
 async fn an_agent_run_survives_its_terminal_hanging_up() {
+    let _turn = common::one_engine_at_a_time().await;
     let home = tempfile::tempdir().unwrap();
     let ws = tempfile::tempdir().unwrap();
     std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
@@ -181,6 +183,7 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
 /// full answer once.
 #[tokio::test]
 async fn a_conversation_survives_its_terminal_hanging_up() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());

@@ -11,6 +11,7 @@ fn decode_rate(screen: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn chat_cancel_and_quit_in_a_real_terminal() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
@@ -68,6 +69,7 @@ async fn chat_cancel_and_quit_in_a_real_terminal() {
 
 #[tokio::test]
 async fn resume_an_interrupted_example_then_the_last_session() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
@@ -127,6 +129,7 @@ async fn resume_an_interrupted_example_then_the_last_session() {
 /// keys, yes then no, and Ctrl-C stops the run; the journal has the calls.
 #[tokio::test]
 async fn agent_mode_asks_before_each_call() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
@@ -184,6 +187,7 @@ async fn agent_mode_asks_before_each_call() {
 /// editor keeps 1 MiB and says so.
 #[tokio::test]
 async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
@@ -236,6 +240,7 @@ async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
 /// answer is committed and the KV snapshot saved.
 #[tokio::test]
 async fn a_hangup_mid_answer_saves_the_session() {
+    let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let cmd = format!(

@@ -39,10 +39,10 @@ pub async fn spawned(options: EngineOptions) -> (EngineHandle, UnboundedReceiver
     engine::spawn(engine(options).await)
 }
 
-/// Tests that run an engine take turns: on a 2-core machine, llama.cpp's
-/// threads spin while they wait for each other, and engines side by side
-/// slow each other down several times over (16 tests: 37 s in turn, 181 s
-/// at once).
+/// Tests that run an engine (in this process or a `kiln` it starts) take
+/// turns: on a 2-core machine llama.cpp's threads spin while they wait for
+/// each other, and engines side by side slow each other down many times
+/// over (`real_model`: 37 s in turn, 181 s at once; `daemon`: 4 s, 70 s).
 pub async fn one_engine_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     TURN.lock().await

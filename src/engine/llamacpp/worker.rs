@@ -496,13 +496,14 @@ impl<'m> Worker<'m> {
                 rng: &mut rng,
                 last_tokens: recent,
             };
-            let logits = self.ctx().get_logits_ith(logits_at).to_vec();
+            let ctx = self.ctx.as_ref().expect("the llama.cpp context");
+            let logits = ctx.get_logits_ith(logits_at);
             let (token, complete) = match &mut constraint {
                 Some(c) => {
                     let (token, complete) = constrained_pick(
                         self.model,
                         c.as_ref(),
-                        &logits,
+                        logits,
                         &mut *sampler,
                         &mut resources,
                     )

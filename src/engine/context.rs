@@ -7,7 +7,93 @@
 //! alone cannot fit, the turn fails with the numbers. During a turn the answer
 //! is capped at the room left, so the window never overflows mid-answer.
 
+use std::future::Future;
+
 use serde::{Deserialize, Serialize};
+
+use super::template::ChatTemplate;
+use super::{CancelFlag, EventSink};
+
+/// A local engine's turns: planning, trimming and recording are the same for
+/// every backend; only how a rendered prompt becomes an answer differs.
+pub(crate) trait LocalTurns: Send {
+    fn conversation(&self) -> &Conversation;
+    fn conversation_mut(&mut self) -> &mut Conversation;
+    fn template(&self) -> &ChatTemplate;
+    fn count_tokens(&self, text: &str) -> usize;
+    /// The context window and the most tokens an answer may take.
+    fn window(&self) -> (usize, u32);
+
+    /// Generate from the rendered `prompt` (with its token count), streaming
+    /// to `out` and ending with `TurnFinished`, whose reply is `earlier` (the
+    /// part of a cut answer already given) plus the new text. Returns the
+    /// new text.
+    fn generate(
+        &mut self,
+        turn: u64,
+        prompt: (String, usize),
+        earlier: &str,
+        constraint: Option<&str>,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = Result<String, String>> + Send;
+
+    /// A new user message and its answer.
+    fn run_turn(
+        &mut self,
+        turn: u64,
+        message: String,
+        constraint: Option<&str>,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async move {
+            let (limit, max_tokens) = self.window();
+            let plan = plan_turn(
+                self.conversation(),
+                &message,
+                limit,
+                answer_reserve(max_tokens, limit),
+                |msgs| self.template().render(msgs, true),
+                |text| self.count_tokens(text),
+            )
+            .map_err(|e| e.to_string())?;
+            self.conversation_mut().trim(&plan, turn, limit, out);
+            let prompt = (plan.prompt, plan.prompt_tokens);
+            let answer = self
+                .generate(turn, prompt, "", constraint, out, cancel)
+                .await;
+            self.conversation_mut().record(message, answer)
+        }
+    }
+
+    /// Continue the last answer where it was cut: the prompt ends with the
+    /// partial answer instead of a new question.
+    fn run_continue(
+        &mut self,
+        turn: u64,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async move {
+            let (limit, max_tokens) = self.window();
+            let (prompt, so_far, prompt_tokens) = continue_prompt(
+                self.conversation(),
+                limit,
+                answer_reserve(max_tokens, limit),
+                |msgs| self.template().render(msgs, true),
+                |text| self.count_tokens(text),
+            )?;
+            let more = self
+                .generate(turn, (prompt, prompt_tokens), &so_far, None, out, cancel)
+                .await?;
+            if let Some(m) = self.conversation_mut().messages.last_mut() {
+                m.content = so_far + &more;
+            }
+            Ok(())
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

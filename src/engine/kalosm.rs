@@ -19,7 +19,7 @@ use tokenizers::Tokenizer;
 /// kalosm does not export its error type by name; its callbacks return it.
 type LlamaError = <Llama as CreateTextCompletionSession>::Error;
 
-use super::context::{answer_reserve, continue_prompt, plan_turn, Conversation, Message, Role};
+use super::context::{Conversation, LocalTurns, Message, Role};
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
 use super::{
@@ -258,63 +258,39 @@ impl KalosmEngine {
         self.kv_tokens = state.kv_tokens;
         Ok(())
     }
+}
 
-    async fn run_turn(
-        &mut self,
-        turn: u64,
-        message: String,
-        constraint: Option<&str>,
-        out: &EventSink,
-        cancel: &CancelFlag,
-    ) -> std::result::Result<(), String> {
-        let limit = self.info.context_limit;
-        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
-        let template = &self.template;
-        let tokenizer = &self.tokenizer;
-        let plan = plan_turn(
-            &self.conv,
-            &message,
-            limit,
-            reserve,
-            |msgs| template.render(msgs, true),
-            |text| count_tokens(tokenizer, text),
-        )
-        .map_err(|e| e.to_string())?;
-        self.conv.trim(&plan, turn, limit, out);
-        let answer = self
-            .generate(turn, plan.prompt, "", constraint, out, cancel)
-            .await
-            .map(|(reply, _)| reply);
-        self.conv.record(message, answer)
+fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {
+    if text.is_empty() {
+        return 0;
+    }
+    tokenizer
+        .encode_fast(text, false)
+        .map(|e| e.get_ids().len())
+        // A tokenizer failure on odd text must not stop a turn; a byte count
+        // over-estimates, which errs on the safe side for the context check.
+        .unwrap_or(text.len())
+}
+
+impl LocalTurns for KalosmEngine {
+    fn conversation(&self) -> &Conversation {
+        &self.conv
     }
 
-    /// Continue the conversation's last answer from where it was cut off:
-    /// the prompt ends with the partial answer instead of a new question.
-    async fn run_continue(
-        &mut self,
-        turn: u64,
-        out: &EventSink,
-        cancel: &CancelFlag,
-    ) -> std::result::Result<(), String> {
-        let limit = self.info.context_limit;
-        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
-        let template = &self.template;
-        let tokenizer = &self.tokenizer;
-        let (prompt, so_far, _) = continue_prompt(
-            &self.conv,
-            limit,
-            reserve,
-            |msgs| template.render(msgs, true),
-            |text| count_tokens(tokenizer, text),
-        )?;
-        let (more, _) = self
-            .generate(turn, prompt, &so_far, None, out, cancel)
-            .await?;
-        let full = so_far + &more;
-        if let Some(m) = self.conv.messages.last_mut() {
-            m.content = full;
-        }
-        Ok(())
+    fn conversation_mut(&mut self) -> &mut Conversation {
+        &mut self.conv
+    }
+
+    fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        count_tokens(&self.tokenizer, text)
+    }
+
+    fn window(&self) -> (usize, u32) {
+        (self.info.context_limit, self.options.sampler.max_tokens)
     }
 
     /// Feed whatever `prompt` adds to the KV cache and generate, streaming
@@ -323,12 +299,13 @@ impl KalosmEngine {
     async fn generate(
         &mut self,
         turn: u64,
-        prompt: String,
+        // kalosm counts what the cache does not hold yet itself.
+        (prompt, _): (String, usize),
         earlier: &str,
         constraint: Option<&str>,
         out: &EventSink,
         cancel: &CancelFlag,
-    ) -> std::result::Result<(String, FinishReason), String> {
+    ) -> std::result::Result<String, String> {
         // Loading a cached prefix or prefilling it is part of the wait.
         let started = Instant::now();
         // Reuse the KV cache when it holds a prefix of the new prompt; a
@@ -456,20 +433,8 @@ impl KalosmEngine {
             finish,
             stats,
         });
-        Ok((trace.reply, finish))
+        Ok(trace.reply)
     }
-}
-
-fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {
-    if text.is_empty() {
-        return 0;
-    }
-    tokenizer
-        .encode_fast(text, false)
-        .map(|e| e.get_ids().len())
-        // A tokenizer failure on odd text must not stop a turn; a byte count
-        // over-estimates, which errs on the safe side for the context check.
-        .unwrap_or(text.len())
 }
 
 impl Engine for KalosmEngine {

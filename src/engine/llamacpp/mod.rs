@@ -27,7 +27,7 @@ use kalosm_language_model::{
     TextCompletionModel, TextCompletionSession,
 };
 
-use super::context::{answer_reserve, continue_prompt, plan_turn, Conversation, Message, Role};
+use super::context::{Conversation, LocalTurns, Message, Role};
 use super::kalosm::EngineOptions;
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
@@ -164,6 +164,28 @@ impl LlamaCppEngine {
         }
         0
     }
+}
+
+impl LocalTurns for LlamaCppEngine {
+    fn conversation(&self) -> &Conversation {
+        &self.conv
+    }
+
+    fn conversation_mut(&mut self) -> &mut Conversation {
+        &mut self.conv
+    }
+
+    fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.llm.count_tokens(text)
+    }
+
+    fn window(&self) -> (usize, u32) {
+        (self.info.context_limit, self.options.sampler.max_tokens)
+    }
 
     async fn generate(
         &mut self,
@@ -274,69 +296,6 @@ impl LlamaCppEngine {
             stats,
         });
         Ok(trace.reply)
-    }
-
-    async fn run_turn(
-        &mut self,
-        turn: u64,
-        message: String,
-        constraint: Option<&str>,
-        out: &EventSink,
-        cancel: &CancelFlag,
-    ) -> std::result::Result<(), String> {
-        let limit = self.info.context_limit;
-        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
-        let template = &self.template;
-        let llm = &self.llm;
-        let plan = plan_turn(
-            &self.conv,
-            &message,
-            limit,
-            reserve,
-            |msgs| template.render(msgs, true),
-            |text| llm.count_tokens(text),
-        )
-        .map_err(|e| e.to_string())?;
-        self.conv.trim(&plan, turn, limit, out);
-        let answer = self
-            .generate(
-                turn,
-                (plan.prompt, plan.prompt_tokens),
-                "",
-                constraint,
-                out,
-                cancel,
-            )
-            .await;
-        self.conv.record(message, answer)
-    }
-
-    /// Continue the last answer where it was cut: the prompt ends with the
-    /// partial answer, which the session mostly holds already.
-    async fn run_continue(
-        &mut self,
-        turn: u64,
-        out: &EventSink,
-        cancel: &CancelFlag,
-    ) -> std::result::Result<(), String> {
-        let limit = self.info.context_limit;
-        let reserve = answer_reserve(self.options.sampler.max_tokens, limit);
-        let template = &self.template;
-        let llm = &self.llm;
-        let (prompt, so_far, prompt_tokens) = continue_prompt(
-            &self.conv,
-            limit,
-            reserve,
-            |msgs| template.render(msgs, true),
-            |text| llm.count_tokens(text),
-        )?;
-        let more = self
-            .generate(turn, (prompt, prompt_tokens), &so_far, None, out, cancel)
-            .await?;
-        if let Some(m) = self.conv.messages.last_mut() {
-            m.content = so_far + &more;
-        }
-        Ok(())
     }
 }
 

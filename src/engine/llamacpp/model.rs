@@ -597,25 +597,35 @@ impl CreateChatSession for LlamaCpp {
     }
 }
 
-/// The token callback of a chat turn: the caller's, and the answer kept
-/// for the history.
-fn recording(
-    mut on_token: impl FnMut(String) -> Result<(), LlamaCppError> + Send + Sync + 'static,
-) -> (OnToken, Arc<Mutex<String>>) {
-    let answer = Arc::new(Mutex::new(String::new()));
-    let kept = answer.clone();
-    let callback: OnToken = Box::new(move |token: String| {
-        kept.lock().expect("chat answer").push_str(&token);
-        on_token(token)
-    });
-    (callback, answer)
-}
-
-fn record_answer(session: &mut LlamaCppChatSession, answer: &Mutex<String>) {
-    let answer = std::mem::take(&mut *answer.lock().expect("chat answer"));
-    session
-        .history
-        .push(ChatMessage::new(MessageType::ModelAnswer, answer));
+impl LlamaCpp {
+    /// A chat turn: `messages` join the history, the model answers (held to
+    /// `constraint` if any), and the answer joins the history too, however
+    /// the run ends.
+    fn chat_turn<'a, S: Sampler + 'static>(
+        &'a self,
+        session: &'a mut LlamaCppChatSession,
+        messages: &[ChatMessage],
+        sampler: S,
+        constraint: Option<worker::MakeConstraint>,
+        mut on_token: impl FnMut(String) -> Result<(), LlamaCppError> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<RunReport, LlamaCppError>> + Send + 'a {
+        let delta = self.chat_delta(session, messages);
+        let answer = Arc::new(Mutex::new(String::new()));
+        let kept = answer.clone();
+        let callback: OnToken = Box::new(move |token: String| {
+            kept.lock().expect("chat answer").push_str(&token);
+            on_token(token)
+        });
+        async move {
+            let run = self.run(&session.session, &delta?, sampler, constraint, callback);
+            let sent = self.send(&mut session.session, run).await;
+            let answer = std::mem::take(&mut *answer.lock().expect("chat answer"));
+            session
+                .history
+                .push(ChatMessage::new(MessageType::ModelAnswer, answer));
+            sent
+        }
+    }
 }
 
 impl<S: Sampler + 'static> ChatModel<S> for LlamaCpp {
@@ -626,14 +636,8 @@ impl<S: Sampler + 'static> ChatModel<S> for LlamaCpp {
         sampler: S,
         on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'a {
-        let delta = self.chat_delta(session, messages);
-        let (callback, answer) = recording(on_token);
-        async move {
-            let run = self.run(&session.session, &delta?, sampler, None, callback);
-            let sent = self.send(&mut session.session, run).await;
-            record_answer(session, &answer);
-            sent.map(|_| ())
-        }
+        let turn = self.chat_turn(session, messages, sampler, None, on_token);
+        async move { turn.await.map(|_| ()) }
     }
 }
 
@@ -651,14 +655,10 @@ where
         constraints: P,
         on_token: impl FnMut(String) -> Result<(), Self::Error> + Send + Sync + 'static,
     ) -> impl Future<Output = Result<P::Output, Self::Error>> + Send + 'a {
-        let delta = self.chat_delta(session, messages);
-        let (callback, answer) = recording(on_token);
         let (make, output) = constraint_for(constraints);
+        let turn = self.chat_turn(session, messages, sampler, Some(make), on_token);
         async move {
-            let run = self.run(&session.session, &delta?, sampler, Some(make), callback);
-            let sent = self.send(&mut session.session, run).await;
-            record_answer(session, &answer);
-            sent?;
+            turn.await?;
             parsed(&output)
         }
     }

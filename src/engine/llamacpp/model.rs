@@ -285,8 +285,8 @@ impl Sampler for Turn {
     }
 }
 
-/// A completion session: tokens and their text. Clones share nothing but
-/// the saved state (kalosm's builders clone sessions).
+/// A completion session: tokens and their text. Clones are cheap (kalosm's
+/// builders make them): they share the saved state and the worker.
 #[derive(Clone, Default)]
 pub struct LlamaCppSession {
     tokens: Tokens,
@@ -429,13 +429,11 @@ impl TextCompletionSession for LlamaCppSession {
         })
     }
 
+    /// A clone shares the worker's cache like the original: copying the KV
+    /// state out (gigabytes on a long context) for every clone kalosm's
+    /// builders make would cost more than the prefill it might save.
     fn try_clone(&self) -> Result<Self, Self::Error> {
-        Ok(LlamaCppSession {
-            tokens: self.tokens.clone(),
-            state: self.llama_state()?,
-            worker: None,
-            last: self.last,
-        })
+        Ok(self.clone())
     }
 }
 
@@ -581,10 +579,7 @@ impl ChatSession for LlamaCppChatSession {
     }
 
     fn try_clone(&self) -> Result<Self, Self::Error> {
-        Ok(LlamaCppChatSession {
-            history: self.history.clone(),
-            session: self.session.try_clone()?,
-        })
+        Ok(self.clone())
     }
 }
 

@@ -9,6 +9,7 @@ use crate::launch::{self, Started};
 use crate::store::journal::JournalHandle;
 use crate::store::session::Event;
 use crate::store::SessionStore;
+use crate::visible::for_output;
 
 /// Exit code when the user interrupted the answer.
 pub const EXIT_INTERRUPTED: i32 = 130;
@@ -22,8 +23,9 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
     let journal = if args.ephemeral {
         None
     } else {
-        start_session(&started, &question)
+        Some(start_session(&started, &question)?)
     };
+    let raw = !std::io::stdout().is_terminal();
     let Started {
         handle, mut events, ..
     } = started;
@@ -59,7 +61,7 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
             match &event {
                 EngineEvent::Token { text, .. } => {
                     ended_with_newline = text.ends_with('\n');
-                    stdout.write_all(text.as_bytes())
+                    stdout.write_all(for_output(text, raw).as_bytes())
                 }
                 _ => Ok(()),
             }
@@ -98,28 +100,33 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
     }
 }
 
-/// Keep the exchange as a session. Failing to is a warning: the answer
-/// still matters more than its record.
-fn start_session(started: &Started, question: &str) -> Option<JournalHandle> {
+/// Keep the exchange as a session. The question is on disk before the
+/// model sees it; when it cannot be (a full disk), it is not answered, and
+/// no half-made session is left behind.
+fn start_session(started: &Started, question: &str) -> Result<JournalHandle> {
     let store = SessionStore::new(&started.paths);
     let context = started.handle.info().context_limit;
-    match store.start(
-        &started.model_spec,
-        started.fingerprint.clone(),
-        context,
-        started.config.system_prompt.as_deref(),
-    ) {
-        Ok((journal, _reports)) => {
-            journal.event(Event::User {
-                text: question.to_string(),
-            });
-            Some(journal)
-        }
-        Err(e) => {
-            eprintln!("kiln: warning: this exchange is not saved: {e}");
-            None
-        }
+    let not_saved = |why: String| {
+        KilnError::Store(format!(
+            "{why}: the question could not be saved, so it was not answered (--ephemeral answers without saving)"
+        ))
+    };
+    let (journal, _reports) = store
+        .start(
+            &started.model_spec,
+            started.fingerprint.clone(),
+            context,
+            started.config.system_prompt.as_deref(),
+        )
+        .map_err(|e| not_saved(e.to_string()))?;
+    if let Err(why) = journal.commit(Event::User {
+        text: question.to_string(),
+    }) {
+        journal.close();
+        let _ = std::fs::remove_dir_all(&journal.dir);
+        return Err(not_saved(why));
     }
+    Ok(journal)
 }
 
 fn record(journal: &JournalHandle, event: &EngineEvent) {

@@ -39,9 +39,10 @@ pub struct Common {
     /// Load a model even when its memory budget says it will swap or not fit.
     #[arg(long, global = true)]
     pub allow_swap: bool,
-    /// The folder agents work in; their tools cannot leave it.
-    #[arg(long, global = true, default_value = ".")]
-    pub workspace: PathBuf,
+    /// The folder agents work in; their tools cannot leave it (default:
+    /// the current folder).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
     /// Which agent tool calls run without a yes (`auto` runs everything).
     /// Headless, nobody answers, so a call that needs a yes is refused.
     #[arg(long, global = true, value_enum, default_value_t = crate::agent::Policy::Ask)]
@@ -63,6 +64,13 @@ pub struct Common {
     pub no_daemon: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+impl Common {
+    /// The folder agents work in.
+    pub fn workspace(&self) -> PathBuf {
+        self.workspace.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -205,7 +213,12 @@ pub enum SessionsAction {
         format: ExportFormat,
     },
     /// Delete a session.
-    Rm { id: String },
+    Rm {
+        id: String,
+        /// Do not ask: needed where no terminal can answer.
+        #[arg(long, short)]
+        yes: bool,
+    },
     /// Give a session a title.
     Rename { id: String, title: String },
 }

@@ -113,6 +113,9 @@ struct Model {
 struct WorkstationLink {
     inbox: mpsc::UnboundedSender<HostIn>,
     status: tokio::sync::watch::Receiver<workstation::Status>,
+    /// The safety settings of the client that opened it.
+    workspace: PathBuf,
+    approval: crate::agent::Policy,
 }
 
 struct Run {
@@ -306,10 +309,14 @@ impl Actor {
         };
         if let Some(asked) = differs(&wanted, &model.common) {
             return Err(format!(
-                "the daemon has {} loaded, not {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
+                "the daemon runs {} with other settings than {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
                 model.model_spec
             ));
         }
+        if let Some(w) = &self.workstation {
+            joins(w, &wanted)?;
+        }
+        let client_settings = wanted;
         let wanted = match &open {
             Open::Session { query } => {
                 Some(self.store.resolve(Some(query)).map_err(|e| e.to_string())?)
@@ -335,7 +342,7 @@ impl Actor {
             // Nothing saved yet: a new conversation.
             (Open::Last, _) if self.store.list().is_empty() => None,
             (Open::Last, _) => Some(None),
-            (Open::Session { .. }, dir) => dir.map(|d| Some(d.to_string_lossy().into_owned())),
+            (Open::Session { .. }, dir) => dir.map(|d| Some(crate::store::id_of(&d))),
         };
         let resumed = match query.map(|q| Resumed::open(&self.store, q.as_deref())) {
             None => None,
@@ -356,7 +363,10 @@ impl Actor {
             model_spec: model.model_spec.clone(),
             fingerprint: model.fingerprint.clone(),
         };
-        let common = model.common.clone();
+        // The conversation's agents work where, and ask as, this client said.
+        let mut common = model.common.clone();
+        common.workspace = Some(client_settings.workspace().to_path_buf());
+        common.approval = client_settings.approval;
         let keys = model.keys.clone();
         let samples = self.samples.clone();
         let tx = self.tx.clone();
@@ -369,6 +379,8 @@ impl Actor {
         self.workstation = Some(WorkstationLink {
             inbox: inbox.clone(),
             status,
+            workspace: client_settings.workspace().to_path_buf(),
+            approval: client_settings.approval,
         });
         Ok(inbox)
     }
@@ -418,22 +430,38 @@ impl Actor {
             }
             Request::StartAgent {
                 task,
-                workspace,
-                policy,
                 max_steps,
                 max_minutes,
-            } => self.start(task, workspace, policy, max_steps, max_minutes),
+                max_run_tokens,
+                governor,
+                wanted,
+            } => {
+                if let Some(asked) = self.model.as_ref().and_then(|m| differs(&wanted, &m.common)) {
+                    return Reply::Error {
+                        message: format!(
+                            "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
+                        ),
+                    };
+                }
+                let budgets = Budgets {
+                    max_steps,
+                    max_time: Duration::from_secs(max_minutes.saturating_mul(60)),
+                    max_tokens: max_run_tokens,
+                };
+                self.start(task, &wanted, budgets, governor)
+            }
         }
     }
 
     fn start(
         &mut self,
         task: String,
-        workspace: PathBuf,
-        policy: crate::agent::Policy,
-        max_steps: u32,
-        max_minutes: u64,
+        wanted: &Wanted,
+        budgets: Budgets,
+        governor: GovernorMode,
     ) -> Reply {
+        let workspace = wanted.workspace().to_path_buf();
+        let policy = wanted.approval;
         let Some(mut events) = self.engine_events.take() else {
             return Reply::Error {
                 message: self.engine_holder(),
@@ -484,16 +512,12 @@ impl Actor {
                 events: &mut events,
                 workspace,
                 policy,
-                budgets: Budgets {
-                    max_steps,
-                    max_time: Duration::from_secs(max_minutes * 60),
-                    max_tokens: 200_000,
-                },
+                budgets,
                 limits: Limits::default(),
                 approver: Nobody,
                 journal: Some(&journal),
                 pressure: Some(pressure(samples)),
-                governor: GovernorMode::Pause,
+                governor,
                 stop,
             }
             .run(&task, |p| {
@@ -562,41 +586,141 @@ pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
     Ok(0)
 }
 
-/// Accept clients of this user only, each served by a task of its own.
+/// Connections served at once; more are told so and closed.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a new connection may take to send its first request.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
+/// Accept clients of this user only, each served by a task of its own. An
+/// accept that fails (out of file descriptors) backs off instead of
+/// spinning, so the clients already connected are still served.
 async fn accept(listener: UnixListener, actor: mpsc::UnboundedSender<ActorMsg>) {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}; waiting {} ms", backoff.as_millis());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
         };
         match stream.peer_cred() {
-            Ok(cred) if cred.uid() == uid => {
-                tokio::spawn(serve(stream, actor.clone()));
+            Ok(cred) if cred.uid() == uid => {}
+            Ok(cred) => {
+                tracing::warn!("refused a client of uid {}", cred.uid());
+                continue;
             }
-            Ok(cred) => tracing::warn!("refused a client of uid {}", cred.uid()),
-            Err(e) => tracing::warn!("refused a client: {e}"),
+            Err(e) => {
+                tracing::warn!("refused a client: {e}");
+                continue;
+            }
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("refused a client: {MAX_CONNECTIONS} connections are open");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let busy = Reply::Error {
+                    message: format!("the daemon serves {MAX_CONNECTIONS} connections already"),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), protocol::write(&mut stream, &busy)).await;
+            });
+            continue;
+        };
+        let actor = actor.clone();
+        tokio::spawn(async move {
+            serve(stream, actor).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Whether the daemon can take a request from a client at all: every size
+/// and length in it within bounds. Anything else closes that client.
+fn check(req: &Request) -> std::result::Result<(), String> {
+    const MAX_TEXT: usize = 1 << 20;
+    const MAX_NAME: usize = 4096;
+    let long = |what: &str, n: usize, max: usize| {
+        (n > max).then(|| format!("{what} of {n} bytes is over the {max}-byte limit"))
+    };
+    let wanted_ok = |w: &Wanted| {
+        [
+            long("a model name", w.model.as_ref().map_or(0, String::len), MAX_NAME),
+            long("an engine name", w.engine.as_ref().map_or(0, String::len), MAX_NAME),
+            long("a KV type", w.kv_type.as_ref().map_or(0, String::len), MAX_NAME),
+            long("a system prompt", w.system.as_ref().map_or(0, String::len), MAX_TEXT),
+            long("a workspace", w.workspace.as_ref().map_or(0, |p| p.as_os_str().len()), MAX_NAME),
+            long("a folder", w.cwd.as_os_str().len(), MAX_NAME),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    };
+    let problem = match req {
+        Request::StartAgent { task, wanted, .. } => {
+            long("a task", task.len(), MAX_TEXT).or_else(|| wanted_ok(wanted))
+        }
+        Request::Stop { id } | Request::Attach { id } => long("an id", id.len(), MAX_NAME),
+        Request::Workstation {
+            open,
+            size,
+            theme,
+            wanted,
+            ..
+        } => workstation::check_size(*size)
+            .err()
+            .or_else(|| long("a theme name", theme.as_ref().map_or(0, String::len), MAX_NAME))
+            .or_else(|| match open {
+                Open::Session { query } => long("a session id", query.len(), MAX_NAME),
+                _ => None,
+            })
+            .or_else(|| wanted_ok(wanted)),
+        Request::Input { input } => input.check().err(),
+        Request::List | Request::Shutdown => None,
+    };
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(()),
     }
 }
 
 /// One client connection: requests in, replies out. A malformed or
-/// oversized frame closes this client only.
+/// oversized frame, or one with a field out of bounds, closes this client
+/// only.
 async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
     let (mut read, mut write) = stream.into_split();
+    let mut first = true;
     loop {
-        let req: Request = match protocol::read(&mut read).await {
-            Ok(r) => r,
+        let next = protocol::read(&mut read);
+        let req: std::result::Result<Request, FrameError> = if first {
+            match tokio::time::timeout(FIRST_REQUEST, next).await {
+                Ok(r) => r,
+                Err(_) => Err(FrameError::Malformed(format!(
+                    "no request within {} s",
+                    FIRST_REQUEST.as_secs()
+                ))),
+            }
+        } else {
+            next.await
+        };
+        first = false;
+        let req = match req {
+            Ok(r) => check(&r).map(|_| r),
             Err(FrameError::Closed) => return,
+            Err(e) => Err(e.to_string()),
+        };
+        let req = match req {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!("closing a client: {e}");
-                let _ = protocol::write(
-                    &mut write,
-                    &Reply::Error {
-                        message: e.to_string(),
-                    },
-                )
-                .await;
+                let _ = protocol::write(&mut write, &Reply::Error { message: e }).await;
                 return;
             }
         };
@@ -657,6 +781,11 @@ async fn terminal(
         tokio::select! {
             req = protocol::read::<Request, _>(read) => match req {
                 Ok(Request::Input { input }) => {
+                    if let Err(e) = input.check() {
+                        tracing::warn!("closing a terminal: {e}");
+                        let _ = protocol::write(write, &refuse(e)).await;
+                        break;
+                    }
                     if inbox.send(HostIn::Input { client: id, input }).is_err() {
                         break;
                     }
@@ -748,7 +877,7 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
     use std::os::unix::process::CommandExt;
     // Its one-line error (a bad model, a bad config) is kept for the client.
     let stderr = std::fs::create_dir_all(&paths.logs)
-        .and_then(|_| std::fs::File::create(startup_log(&paths)))
+        .and_then(|_| crate::store::atomic::open_private(&startup_log(&paths), true))
         .map(std::process::Stdio::from)
         .unwrap_or_else(|_| std::process::Stdio::null());
     cmd.stdin(std::process::Stdio::null())
@@ -802,8 +931,8 @@ pub fn why_it_stopped(common: &Common) -> Option<String> {
         .map(|l| l.trim_start_matches("kiln: ").to_string())
 }
 
-/// The settings a started daemon takes from the client that starts it.
-/// What a client wants that the daemon's settings are not, in words.
+/// What a client wants that the daemon's model and engine settings are
+/// not, in words (each setting as its flag).
 fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
     let mut asked = Vec::new();
     if let Some(m) = wanted
@@ -811,7 +940,7 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
         .as_ref()
         .filter(|m| Some(*m) != common.model.as_ref())
     {
-        asked.push(m.clone());
+        asked.push(format!("--model {m}"));
     }
     if let Some(e) = &wanted.engine {
         let same = match (Backend::parse(e), Backend::parse(&common.engine)) {
@@ -829,7 +958,49 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
     {
         asked.push(format!("--kv-type {kv}"));
     }
+    let mut check = |flag: &str, mine: Option<String>, theirs: Option<String>| {
+        if let Some(v) = mine.filter(|v| Some(v) != theirs.as_ref()) {
+            asked.push(format!("{flag} {v}"));
+        }
+    };
+    let s = &common.sampling;
+    check("--ctx", wanted.ctx.map(|v| v.to_string()), common.ctx.map(|v| v.to_string()));
+    check(
+        "--system",
+        wanted.system.as_ref().map(|v| format!("{:?}", crate::visible::visible_line(v))),
+        common.system.as_ref().map(|v| format!("{:?}", crate::visible::visible_line(v))),
+    );
+    check("--temperature", wanted.temperature.map(|v| v.to_string()), s.temperature.map(|v| v.to_string()));
+    check("--top-p", wanted.top_p.map(|v| v.to_string()), s.top_p.map(|v| v.to_string()));
+    check(
+        "--repeat-penalty",
+        wanted.repeat_penalty.map(|v| v.to_string()),
+        s.repeat_penalty.map(|v| v.to_string()),
+    );
+    check("--seed", wanted.seed.map(|v| v.to_string()), s.seed.map(|v| v.to_string()));
+    check("--max-tokens", wanted.max_tokens.map(|v| v.to_string()), s.max_tokens.map(|v| v.to_string()));
     (!asked.is_empty()).then(|| asked.join(" "))
+}
+
+/// Whether a client may join the open conversation: its agents must work
+/// where the client said (when it said) and ask at least what it asked.
+fn joins(w: &WorkstationLink, wanted: &Wanted) -> std::result::Result<(), String> {
+    if let Some(ws) = wanted.workspace.as_ref().filter(|ws| **ws != w.workspace) {
+        return Err(format!(
+            "the open session's agents work in {}, not --workspace {}; `kiln stop ID` closes it first",
+            crate::visible::visible_line(&w.workspace.to_string_lossy()),
+            crate::visible::visible_line(&ws.to_string_lossy())
+        ));
+    }
+    if !w.approval.asks_at_least(wanted.approval) {
+        return Err(format!(
+            "the open session runs agents with --approval {}, which asks less than this terminal's --approval {}; attach with --approval {} to accept that",
+            w.approval.name(),
+            wanted.approval.name(),
+            w.approval.name()
+        ));
+    }
+    Ok(())
 }
 
 fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
@@ -849,13 +1020,10 @@ fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
     pair("--kv-type", Some(common.kv_type.name().into()));
     pair(
         "--workspace",
-        Some(
-            common
-                .workspace
-                .canonicalize()
-                .unwrap_or_else(|_| common.workspace.clone())
-                .into(),
-        ),
+        common
+            .workspace
+            .as_ref()
+            .map(|w| w.canonicalize().unwrap_or_else(|_| w.clone()).into()),
     );
     let policy = clap::ValueEnum::to_possible_value(&common.approval)
         .map(|v| v.get_name().to_string().into());
@@ -1179,6 +1347,7 @@ mod tests {
             model: Some("a.gguf".into()),
             engine: Some("local".into()),
             kv_type: Some("f16".into()),
+            ..Wanted::default()
         };
         assert_eq!(differs(&same, &daemon), None);
         assert_eq!(differs(&Wanted::default(), &daemon), None);
@@ -1186,10 +1355,11 @@ mod tests {
             model: Some("b.gguf".into()),
             engine: Some("kalosm".into()),
             kv_type: Some("q8_0".into()),
+            ..Wanted::default()
         };
         assert_eq!(
             differs(&other, &daemon).unwrap(),
-            "b.gguf --engine kalosm --kv-type q8_0"
+            "--model b.gguf --engine kalosm --kv-type q8_0"
         );
     }
 }

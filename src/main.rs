@@ -8,10 +8,17 @@ use kiln::{
 };
 
 fn main() {
+    // Before any file or thread exists, so everything kiln makes is private.
+    kiln::private::restrict();
     let cli = Cli::parse();
     logging::install_panic_hook();
     let paths = kiln::paths::Paths::resolve(cli.common.data_dir.as_deref());
+    let unfixed = kiln::private::secure(&paths);
     let log_guard = logging::init(&paths.logs);
+    for line in unfixed {
+        tracing::warn!("{line}");
+        eprintln!("kiln: warning: {line}");
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -48,7 +55,7 @@ fn main() {
         Ok(code) => code,
         Err(err) => {
             tracing::error!("{err}");
-            eprintln!("kiln: {err}");
+            eprintln!("kiln: {}", kiln::visible::visible(&err.to_string()));
             err.exit_code()
         }
     };

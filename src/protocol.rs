@@ -10,31 +10,66 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::agent::{Outcome, Policy, Progress};
 
-/// 2: the workstation over the socket.
-pub const VERSION: u32 = 2;
+/// 2: the workstation over the socket; 3: clients send their settings.
+pub const VERSION: u32 = 3;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
+/// How long the rest of a frame may take once its length has arrived.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The model and engine settings a terminal's `kiln` was started with, where
-/// they are not the defaults (so a plain `kiln attach` takes whatever runs);
-/// a daemon running something else refuses it rather than serve it silently.
+/// The settings a client's `kiln` was started with, checked against the
+/// daemon's. Model and engine settings are the daemon's, so one the client
+/// names that differs is refused, naming it (left out where it is the
+/// default, so a plain `kiln attach` takes whatever runs). Safety settings
+/// are the client's own: a conversation or run opened for this client gets
+/// its workspace and approval policy, and joining one that asks less than
+/// the client asked for is refused; approval is never downgraded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Wanted {
     pub model: Option<String>,
     pub engine: Option<String>,
     pub kv_type: Option<String>,
+    pub ctx: Option<usize>,
+    pub system: Option<String>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    /// `--workspace` as given (made absolute); `None` where it was not.
+    pub workspace: Option<std::path::PathBuf>,
+    /// The client's folder: the workspace when none was given.
+    pub cwd: std::path::PathBuf,
+    pub approval: Policy,
 }
 
 impl Wanted {
     pub fn of(common: &crate::cli::Common) -> Wanted {
         use crate::engine::local::Backend;
         let default_engine = Backend::parse(&common.engine) == Some(Backend::LlamaCpp);
+        let absolute = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let s = &common.sampling;
         Wanted {
             model: common.model.clone(),
             engine: (!default_engine).then(|| common.engine.clone()),
             kv_type: (common.kv_type != crate::budget::KvType::default())
                 .then(|| common.kv_type.name().into()),
+            ctx: common.ctx,
+            system: common.system.clone(),
+            temperature: s.temperature,
+            top_p: s.top_p,
+            repeat_penalty: s.repeat_penalty,
+            seed: s.seed,
+            max_tokens: s.max_tokens,
+            workspace: common.workspace.as_deref().map(absolute),
+            cwd: absolute(std::path::Path::new(".")),
+            approval: common.approval,
         }
+    }
+
+    /// The workspace a conversation or run opened for this client uses.
+    pub fn workspace(&self) -> &std::path::Path {
+        self.workspace.as_deref().unwrap_or(&self.cwd)
     }
 }
 
@@ -43,10 +78,12 @@ impl Wanted {
 pub enum Request {
     StartAgent {
         task: String,
-        workspace: std::path::PathBuf,
-        policy: Policy,
         max_steps: u32,
         max_minutes: u64,
+        max_run_tokens: usize,
+        governor: crate::agent::GovernorMode,
+        /// The client's settings; its workspace and policy are the run's.
+        wanted: Wanted,
     },
     List,
     Stop {
@@ -210,10 +247,22 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Resul
     if n > MAX_FRAME {
         return Err(FrameError::TooLarge(n));
     }
-    let mut frame = Vec::with_capacity(4 + n);
+    // Memory follows the bytes that arrived, not the length a peer claims,
+    // and a frame that has begun must end in time (no slow drip).
+    let mut frame = Vec::with_capacity(4 + n.min(64 << 10));
     frame.extend_from_slice(&len);
-    frame.resize(4 + n, 0);
-    r.read_exact(&mut frame[4..]).await?;
+    let body = tokio::time::timeout(BODY_TIMEOUT, (&mut *r).take(n as u64).read_to_end(&mut frame)).await;
+    match body {
+        Ok(Ok(got)) if got == n => {}
+        Ok(Ok(_)) => return Err(FrameError::Closed),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            return Err(FrameError::Malformed(format!(
+                "a frame of {n} bytes did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            )))
+        }
+    }
     match decode(&frame)? {
         Some((msg, _)) => Ok(msg),
         None => Err(FrameError::Malformed("short frame".into())),
@@ -228,10 +277,15 @@ mod tests {
     fn sample() -> Request {
         Request::StartAgent {
             task: "tidy the notes ✓".into(),
-            workspace: "/tmp/ws".into(),
-            policy: Policy::AutoRead,
             max_steps: 5,
             max_minutes: 10,
+            max_run_tokens: 1000,
+            governor: crate::agent::GovernorMode::Pause,
+            wanted: Wanted {
+                workspace: Some("/tmp/ws".into()),
+                approval: Policy::AutoRead,
+                ..Wanted::default()
+            },
         }
     }
 
@@ -268,7 +322,7 @@ mod tests {
             decode::<Request>(&old),
             Err(FrameError::WrongVersion(1))
         ));
-        let body = br#"{"v": 2, "type": "launch_missiles"}"#;
+        let body = br#"{"v": 3, "type": "launch_missiles"}"#;
         let mut bad = (body.len() as u32).to_be_bytes().to_vec();
         bad.extend_from_slice(body);
         assert!(matches!(

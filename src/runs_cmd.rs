@@ -9,6 +9,7 @@ use crate::cli::{AgentArgs, Common};
 use crate::daemon::{ask, connect};
 use crate::error::{KilnError, Result};
 use crate::protocol::{self, Reply, Request};
+use crate::visible::visible_line;
 
 fn unexpected(reply: Reply) -> KilnError {
     match reply {
@@ -19,19 +20,22 @@ fn unexpected(reply: Reply) -> KilnError {
 
 /// Start an agent run in the daemon (starting the daemon if none runs).
 pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
-    let workspace = common
-        .workspace
+    let root = common.workspace();
+    let workspace = root
         .canonicalize()
-        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", common.workspace.display())))?;
+        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", root.display())))?;
+    let mut wanted = protocol::Wanted::of(common);
+    wanted.workspace = Some(workspace);
     let mut stream = connect(common, true).await?;
     let reply = ask(
         &mut stream,
         &Request::StartAgent {
             task: args.task,
-            workspace,
-            policy: common.approval,
             max_steps: args.max_steps,
             max_minutes: args.max_minutes,
+            max_run_tokens: args.max_run_tokens,
+            governor: args.governor,
+            wanted,
         },
     )
     .await?;
@@ -57,6 +61,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                 Some(w) => {
                     let id = w.session.unwrap_or_else(|| "(new, unsaved)".into());
                     let title: String = w.title.unwrap_or_default().chars().take(60).collect();
+                    let title = visible_line(&title);
                     println!("{id:<22} {:<10} {:<18}  {title}", w.clients, w.activity);
                 }
                 None => println!("(none open)"),
@@ -72,6 +77,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                     Some(Outcome::Stopped) => "stopped".into(),
                 };
                 let task: String = r.task.chars().take(60).collect();
+                let task = visible_line(&task);
                 println!("{:<22} {:>5}  {:<18}  {task}", r.id, r.steps, state);
             }
             Ok(0)

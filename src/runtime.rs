@@ -46,6 +46,9 @@ pub struct Runtime {
     pub agent: Option<AgentLink>,
     /// Escape sequences for the attached terminals (OSC 52 copies).
     pub outbox: Vec<String>,
+    /// Why the user's last message could not be committed: the model is
+    /// not asked about a message that is not on disk.
+    not_committed: Option<String>,
     /// The first engine's forwarder, stopped to hand its events back.
     first: Forwarder,
 }
@@ -97,6 +100,7 @@ impl Runtime {
             samples,
             agent: None,
             outbox: Vec::new(),
+            not_committed: None,
             first,
         };
         (runtime, events)
@@ -230,6 +234,16 @@ impl Runtime {
     pub async fn perform(&mut self, effect: Effect, state: &mut State) {
         match effect {
             Effect::Chat(text) => {
+                if let Some(why) = self.not_committed.take() {
+                    let error = format!(
+                        "your message could not be saved ({why}), so it was not sent to the model; it is kept and written when the disk has room"
+                    );
+                    let failed = EngineEvent::TurnFailed { turn: 0, error };
+                    for effect in app::update(state, Msg::Engine(failed, std::time::Instant::now())) {
+                        Box::pin(self.perform(effect, state)).await;
+                    }
+                    return;
+                }
                 self.offload_if_needed(state, &text).await;
                 self.engine.chat(text);
             }
@@ -244,6 +258,16 @@ impl Runtime {
             Effect::Cancel => self.engine.cancel(),
             Effect::SetSystemPrompt(p) => self.engine.send(EngineCommand::SetSystemPrompt(p)),
             Effect::Copy(text) => self.outbox.push(osc52(&text)),
+            Effect::Record(event @ session::Event::User { .. }) => {
+                let Some(j) = self.journal(state).cloned() else {
+                    self.not_committed = Some("the session could not be created".into());
+                    return;
+                };
+                let committed = tokio::task::spawn_blocking(move || j.commit(event))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                self.not_committed = committed.err();
+            }
             Effect::Record(event) => {
                 if let Some(j) = self.journal(state) {
                     j.event(event);
@@ -387,7 +411,7 @@ impl Runtime {
     /// Run an agent as a task of its own: it drives the engine, journals to
     /// this session, and asks the user through `AskTheUser`.
     fn start_agent(&mut self, state: &mut State, task: String) -> Result<(), Outcome> {
-        let root = &self.common.workspace;
+        let root = &self.common.workspace();
         let workspace = Workspace::new(root)
             .map_err(|e| Outcome::Failed(format!("workspace {}: {e}", root.display())))?;
         let journal = self.journal(state).cloned();

@@ -3,7 +3,8 @@
 use crate::cli::{Common, ExportFormat, SessionsAction};
 use crate::error::{KilnError, Result};
 use crate::launch::paths_and_config;
-use crate::store::{display_time, Loaded, SessionStore};
+use crate::store::{display_time, id_of, Loaded, SessionStore};
+use crate::visible::{for_output, visible, visible_line};
 use crate::transcript::EntryKind;
 
 pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {
@@ -13,23 +14,21 @@ pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {
         SessionsAction::List { json } => list(&store, json),
         SessionsAction::Show { id } => {
             let loaded = load(&store, &id)?;
-            print!(
-                "{}",
-                loaded
-                    .transcript
-                    .to_markdown(&loaded.meta.title, &loaded.meta.model)
-            );
+            let md = loaded
+                .transcript
+                .to_markdown(&loaded.meta.title, &loaded.meta.model);
+            print!("{}", for_output(&md, raw()));
             Ok(0)
         }
         SessionsAction::Export { id, format } => {
             let loaded = load(&store, &id)?;
             match format {
-                ExportFormat::Md => print!(
-                    "{}",
-                    loaded
+                ExportFormat::Md => {
+                    let md = loaded
                         .transcript
-                        .to_markdown(&loaded.meta.title, &loaded.meta.model)
-                ),
+                        .to_markdown(&loaded.meta.title, &loaded.meta.model);
+                    print!("{}", for_output(&md, raw()));
+                }
                 ExportFormat::Json => {
                     let doc = serde_json::json!({
                         "meta": loaded.meta,
@@ -44,10 +43,14 @@ pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {
             }
             Ok(0)
         }
-        SessionsAction::Rm { id } => {
+        SessionsAction::Rm { id, yes } => {
             let dir = store.resolve(Some(&id))?;
+            if !yes && !confirm_removal(&store, &dir)? {
+                eprintln!("kiln: kept {}", id_of(&dir));
+                return Ok(1);
+            }
             store.remove(&dir)?;
-            eprintln!("kiln: removed {}", dir.display());
+            eprintln!("kiln: removed session {}", id_of(&dir));
             Ok(0)
         }
         SessionsAction::Rename { id, title } => {
@@ -59,6 +62,37 @@ pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Whether stdout keeps the bytes as they are (a file or a pipe): a
+/// terminal gets what would act on it made visible.
+fn raw() -> bool {
+    use std::io::IsTerminal;
+    !std::io::stdout().is_terminal()
+}
+
+/// Ask on the terminal before deleting; with no terminal to ask, refuse
+/// unless `--yes` was given.
+fn confirm_removal(store: &SessionStore, dir: &std::path::Path) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let id = id_of(dir);
+    if !std::io::stdin().is_terminal() {
+        return Err(KilnError::BadArgument(format!(
+            "removing session {id} needs a yes: run it on a terminal, or add --yes"
+        )));
+    }
+    let title = store
+        .load(dir)
+        .map(|l| visible(&l.meta.title).into_owned())
+        .unwrap_or_else(|_| "damaged".into());
+    eprint!("kiln: remove session {id} ({title}) and everything in it? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| KilnError::io("stdin", e))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 /// A session with its warnings (skipped journal lines) on stderr.
@@ -90,7 +124,7 @@ fn list(store: &SessionStore, json: bool) -> Result<i32> {
             println!(
                 "{:<22} DAMAGED: {}",
                 l.id,
-                l.problem.as_deref().unwrap_or("unreadable")
+                visible_line(l.problem.as_deref().unwrap_or("unreadable"))
             );
             continue;
         };
@@ -110,7 +144,7 @@ fn list(store: &SessionStore, json: bool) -> Result<i32> {
             l.id,
             display_time(meta.updated_ms),
             messages,
-            meta.title
+            visible_line(&meta.title)
         );
     }
     Ok(0)

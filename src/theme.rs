@@ -160,8 +160,28 @@ impl Theme {
     pub fn load(name: &str, user_dir: Option<&Path>, no_color: bool) -> (Theme, Vec<String>) {
         let mut warnings = Vec::new();
         let mut theme = Theme::default();
+        // A name, never a path (it may come from a client of the daemon),
+        // and a theme file is a small regular file (never a FIFO that
+        // would hang the workstation).
+        if !crate::store::is_id(name) {
+            let shown = crate::visible::visible_line(name);
+            let shown: String = shown.chars().take(64).collect();
+            warnings.push(format!(
+                "theme '{shown}': not a theme name (letters, digits, - and _); using {DEFAULT_THEME}"
+            ));
+            theme.monochrome = no_color;
+            return (theme, warnings);
+        }
+        const MAX_THEME_BYTES: u64 = 64 << 10;
         let user_file = user_dir.map(|d| d.join(format!("{name}.toml")));
         let source = match user_file.as_deref().filter(|f| f.exists()) {
+            Some(file) if !std::fs::metadata(file).is_ok_and(|m| m.is_file() && m.len() <= MAX_THEME_BYTES) => {
+                warnings.push(format!(
+                    "{}: not a regular file of at most {MAX_THEME_BYTES} bytes; using {DEFAULT_THEME}",
+                    file.display()
+                ));
+                None
+            }
             Some(file) => match std::fs::read_to_string(file) {
                 Ok(text) => Some((file.display().to_string(), text)),
                 Err(e) => {

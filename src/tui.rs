@@ -54,24 +54,33 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
     if common.no_daemon {
         return in_process(common, start, size).await;
     }
-    let open = match start {
+    let open = match resume_id(common, start)? {
         Start::New => Open::Current,
         Start::Resume(None) => Open::Last,
-        // A folder is named for the daemon, whose working folder differs.
-        Start::Resume(Some(query)) => Open::Session {
-            query: match std::fs::canonicalize(&query) {
-                Ok(dir) if dir.is_dir() => dir.to_string_lossy().into_owned(),
-                _ => query,
-            },
-        },
+        Start::Resume(Some(query)) => Open::Session { query },
     };
     attach(common, open, size).await
+}
+
+/// A session folder named for `resume` is copied into the store here, so
+/// that only ids travel and are opened (the daemon's working folder also
+/// differs from this terminal's).
+fn resume_id(common: &Common, start: Start) -> Result<Start> {
+    match start {
+        Start::Resume(Some(query)) => {
+            let (paths, _) = launch::paths_and_config(common)?;
+            let id = SessionStore::new(&paths).resolve_or_import(&query)?;
+            Ok(Start::Resume(Some(id)))
+        }
+        other => Ok(other),
+    }
 }
 
 /// `--no-daemon`: the host runs here and ends with the terminal.
 async fn in_process(common: &Common, start: Start, size: (u16, u16)) -> Result<i32> {
     // Read the session first: a bad id or a locked session fails before a
     // model is loaded.
+    let start = resume_id(common, start)?;
     let (paths, _) = launch::paths_and_config(common)?;
     let store = SessionStore::new(&paths);
     let mut common = common.clone();

@@ -37,6 +37,28 @@ const FRAME: Duration = Duration::from_millis(33);
 const WHEEL_ROWS: i16 = 3;
 /// Frames queued for a client before it counts as fallen behind.
 pub const CLIENT_BUFFER: usize = 64;
+/// The largest terminal drawn: wider than any real screen at a readable
+/// font, and bounded because each attached terminal holds two buffers of
+/// this many cells.
+pub const MAX_COLS: u16 = 1000;
+pub const MAX_ROWS: u16 = 400;
+/// Terminals one conversation may have attached at once.
+pub const MAX_TERMINALS: usize = 16;
+
+/// Whether a terminal size a client sent can be drawn.
+pub fn check_size((w, h): (u16, u16)) -> std::result::Result<(), String> {
+    if w > MAX_COLS || h > MAX_ROWS {
+        return Err(format!(
+            "a terminal of {w}x{h} is larger than the {MAX_COLS}x{MAX_ROWS} kiln draws"
+        ));
+    }
+    Ok(())
+}
+
+/// Sizes are kept within bounds whoever sends them.
+fn bounded((w, h): (u16, u16)) -> (u16, u16) {
+    (w.min(MAX_COLS), h.min(MAX_ROWS))
+}
 
 /// What a client receives.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +104,18 @@ impl Client {
 pub enum Input {
     Event { event: Event },
     Paste { pasted: Pasted },
+}
+
+impl Input {
+    /// Whether the host can take this input from a client.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match self {
+            Input::Event {
+                event: Event::Resize(w, h),
+            } => check_size((*w, *h)),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl From<Event> for Input {
@@ -344,7 +378,13 @@ impl Host {
         if let Some(w) = warnings.into_iter().next() {
             self.state.notice = Some(w);
         }
-        let (w, h) = client.size;
+        if self.clients.len() >= MAX_TERMINALS {
+            let _ = client.out.try_send(Screen::Closed(format!(
+                "{MAX_TERMINALS} terminals are attached already"
+            )));
+            return;
+        }
+        let (w, h) = bounded(client.size);
         let terminal = Terminal::with_options(
             CrosstermBackend::new(Vec::new()),
             TerminalOptions {
@@ -354,7 +394,7 @@ impl Host {
         .expect("a terminal over a buffer cannot fail");
         self.clients.push(Attached {
             id: client.id,
-            size: client.size,
+            size: (w, h),
             theme,
             terminal,
             out: client.out,
@@ -376,6 +416,7 @@ impl Host {
             Input::Event { event } => event,
         };
         if let Event::Resize(w, h) = event {
+            let (w, h) = bounded((w, h));
             c.size = (w, h);
             let _ = c.terminal.resize(Rect::new(0, 0, w, h));
         }

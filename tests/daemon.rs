@@ -124,10 +124,15 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
     let daemon = Daemon::start(home.path()).await;
     let Reply::Started { id } = daemon.request(&Request::StartAgent {
         task: "List the folder, read every file in it, and search for the word glaze.".into(),
-        workspace: ws.path().to_path_buf(),
-        policy: kiln::agent::Policy::AutoRead,
         max_steps: 10,
         max_minutes: 10,
+        max_run_tokens: 200_000,
+        governor: kiln::agent::GovernorMode::Pause,
+        wanted: kiln::protocol::Wanted {
+            workspace: Some(ws.path().to_path_buf()),
+            approval: kiln::agent::Policy::AutoRead,
+            ..Default::default()
+        },
     }) else {
         panic!("no run started");
     };

@@ -204,13 +204,15 @@ async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
     let file = home.path().join("paste.txt");
     std::fs::write(&file, &text).unwrap();
     let buffer = format!("kiln-paste-{}", std::process::id());
-    let load = std::process::Command::new("tmux")
+    let load = tmux
+        .tmux()
         .args(["load-buffer", "-b", &buffer])
         .arg(&file)
         .status()
         .unwrap();
     assert!(load.success());
-    let paste = std::process::Command::new("tmux")
+    let paste = tmux
+        .tmux()
         .args([
             "paste-buffer",
             "-p",

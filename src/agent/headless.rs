@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::tools::{Limits, Workspace};
+use crate::visible::visible;
 use super::{pressure, Agent, Budgets, Nobody, Outcome, Progress};
 use crate::cli::{AgentArgs, Common};
 use crate::engine::{self, Engine};
@@ -16,8 +17,9 @@ use crate::store::SessionStore;
 use crate::telemetry;
 
 pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
-    let workspace = Workspace::new(&common.workspace)
-        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", common.workspace.display())))?;
+    let root = common.workspace();
+    let workspace = Workspace::new(&root)
+        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", root.display())))?;
     if args.task.trim().is_empty() {
         return Err(KilnError::BadArgument("the task is empty".into()));
     }
@@ -84,8 +86,8 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
         println!("{}", serde_json::to_string(&outcome).expect("serializes"));
     } else {
         match &outcome {
-            Outcome::Finished(summary) => println!("finished: {summary}"),
-            Outcome::Failed(why) => println!("failed: {why}"),
+            Outcome::Finished(summary) => println!("finished: {}", visible(summary)),
+            Outcome::Failed(why) => println!("failed: {}", visible(why)),
             Outcome::BudgetExhausted(what) => println!("budget exhausted: {what}"),
             Outcome::Stopped => println!("stopped"),
         }
@@ -95,7 +97,13 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
 }
 
 /// One plain progress line.
+/// One progress line for people: whatever the model or a tool wrote in it
+/// made visible (`visible_line`), so it cannot act on the terminal.
 pub fn line(p: &Progress) -> String {
+    crate::visible::visible_line(&raw_line(p)).into_owned()
+}
+
+fn raw_line(p: &Progress) -> String {
     let first = |s: &str| -> String { s.lines().next().unwrap_or("").chars().take(100).collect() };
     match p {
         Progress::Call { step, call } => format!("step {step}: {}", call.describe()),

@@ -71,6 +71,24 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Whether this policy asks for at least every yes `other` asks for.
+    pub fn asks_at_least(self, other: Policy) -> bool {
+        let rank = |p: Policy| match p {
+            Policy::Ask => 2,
+            Policy::AutoRead => 1,
+            Policy::Auto => 0,
+        };
+        rank(self) >= rank(other)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Ask => "ask",
+            Policy::AutoRead => "auto-read",
+            Policy::Auto => "auto",
+        }
+    }
+
     fn needs_approval(self, call: &ToolCall) -> bool {
         if matches!(call, ToolCall::Finish { .. }) {
             return false;
@@ -83,7 +101,7 @@ impl Policy {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum GovernorMode {
     /// Wait between steps until the pressure is gone.
@@ -315,7 +333,7 @@ impl<A: Approver> Agent<'_, A> {
                     }
                 }
             }
-            let result: ToolResult = tools::execute(&call, &self.workspace, &self.limits).await;
+            let result: ToolResult = tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
             self.record(Event::ToolResult {
                 step,
                 ok: result.ok,

@@ -2,6 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -129,11 +130,20 @@ impl Default for Limits {
     }
 }
 
-/// The folder an agent works in. Every path is resolved inside it.
+/// The folder an agent works in. Every file is opened beneath a handle on
+/// it (cap-std: `openat2` with `RESOLVE_BENEATH` on Linux, else a walk
+/// with no-follow at each step), so neither `..`, an absolute path, nor a
+/// link, even one swapped in while a call runs, leads a tool outside.
 #[derive(Clone, Debug)]
 pub struct Workspace {
     root: PathBuf,
+    dir: std::sync::Arc<cap_std::fs::Dir>,
 }
+
+/// What a tool may be handed as a file: regular files only (a FIFO or a
+/// device would block the run or act when opened), and no bigger than
+/// this when a patch reads one whole.
+const MAX_PATCH_BYTES: u64 = 8 << 20;
 
 impl Workspace {
     pub fn new(root: &Path) -> std::io::Result<Workspace> {
@@ -144,48 +154,172 @@ impl Workspace {
                 root.display()
             )));
         }
-        Ok(Workspace { root })
+        let dir = cap_std::fs::Dir::open_ambient_dir(&root, cap_std::ambient_authority())?;
+        Ok(Workspace {
+            root,
+            dir: std::sync::Arc::new(dir),
+        })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// `path` inside the workspace, or why not. Absolute paths and `..` are
-    /// refused outright; symlinks are followed and must stay inside. A path
-    /// that does not exist yet (a new file) is checked through its parent.
+    /// `path` as a path relative to the workspace, or why not. Absolute
+    /// paths and `..` are refused outright; the path is taken exactly as
+    /// written (no trimming: `" secret"` is not `secret`). Links are
+    /// checked where the file is opened.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, String> {
-        let rel = Path::new(path.trim());
+        let shown = crate::visible::visible_line(path);
+        if path.is_empty() {
+            return Err("the path is empty".into());
+        }
+        if path.contains('\0') {
+            return Err(format!("{shown}: a path cannot hold a NUL byte"));
+        }
+        let rel = Path::new(path);
         if rel.is_absolute() {
-            return Err(format!("{path}: absolute paths are outside the workspace"));
+            return Err(format!("{shown}: absolute paths are outside the workspace"));
         }
-        if rel.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!("{path}: '..' leaves the workspace"));
-        }
-        let full = self.root.join(rel);
-        let real = match full.canonicalize() {
-            Ok(p) => p,
-            Err(_) => {
-                let parent = full.parent().unwrap_or(&self.root);
-                let name = full
-                    .file_name()
-                    .ok_or_else(|| format!("{path}: no file name"))?;
-                parent
-                    .canonicalize()
-                    .map_err(|e| format!("{path}: {e}"))?
-                    .join(name)
+        let mut out = PathBuf::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(part) => out.push(part),
+                Component::CurDir => {}
+                Component::ParentDir => return Err(format!("{shown}: '..' leaves the workspace")),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(format!("{shown}: absolute paths are outside the workspace"))
+                }
             }
-        };
-        if !real.starts_with(&self.root) {
-            return Err(format!("{path}: a link that leads outside the workspace"));
         }
-        Ok(real)
+        Ok(out)
     }
 
-    fn shown(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root)
-            .map(|r| r.display().to_string())
-            .unwrap_or_else(|_| p.display().to_string())
+    /// `rel` as the workspace's handle opens it ("." for the root).
+    fn at(rel: &Path) -> &Path {
+        if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        }
+    }
+
+    /// Open a regular file for reading, without blocking on a FIFO or a
+    /// device, and its size; refuses anything else.
+    fn open_regular(&self, path: &str, rel: &Path) -> Result<(cap_std::fs::File, u64), String> {
+        use cap_std::fs::OpenOptionsExt;
+        let mut options = cap_std::fs::OpenOptions::new();
+        options
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+        let file = self
+            .dir
+            .open_with(Self::at(rel), &options)
+            .map_err(|e| why(path, &e))?;
+        let meta = file.metadata().map_err(|e| why(path, &e))?;
+        if meta.is_dir() {
+            return Err(format!("{}: a folder; use list_dir", shown(path)));
+        }
+        if !meta.is_file() {
+            return Err(format!(
+                "{}: not a regular file (a FIFO, socket or device); not opened for reading",
+                shown(path)
+            ));
+        }
+        Ok((file, meta.len()))
+    }
+
+    /// Up to `max` bytes of a regular file; a larger one is refused.
+    fn read_bytes(&self, path: &str, rel: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let (file, len) = self.open_regular(path, rel)?;
+        if len > max {
+            return Err(format!(
+                "{}: {len} bytes, more than the {max} bytes {what} takes",
+                shown(path)
+            ));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        // The size can change after the check; never read past the bound.
+        file.take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| why(path, &e))?;
+        if bytes.len() as u64 > max {
+            return Err(format!("{}: grew past {max} bytes while read", shown(path)));
+        }
+        Ok(bytes)
+    }
+
+    /// Replace the file at `rel` with `bytes`: a temporary file with a
+    /// random name made exclusively beside it, then renamed over it, all
+    /// beneath the workspace handle. Missing folders are made. A file that
+    /// existed keeps its permissions.
+    fn write_atomic(&self, path: &str, rel: &Path, bytes: &[u8]) -> Result<(), String> {
+        use cap_std::fs::{OpenOptionsExt, PermissionsExt};
+        let name = rel
+            .file_name()
+            .ok_or_else(|| format!("{}: no file name", shown(path)))?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if !parent.as_os_str().is_empty() {
+            self.dir
+                .create_dir_all(parent)
+                .map_err(|e| why(path, &e))?;
+        }
+        let mode = match self.dir.symlink_metadata(Self::at(rel)) {
+            Ok(m) if m.is_dir() => return Err(format!("{}: a folder", shown(path))),
+            Ok(m) if m.is_file() => m.permissions().mode() & 0o7777,
+            _ => crate::private::user_file_mode(),
+        };
+        let tmp = parent.join(format!(
+            ".{}.{:016x}.tmp",
+            name.to_string_lossy(),
+            rand::random::<u64>()
+        ));
+        let mut options = cap_std::fs::OpenOptions::new();
+        options.write(true).create_new(true).mode(mode);
+        let result = (|| {
+            let mut f = self.dir.open_with(&tmp, &options)?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()?;
+            // The umask may have taken bits the old file had.
+            f.set_permissions(cap_std::fs::Permissions::from_mode(mode))?;
+            self.dir.rename(&tmp, &self.dir, rel)?;
+            self.dir.open_dir(Self::at(parent))?.into_std_file().sync_all()
+        })();
+        if result.is_err() {
+            let _ = self.dir.remove_file(&tmp);
+        }
+        result.map_err(|e| why(path, &e))
+    }
+}
+
+/// A path as it may be shown: control characters made visible.
+fn shown(path: &str) -> std::borrow::Cow<'_, str> {
+    crate::visible::visible_line(path)
+}
+
+/// An I/O error on `path`, said plainly; a link that leads out of the
+/// workspace says so.
+fn why(path: &str, e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("outside of the filesystem") || e.raw_os_error() == Some(libc::EXDEV) {
+        format!("{}: a link that leads outside the workspace", shown(path))
+    } else if e.raw_os_error() == Some(libc::ELOOP) {
+        format!("{}: too many links, or a link where none may be", shown(path))
+    } else {
+        format!("{}: {text}", shown(path))
+    }
+}
+
+/// A file name as the model sees it in a listing: plain when it is plain,
+/// else quoted with escapes, so a newline or an odd byte in a name can
+/// never read as two entries or another name.
+fn listed(name: &std::ffi::OsStr) -> String {
+    match name.to_str() {
+        Some(n) if !n.chars().any(|c| c.is_control() || c == '"') && n.trim() == n => {
+            n.to_string()
+        }
+        _ => format!("{name:?}"),
     }
 }
 
@@ -204,7 +338,13 @@ pub fn cap(mut text: String, max: usize) -> String {
     text
 }
 
-pub async fn execute(call: &ToolCall, ws: &Workspace, limits: &Limits) -> ToolResult {
+/// Run `call`; `stop` (the run's stop flag) ends a shell call early.
+pub async fn execute(
+    call: &ToolCall,
+    ws: &Workspace,
+    limits: &Limits,
+    stop: &AtomicBool,
+) -> ToolResult {
     match call {
         ToolCall::ReadFile { path } => read_file(ws, path, limits),
         ToolCall::WriteFile {
@@ -221,34 +361,21 @@ pub async fn execute(call: &ToolCall, ws: &Workspace, limits: &Limits) -> ToolRe
         ),
         ToolCall::ListDir { path } => list_dir(ws, path, limits),
         ToolCall::Search { query } => search(ws, query, limits),
-        ToolCall::Shell { command } => shell(ws, command, limits).await,
+        ToolCall::Shell { command } => shell(ws, command, limits, stop).await,
         ToolCall::Finish { summary } => ToolResult::ok(summary.clone()),
     }
 }
 
 fn read_file(ws: &Workspace, path: &str, limits: &Limits) -> ToolResult {
-    let full = match ws.resolve(path) {
-        Ok(p) => p,
-        Err(e) => return ToolResult::err(e),
-    };
-    match std::fs::metadata(&full) {
-        Ok(m) if m.is_dir() => return ToolResult::err(format!("{path} is a folder; use list_dir")),
-        Ok(m) if m.len() > limits.max_read => {
-            return ToolResult::err(format!(
-                "{path} is {} bytes, more than the {} bytes read_file takes",
-                m.len(),
-                limits.max_read
-            ))
-        }
-        Ok(_) => {}
-        Err(e) => return ToolResult::err(format!("{path}: {e}")),
-    }
-    match std::fs::read(&full) {
+    let result = ws
+        .resolve(path)
+        .and_then(|rel| ws.read_bytes(path, &rel, limits.max_read, "read_file"));
+    match result {
         Ok(bytes) => ToolResult::ok(cap(
             String::from_utf8_lossy(&bytes).into_owned(),
             limits.max_output,
         )),
-        Err(e) => ToolResult::err(format!("{path}: {e}")),
+        Err(e) => ToolResult::err(e),
     }
 }
 
@@ -259,23 +386,38 @@ fn write_file(
     find: Option<&str>,
     replace: Option<&str>,
 ) -> ToolResult {
-    let full = match ws.resolve(path) {
+    let rel = match ws.resolve(path) {
         Ok(p) => p,
         Err(e) => return ToolResult::err(e),
     };
     let new = match (content, find, replace) {
         (Some(c), None, None) => c.to_string(),
+        (None, Some(""), Some(_)) => return ToolResult::err("the text to find is empty"),
         (None, Some(f), Some(r)) => {
-            let old = match std::fs::read_to_string(&full) {
-                Ok(t) => t,
-                Err(e) => return ToolResult::err(format!("{path}: {e}")),
+            let old = match ws.read_bytes(path, &rel, MAX_PATCH_BYTES, "a patch") {
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        return ToolResult::err(format!(
+                            "{}: not UTF-8 text; a patch cannot edit it",
+                            shown(path)
+                        ))
+                    }
+                },
+                Err(e) => return ToolResult::err(e),
             };
-            match old.matches(f).count() {
+            match old.matches(f).take(2).count() {
                 1 => old.replacen(f, r, 1),
-                0 => return ToolResult::err(format!("{path}: the text to find is not there")),
-                n => {
+                0 => {
                     return ToolResult::err(format!(
-                        "{path}: the text to find occurs {n} times; give more of it"
+                        "{}: the text to find is not there",
+                        shown(path)
+                    ))
+                }
+                _ => {
+                    return ToolResult::err(format!(
+                        "{}: the text to find occurs more than once; give more of it",
+                        shown(path)
                     ))
                 }
             }
@@ -286,33 +428,36 @@ fn write_file(
             )
         }
     };
-    if let Some(parent) = full.parent() {
-        if let Err(e) = std::fs::create_dir_all(parent) {
-            return ToolResult::err(format!("{path}: {e}"));
-        }
-    }
-    match crate::store::atomic::write_atomic(&full, new.as_bytes()) {
-        Ok(()) => ToolResult::ok(format!("wrote {} bytes to {}", new.len(), ws.shown(&full))),
-        Err(e) => ToolResult::err(format!("{path}: {e}")),
+    match ws.write_atomic(path, &rel, new.as_bytes()) {
+        Ok(()) => ToolResult::ok(format!(
+            "wrote {} bytes to {}",
+            new.len(),
+            listed(rel.as_os_str())
+        )),
+        Err(e) => ToolResult::err(e),
     }
 }
 
 fn list_dir(ws: &Workspace, path: &str, limits: &Limits) -> ToolResult {
-    let path = if path.trim().is_empty() { "." } else { path };
-    let full = match ws.resolve(path) {
+    let path = if path.is_empty() { "." } else { path };
+    let rel = match ws.resolve(path) {
         Ok(p) => p,
         Err(e) => return ToolResult::err(e),
     };
-    let entries = match std::fs::read_dir(&full) {
+    let entries = match ws.dir.read_dir(Workspace::at(&rel)) {
         Ok(e) => e,
-        Err(e) => return ToolResult::err(format!("{path}: {e}")),
+        Err(e) => return ToolResult::err(why(path, &e)),
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
+        .take(100_000)
         .map(|e| {
-            let mut name = e.file_name().to_string_lossy().into_owned();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                name.push('/');
+            let mut name = listed(&e.file_name());
+            match e.file_type() {
+                Ok(t) if t.is_dir() => name.push('/'),
+                Ok(t) if t.is_symlink() => name.push('@'),
+                Ok(t) if !t.is_file() => name.push('|'),
+                _ => {}
             }
             name
         })
@@ -324,92 +469,162 @@ fn list_dir(ws: &Workspace, path: &str, limits: &Limits) -> ToolResult {
     ToolResult::ok(cap(names.join("\n"), limits.max_output))
 }
 
-/// Lines containing `query` (case-insensitive) in the workspace's text files.
+/// Lines containing `query` (case-insensitive) in the workspace's text
+/// files. Links are not followed; binary files, files over the read limit
+/// and unreadable ones are counted in a closing note, never skipped
+/// silently.
 fn search(ws: &Workspace, query: &str, limits: &Limits) -> ToolResult {
+    const MAX_FILES: usize = 100_000;
     if query.trim().is_empty() {
         return ToolResult::err("search needs a query");
     }
     let needle = query.to_lowercase();
     let mut hits = Vec::new();
-    let mut stack = vec![ws.root.clone()];
+    let mut stack = vec![PathBuf::new()];
     let mut out_len = 0;
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    let (mut binary, mut large, mut unreadable, mut seen) = (0usize, 0usize, 0usize, 0usize);
+    'walk: while let Some(dir) = stack.pop() {
+        let Ok(entries) = ws.dir.read_dir(Workspace::at(&dir)) else {
+            unreadable += 1;
             continue;
         };
         let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
+            seen += 1;
+            if seen > MAX_FILES {
+                break 'walk;
+            }
             let Ok(kind) = e.file_type() else { continue };
             let name = e.file_name();
             if name.to_string_lossy().starts_with('.') {
                 continue;
             }
-            // Links are not followed: they may lead out of the workspace.
+            let rel = dir.join(&name);
             if kind.is_dir() {
-                stack.push(e.path());
+                stack.push(rel);
             } else if kind.is_file() {
-                let Ok(meta) = e.metadata() else { continue };
-                if meta.len() > limits.max_read {
+                let shown_name = listed(rel.as_os_str());
+                let bytes = match ws.read_bytes(&shown_name, &rel, limits.max_read, "search") {
+                    Ok(b) => b,
+                    Err(_) if e.metadata().is_ok_and(|m| m.len() > limits.max_read) => {
+                        large += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        unreadable += 1;
+                        continue;
+                    }
+                };
+                if bytes.iter().take(8192).any(|&b| b == 0) {
+                    binary += 1;
                     continue;
                 }
-                let Ok(text) = std::fs::read_to_string(e.path()) else {
-                    continue;
-                };
+                let text = String::from_utf8_lossy(&bytes);
                 for (n, line) in text.lines().enumerate() {
                     if line.to_lowercase().contains(&needle) {
-                        let hit = format!("{}:{}: {}", ws.shown(&e.path()), n + 1, line.trim());
+                        let hit = format!("{shown_name}:{}: {}", n + 1, line.trim());
                         out_len += hit.len() + 1;
                         hits.push(hit);
                         if out_len > limits.max_output {
-                            return ToolResult::ok(cap(hits.join("\n"), limits.max_output));
+                            break 'walk;
                         }
                     }
                 }
             }
         }
     }
-    if hits.is_empty() {
-        return ToolResult::ok(format!("no line contains '{query}'"));
+    let mut notes = Vec::new();
+    if binary > 0 {
+        notes.push(format!("{binary} binary files"));
     }
-    ToolResult::ok(hits.join("\n"))
+    if large > 0 {
+        notes.push(format!("{large} files over {} bytes", limits.max_read));
+    }
+    if unreadable > 0 {
+        notes.push(format!("{unreadable} unreadable files or folders"));
+    }
+    if seen > MAX_FILES {
+        notes.push(format!("everything after the first {MAX_FILES} entries"));
+    }
+    let mut text = if hits.is_empty() {
+        format!("no line contains '{query}'")
+    } else {
+        cap(hits.join("\n"), limits.max_output)
+    };
+    if !notes.is_empty() {
+        text.push_str(&format!("\n[not searched: {}]", notes.join(", ")));
+    }
+    ToolResult::ok(text)
 }
 
-/// Run `command` with `sh -c` in the workspace, in its own process group so
-/// a timeout kills everything it started. Output beyond the cap is read and
-/// dropped, so a chatty command cannot fill memory or block on a full pipe.
-async fn shell(ws: &Workspace, command: &str, limits: &Limits) -> ToolResult {
+/// How a shell call ended, when it did not exit by itself.
+enum Cut {
+    TimedOut,
+    Stopped,
+}
+
+/// Run `command` with `sh -c` in the workspace. The call's processes die
+/// with it: at its end (a timeout, a stop, or the shell exiting while
+/// something it started in the background still runs), its process group
+/// and every process carrying its tag are killed, `setsid` and `nohup`
+/// children included, and the pipes are read no further. Output beyond the
+/// cap is read and dropped, so a chatty command cannot fill memory or block
+/// on a full pipe. A stop is honoured within about 100 ms.
+async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool) -> ToolResult {
+    let tag = format!("{:032x}", rand::random::<u128>());
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(command)
         .current_dir(&ws.root)
+        .env(CALL_TAG, &tag)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    let umask = crate::private::user_umask();
+    // SAFETY: umask(2) in the child before exec touches no shared state.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(umask as libc::mode_t);
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return ToolResult::err(format!("cannot run sh: {e}")),
     };
     let pid = child.id();
+    let (close, closed) = tokio::sync::watch::channel(false);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let out = tokio::spawn(read_capped(stdout, limits.max_output));
-    let err = tokio::spawn(read_capped(stderr, limits.max_output));
-    let status = match tokio::time::timeout(limits.shell_timeout, child.wait()).await {
-        Ok(s) => s.ok(),
-        Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) on the process group the child leads.
-                unsafe {
-                    libc::kill(-(pid as i32), libc::SIGKILL);
+    let out = tokio::spawn(read_capped(stdout, limits.max_output, closed.clone()));
+    let err = tokio::spawn(read_capped(stderr, limits.max_output, closed));
+    let deadline = tokio::time::Instant::now() + limits.shell_timeout;
+    let ended = loop {
+        tokio::select! {
+            status = child.wait() => break Ok(status.ok()),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break Err(Cut::Stopped);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break Err(Cut::TimedOut);
                 }
             }
-            let _ = child.wait().await;
-            None
         }
     };
+    if let Some(pid) = pid {
+        kill_call(pid, &tag);
+    }
+    if ended.is_err() {
+        let _ = child.wait().await;
+    }
+    // What is still in the pipes comes out at once; a process that escaped
+    // the kill and holds them is not waited for.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = close.send(true);
     let (out, out_total) = out.await.unwrap_or_default();
     let (err, err_total) = err.await.unwrap_or_default();
     let mut text = String::from_utf8_lossy(&out).into_owned();
@@ -429,8 +644,8 @@ async fn shell(ws: &Workspace, command: &str, limits: &Limits) -> ToolResult {
             ));
         }
     }
-    match status {
-        Some(s) => {
+    match ended {
+        Ok(Some(s)) => {
             let code = s
                 .code()
                 .map_or("killed by a signal".into(), |c| c.to_string());
@@ -439,21 +654,71 @@ async fn shell(ws: &Workspace, command: &str, limits: &Limits) -> ToolResult {
                 output: format!("exit code {code}\n{text}"),
             }
         }
-        None => ToolResult::err(format!(
+        Ok(None) => ToolResult::err(format!("the shell's status was lost\n{text}")),
+        Err(Cut::TimedOut) => ToolResult::err(format!(
             "timed out after {} s and was killed\n{text}",
             limits.shell_timeout.as_secs()
         )),
+        Err(Cut::Stopped) => ToolResult::err(format!("stopped by the user and killed\n{text}")),
     }
 }
 
-/// Read `r` to its end, keeping the first `max` bytes; returns them and the
-/// total.
-async fn read_capped<R: tokio::io::AsyncRead + Unpin>(mut r: R, max: usize) -> (Vec<u8>, usize) {
+/// The variable that tags every process a shell call starts; it survives
+/// `setsid`, `nohup` and double forks, which leave the process group.
+const CALL_TAG: &str = "KILN_TOOL_CALL";
+
+/// Kill a shell call's process group, then every process that carries its
+/// tag (found in `/proc` where there is one), twice over to catch forks
+/// made meanwhile.
+fn kill_call(pgid: u32, tag: &str) {
+    // SAFETY: kill(2) on the process group the call leads.
+    unsafe {
+        libc::kill(-(pgid as i32), libc::SIGKILL);
+    }
+    let needle = format!("{CALL_TAG}={tag}");
+    for _ in 0..2 {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.filter_map(|e| e.ok()) {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(p.path().join("environ")) else {
+                continue;
+            };
+            if environ
+                .split(|&b| b == 0)
+                .any(|var| var == needle.as_bytes())
+            {
+                // SAFETY: kill(2) on a process of this call.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Read `r` until its end or until `close` turns true, keeping the first
+/// `max` bytes; returns them and the total.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
+    mut r: R,
+    max: usize,
+    mut close: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<u8>, usize) {
     let mut kept = Vec::new();
     let mut total = 0usize;
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        match r.read(&mut buf).await {
+        let n = tokio::select! {
+            // Close first: a process that escaped and writes on and on
+            // must not keep the call open.
+            biased;
+            _ = close.wait_for(|c| *c) => break,
+            n = r.read(&mut buf) => n,
+        };
+        match n {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 total += n;

@@ -56,6 +56,8 @@ pub struct AgentView {
     pub task: String,
     pub step: u32,
     pub pending: Option<ToolCall>,
+    /// How far the approval question is scrolled.
+    pub approval_scroll: usize,
     pub stopping: bool,
 }
 
@@ -158,11 +160,28 @@ pub enum Effect {
 }
 
 /// Pasted text, cut to `MAX_PASTE_BYTES` where it arrives (so that a huge
-/// paste never travels further), with the size it had.
+/// paste never travels further), with the size it had. A paste read from
+/// a client is cut again: the daemon does not take a terminal's word for it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "PastedFrame")]
 pub struct Pasted {
     pub text: String,
     pub total: usize,
+}
+
+/// A paste as it arrives over the socket, before it is cut.
+#[derive(serde::Deserialize)]
+struct PastedFrame {
+    text: String,
+    total: usize,
+}
+
+impl From<PastedFrame> for Pasted {
+    fn from(frame: PastedFrame) -> Pasted {
+        let mut pasted = Pasted::new(frame.text);
+        pasted.total = pasted.total.max(frame.total);
+        pasted
+    }
 }
 
 impl Pasted {
@@ -419,6 +438,34 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
         }
         Mode::Picker => on_picker_key(state, action, key),
         Mode::Approve => {
+            let page = state.agent.as_ref().and_then(|a| {
+                let area = ratatui::layout::Rect::new(0, 0, state.size.0, state.size.1);
+                let call = a.pending.as_ref()?;
+                Some(crate::ui::approval::page(call, area, a.approval_scroll))
+            });
+            let Some(page) = page else {
+                return Vec::new();
+            };
+            let scroll = match key.code {
+                KeyCode::Up => Some(page.first.saturating_sub(1)),
+                KeyCode::Down => Some(page.first + 1),
+                KeyCode::PageUp => Some(page.first.saturating_sub(page.step())),
+                KeyCode::PageDown => Some(page.first + page.step()),
+                KeyCode::Home => Some(0),
+                KeyCode::End => Some(page.last_first()),
+                _ => None,
+            };
+            if let (Some(to), Some(a)) = (scroll, &mut state.agent) {
+                a.approval_scroll = to.min(page.last_first());
+                return Vec::new();
+            }
+            let yes = matches!(key.code, KeyCode::Char('y' | 'Y' | 'a' | 'A'));
+            if yes && !page.shows_the_end() {
+                state.notice = Some(
+                    "the call goes on below: scroll to its end (End) before approving it".into(),
+                );
+                return Vec::new();
+            }
             let answer = match (action, key.code) {
                 (_, KeyCode::Char('y' | 'Y')) => Approval::Yes,
                 (_, KeyCode::Char('a' | 'A')) => Approval::Always,
@@ -711,6 +758,7 @@ fn send(state: &mut State) -> Vec<Effect> {
             task: task.to_string(),
             step: 0,
             pending: None,
+            approval_scroll: 0,
             stopping: false,
         });
         state.scroll = Scroll::Follow;
@@ -785,6 +833,7 @@ fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
         AgentMsg::Approval(call) => {
             if let Some(a) = &mut state.agent {
                 a.pending = Some(call);
+                a.approval_scroll = 0;
             }
             state.mode = Mode::Approve;
             Vec::new()

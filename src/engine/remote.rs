@@ -45,7 +45,96 @@ fn default_context() -> usize {
     8192
 }
 
+/// Secrets an endpoint must never get back onto the screen, into the
+/// journal or the log: its API key, and the password in its URL. Servers
+/// do echo them (in an error body, in a stream), so every text from the
+/// endpoint and every error about it passes through here.
+#[derive(Clone, Debug, Default)]
+struct Redactor {
+    secrets: Vec<String>,
+}
+
+const REDACTED: &str = "[redacted]";
+
+impl Redactor {
+    fn new(endpoint: &Endpoint) -> Redactor {
+        let mut secrets = Vec::new();
+        if let Some(key) = endpoint.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+            secrets.push(key);
+        }
+        if let Ok(url) = reqwest::Url::parse(&endpoint.base_url) {
+            if let Some(p) = url.password() {
+                secrets.push(p.to_string());
+                // As the URL spells it, and decoded.
+                if let Ok(decoded) = urlencoding_decode(p) {
+                    secrets.push(decoded);
+                }
+            }
+        }
+        // Too short to tell from ordinary text.
+        secrets.retain(|s| s.len() >= 4);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor { secrets }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// How much of `pending` can be let out now: all but a tail that could
+    /// still turn into a secret with the next piece of the stream.
+    fn safe_len(&self, pending: &str) -> usize {
+        let mut keep_from = pending.len();
+        for s in &self.secrets {
+            for start in pending.len().saturating_sub(s.len() - 1)..pending.len() {
+                if pending.is_char_boundary(start) && s.starts_with(&pending[start..]) {
+                    keep_from = keep_from.min(start);
+                    break;
+                }
+            }
+        }
+        keep_from
+    }
+}
+
+/// `%XX` escapes decoded; `Err` where they do not make UTF-8.
+fn urlencoding_decode(s: &str) -> Result<String, ()> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).map_err(|_| ())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ())
+}
+
+/// The endpoint's URL as it may be shown: any password replaced.
+fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 pub struct RemoteEngine {
+    redactor: Redactor,
     name: String,
     endpoint: Endpoint,
     client: reqwest::Client,
@@ -65,6 +154,7 @@ impl RemoteEngine {
             .build()
             .map_err(|e| format!("endpoint {name}: {e}"))?;
         Ok(RemoteEngine {
+            redactor: Redactor::new(&endpoint),
             name: name.to_string(),
             endpoint,
             client,
@@ -111,6 +201,7 @@ impl RemoteEngine {
             "{}/chat/completions",
             self.endpoint.base_url.trim_end_matches('/')
         );
+        let shown = shown_url(&url);
         let mut request = self.client.post(&url).json(&self.body(messages));
         if let Some(var) = &self.endpoint.api_key_env {
             let key = std::env::var(var)
@@ -126,11 +217,11 @@ impl RemoteEngine {
         let response = request.send().await.map_err(|e| {
             if e.is_connect() {
                 format!(
-                    "endpoint {name}: cannot connect to {url}: {}",
+                    "endpoint {name}: cannot connect to {shown}: {}",
                     root_cause(&e)
                 )
             } else if e.is_timeout() {
-                format!("endpoint {name}: {url} timed out")
+                format!("endpoint {name}: {shown} timed out")
             } else {
                 format!("endpoint {name}: {}", root_cause(&e))
             }
@@ -151,6 +242,8 @@ impl RemoteEngine {
         let mut first_at = None;
         let mut chunks = 0usize;
         let mut last_event = Instant::now();
+        // Streamed text not let out yet: it could be the start of a secret.
+        let mut held = String::new();
         loop {
             if cancel.is_cancelled(turn) {
                 finish = Some(FinishReason::Cancelled);
@@ -190,8 +283,15 @@ impl RemoteEngine {
                     if !text.is_empty() {
                         first_at.get_or_insert_with(Instant::now);
                         chunks += 1;
-                        reply.push_str(&text);
-                        let _ = out.send(EngineEvent::Token { turn, text });
+                        held.push_str(&text);
+                        let held_text = self.redactor.redact(&held);
+                        let safe = self.redactor.safe_len(&held_text);
+                        held = held_text[safe..].to_string();
+                        let text = held_text[..safe].to_string();
+                        if !text.is_empty() {
+                            reply.push_str(&text);
+                            let _ = out.send(EngineEvent::Token { turn, text });
+                        }
                     }
                 }
                 if let Some(reason) = choice.finish_reason {
@@ -201,6 +301,11 @@ impl RemoteEngine {
                     });
                 }
             }
+        }
+        if !held.is_empty() {
+            let text = self.redactor.redact(&held);
+            reply.push_str(&text);
+            let _ = out.send(EngineEvent::Token { turn, text });
         }
         let finish = match (finish, done) {
             (Some(f), _) => f,
@@ -301,6 +406,7 @@ impl Engine for RemoteEngine {
                 .messages
                 .push(Message::new(Role::Assistant, reply)),
             Err(error) => {
+                let error = self.redactor.redact(&error);
                 tracing::warn!("{error}");
                 let _ = out.send(EngineEvent::TurnFailed { turn, error });
             }
@@ -340,5 +446,50 @@ impl Engine for RemoteEngine {
 
     fn reset(&mut self) {
         self.conv.messages.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str) -> Endpoint {
+        Endpoint {
+            base_url: url.into(),
+            model: "m".into(),
+            api_key_env: None,
+            context: 8192,
+        }
+    }
+
+    /// A secret is caught whole, across any split of a stream, and in the
+    /// URL as spelled and as decoded.
+    #[test]
+    fn secrets_never_pass_whatever_the_split() {
+        let r = Redactor::new(&endpoint("http://user:p%40ss-w0rd@host:1/v1"));
+        assert_eq!(
+            shown_url("http://user:p%40ss-w0rd@host:1/v1"),
+            "http://user:***@host:1/v1"
+        );
+        let secret = "sk-test-0123456789";
+        let r = Redactor {
+            secrets: [r.secrets, vec![secret.to_string()]].concat(),
+        };
+        assert_eq!(r.redact("bad key p@ss-w0rd"), "bad key [redacted]");
+        let text = format!("echo {secret} and p%40ss-w0rd done");
+        for cut in 1..text.len() {
+            // The stream as the engine handles it, split into pieces.
+            let mut held = String::new();
+            let mut out = String::new();
+            for piece in [&text[..cut], &text[cut..]] {
+                held.push_str(piece);
+                let h = r.redact(&held);
+                let safe = r.safe_len(&h);
+                out.push_str(&h[..safe]);
+                held = h[safe..].to_string();
+            }
+            out.push_str(&r.redact(&held));
+            assert_eq!(out, "echo [redacted] and [redacted] done", "cut at {cut}");
+        }
     }
 }

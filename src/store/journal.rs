@@ -13,11 +13,15 @@ use super::session::{encode, now_ms, Event, OpenSession};
 
 pub const CHUNK_FLUSH: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a commit waits for its fsync before calling it unconfirmed.
+const COMMIT_WAIT: Duration = Duration::from_secs(15);
 /// The title a session has until its first message names it.
 pub const UNTITLED: &str = "new session";
 
 enum Write {
     Event(Event),
+    /// An event whose writer waits to hear it is on disk.
+    Commit(Event, mpsc::Sender<Result<(), String>>),
     Chunk(String),
     Close(mpsc::Sender<()>),
 }
@@ -39,6 +43,18 @@ pub struct JournalHandle {
 impl JournalHandle {
     pub fn event(&self, event: Event) {
         let _ = self.tx.send(Write::Event(event));
+    }
+
+    /// Journal `event` and wait until it is on disk. When it cannot be
+    /// written (a full disk), says why; the event stays queued and is
+    /// retried, so it still lands once there is room.
+    pub fn commit(&self, event: Event) -> Result<(), String> {
+        let (ack, done) = mpsc::channel();
+        self.tx
+            .send(Write::Commit(event, ack))
+            .map_err(|_| "the journal writer is gone".to_string())?;
+        done.recv_timeout(COMMIT_WAIT)
+            .unwrap_or_else(|_| Err("the disk did not confirm the write in time".into()))
     }
 
     pub fn chunk(&self, text: impl Into<String>) {
@@ -77,6 +93,9 @@ struct Writer {
     chunks: String,
     chunks_since: Option<Instant>,
     failing: bool,
+    /// Why the last write failed, until one succeeds.
+    last_error: Option<String>,
+    meta_unsaved: bool,
 }
 
 impl Writer {
@@ -88,6 +107,8 @@ impl Writer {
             chunks: String::new(),
             chunks_since: None,
             failing: false,
+            last_error: None,
+            meta_unsaved: false,
         }
     }
 
@@ -99,17 +120,14 @@ impl Writer {
                 (None, false) => Duration::from_secs(3600),
             };
             match rx.recv_timeout(wait) {
-                Ok(Write::Event(event)) => {
-                    self.take_chunks();
-                    let commits = matches!(event, Event::User { .. } | Event::Answer { .. });
-                    if let Event::User { text } = &event {
-                        self.name_after(text);
-                    }
-                    self.pending.push_str(&encode(&event));
-                    self.flush();
-                    if commits {
-                        self.touch_meta();
-                    }
+                Ok(Write::Event(event)) => self.write_event(event),
+                Ok(Write::Commit(event, ack)) => {
+                    self.write_event(event);
+                    let result = match &self.last_error {
+                        None => Ok(()),
+                        Some(why) => Err(why.clone()),
+                    };
+                    let _ = ack.send(result);
                 }
                 Ok(Write::Chunk(text)) => {
                     self.chunks.push_str(&text);
@@ -132,6 +150,9 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {
                     self.take_chunks();
                     self.flush();
+                    if self.meta_unsaved {
+                        self.touch_meta();
+                    }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     self.take_chunks();
@@ -139,6 +160,19 @@ impl Writer {
                     return;
                 }
             }
+        }
+    }
+
+    fn write_event(&mut self, event: Event) {
+        self.take_chunks();
+        let commits = matches!(event, Event::User { .. } | Event::Answer { .. });
+        if let Event::User { text } = &event {
+            self.name_after(text);
+        }
+        self.pending.push_str(&encode(&event));
+        self.flush();
+        if commits {
+            self.touch_meta();
         }
     }
 
@@ -157,6 +191,7 @@ impl Writer {
         match self.session.append_lines(&self.pending) {
             Ok(()) => {
                 self.pending.clear();
+                self.last_error = None;
                 if self.failing {
                     self.failing = false;
                     tracing::info!("journal writes resumed: {}", self.session.dir.display());
@@ -164,6 +199,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                self.last_error = Some(format!("{}: {e}", self.session.events_path().display()));
                 if !self.failing {
                     self.failing = true;
                     let message = format!(
@@ -185,10 +221,22 @@ impl Writer {
         meta.title = title_from(text);
     }
 
+    /// Save the title and time; a failed save is retried with the journal
+    /// (the session keeps its last good `meta.json` meanwhile).
     fn touch_meta(&mut self) {
         self.session.meta.updated_ms = now_ms();
-        if let Err(e) = self.session.save_meta() {
-            tracing::warn!("{e}");
+        match self.session.save_meta() {
+            Ok(()) => {
+                self.meta_unsaved = false;
+                self.failing = !self.pending.is_empty();
+            }
+            Err(e) => {
+                if !self.meta_unsaved {
+                    tracing::warn!("{e}");
+                }
+                self.meta_unsaved = true;
+                self.failing = true;
+            }
         }
     }
 }

@@ -50,27 +50,29 @@ impl SessionStore {
     }
 
     /// Sessions, newest first; damaged ones are listed with their problem.
+    /// Only real folders with an id's name count: a link in the sessions
+    /// folder is never followed out of it.
     pub fn list(&self) -> Vec<Listing> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new();
         };
         let mut out: Vec<Listing> = entries
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| {
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let id = e.file_name().to_str().filter(|n| is_id(n))?.to_string();
                 let dir = e.path();
-                let id = e.file_name().to_string_lossy().into_owned();
                 let (meta, problem) = match read_meta(&dir) {
                     Ok(m) => (Some(m), None),
                     Err(err) => (None, Some(err.to_string())),
                 };
-                Listing {
+                Some(Listing {
                     open_elsewhere: session::is_locked(&dir),
                     id,
                     dir,
                     meta,
                     problem,
-                }
+                })
             })
             .collect();
         out.sort_by(|a, b| {
@@ -80,8 +82,10 @@ impl SessionStore {
         out
     }
 
-    /// The folder of a session named by id, by a unique id prefix, by
-    /// `--last` (`None`), or by a path to a session folder.
+    /// The folder of a session named by its id or a unique start of it, or
+    /// the most recent one (`None`). Only ids are taken, and only sessions
+    /// inside this store are found: a path, an empty id or anything else
+    /// that is not an id is refused.
     pub fn resolve(&self, query: Option<&str>) -> Result<PathBuf> {
         let Some(query) = query else {
             return self
@@ -91,14 +95,16 @@ impl SessionStore {
                 .map(|l| l.dir)
                 .ok_or_else(|| KilnError::BadArgument("there are no sessions yet".into()));
         };
-        let as_path = Path::new(query);
-        if as_path.join(session::META).exists() || as_path.join(session::EVENTS).exists() {
-            return Ok(as_path.to_path_buf());
+        if !is_id(query) {
+            return Err(KilnError::BadArgument(format!(
+                "'{}' is not a session id (ids look like 20261124-063015-3fa2; see `kiln sessions list`)",
+                query.escape_debug()
+            )));
         }
         let matches: Vec<PathBuf> = self
             .list()
             .into_iter()
-            .filter(|l| l.id == query || l.id.starts_with(query))
+            .filter(|l| l.id.starts_with(query))
             .map(|l| l.dir)
             .collect();
         match matches.as_slice() {
@@ -111,6 +117,47 @@ impl SessionStore {
                 many.len()
             ))),
         }
+    }
+
+    /// What `kiln resume` was given: a session id, or a session folder
+    /// outside the store (an example in a repository), which is copied in
+    /// so that kiln never writes into it. Returns the id to open.
+    pub fn resolve_or_import(&self, query: &str) -> Result<String> {
+        let as_dir = Path::new(query);
+        let is_folder = std::fs::symlink_metadata(as_dir).is_ok_and(|m| m.is_dir())
+            && (as_dir.join(session::META).is_file() || as_dir.join(session::EVENTS).is_file());
+        match self.resolve(Some(query)) {
+            Ok(dir) => Ok(id_of(&dir)),
+            Err(_) if is_folder => self.import(as_dir),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copy a session folder from outside the store into it; its new id.
+    fn import(&self, dir: &Path) -> Result<String> {
+        const MAX_IMPORT: u64 = 1 << 30;
+        let loaded = self.load(dir)?;
+        let events_path = dir.join(session::EVENTS);
+        let size = std::fs::metadata(&events_path).map_or(0, |m| m.len());
+        if size > MAX_IMPORT {
+            return Err(KilnError::BadArgument(format!(
+                "{}: {size} bytes, more than the {MAX_IMPORT} a session may have",
+                events_path.display()
+            )));
+        }
+        let mut copy = self.create(
+            &loaded.meta.model,
+            loaded.meta.model_fingerprint.clone(),
+            loaded.meta.context_limit,
+        )?;
+        copy.meta.title = loaded.meta.title.clone();
+        copy.meta.renamed = loaded.meta.renamed;
+        copy.save_meta()?;
+        let events = std::fs::read(&events_path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&events);
+        copy.append_lines(&text)
+            .map_err(|e| KilnError::io(copy.events_path().display(), e))?;
+        Ok(copy.meta.id.clone())
     }
 
     pub fn load(&self, dir: &Path) -> Result<Loaded> {
@@ -170,32 +217,9 @@ impl SessionStore {
         Ok((journal, reports))
     }
 
-    /// Open a session to continue it. A session folder outside the store
-    /// (an example in the repository) is copied in first, so kiln never
-    /// writes into it.
+    /// Open a session of this store to continue it.
     pub fn open_for_resume(&self, dir: &Path) -> Result<OpenSession> {
-        let inside = dir
-            .canonicalize()
-            .ok()
-            .zip(self.root.canonicalize().ok())
-            .is_some_and(|(d, r)| d.starts_with(r));
-        if inside {
-            return OpenSession::open(dir.to_path_buf());
-        }
-        let loaded = self.load(dir)?;
-        let mut copy = self.create(
-            &loaded.meta.model,
-            loaded.meta.model_fingerprint.clone(),
-            loaded.meta.context_limit,
-        )?;
-        copy.meta.title = loaded.meta.title.clone();
-        copy.meta.renamed = loaded.meta.renamed;
-        copy.save_meta()?;
-        let events = std::fs::read(dir.join(session::EVENTS)).unwrap_or_default();
-        let text = String::from_utf8_lossy(&events);
-        copy.append_lines(&text)
-            .map_err(|e| KilnError::io(copy.events_path().display(), e))?;
-        Ok(copy)
+        OpenSession::open(dir.to_path_buf())
     }
 
     pub fn remove(&self, dir: &Path) -> Result<()> {
@@ -215,6 +239,22 @@ impl SessionStore {
         s.meta.updated_ms = session::now_ms();
         s.save_meta()
     }
+}
+
+/// Whether `s` can be a session id: what `new_id` makes, and no more than
+/// letters, digits, `-` and `_` (so never a path, `..` or an empty name).
+pub fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The id of a session folder of the store.
+pub fn id_of(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Sortable by time, unique enough for one user: `20261124-063015-3fa2`.

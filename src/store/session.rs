@@ -184,21 +184,34 @@ pub struct OpenSession {
 
 impl OpenSession {
     /// Create the folder of a new session.
+    /// A session is made whole or not at all: when the disk cannot take
+    /// its folder, lock, meta and journal, nothing is left behind (no
+    /// damaged session).
     pub fn create(dir: PathBuf, meta: Meta) -> Result<OpenSession> {
-        std::fs::create_dir_all(&dir).map_err(|e| KilnError::io(dir.display(), e))?;
         if let Some(parent) = dir.parent() {
-            sync_dir(parent).map_err(|e| KilnError::io(parent.display(), e))?;
+            std::fs::create_dir_all(parent).map_err(|e| KilnError::io(parent.display(), e))?;
         }
-        let lock = lock(&dir)?;
-        let mut session = OpenSession {
-            dir,
-            meta,
-            journal: None,
-            _lock: lock,
-        };
-        session.save_meta()?;
-        session.reopen_journal()?;
-        Ok(session)
+        // A new id's folder: one that exists already is not taken over.
+        std::fs::create_dir(&dir).map_err(|e| KilnError::io(dir.display(), e))?;
+        let made = (|| {
+            let lock = lock(&dir)?;
+            let mut session = OpenSession {
+                dir: dir.clone(),
+                meta,
+                journal: None,
+                _lock: lock,
+            };
+            session.save_meta()?;
+            session.reopen_journal()?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent).map_err(|e| KilnError::io(parent.display(), e))?;
+            }
+            Ok(session)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        made
     }
 
     /// Open an existing session for writing; fails when another process
@@ -253,13 +266,8 @@ impl OpenSession {
 /// file lock, so a killed process releases it.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| KilnError::io(path.display(), e))?;
+    let mut file =
+        super::atomic::open_private(&path, false).map_err(|e| KilnError::io(path.display(), e))?;
     match file.try_lock() {
         Ok(()) => {
             let _ = file.set_len(0);

@@ -1,5 +1,5 @@
-//! Overlays: the key help, the quit question, the system-prompt editor, the
-//! session picker and the agent's approval question.
+//! Overlays: the key help, the quit question, the system-prompt editor and
+//! the session picker (the approval question has `approval`).
 
 use ratatui::layout::{Constraint, Flex, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -172,32 +172,3 @@ pub fn render_picker(frame: &mut Frame, area: Rect, state: &State, theme: &Theme
     frame.render_widget(Paragraph::new(lines), inner);
 }
 
-pub fn render_approval(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
-    let Some(call) = state.agent.as_ref().and_then(|a| a.pending.as_ref()) else {
-        return;
-    };
-    let what = serde_json::to_string_pretty(call).unwrap_or_default();
-    let mut lines: Vec<Line> = vec![Line::styled(
-        format!("The agent wants to run {}:", call.name()),
-        theme.fg(Slot::Text),
-    )];
-    lines.extend(
-        what.lines()
-            .take(12)
-            .map(|l| Line::styled(l.to_string(), theme.code())),
-    );
-    lines.push(Line::default());
-    lines.push(Line::styled(
-        "y yes · n no · a always for this exact call · Ctrl-C stops the agent",
-        theme.fg(Slot::Accent),
-    ));
-    popup(
-        frame,
-        area,
-        90,
-        "approve?",
-        theme.alert(Slot::Warning),
-        lines,
-        theme,
-    );
-}

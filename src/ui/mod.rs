@@ -1,6 +1,7 @@
 //! Drawing: `render` is a pure function of the state and the theme. One file
 //! per panel; `text` turns conversation text into rows.
 
+pub mod approval;
 pub mod chat;
 mod help;
 mod memory;
@@ -112,7 +113,7 @@ pub fn render(frame: &mut Frame, state: &State, theme: &Theme) {
         Mode::ConfirmQuit => help::render_confirm_quit(frame, area, state, theme),
         Mode::EditSystem => help::render_system_editor(frame, area, state, theme),
         Mode::Picker => help::render_picker(frame, area, state, theme),
-        Mode::Approve => help::render_approval(frame, area, state, theme),
+        Mode::Approve => approval::render(frame, area, state, theme),
         Mode::Chat => {}
     }
 }

@@ -81,9 +81,11 @@ fn char_width(c: char) -> usize {
     c.width().unwrap_or(1)
 }
 
-/// Lines of plain text, exactly as written (user messages, notices).
+/// Lines of plain text, exactly as written (user messages, notices), with
+/// control and escape characters drawn as symbols (`visible`).
 pub fn plain(text: &str, sem: Sem) -> Vec<SemLine> {
-    text.split('\n')
+    crate::visible::visible(text)
+        .split('\n')
         .map(|l| SemLine::plain(l.replace('\t', "    "), sem))
         .collect()
 }
@@ -91,6 +93,9 @@ pub fn plain(text: &str, sem: Sem) -> Vec<SemLine> {
 /// Markdown into lines. Soft breaks stay line breaks: models use single
 /// newlines for structure far more often than for reflowed prose.
 pub fn markdown(text: &str, base: Sem) -> Vec<SemLine> {
+    // The model's text: what would act on the terminal is drawn instead.
+    let text = crate::visible::visible(text);
+    let text: &str = &text;
     let mut out: Vec<SemLine> = Vec::new();
     let mut line = SemLine::default();
     let mut sem = base;

@@ -122,11 +122,19 @@ pub async fn ask(
 }
 
 /// A program in a detached tmux session, read the way a person reads it.
+/// Each has a tmux server of its own (`tmux -L`) started with a clean
+/// environment, so nothing of the user's tmux server or shell leaks in.
 pub struct Tmux {
     pub session: String,
+    socket: String,
 }
 
 impl Tmux {
+    /// A tmux command on this session's server.
+    pub fn tmux(&self) -> std::process::Command {
+        tmux_on(&self.socket)
+    }
+
     /// Run `command` (a shell line) in a new `width` x `height` session.
     pub fn start(name: &str, width: u16, height: u16, command: &str) -> Tmux {
         let version = std::process::Command::new("tmux").arg("-V").output();
@@ -135,18 +143,20 @@ impl Tmux {
             "tmux is required for the end-to-end tests (.ci/run installs it)"
         );
         let session = format!("kiln-{name}-{}", std::process::id());
-        let status = std::process::Command::new("tmux")
+        let socket = format!("kiln-test-{name}-{}", std::process::id());
+        let status = tmux_on(&socket)
             .args(["new-session", "-d", "-x", &width.to_string(), "-y"])
             .arg(height.to_string())
             .args(["-s", &session, command])
             .status()
             .unwrap();
         assert!(status.success(), "tmux new-session failed");
-        Tmux { session }
+        Tmux { session, socket }
     }
 
     pub fn screen(&self) -> String {
-        let out = std::process::Command::new("tmux")
+        let out = self
+            .tmux()
             .args(["capture-pane", "-p", "-t", &self.session])
             .output()
             .unwrap();
@@ -155,7 +165,8 @@ impl Tmux {
 
     /// tmux key names ("Enter", "Escape", "C-q") or literal text.
     pub fn send(&self, keys: &[&str]) {
-        let status = std::process::Command::new("tmux")
+        let status = self
+            .tmux()
             .args(["send-keys", "-t", &self.session])
             .args(keys)
             .status()
@@ -179,7 +190,8 @@ impl Tmux {
     }
 
     pub fn format(&self, variable: &str) -> String {
-        let out = std::process::Command::new("tmux")
+        let out = self
+            .tmux()
             .args(["display-message", "-p", "-t", &self.session, variable])
             .output()
             .unwrap();
@@ -187,11 +199,24 @@ impl Tmux {
     }
 }
 
+/// tmux on a private server, with only the variables a terminal needs.
+fn tmux_on(socket: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("tmux");
+    c.env_clear();
+    for var in ["PATH", "HOME", "USER", "CARGO_TARGET_DIR"] {
+        if let Some(v) = std::env::var_os(var) {
+            c.env(var, v);
+        }
+    }
+    c.env("TERM", "xterm-256color")
+        .env("LANG", "C.UTF-8")
+        .args(["-L", socket, "-f", "/dev/null"]);
+    c
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
-            .status();
+        let _ = self.tmux().arg("kill-server").status();
     }
 }
 

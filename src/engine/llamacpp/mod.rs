@@ -282,7 +282,9 @@ impl LocalTurns for LlamaCppEngine {
             decode_tok_s,
             total_ms: total_s * 1000.0,
             context_tokens: report.in_cache,
-            cached_tokens,
+            // A cached state llama.cpp refused was prefilled instead: only
+            // what the run really reused counts as a hit.
+            cached_tokens: cached_tokens.min(report.reused),
         };
         tracing::info!(
             "turn {turn}: {} · KV cells {}",

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 /// Whether `c` would act on a terminal, or on how text around it is shown,
 /// rather than print.
-fn acts(c: char) -> bool {
+pub fn acts(c: char) -> bool {
     c.is_control()
         || matches!(c,
             '\u{200e}' | '\u{200f}' | '\u{061c}'

@@ -261,9 +261,17 @@ impl Workspace {
             .ok_or_else(|| format!("{}: no file name", shown(path)))?;
         let parent = rel.parent().unwrap_or(Path::new(""));
         if !parent.as_os_str().is_empty() {
-            self.dir
-                .create_dir_all(parent)
-                .map_err(|e| why(path, &e))?;
+            // Followed beneath the workspace: a link to a folder inside
+            // is used, one leading out is refused.
+            match self.dir.metadata(parent) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(format!("{}: its folder is a file", shown(path))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self
+                    .dir
+                    .create_dir_all(parent)
+                    .map_err(|e| why(path, &e))?,
+                Err(e) => return Err(why(path, &e)),
+            }
         }
         let mode = match self.dir.symlink_metadata(Self::at(rel)) {
             Ok(m) if m.is_dir() => return Err(format!("{}: a folder", shown(path))),
@@ -284,7 +292,11 @@ impl Workspace {
             // The umask may have taken bits the old file had.
             f.set_permissions(cap_std::fs::Permissions::from_mode(mode))?;
             self.dir.rename(&tmp, &self.dir, rel)?;
-            self.dir.open_dir(Self::at(parent))?.into_std_file().sync_all()
+            // The rename survives a crash once the folder is synced (a
+            // directory handle cap-std opens for walking cannot be).
+            let mut folder = cap_std::fs::OpenOptions::new();
+            folder.read(true).custom_flags(libc::O_DIRECTORY);
+            self.dir.open_with(Self::at(parent), &folder)?.sync_all()
         })();
         if result.is_err() {
             let _ = self.dir.remove_file(&tmp);

@@ -93,6 +93,29 @@ pub fn chat_viewport(state: &State) -> (u16, usize) {
 }
 
 pub fn render(frame: &mut Frame, state: &State, theme: &Theme) {
+    draw(frame, state, theme);
+    scrub(frame.buffer_mut());
+}
+
+/// The last wall: a control or escape character that some widget let into
+/// a cell (ratatui appends zero-width characters to the cell before them)
+/// is taken out, so nothing drawn can act on the terminal. Text is made
+/// visible before it is laid out (`crate::visible`); this only catches
+/// what slipped past.
+fn scrub(buffer: &mut ratatui::buffer::Buffer) {
+    for cell in buffer.content.iter_mut() {
+        if cell.symbol().chars().any(crate::visible::acts) {
+            let kept: String = cell
+                .symbol()
+                .chars()
+                .filter(|c| !crate::visible::acts(*c))
+                .collect();
+            cell.set_symbol(if kept.is_empty() { " " } else { &kept });
+        }
+    }
+}
+
+fn draw(frame: &mut Frame, state: &State, theme: &Theme) {
     let area = frame.area();
     let Some(areas) = layout(area, state) else {
         let line = Line::styled("kiln: terminal too small", theme.alert(Slot::Warning));

@@ -30,7 +30,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         super::count(state.context_tokens as u64),
         super::count(state.model.context_limit as u64)
     );
-    let title = state.title.as_deref().unwrap_or("new session");
+    let title = crate::visible::visible_line(state.title.as_deref().unwrap_or("new session"));
     let hints = format!(
         "{} help · {} quit",
         state.keys.hint(Action::Help),
@@ -48,7 +48,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ));
     } else if let Some(notice) = &state.notice {
         spans.push(Span::styled(
-            format!(" {notice} "),
+            format!(" {} ", crate::visible::visible_line(notice)),
             theme.alert(Slot::Accent),
         ));
     }

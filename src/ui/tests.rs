@@ -382,3 +382,39 @@ fn session_picker() {
     );
     insta::assert_snapshot!(draw(&s, 100, 30).backend());
 }
+
+/// Escape sequences in every kind of text kiln shows (the user's and the
+/// model's messages, a tool's output in a notice, an error, the title, the
+/// approval question) reach no cell raw; ESC is drawn as ␛.
+#[test]
+fn control_characters_are_drawn_never_sent() {
+    let hostile = "a\x1b]2;PWNED\x07b\x1b]52;c;eA==\x07c\x1b[2J\u{9b}31md\u{202e}e\r";
+    let mut s = base(160, 48);
+    send(&mut s, hostile);
+    finish(&mut s, &format!("## {hostile}\n\n- {hostile}\n\n`{hostile}`\n\n```\n{hostile}\n```"), stats(5, 10.0, 50));
+    update(
+        &mut s,
+        Msg::Engine(
+            EngineEvent::TurnFailed {
+                turn: 2,
+                error: hostile.into(),
+            },
+            Instant::now(),
+        ),
+    );
+    s.notice = Some(hostile.into());
+    s.title = Some(hostile.into());
+    let t = draw(&s, 160, 48);
+    let cells: String = t
+        .backend()
+        .buffer()
+        .content()
+        .iter()
+        .map(|c| c.symbol())
+        .collect();
+    assert!(
+        !cells.chars().any(|c| c.is_control() || c == '\u{202e}'),
+        "{cells:?}"
+    );
+    assert!(cells.contains('␛'), "ESC is shown");
+}

@@ -436,7 +436,11 @@ impl Actor {
                 governor,
                 wanted,
             } => {
-                if let Some(asked) = self.model.as_ref().and_then(|m| differs(&wanted, &m.common)) {
+                if let Some(asked) = self
+                    .model
+                    .as_ref()
+                    .and_then(|m| differs(&wanted, &m.common))
+                {
                     return Reply::Error {
                         message: format!(
                             "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
@@ -630,7 +634,11 @@ async fn accept(listener: UnixListener, actor: mpsc::UnboundedSender<ActorMsg>) 
                 let busy = Reply::Error {
                     message: format!("the daemon serves {MAX_CONNECTIONS} connections already"),
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(1), protocol::write(&mut stream, &busy)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    protocol::write(&mut stream, &busy),
+                )
+                .await;
             });
             continue;
         };
@@ -652,11 +660,31 @@ fn check(req: &Request) -> std::result::Result<(), String> {
     };
     let wanted_ok = |w: &Wanted| {
         [
-            long("a model name", w.model.as_ref().map_or(0, String::len), MAX_NAME),
-            long("an engine name", w.engine.as_ref().map_or(0, String::len), MAX_NAME),
-            long("a KV type", w.kv_type.as_ref().map_or(0, String::len), MAX_NAME),
-            long("a system prompt", w.system.as_ref().map_or(0, String::len), MAX_TEXT),
-            long("a workspace", w.workspace.as_ref().map_or(0, |p| p.as_os_str().len()), MAX_NAME),
+            long(
+                "a model name",
+                w.model.as_ref().map_or(0, String::len),
+                MAX_NAME,
+            ),
+            long(
+                "an engine name",
+                w.engine.as_ref().map_or(0, String::len),
+                MAX_NAME,
+            ),
+            long(
+                "a KV type",
+                w.kv_type.as_ref().map_or(0, String::len),
+                MAX_NAME,
+            ),
+            long(
+                "a system prompt",
+                w.system.as_ref().map_or(0, String::len),
+                MAX_TEXT,
+            ),
+            long(
+                "a workspace",
+                w.workspace.as_ref().map_or(0, |p| p.as_os_str().len()),
+                MAX_NAME,
+            ),
             long("a folder", w.cwd.as_os_str().len(), MAX_NAME),
         ]
         .into_iter()
@@ -676,7 +704,13 @@ fn check(req: &Request) -> std::result::Result<(), String> {
             ..
         } => workstation::check_size(*size)
             .err()
-            .or_else(|| long("a theme name", theme.as_ref().map_or(0, String::len), MAX_NAME))
+            .or_else(|| {
+                long(
+                    "a theme name",
+                    theme.as_ref().map_or(0, String::len),
+                    MAX_NAME,
+                )
+            })
             .or_else(|| match open {
                 Open::Session { query } => long("a session id", query.len(), MAX_NAME),
                 _ => None,
@@ -964,21 +998,47 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
         }
     };
     let s = &common.sampling;
-    check("--ctx", wanted.ctx.map(|v| v.to_string()), common.ctx.map(|v| v.to_string()));
+    check(
+        "--ctx",
+        wanted.ctx.map(|v| v.to_string()),
+        common.ctx.map(|v| v.to_string()),
+    );
     check(
         "--system",
-        wanted.system.as_ref().map(|v| format!("{:?}", crate::visible::visible_line(v))),
-        common.system.as_ref().map(|v| format!("{:?}", crate::visible::visible_line(v))),
+        wanted
+            .system
+            .as_ref()
+            .map(|v| format!("{:?}", crate::visible::visible_line(v))),
+        common
+            .system
+            .as_ref()
+            .map(|v| format!("{:?}", crate::visible::visible_line(v))),
     );
-    check("--temperature", wanted.temperature.map(|v| v.to_string()), s.temperature.map(|v| v.to_string()));
-    check("--top-p", wanted.top_p.map(|v| v.to_string()), s.top_p.map(|v| v.to_string()));
+    check(
+        "--temperature",
+        wanted.temperature.map(|v| v.to_string()),
+        s.temperature.map(|v| v.to_string()),
+    );
+    check(
+        "--top-p",
+        wanted.top_p.map(|v| v.to_string()),
+        s.top_p.map(|v| v.to_string()),
+    );
     check(
         "--repeat-penalty",
         wanted.repeat_penalty.map(|v| v.to_string()),
         s.repeat_penalty.map(|v| v.to_string()),
     );
-    check("--seed", wanted.seed.map(|v| v.to_string()), s.seed.map(|v| v.to_string()));
-    check("--max-tokens", wanted.max_tokens.map(|v| v.to_string()), s.max_tokens.map(|v| v.to_string()));
+    check(
+        "--seed",
+        wanted.seed.map(|v| v.to_string()),
+        s.seed.map(|v| v.to_string()),
+    );
+    check(
+        "--max-tokens",
+        wanted.max_tokens.map(|v| v.to_string()),
+        s.max_tokens.map(|v| v.to_string()),
+    );
     (!asked.is_empty()).then(|| asked.join(" "))
 }
 
@@ -1413,16 +1473,24 @@ mod tests {
             },
         };
         let mut first = UnixStream::connect(&path).await.unwrap();
-        protocol::write(&mut first, &terminal(Policy::Ask, "/mine")).await.unwrap();
+        protocol::write(&mut first, &terminal(Policy::Ask, "/mine"))
+            .await
+            .unwrap();
         let reply = protocol::read::<Reply, _>(&mut first).await.unwrap();
         assert!(matches!(reply, Reply::Screen { .. }), "{reply:?}");
         // The conversation asks, and works in /mine: another terminal that
         // asks the same joins; one naming the daemon's folder does not.
         let mut same = UnixStream::connect(&path).await.unwrap();
-        protocol::write(&mut same, &terminal(Policy::Ask, "/mine")).await.unwrap();
+        protocol::write(&mut same, &terminal(Policy::Ask, "/mine"))
+            .await
+            .unwrap();
         let reply = protocol::read::<Reply, _>(&mut same).await.unwrap();
         assert!(matches!(reply, Reply::Screen { .. }), "{reply:?}");
-        let reply = exchange(&path, &protocol::encode(&terminal(Policy::Ask, "/daemon/folder"))).await;
+        let reply = exchange(
+            &path,
+            &protocol::encode(&terminal(Policy::Ask, "/daemon/folder")),
+        )
+        .await;
         assert!(
             matches!(&reply, Some(Reply::Error { message }) if message.contains("/mine")),
             "{reply:?}"
@@ -1587,10 +1655,9 @@ mod tests {
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(15);
         for round in 0..300 {
-            let mut value: serde_json::Value = serde_json::from_slice(
-                &protocol::encode(&templates[round % templates.len()])[4..],
-            )
-            .unwrap();
+            let mut value: serde_json::Value =
+                serde_json::from_slice(&protocol::encode(&templates[round % templates.len()])[4..])
+                    .unwrap();
             mutate(&mut value, &mut rng);
             let bytes = frame(&value);
             if bytes.len() - 4 > protocol::MAX_FRAME {
@@ -1658,7 +1725,9 @@ mod tests {
             ctx: Some(1024),
             ..Wanted::default()
         };
-        assert_eq!(differs(&hot, &daemon).unwrap(), "--ctx 1024 --temperature 0.9");
+        assert_eq!(
+            differs(&hot, &daemon).unwrap(),
+            "--ctx 1024 --temperature 0.9"
+        );
     }
 }
-

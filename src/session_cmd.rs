@@ -4,8 +4,8 @@ use crate::cli::{Common, ExportFormat, SessionsAction};
 use crate::error::{KilnError, Result};
 use crate::launch::paths_and_config;
 use crate::store::{display_time, id_of, Loaded, SessionStore};
-use crate::visible::{for_output, visible, visible_line};
 use crate::transcript::EntryKind;
+use crate::visible::{for_output, visible, visible_line};
 
 pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {
     let (paths, _) = paths_and_config(common)?;

@@ -175,7 +175,10 @@ impl Theme {
         const MAX_THEME_BYTES: u64 = 64 << 10;
         let user_file = user_dir.map(|d| d.join(format!("{name}.toml")));
         let source = match user_file.as_deref().filter(|f| f.exists()) {
-            Some(file) if !std::fs::metadata(file).is_ok_and(|m| m.is_file() && m.len() <= MAX_THEME_BYTES) => {
+            Some(file)
+                if !std::fs::metadata(file)
+                    .is_ok_and(|m| m.is_file() && m.len() <= MAX_THEME_BYTES) =>
+            {
                 warnings.push(format!(
                     "{}: not a regular file of at most {MAX_THEME_BYTES} bytes; using {DEFAULT_THEME}",
                     file.display()

@@ -53,7 +53,10 @@ fn session_commands_take_ids_and_touch_nothing_outside() {
     std::os::unix::fs::symlink(&victim, &planted).unwrap();
     let sessions = store.root.display().to_string();
     let victim_s = victim.display().to_string();
-    let relative = format!("{sessions}/../../../{}", victim.strip_prefix("/").unwrap().display());
+    let relative = format!(
+        "{sessions}/../../../{}",
+        victim.strip_prefix("/").unwrap().display()
+    );
     let queries = [
         victim_s.as_str(),
         relative.as_str(),
@@ -91,7 +94,11 @@ fn session_commands_take_ids_and_touch_nothing_outside() {
     assert!(store.root.join(&id).exists());
     // A prefix of a real id, with --yes: removed.
     let out = run(home.path(), &["sessions", "rm", "--yes", &id[..12]]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!store.root.join(&id).exists());
 }
 
@@ -108,11 +115,18 @@ async fn private_data_is_private() {
     let old = home.path().join("data/sessions/20200101-000000-0001");
     std::fs::create_dir_all(&old).unwrap();
     std::fs::write(old.join("events.jsonl"), "{}\n").unwrap();
-    for d in [home.path().join("data"), home.path().join("data/sessions"), old.clone()] {
+    for d in [
+        home.path().join("data"),
+        home.path().join("data/sessions"),
+        old.clone(),
+    ] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    std::fs::set_permissions(old.join("events.jsonl"), std::fs::Permissions::from_mode(0o644))
-        .unwrap();
+    std::fs::set_permissions(
+        old.join("events.jsonl"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let out = run(
         home.path(),
         &[
@@ -124,11 +138,21 @@ async fn private_data_is_private() {
             "A secret about glazes.",
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut seen_files = 0;
-    let mut stack = vec![home.path().join("data"), home.path().join("logs"), home.path().join("cache")];
+    let mut stack = vec![
+        home.path().join("data"),
+        home.path().join("logs"),
+        home.path().join("cache"),
+    ];
     while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         if meta.is_dir() {
             assert_eq!(mode(&p), 0o700, "{}", p.display());
             stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
@@ -137,7 +161,10 @@ async fn private_data_is_private() {
             seen_files += 1;
         }
     }
-    assert!(seen_files >= 4, "the session, its meta, its lock and the log");
+    assert!(
+        seen_files >= 4,
+        "the session, its meta, its lock and the log"
+    );
 
     // Another user, where this test may make one.
     let is_root = unsafe { libc::geteuid() } == 0;
@@ -151,7 +178,10 @@ async fn private_data_is_private() {
         .stderr(Stdio::null())
         .status();
     let sessions = kiln::store::SessionStore::new(&Paths::under(home.path())).list();
-    let newest = sessions.iter().find(|l| l.id != "20200101-000000-0001").unwrap();
+    let newest = sessions
+        .iter()
+        .find(|l| l.id != "20200101-000000-0001")
+        .unwrap();
     for target in [
         newest.dir.join("events.jsonl"),
         old.join("events.jsonl"),
@@ -162,69 +192,17 @@ async fn private_data_is_private() {
             .arg(&target)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "the other user read {}", target.display());
+        assert!(
+            !out.status.success(),
+            "the other user read {}",
+            target.display()
+        );
         assert!(
             !String::from_utf8_lossy(&out.stdout).contains("secret"),
             "{}",
             target.display()
         );
     }
-}
-
-/// A small real filesystem (tmpfs), mounted where this test may mount.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(bytes: u64) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
-            .arg("tmpfs")
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallFs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fill it up to `free` bytes left.
-    fn leave(&self, free: u64) {
-        let stat = nix_statvfs(self.path());
-        let fill = stat.saturating_sub(free);
-        let f = std::fs::File::create(self.path().join("filler")).unwrap();
-        use std::io::Write;
-        let mut w = std::io::BufWriter::new(f);
-        let block = vec![0xa5u8; 4096];
-        let mut left = fill;
-        while left > 0 {
-            let n = left.min(4096) as usize;
-            if w.write_all(&block[..n]).is_err() {
-                break;
-            }
-            left -= n as u64;
-        }
-        let _ = w.flush();
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-fn nix_statvfs(p: &Path) -> u64 {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
-    s.f_bavail as u64 * s.f_frsize as u64
 }
 
 /// A full disk never loses a question silently: at every amount of space
@@ -237,7 +215,7 @@ async fn a_full_disk_never_loses_a_question_silently() {
     let model = common::model().await;
     let (mut tried, mut refused) = (0, 0);
     for free in [0u64, 1 << 10, 4 << 10, 12 << 10, 64 << 10] {
-        let Some(fs) = SmallFs::mount(1 << 20) else {
+        let Some(fs) = common::SmallFs::mount(1 << 20) else {
             eprintln!("skipping: no tmpfs can be mounted here (needs root)");
             return;
         };
@@ -248,7 +226,13 @@ async fn a_full_disk_never_loses_a_question_silently() {
         fs.leave(free);
         let question = format!("Is this question kept with {free} bytes free?");
         let out = kiln(fs.path())
-            .args(["ask", "--model", model.path.to_str().unwrap(), "--max-tokens", "4"])
+            .args([
+                "ask",
+                "--model",
+                model.path.to_str().unwrap(),
+                "--max-tokens",
+                "4",
+            ])
             .arg(&question)
             .output()
             .unwrap();
@@ -265,19 +249,31 @@ async fn a_full_disk_never_loses_a_question_silently() {
                 std::fs::read_to_string(l.dir.join("events.jsonl"))
                     .is_ok_and(|t| t.contains(&question))
             });
-            assert!(kept, "{free} bytes free: answered, but the question is not on disk: {err}");
+            assert!(
+                kept,
+                "{free} bytes free: answered, but the question is not on disk: {err}"
+            );
         } else {
             refused += 1;
             assert!(
                 err.contains("could not be saved, so it was not answered"),
                 "{free} bytes free: {err}"
             );
-            assert!(out.stdout.is_empty(), "{free} bytes free: it answered anyway");
-            assert!(listed.is_empty(), "{free} bytes free: a session without its question");
+            assert!(
+                out.stdout.is_empty(),
+                "{free} bytes free: it answered anyway"
+            );
+            assert!(
+                listed.is_empty(),
+                "{free} bytes free: a session without its question"
+            );
         }
     }
     assert!(tried > 0);
-    assert!(refused > 0, "no amount of space was too little: the test tests nothing");
+    assert!(
+        refused > 0,
+        "no amount of space was too little: the test tests nothing"
+    );
 }
 
 fn tools() -> (tempfile::TempDir, tempfile::TempDir, Workspace) {
@@ -326,7 +322,10 @@ async fn planted_links_are_never_written_through() {
     assert!(!call(&ws, &patch.to_string()).await.ok);
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     assert!(!outside.path().join("fresh.txt").exists());
-    assert_eq!(std::fs::read(root.path().join("notes.txt")).unwrap(), b"new");
+    assert_eq!(
+        std::fs::read(root.path().join("notes.txt")).unwrap(),
+        b"new"
+    );
 }
 
 /// A process swaps a folder of the workspace for a link out of it while
@@ -354,7 +353,11 @@ async fn a_link_swapped_in_mid_call_leads_nowhere() {
     };
     for i in 0..300 {
         let _ = call(&ws, &write(&format!("sub/f{i}.txt"), "x")).await;
-        let _ = call(&ws, &serde_json::json!({"tool": "read_file", "path": "sub/../../victim"}).to_string()).await;
+        let _ = call(
+            &ws,
+            &serde_json::json!({"tool": "read_file", "path": "sub/../../victim"}).to_string(),
+        )
+        .await;
     }
     stop.store(true, Ordering::SeqCst);
     swapper.join().unwrap();
@@ -380,9 +383,16 @@ async fn workspace_files_are_taken_exactly_and_safely() {
     assert!(!r.join("x").exists());
     std::fs::write(r.join("secret"), "the real secret").unwrap();
     let read = call(&ws, r#"{"tool": "read_file", "path": " secret"}"#).await;
-    assert!(!read.ok && !read.output.contains("the real secret"), "{read:?}");
+    assert!(
+        !read.ok && !read.output.contains("the real secret"),
+        "{read:?}"
+    );
     // New nested folders.
-    assert!(call(&ws, &write("src/newdir/deeper/file.rs", "fn main() {}")).await.ok);
+    assert!(
+        call(&ws, &write("src/newdir/deeper/file.rs", "fn main() {}"))
+            .await
+            .ok
+    );
     assert!(r.join("src/newdir/deeper/file.rs").is_file());
     // A FIFO: refused at once, for reading and for patching.
     let fifo = std::ffi::CString::new(r.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
@@ -397,7 +407,10 @@ async fn workspace_files_are_taken_exactly_and_safely() {
     .await;
     let fifo_search = call(&ws, r#"{"tool": "search", "query": "zzz"}"#).await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(!fifo_read.ok && fifo_read.output.contains("not a regular file"), "{fifo_read:?}");
+    assert!(
+        !fifo_read.ok && fifo_read.output.contains("not a regular file"),
+        "{fifo_read:?}"
+    );
     assert!(!fifo_patch.ok, "{fifo_patch:?}");
     assert!(fifo_search.ok, "{fifo_search:?}");
     // A huge sparse file: a patch refuses it without reading it.
@@ -414,7 +427,11 @@ async fn workspace_files_are_taken_exactly_and_safely() {
     // A name with a newline cannot pass for two entries.
     std::fs::write(r.join("evil\nnotes.txt"), "x").unwrap();
     let list = call(&ws, r#"{"tool": "list_dir", "path": "."}"#).await;
-    assert!(list.output.contains(r#""evil\nnotes.txt""#), "{}", list.output);
+    assert!(
+        list.output.contains(r#""evil\nnotes.txt""#),
+        "{}",
+        list.output
+    );
     assert_eq!(list.output.lines().filter(|l| *l == "notes.txt").count(), 1);
     // Binary and non-UTF-8 files are reported, not skipped silently.
     std::fs::write(r.join("blob.bin"), b"needle\0\xff\xfe").unwrap();
@@ -456,18 +473,37 @@ async fn a_shell_call_takes_its_processes_with_it() {
     };
     for (name, command) in [
         ("bg", "sleep 30 & echo $! > bg.pid"),
-        ("nohup", "nohup sleep 30 > /dev/null 2>&1 & echo $! > nohup.pid"),
-        ("setsid", "setsid sh -c 'echo $$ > setsid.pid; exec sleep 30' & sleep 0.3"),
-        ("double", "(sh -c 'sleep 30 & echo $! > double.pid' &) ; sleep 0.3"),
-        ("holder", "setsid sleep 30 & echo $! > holder.pid; echo done"),
+        (
+            "nohup",
+            "nohup sleep 30 > /dev/null 2>&1 & echo $! > nohup.pid",
+        ),
+        (
+            "setsid",
+            "setsid sh -c 'echo $$ > setsid.pid; exec sleep 30' & sleep 0.3",
+        ),
+        (
+            "double",
+            "(sh -c 'sleep 30 & echo $! > double.pid' &) ; sleep 0.3",
+        ),
+        (
+            "holder",
+            "setsid sleep 30 & echo $! > holder.pid; echo done",
+        ),
     ] {
         let started = Instant::now();
         let c = ToolCall::Shell {
             command: command.into(),
         };
         let result = execute(&c, &ws, &limits, &AtomicBool::new(false)).await;
-        assert!(started.elapsed() < Duration::from_secs(5), "{name}: {:?}", started.elapsed());
-        assert!(result.output.starts_with("exit code 0"), "{name}: {result:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            result.output.starts_with("exit code 0"),
+            "{name}: {result:?}"
+        );
         let file = r.join(format!("{name}.pid"));
         let found = pids(&file);
         assert!(!found.is_empty(), "{name}: no pid written");
@@ -490,7 +526,10 @@ async fn a_shell_call_takes_its_processes_with_it() {
     let result = execute(&c, &ws, &limits, &stop).await;
     let took = started.elapsed();
     assert!(took < Duration::from_millis(1500), "stopped after {took:?}");
-    assert!(result.output.starts_with("stopped by the user"), "{result:?}");
+    assert!(
+        result.output.starts_with("stopped by the user"),
+        "{result:?}"
+    );
 }
 
 /// A stub OpenAI-compatible endpoint that answers every request with
@@ -519,7 +558,9 @@ fn sse(pieces: &[&str]) -> String {
         let chunk = serde_json::json!({"choices": [{"delta": {"content": p}}]});
         body.push_str(&format!("data: {chunk}\n\n"));
     }
-    body.push_str("data: {\"choices\": [{\"delta\": {}, \"finish_reason\": \"stop\"}]}\n\ndata: [DONE]\n\n");
+    body.push_str(
+        "data: {\"choices\": [{\"delta\": {}, \"finish_reason\": \"stop\"}]}\n\ndata: [DONE]\n\n",
+    );
     body
 }
 
@@ -581,8 +622,14 @@ async fn hostile_endpoint_text_is_shown_not_obeyed_and_secrets_are_redacted() {
     let screen = tmux.wait_for("the answer", 30, |s| s.contains("EXIT="));
     assert!(screen.contains("EXIT=0"), "{screen}");
     assert!(screen.contains("hello ␛]2;PWNED-TITLE␇"), "{screen}");
-    assert!(screen.contains("[redacted]") && !screen.contains(KEY), "{screen}");
-    assert!(screen.contains("<U+202E>") && screen.contains("<U+009B>"), "{screen}");
+    assert!(
+        screen.contains("[redacted]") && !screen.contains(KEY),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("<U+202E>") && screen.contains("<U+009B>"),
+        "{screen}"
+    );
     let title = tmux.format("#{pane_title}");
     assert!(!title.contains("PWNED"), "retitled: {title} (was {before})");
     let buffers = tmux.tmux().args(["list-buffers"]).output().unwrap();
@@ -596,7 +643,10 @@ async fn hostile_endpoint_text_is_shown_not_obeyed_and_secrets_are_redacted() {
     ))
     .await;
     let with_password = "http://user:hunter2-pw@127.0.0.1:1/v1".to_string();
-    for (name, url, secret) in [("failing", failing, KEY), ("pw", with_password, "hunter2-pw")] {
+    for (name, url, secret) in [
+        ("failing", failing, KEY),
+        ("pw", with_password, "hunter2-pw"),
+    ] {
         let home = endpoint_home(name, &url);
         let out = kiln(home.path())
             .env("KILN_TEST_KEY", KEY)

@@ -309,3 +309,77 @@ fn a_bad_model_reaches_the_terminal_through_the_daemon() {
     assert!(line.contains("GGUF"), "{screen}");
     assert!(!screen.contains("EXIT=0"), "{screen}");
 }
+
+/// CPU time of a process so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of stat(5), in clock ticks.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Out of file descriptors, the daemon's accept loop backs off instead of
+/// spinning, and serves again once connections close.
+#[tokio::test]
+async fn out_of_file_descriptors_the_daemon_waits_instead_of_spinning() {
+    use std::os::unix::process::CommandExt;
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env("KILN_HOME", home.path())
+        .args(["daemon", "--model"])
+        .arg(&model.path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit in the child before exec touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let socket = kiln::daemon::socket_path(&kiln::paths::Paths::under(home.path()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut daemon = Daemon { child, socket };
+    let pid = daemon.child.id();
+    // More connections than it has descriptors for; they sit in the
+    // listen queue and every accept fails with EMFILE.
+    let held: Vec<UnixStream> = (0..100)
+        .filter_map(|_| UnixStream::connect(&daemon.socket).ok())
+        .collect();
+    assert!(held.len() > 64, "only {} connections", held.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.6,
+        "the daemon used {used:.2} s of CPU in 3 s while out of descriptors"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            daemon.request(&Request::List)
+        }));
+        if matches!(served, Ok(Reply::Runs { .. })) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not serve again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.terminate();
+}

@@ -198,7 +198,7 @@ fn rename_rm_and_a_second_writer() {
     assert!(ok(&["sessions", "list"]).contains("[open]"));
     drop(held);
 
-    ok(&["sessions", "rm", "example-chat"]);
+    ok(&["sessions", "rm", "--yes", "example-chat"]);
     assert!(!dir.exists());
     let out = kiln(home.path())
         .args(["sessions", "show", "example-chat"])
@@ -207,23 +207,28 @@ fn rename_rm_and_a_second_writer() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// On a real full filesystem (a tmpfs, where this test may mount one):
+/// the failed write is reported with the file, kept, and written once
+/// space returns.
 #[tokio::test]
 async fn a_full_disk_is_reported_and_writing_resumes_when_space_returns() {
-    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = common::SmallFs::mount(1 << 20) else {
+        eprintln!("skipping: no tmpfs can be mounted here (needs root)");
+        return;
+    };
     let store = SessionStore {
-        root: dir.path().to_path_buf(),
+        root: fs.path().join("sessions"),
     };
     let created = store.create("m", None, 2048).unwrap();
     let session_dir = created.dir.clone();
     let events = created.events_path();
     drop(created);
-    // Every write to /dev/full fails with ENOSPC, as on a full disk.
-    std::fs::remove_file(&events).unwrap();
-    std::os::unix::fs::symlink("/dev/full", &events).unwrap();
     let (journal, mut reports) = journal::spawn(OpenSession::open(session_dir).unwrap());
-    journal.event(Event::User {
-        text: "written while the disk is full".into(),
-    });
+    fs.leave(0);
+    let big = "written while the disk is full ".repeat(2000);
+    let committed = journal.commit(Event::User { text: big.clone() });
+    let why = committed.unwrap_err();
+    assert!(why.contains("No space left on device"), "{why}");
     let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
         .await
         .unwrap()
@@ -234,8 +239,7 @@ async fn a_full_disk_is_reported_and_writing_resumes_when_space_returns() {
     assert!(message.contains("No space left on device"), "{message}");
     assert!(message.contains("events.jsonl"), "{message}");
     // Space returns.
-    std::fs::remove_file(&events).unwrap();
-    std::fs::write(&events, "").unwrap();
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
     let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
         .await
         .unwrap()
@@ -331,5 +335,42 @@ async fn the_prompt_cache_skips_the_system_prompt_prefill() {
     assert_eq!(warm.stats.reused_tokens, warm.stats.cached_tokens);
     assert!(warm.stats.prompt_tokens < 20, "{:?}", warm.stats);
     // Same model, same prompt, greedy: the same answer either way.
+    assert_eq!(warm.reply, cold.reply);
+}
+
+/// A prompt-cache entry whose llama.cpp state llama.cpp refuses (cut
+/// short, its kiln checksum made anew) is prefilled instead, and the turn
+/// reports no cache hit.
+#[tokio::test]
+async fn a_refused_prompt_cache_state_is_not_a_hit() {
+    use kiln::engine::local::Backend;
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fingerprint = snapshot::fingerprint(&model.path, "llamacpp-v2-f16", 2048).unwrap();
+    let cache = PromptCache::new(dir.path().to_path_buf(), DEFAULT_CAP_BYTES);
+    let system = "You are a careful assistant for potters. ".repeat(20);
+    let options = || EngineOptions {
+        context: Some(2048),
+        sampler: common::greedy(8),
+        system_prompt: Some(system.clone()),
+        prompt_cache: Some((cache.clone(), fingerprint.clone())),
+        ..Default::default()
+    };
+    let (h1, mut rx1) = common::spawned_on(Backend::LlamaCpp, options()).await;
+    let cold = common::ask(&h1, &mut rx1, "Hello.").await;
+    assert_eq!(cold.stats.cached_tokens, 0);
+    let entries = cache.entries();
+    assert_eq!(entries.len(), 1);
+    let key = entries[0].key.clone();
+    let mut state = cache.get(&key, &fingerprint).unwrap();
+    let cut = state.bytes.len() - 1000;
+    state.bytes.truncate(cut);
+    cache.put(&key, &fingerprint, &state).unwrap();
+
+    let (h2, mut rx2) = common::spawned_on(Backend::LlamaCpp, options()).await;
+    let warm = common::ask(&h2, &mut rx2, "Hello.").await;
+    assert_eq!(warm.error, None);
+    assert_eq!(warm.stats.cached_tokens, 0, "{:?}", warm.stats);
     assert_eq!(warm.reply, cold.reply);
 }

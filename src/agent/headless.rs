@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::tools::{Limits, Workspace};
-use crate::visible::visible;
 use super::{pressure, Agent, Budgets, Nobody, Outcome, Progress};
 use crate::cli::{AgentArgs, Common};
 use crate::engine::{self, Engine};
@@ -15,6 +14,7 @@ use crate::error::{KilnError, Result};
 use crate::launch::launch;
 use crate::store::SessionStore;
 use crate::telemetry;
+use crate::visible::visible;
 
 pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
     let root = common.workspace();

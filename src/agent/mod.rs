@@ -333,7 +333,8 @@ impl<A: Approver> Agent<'_, A> {
                     }
                 }
             }
-            let result: ToolResult = tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
+            let result: ToolResult =
+                tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
             self.record(Event::ToolResult {
                 step,
                 ok: result.ok,

@@ -266,10 +266,9 @@ impl Workspace {
             match self.dir.metadata(parent) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => return Err(format!("{}: its folder is a file", shown(path))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self
-                    .dir
-                    .create_dir_all(parent)
-                    .map_err(|e| why(path, &e))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.dir.create_dir_all(parent).map_err(|e| why(path, &e))?
+                }
                 Err(e) => return Err(why(path, &e)),
             }
         }
@@ -317,7 +316,10 @@ fn why(path: &str, e: &std::io::Error) -> String {
     if text.contains("outside of the filesystem") || e.raw_os_error() == Some(libc::EXDEV) {
         format!("{}: a link that leads outside the workspace", shown(path))
     } else if e.raw_os_error() == Some(libc::ELOOP) {
-        format!("{}: too many links, or a link where none may be", shown(path))
+        format!(
+            "{}: too many links, or a link where none may be",
+            shown(path)
+        )
     } else {
         format!("{}: {text}", shown(path))
     }
@@ -328,9 +330,7 @@ fn why(path: &str, e: &std::io::Error) -> String {
 /// never read as two entries or another name.
 fn listed(name: &std::ffi::OsStr) -> String {
     match name.to_str() {
-        Some(n) if !n.chars().any(|c| c.is_control() || c == '"') && n.trim() == n => {
-            n.to_string()
-        }
+        Some(n) if !n.chars().any(|c| c.is_control() || c == '"') && n.trim() == n => n.to_string(),
         _ => format!("{name:?}"),
     }
 }

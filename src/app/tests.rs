@@ -665,7 +665,11 @@ fn a_call_is_approved_only_after_all_of_it_was_shown() {
     assert_eq!(s.mode, Mode::Approve);
     assert!(acts_of(&mut s, key(KeyCode::Char('y'))).is_empty());
     assert_eq!(s.mode, Mode::Approve, "a yes before the end is not taken");
-    assert!(s.notice.as_deref().unwrap_or("").contains("scroll to its end"));
+    assert!(s
+        .notice
+        .as_deref()
+        .unwrap_or("")
+        .contains("scroll to its end"));
     update(&mut s, key(KeyCode::PageDown));
     assert!(s.agent.as_ref().unwrap().approval_scroll > 0);
     update(&mut s, key(KeyCode::End));

@@ -59,7 +59,11 @@ const REDACTED: &str = "[redacted]";
 impl Redactor {
     fn new(endpoint: &Endpoint) -> Redactor {
         let mut secrets = Vec::new();
-        if let Some(key) = endpoint.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+        if let Some(key) = endpoint
+            .api_key_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+        {
             secrets.push(key);
         }
         if let Ok(url) = reqwest::Url::parse(&endpoint.base_url) {

@@ -2,8 +2,8 @@
 //! append is on disk before it is called committed.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Replace `path` with `bytes`: write a temporary file beside it, fsync it,

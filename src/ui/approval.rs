@@ -125,22 +125,31 @@ impl Page {
 
 /// The popup for `call` on a screen of `area`, scrolled by `scroll` rows.
 pub fn page(call: &ToolCall, area: Rect, scroll: usize) -> Page {
-    let width = area.width.saturating_sub(4).max(area.width.min(20));
-    let height = area.height.saturating_sub(2).max(area.height.min(6));
-    let rect = Rect::new(
-        area.x + (area.width - width) / 2,
-        area.y + (area.height - height) / 2,
-        width,
-        height,
-    );
-    let inner_width = rect.width.saturating_sub(2) as usize;
-    let inner_height = rect.height.saturating_sub(2) as usize;
+    // As wide as a long command needs (up to 120 columns), as tall as the
+    // call needs (up to the screen less a row above and below), so a short
+    // call leaves the conversation in view.
+    let width = area
+        .width
+        .saturating_sub(4)
+        .min(120)
+        .max(area.width.min(20));
+    let max_height = area.height.saturating_sub(2).max(area.height.min(6));
+    let inner_width = width.saturating_sub(2) as usize;
     let rows = wrap(&call_lines(call), inner_width);
+    let max_inner = max_height.saturating_sub(2) as usize;
     let mut hint = wrap(&[HINT.to_string()], inner_width);
-    if (hint.len() + 1) * 3 > inner_height {
+    if (hint.len() + 1) * 3 > max_inner {
         hint = wrap(&[SHORT_HINT.to_string()], inner_width);
     }
     let position = 1;
+    let inner_height = (rows.len() + position + hint.len()).min(max_inner);
+    let height = inner_height as u16 + 2;
+    let rect = Rect::new(
+        area.x + (area.width - width) / 2,
+        area.y + (area.height.saturating_sub(height)) / 2,
+        width,
+        height.min(area.height),
+    );
     let shown = inner_height.saturating_sub(hint.len() + position);
     let first = scroll.min(rows.len().saturating_sub(shown));
     Page {

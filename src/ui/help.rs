@@ -171,4 +171,3 @@ pub fn render_picker(frame: &mut Frame, area: Rect, state: &State, theme: &Theme
     }
     frame.render_widget(Paragraph::new(lines), inner);
 }
-

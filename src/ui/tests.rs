@@ -391,7 +391,11 @@ fn control_characters_are_drawn_never_sent() {
     let hostile = "a\x1b]2;PWNED\x07b\x1b]52;c;eA==\x07c\x1b[2J\u{9b}31md\u{202e}e\r";
     let mut s = base(160, 48);
     send(&mut s, hostile);
-    finish(&mut s, &format!("## {hostile}\n\n- {hostile}\n\n`{hostile}`\n\n```\n{hostile}\n```"), stats(5, 10.0, 50));
+    finish(
+        &mut s,
+        &format!("## {hostile}\n\n- {hostile}\n\n`{hostile}`\n\n```\n{hostile}\n```"),
+        stats(5, 10.0, 50),
+    );
     update(
         &mut s,
         Msg::Engine(

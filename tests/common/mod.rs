@@ -332,3 +332,61 @@ pub fn rss_against_budget(
     println!("{line}");
     (line, err)
 }
+
+/// A small real filesystem (tmpfs), mounted where this test may mount.
+pub struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    pub fn mount(bytes: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
+            .arg("tmpfs")
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallFs { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fill it up to `free` bytes left.
+    pub fn leave(&self, free: u64) {
+        let stat = statvfs_free(self.path());
+        let fill = stat.saturating_sub(free);
+        let f = std::fs::File::create(self.path().join("filler")).unwrap();
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(f);
+        let block = vec![0xa5u8; 4096];
+        let mut left = fill;
+        while left > 0 {
+            let n = left.min(4096) as usize;
+            if w.write_all(&block[..n]).is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+        let _ = w.flush();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn statvfs_free(p: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail as u64 * s.f_frsize as u64
+}

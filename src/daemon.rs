@@ -992,53 +992,36 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
     {
         asked.push(format!("--kv-type {kv}"));
     }
-    let mut check = |flag: &str, mine: Option<String>, theirs: Option<String>| {
+    fn text<T: ToString>(v: Option<T>) -> Option<String> {
+        v.map(|v| v.to_string())
+    }
+    let quoted = |v: &Option<String>| {
+        v.as_ref()
+            .map(|v| format!("{:?}", crate::visible::visible_line(v)))
+    };
+    let s = &common.sampling;
+    let settings = [
+        ("--ctx", text(wanted.ctx), text(common.ctx)),
+        ("--system", quoted(&wanted.system), quoted(&common.system)),
+        (
+            "--temperature",
+            text(wanted.temperature),
+            text(s.temperature),
+        ),
+        ("--top-p", text(wanted.top_p), text(s.top_p)),
+        (
+            "--repeat-penalty",
+            text(wanted.repeat_penalty),
+            text(s.repeat_penalty),
+        ),
+        ("--seed", text(wanted.seed), text(s.seed)),
+        ("--max-tokens", text(wanted.max_tokens), text(s.max_tokens)),
+    ];
+    for (flag, mine, theirs) in settings {
         if let Some(v) = mine.filter(|v| Some(v) != theirs.as_ref()) {
             asked.push(format!("{flag} {v}"));
         }
-    };
-    let s = &common.sampling;
-    check(
-        "--ctx",
-        wanted.ctx.map(|v| v.to_string()),
-        common.ctx.map(|v| v.to_string()),
-    );
-    check(
-        "--system",
-        wanted
-            .system
-            .as_ref()
-            .map(|v| format!("{:?}", crate::visible::visible_line(v))),
-        common
-            .system
-            .as_ref()
-            .map(|v| format!("{:?}", crate::visible::visible_line(v))),
-    );
-    check(
-        "--temperature",
-        wanted.temperature.map(|v| v.to_string()),
-        s.temperature.map(|v| v.to_string()),
-    );
-    check(
-        "--top-p",
-        wanted.top_p.map(|v| v.to_string()),
-        s.top_p.map(|v| v.to_string()),
-    );
-    check(
-        "--repeat-penalty",
-        wanted.repeat_penalty.map(|v| v.to_string()),
-        s.repeat_penalty.map(|v| v.to_string()),
-    );
-    check(
-        "--seed",
-        wanted.seed.map(|v| v.to_string()),
-        s.seed.map(|v| v.to_string()),
-    );
-    check(
-        "--max-tokens",
-        wanted.max_tokens.map(|v| v.to_string()),
-        s.max_tokens.map(|v| v.to_string()),
-    );
+    }
     (!asked.is_empty()).then(|| asked.join(" "))
 }
 

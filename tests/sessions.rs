@@ -309,6 +309,17 @@ async fn kv_snapshots_restore_on_the_real_model_and_damage_is_refused() {
     ));
 }
 
+/// Options with a long system prompt that the prompt cache keeps.
+fn cached_system_prompt(cache: &PromptCache, fingerprint: &str) -> EngineOptions {
+    EngineOptions {
+        context: Some(2048),
+        sampler: common::greedy(8),
+        system_prompt: Some("You are a careful assistant for potters. ".repeat(20)),
+        prompt_cache: Some((cache.clone(), fingerprint.to_string())),
+        ..Default::default()
+    }
+}
+
 /// A long system prompt is prefilled once; the next session loads it.
 #[tokio::test]
 async fn the_prompt_cache_skips_the_system_prompt_prefill() {
@@ -316,14 +327,7 @@ async fn the_prompt_cache_skips_the_system_prompt_prefill() {
     let dir = tempfile::tempdir().unwrap();
     let fingerprint = snapshot::fingerprint(&model.path, "kalosm", 2048).unwrap();
     let cache = PromptCache::new(dir.path().to_path_buf(), DEFAULT_CAP_BYTES);
-    let system = "You are a careful assistant for potters. ".repeat(20);
-    let options = || EngineOptions {
-        context: Some(2048),
-        sampler: common::greedy(8),
-        system_prompt: Some(system.clone()),
-        prompt_cache: Some((cache.clone(), fingerprint.clone())),
-        ..Default::default()
-    };
+    let options = || cached_system_prompt(&cache, &fingerprint);
     let (h1, mut rx1) = common::spawned(options()).await;
     let cold = common::ask(&h1, &mut rx1, "Hello.").await;
     assert_eq!(cold.stats.cached_tokens, 0);
@@ -349,14 +353,7 @@ async fn a_refused_prompt_cache_state_is_not_a_hit() {
     let dir = tempfile::tempdir().unwrap();
     let fingerprint = snapshot::fingerprint(&model.path, "llamacpp-v2-f16", 2048).unwrap();
     let cache = PromptCache::new(dir.path().to_path_buf(), DEFAULT_CAP_BYTES);
-    let system = "You are a careful assistant for potters. ".repeat(20);
-    let options = || EngineOptions {
-        context: Some(2048),
-        sampler: common::greedy(8),
-        system_prompt: Some(system.clone()),
-        prompt_cache: Some((cache.clone(), fingerprint.clone())),
-        ..Default::default()
-    };
+    let options = || cached_system_prompt(&cache, &fingerprint);
     let (h1, mut rx1) = common::spawned_on(Backend::LlamaCpp, options()).await;
     let cold = common::ask(&h1, &mut rx1, "Hello.").await;
     assert_eq!(cold.stats.cached_tokens, 0);

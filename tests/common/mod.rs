@@ -140,7 +140,7 @@ impl Tmux {
         let version = std::process::Command::new("tmux").arg("-V").output();
         assert!(
             version.is_ok(),
-            "tmux is required for the end-to-end tests (.ci/run installs it)"
+            "tmux is required for the end-to-end tests: scripts/setup --test installs it"
         );
         let session = format!("kiln-{name}-{}", std::process::id());
         let socket = format!("kiln-test-{name}-{}", std::process::id());
@@ -239,8 +239,57 @@ impl Drop for DaemonGuard {
     }
 }
 
+/// The Python that runs llama-cpp-python's server: `KILN_LLAMA_PYTHON`, or
+/// a venv in the cache folder that the first test to need it makes, under a
+/// file lock so that test binaries running at once do not race (the
+/// install compiles llama.cpp: about 4 minutes on 2 cores, once).
+fn llama_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("KILN_LLAMA_PYTHON") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let cache = std::path::Path::new(&home).join(".cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let venv = cache.join("kiln-llama-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &std::path::Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import llama_cpp.server"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let lock = std::fs::File::create(cache.join("kiln-llama-venv.lock")).unwrap();
+    lock.lock().expect("lock the venv's install");
+    if !ready(&python) {
+        eprintln!(
+            "installing llama-cpp-python[server] 0.3.16 into {} (once; it compiles llama.cpp)",
+            venv.display()
+        );
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            made,
+            "python3 -m venv failed: scripts/setup --test installs python3-venv"
+        );
+        let installed = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "llama-cpp-python[server]==0.3.16"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            installed && ready(&python),
+            "installing llama-cpp-python[server] failed"
+        );
+    }
+    python
+}
+
 /// A real OpenAI-compatible server on loopback: llama-cpp-python's server
-/// (installed by `.ci/run` into a venv) serving the SmolLM2 model.
+/// (installed on first use into a venv, see `llama_python`) serving the
+/// SmolLM2 model.
 pub struct LlamaServer {
     child: std::process::Child,
     pub port: u16,
@@ -249,14 +298,7 @@ pub struct LlamaServer {
 impl LlamaServer {
     pub async fn start() -> LlamaServer {
         let model = model().await;
-        let python = std::env::var("KILN_LLAMA_PYTHON").unwrap_or_else(|_| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            format!("{home}/.cache/kiln-llama-venv/bin/python")
-        });
-        assert!(
-            std::path::Path::new(&python).exists(),
-            "{python} is missing: .ci/run installs llama-cpp-python[server] there"
-        );
+        let python = tokio::task::spawn_blocking(llama_python).await.unwrap();
         let port = free_port();
         let child = std::process::Command::new(&python)
             .args(["-m", "llama_cpp.server", "--model"])

@@ -658,38 +658,22 @@ fn check(req: &Request) -> std::result::Result<(), String> {
     let long = |what: &str, n: usize, max: usize| {
         (n > max).then(|| format!("{what} of {n} bytes is over the {max}-byte limit"))
     };
+    let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     let wanted_ok = |w: &Wanted| {
         [
-            long(
-                "a model name",
-                w.model.as_ref().map_or(0, String::len),
-                MAX_NAME,
-            ),
-            long(
-                "an engine name",
-                w.engine.as_ref().map_or(0, String::len),
-                MAX_NAME,
-            ),
-            long(
-                "a KV type",
-                w.kv_type.as_ref().map_or(0, String::len),
-                MAX_NAME,
-            ),
-            long(
-                "a system prompt",
-                w.system.as_ref().map_or(0, String::len),
-                MAX_TEXT,
-            ),
-            long(
+            ("a model name", len(&w.model), MAX_NAME),
+            ("an engine name", len(&w.engine), MAX_NAME),
+            ("a KV type", len(&w.kv_type), MAX_NAME),
+            ("a system prompt", len(&w.system), MAX_TEXT),
+            (
                 "a workspace",
                 w.workspace.as_ref().map_or(0, |p| p.as_os_str().len()),
                 MAX_NAME,
             ),
-            long("a folder", w.cwd.as_os_str().len(), MAX_NAME),
+            ("a folder", w.cwd.as_os_str().len(), MAX_NAME),
         ]
         .into_iter()
-        .flatten()
-        .next()
+        .find_map(|(what, n, max)| long(what, n, max))
     };
     let problem = match req {
         Request::StartAgent { task, wanted, .. } => {
@@ -704,13 +688,7 @@ fn check(req: &Request) -> std::result::Result<(), String> {
             ..
         } => workstation::check_size(*size)
             .err()
-            .or_else(|| {
-                long(
-                    "a theme name",
-                    theme.as_ref().map_or(0, String::len),
-                    MAX_NAME,
-                )
-            })
+            .or_else(|| long("a theme name", len(theme), MAX_NAME))
             .or_else(|| match open {
                 Open::Session { query } => long("a session id", query.len(), MAX_NAME),
                 _ => None,
@@ -719,10 +697,7 @@ fn check(req: &Request) -> std::result::Result<(), String> {
         Request::Input { input } => input.check().err(),
         Request::List | Request::Shutdown => None,
     };
-    match problem {
-        Some(p) => Err(p),
-        None => Ok(()),
-    }
+    problem.map_or(Ok(()), Err)
 }
 
 /// One client connection: requests in, replies out. A malformed or

@@ -123,11 +123,7 @@ impl Writer {
                 Ok(Write::Event(event)) => self.write_event(event),
                 Ok(Write::Commit(event, ack)) => {
                     self.write_event(event);
-                    let result = match &self.last_error {
-                        None => Ok(()),
-                        Some(why) => Err(why.clone()),
-                    };
-                    let _ = ack.send(result);
+                    let _ = ack.send(self.last_error.clone().map_or(Ok(()), Err));
                 }
                 Ok(Write::Chunk(text)) => {
                     self.chunks.push_str(&text);

@@ -234,10 +234,7 @@ impl Runtime {
     pub async fn perform(&mut self, effect: Effect, state: &mut State) {
         match effect {
             Effect::Chat(text) => {
-                if let Some(why) = self.not_committed.take() {
-                    let error = format!(
-                        "your message could not be saved ({why}), so it was not sent to the model; it is kept and written when the disk has room"
-                    );
+                if let Some(error) = self.not_committed.take() {
                     let failed = EngineEvent::TurnFailed { turn: 0, error };
                     for effect in app::update(state, Msg::Engine(failed, std::time::Instant::now()))
                     {
@@ -261,13 +258,20 @@ impl Runtime {
             Effect::Copy(text) => self.outbox.push(osc52(&text)),
             Effect::Record(event @ session::Event::User { .. }) => {
                 let Some(j) = self.journal(state).cloned() else {
-                    self.not_committed = Some("the session could not be created".into());
+                    self.not_committed = Some(format!(
+                        "{}; so your message was not sent to the model: send it again (Up recalls it) when the disk has room",
+                        state.notice.clone().unwrap_or_default()
+                    ));
                     return;
                 };
                 let committed = tokio::task::spawn_blocking(move || j.commit(event))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
-                self.not_committed = committed.err();
+                self.not_committed = committed.err().map(|why| {
+                    format!(
+                        "your message could not be saved ({why}), so it was not sent to the model; it is kept and written when the disk has room"
+                    )
+                });
             }
             Effect::Record(event) => {
                 if let Some(j) = self.journal(state) {

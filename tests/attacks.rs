@@ -659,3 +659,71 @@ async fn hostile_endpoint_text_is_shown_not_obeyed_and_secrets_are_redacted() {
         assert!(!everything_written(home.path()).contains(secret));
     }
 }
+
+/// The workstation on a full disk: a message that cannot be saved is not
+/// sent to the model, the screen says why, and one whose session exists is
+/// written once space returns.
+#[tokio::test]
+async fn the_workstation_does_not_send_a_message_it_could_not_save() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let Some(fs) = common::SmallFs::mount(2 << 20) else {
+        eprintln!("skipping: no tmpfs can be mounted here (needs root)");
+        return;
+    };
+    std::fs::create_dir_all(fs.path().join("data/sessions")).unwrap();
+    std::fs::create_dir_all(fs.path().join("logs")).unwrap();
+    let cmd = format!(
+        "KILN_HOME={} {} --no-daemon --model {} --max-tokens 16; echo EXIT=$?; sleep 30",
+        fs.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.path.display()
+    );
+    let tmux = common::Tmux::start("fulldisk", 160, 40, &cmd);
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    // The first message makes the session; then the disk fills up.
+    tmux.send(&["Say hi.", "Enter"]);
+    tmux.wait_for("the first answer", 60, |s| s.contains(" tok · "));
+    fs.leave(0);
+    // Longer than what is left of the journal's last page, so that it needs
+    // space the disk does not have.
+    let question = format!("Is this question kept? {}", "glaze ".repeat(800));
+    let pasted = fs.path().join("../question.txt");
+    std::fs::write(&pasted, &question).unwrap();
+    let load = tmux
+        .tmux()
+        .args(["load-buffer", "-b", "q"])
+        .arg(&pasted)
+        .status()
+        .unwrap();
+    assert!(load.success());
+    let paste = tmux
+        .tmux()
+        .args(["paste-buffer", "-p", "-d", "-b", "q", "-t", &tmux.session])
+        .status()
+        .unwrap();
+    assert!(paste.success());
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.send(&["Enter"]);
+    let screen = tmux.wait_for("the refusal", 90, |s| s.contains("could not be saved"));
+    assert!(screen.contains("not sent to the model"), "{screen}");
+    std::thread::sleep(Duration::from_secs(2));
+    let store = SessionStore::new(&Paths::under(fs.path()));
+    let dir = store.list()[0].dir.clone();
+    let events = || std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    assert!(!events().contains("Is this question kept?"));
+    // Space returns: the queued message is written.
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events().contains("Is this question kept?") {
+        assert!(
+            Instant::now() < deadline,
+            "the kept message was never written"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let answers = events().matches("\"type\":\"answer\"").count();
+    assert_eq!(answers, 1, "only the first message was answered");
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
+}

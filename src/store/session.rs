@@ -246,10 +246,15 @@ impl OpenSession {
             self.journal = Some(open_append(&self.events_path())?);
         }
         let file = self.journal.as_mut().expect("journal open");
+        let before = file.metadata()?.len();
         let result = file
             .write_all(lines.as_bytes())
             .and_then(|_| file.sync_data());
         if result.is_err() {
+            // A full disk can take part of the lines: cut them off again, so
+            // the journal never holds half an event (shrinking needs no
+            // space), and the whole lines are written on the next try.
+            let _ = file.set_len(before).and_then(|_| file.sync_data());
             self.journal = None;
         }
         result

@@ -145,6 +145,22 @@ struct Actor {
     exit: Arc<tokio::sync::Notify>,
 }
 
+impl Model {
+    /// A scripted engine's model with default settings, for the
+    /// benchmarks and tests.
+    fn fake(common: Common, paths: &Paths) -> Model {
+        Model {
+            common,
+            keys: crate::keys::KeyMap::default(),
+            paths: paths.clone(),
+            config: crate::config::Config::default(),
+            shape: None,
+            model_spec: "fake".into(),
+            fingerprint: None,
+        }
+    }
+}
+
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ActorMsg>) {
         while let Some(msg) = rx.recv().await {
@@ -1108,15 +1124,7 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
         .collect::<Vec<_>>()
         .join(" ");
     let paths = Paths::under(dir.path());
-    let model = Model {
-        common: Common::default(),
-        keys: crate::keys::KeyMap::default(),
-        paths: paths.clone(),
-        config: crate::config::Config::default(),
-        shape: None,
-        model_spec: "fake".into(),
-        fingerprint: None,
-    };
+    let model = Model::fake(Common::default(), &paths);
     let engine = crate::engine::fake::FakeEngine::new([answer]);
     bench_daemon(listener, engine, &paths, Some(model));
 
@@ -1387,15 +1395,7 @@ mod tests {
         let path = dir.join("daemon.sock");
         let listener = bind(&path).unwrap();
         let paths = Paths::under(dir);
-        let model = Model {
-            common,
-            keys: crate::keys::KeyMap::default(),
-            paths: paths.clone(),
-            config: crate::config::Config::default(),
-            shape: None,
-            model_spec: "fake".into(),
-            fingerprint: None,
-        };
+        let model = Model::fake(common, &paths);
         let engine = crate::engine::fake::FakeEngine::new(["hello there"]);
         bench_daemon(listener, engine, &paths, Some(model));
         path

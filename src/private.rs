@@ -37,7 +37,8 @@ pub fn user_file_mode() -> u32 {
 
 /// Close kiln's folders to other users: 0700 folders and 0600 files under
 /// the data, cache and log folders, and the config file. Links are not
-/// followed. Returns the paths it could not fix, with why.
+/// followed; a tree whose top folder is closed already is left as it is.
+/// Returns the paths it could not fix, with why.
 pub fn secure(paths: &Paths) -> Vec<String> {
     let mut problems = Vec::new();
     for root in [&paths.data, &paths.cache, &paths.logs] {
@@ -52,6 +53,13 @@ pub fn secure(paths: &Paths) -> Vec<String> {
 }
 
 fn secure_tree(root: &Path, problems: &mut Vec<String>) {
+    // A closed folder keeps others out of everything in it, so a tree whose
+    // top is closed (every start after the first) is not walked again.
+    match std::fs::symlink_metadata(root) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o077 == 0 => return,
+        Ok(_) => {}
+        Err(_) => return,
+    }
     let mut stack = vec![root.to_path_buf()];
     while let Some(path) = stack.pop() {
         let Ok(meta) = std::fs::symlink_metadata(&path) else {

@@ -690,19 +690,7 @@ async fn the_workstation_does_not_send_a_message_it_could_not_save() {
     let question = format!("Is this question kept? {}", "glaze ".repeat(800));
     let pasted = fs.path().join("../question.txt");
     std::fs::write(&pasted, &question).unwrap();
-    let load = tmux
-        .tmux()
-        .args(["load-buffer", "-b", "q"])
-        .arg(&pasted)
-        .status()
-        .unwrap();
-    assert!(load.success());
-    let paste = tmux
-        .tmux()
-        .args(["paste-buffer", "-p", "-d", "-b", "q", "-t", &tmux.session])
-        .status()
-        .unwrap();
-    assert!(paste.success());
+    tmux.paste(&pasted);
     std::thread::sleep(Duration::from_millis(500));
     tmux.send(&["Enter"]);
     let screen = tmux.wait_for("the refusal", 90, |s| s.contains("could not be saved"));

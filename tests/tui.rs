@@ -203,28 +203,7 @@ async fn a_ten_megabyte_paste_is_cut_with_a_notice() {
     let text = line.repeat(10 * 1024 * 1024 / line.len());
     let file = home.path().join("paste.txt");
     std::fs::write(&file, &text).unwrap();
-    let buffer = format!("kiln-paste-{}", std::process::id());
-    let load = tmux
-        .tmux()
-        .args(["load-buffer", "-b", &buffer])
-        .arg(&file)
-        .status()
-        .unwrap();
-    assert!(load.success());
-    let paste = tmux
-        .tmux()
-        .args([
-            "paste-buffer",
-            "-p",
-            "-d",
-            "-b",
-            &buffer,
-            "-t",
-            &tmux.session,
-        ])
-        .status()
-        .unwrap();
-    assert!(paste.success());
+    tmux.paste(&file);
     let screen = tmux.wait_for("the paste notice", 60, |s| s.contains("paste cut to"));
     assert!(
         screen.contains("paste cut to 1.0 MiB of 10.0 MiB"),

@@ -70,8 +70,8 @@ impl Redactor {
             if let Some(p) = url.password() {
                 secrets.push(p.to_string());
                 // As the URL spells it, and decoded.
-                if let Ok(decoded) = urlencoding_decode(p) {
-                    secrets.push(decoded);
+                if let Ok(decoded) = percent_encoding::percent_decode_str(p).decode_utf8() {
+                    secrets.push(decoded.into_owned());
                 }
             }
         }
@@ -106,24 +106,6 @@ impl Redactor {
         }
         keep_from
     }
-}
-
-/// `%XX` escapes decoded; `Err` where they do not make UTF-8.
-fn urlencoding_decode(s: &str) -> Result<String, ()> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).map_err(|_| ())?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| ())
 }
 
 /// The endpoint's URL as it may be shown: any password replaced.

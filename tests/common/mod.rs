@@ -174,6 +174,31 @@ impl Tmux {
         assert!(status.success());
     }
 
+    /// Paste the contents of `file` as a terminal pastes (bracketed).
+    pub fn paste(&self, file: &std::path::Path) {
+        let load = self
+            .tmux()
+            .args(["load-buffer", "-b", "kiln-paste"])
+            .arg(file)
+            .status()
+            .unwrap();
+        assert!(load.success());
+        let paste = self
+            .tmux()
+            .args([
+                "paste-buffer",
+                "-p",
+                "-d",
+                "-b",
+                "kiln-paste",
+                "-t",
+                &self.session,
+            ])
+            .status()
+            .unwrap();
+        assert!(paste.success());
+    }
+
     /// Poll the screen until `done` holds; panics with the screen after `secs`.
     pub fn wait_for(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);

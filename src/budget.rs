@@ -25,6 +25,7 @@
 use serde::Serialize;
 
 use crate::gguf::GgufInfo;
+use crate::layers::Layers;
 use crate::telemetry::MemorySnapshot;
 
 /// RSS of kiln with a model loaded, less the weights: binary, tokenizer, rope
@@ -51,8 +52,15 @@ pub struct ModelShape {
     pub hidden: u64,
     pub vocab: u64,
     pub context_length: u64,
+    /// The longest window it may run with: the trained context, or more
+    /// with rope scaling.
+    pub window_limit: u64,
+    /// What llama.cpp keeps per layer.
+    pub layers: Layers,
     /// Bytes of all tensors in the file.
     pub tensor_bytes: u64,
+    /// Bytes of MoE expert tensors among them.
+    pub expert_bytes: u64,
     /// Bytes per tensor type, largest first (empty for built-in presets).
     pub tensor_types: Vec<(String, u64)>,
     pub kv_layout: KvLayout,
@@ -72,7 +80,9 @@ pub fn grown_kv_cells(tokens: u64, window: u64) -> u64 {
 }
 
 /// How llama.cpp stores each K and V value (`--kv-type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum KvType {
     #[default]
@@ -81,6 +91,10 @@ pub enum KvType {
     /// exact.
     #[value(name = "q8_0")]
     Q8_0,
+    /// Blocks of 32 values in 18 bytes: about a quarter of f16; for K it
+    /// costs more accuracy than for V.
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 impl KvType {
@@ -89,6 +103,7 @@ impl KvType {
         match self {
             KvType::F16 => values * 2,
             KvType::Q8_0 => values.div_ceil(32) * 34,
+            KvType::Q4_0 => values.div_ceil(32) * 18,
         }
     }
 
@@ -96,7 +111,12 @@ impl KvType {
         match self {
             KvType::F16 => "f16",
             KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
         }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self != KvType::F16
     }
 }
 
@@ -106,9 +126,9 @@ impl KvType {
 pub enum KvLayout {
     /// kalosm 0.4: f32, repeated to every query head, grown by powers of two.
     KalosmF32,
-    /// llama.cpp: `kv` values per KV head, grown in chunks up to `window`
-    /// tokens.
-    Gqa { window: u64, kv: KvType },
+    /// llama.cpp: K and V values per KV head, stored as `k` and `v`, grown
+    /// in chunks up to `window` tokens.
+    Gqa { window: u64, k: KvType, v: KvType },
 }
 
 impl KvLayout {
@@ -116,7 +136,10 @@ impl KvLayout {
     pub fn describe(self) -> String {
         match self {
             KvLayout::KalosmF32 => "kalosm f32, repeated heads".into(),
-            KvLayout::Gqa { kv, .. } => format!("{} per KV head", kv.name()),
+            KvLayout::Gqa { k, v, .. } if k == v => format!("{} per KV head", k.name()),
+            KvLayout::Gqa { k, v, .. } => {
+                format!("K {}, V {} per KV head", k.name(), v.name())
+            }
         }
     }
 }
@@ -135,17 +158,27 @@ impl ModelShape {
             hidden: info.embedding_length as u64,
             vocab: info.vocab_size as u64,
             context_length: info.context_length as u64,
+            window_limit: info.context_length as u64,
+            layers: info.layers.clone(),
             tensor_bytes: info.tensor_bytes,
+            expert_bytes: info.expert_bytes,
             tensor_types: info.tensor_types.clone(),
             kv_layout: KvLayout::KalosmF32,
         }
     }
 
+    /// The same model able to run up to `tokens` (rope scaling).
+    pub fn with_window_limit(mut self, tokens: u64) -> ModelShape {
+        self.window_limit = tokens.max(self.context_length);
+        self
+    }
+
     /// The same model with its window set to `n` tokens.
     fn sized_for(&self, n: u64) -> ModelShape {
         match self.kv_layout {
-            KvLayout::Gqa { kv, .. } => {
-                self.clone().with_kv_layout(KvLayout::Gqa { window: n, kv })
+            KvLayout::Gqa { k, v, .. } => {
+                self.clone()
+                    .with_kv_layout(KvLayout::Gqa { window: n, k, v })
             }
             KvLayout::KalosmF32 => self.clone(),
         }
@@ -171,26 +204,65 @@ impl ModelShape {
             hidden: s.hidden,
             vocab: s.vocab,
             context_length: s.context_length,
+            window_limit: s.context_length,
+            layers: Layers::uniform(s.n_layer, s.n_kv_head, s.hidden / s.n_head),
             tensor_bytes: p.approx_bytes,
+            expert_bytes: 0,
             tensor_types: Vec::new(),
             kv_layout: KvLayout::KalosmF32,
         }
     }
 
-    /// KV bytes per token as the engine stores them.
+    /// KV bytes per token as the engine stores them, in the layers whose
+    /// cache grows with the context (sliding-window layers stop growing at
+    /// their window; see `kv_bytes`).
     pub fn kv_per_token_engine(&self) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => self.n_layer * self.n_head * self.head_dim * 2 * 4,
-            KvLayout::Gqa { kv, .. } => {
-                self.n_layer * 2 * kv.bytes(self.n_kv_head * self.kv_head_dim)
+            KvLayout::Gqa { k, v, .. } => {
+                k.bytes(self.layers.full.k) + v.bytes(self.layers.full.v)
             }
         }
     }
 
-    /// KV bytes per token for an f16 cache kept per KV head (llama.cpp's
-    /// default), for comparison.
+    /// Bytes per cell of the sliding-window layers' cache.
+    fn swa_per_cell(&self) -> u64 {
+        match self.kv_layout {
+            KvLayout::KalosmF32 => 0,
+            KvLayout::Gqa { k, v, .. } => k.bytes(self.layers.swa.k) + v.bytes(self.layers.swa.v),
+        }
+    }
+
+    /// Cells the sliding-window layers hold when the rest holds `cells`:
+    /// the window and one batch, padded to 256 (`llama_kv_cache_iswa`).
+    pub fn swa_cells(&self, cells: u64) -> u64 {
+        if self.layers.swa.layers == 0 {
+            return 0;
+        }
+        cells
+            .min(self.layers.window + PREFILL_CHUNK)
+            .next_multiple_of(256)
+    }
+
+    /// KV cache (and recurrent state) bytes the engine has allocated when
+    /// it holds `tokens`.
+    pub fn kv_bytes(&self, tokens: u64) -> u64 {
+        let cells = self.kv_allocated_tokens(tokens);
+        match self.kv_layout {
+            KvLayout::KalosmF32 => cells * self.kv_per_token_engine(),
+            KvLayout::Gqa { .. } => {
+                cells * self.kv_per_token_engine()
+                    + self.swa_cells(cells) * self.swa_per_cell()
+                    + self.layers.recurrent_bytes
+            }
+        }
+    }
+
+    /// KV bytes per token for an f16 cache kept per KV head for every
+    /// layer (llama.cpp's default without windows), for comparison.
     pub fn kv_per_token_f16_gqa(&self) -> u64 {
-        self.n_layer * self.n_kv_head * self.kv_head_dim * 2 * 2
+        let l = &self.layers;
+        2 * (l.full.k + l.full.v + l.swa.k + l.swa.v)
     }
 
     /// Weights in memory: the file's tensors, plus (kalosm) the f32
@@ -200,6 +272,17 @@ impl ModelShape {
             KvLayout::KalosmF32 => self.tensor_bytes + self.vocab * self.hidden * 4,
             KvLayout::Gqa { .. } => self.tensor_bytes,
         }
+    }
+
+    /// Weight bytes one decoded token reads: every tensor, but of the
+    /// experts only the share a token is routed to.
+    pub fn active_weight_bytes(&self) -> u64 {
+        let dense = self.tensor_bytes - self.expert_bytes.min(self.tensor_bytes);
+        let experts = match self.layers.experts {
+            Some((n, used)) if n > 0 => self.expert_bytes * used.min(n) / n,
+            _ => self.expert_bytes,
+        };
+        dense + experts
     }
 
     /// Tokens of KV cache the engine has allocated when it holds `tokens`.
@@ -212,8 +295,8 @@ impl ModelShape {
         }
         tokens
             .next_power_of_two()
-            .min(self.context_length)
-            .max(tokens.min(self.context_length))
+            .min(self.window_limit)
+            .max(tokens.min(self.window_limit))
     }
 
     /// Transient bytes of attention scores while prefilling `prompt` tokens
@@ -280,13 +363,16 @@ pub struct Budget {
     pub verdict: Verdict,
     /// The largest context whose steady budget fits in available memory.
     pub max_context: u64,
+    /// Why the figures cannot be trusted for this model's layout, when
+    /// they cannot.
+    pub unmodelled: Option<String>,
 }
 
 /// Steady bytes kalosm needs holding `tokens`, of which `prefilled` were
 /// prefilled in the largest single prompt.
 pub fn steady_bytes(shape: &ModelShape, tokens: u64, prefilled: u64) -> u64 {
     shape.weight_bytes()
-        + shape.kv_allocated_tokens(tokens) * shape.kv_per_token_engine()
+        + shape.kv_bytes(tokens)
         + RUNTIME_BASE_BYTES
         + shape.retained_activation_bytes(prefilled)
 }
@@ -305,8 +391,9 @@ pub fn verdict(need: u64, mem: &MemorySnapshot) -> Verdict {
     }
 }
 
+/// The budget at `context` tokens, which the caller has checked against
+/// the model's window (`window::plan`): nothing here clamps it.
 pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget {
-    let context = context.min(shape.context_length);
     let shape = &shape.sized_for(context);
     let total = steady_bytes(shape, context, context);
     Budget {
@@ -314,7 +401,7 @@ pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget 
         weights: shape.weight_bytes(),
         kv_per_token: shape.kv_per_token_engine(),
         kv_per_token_f16_gqa: shape.kv_per_token_f16_gqa(),
-        kv_at_context: shape.kv_allocated_tokens(context) * shape.kv_per_token_engine(),
+        kv_at_context: shape.kv_bytes(context),
         kv_at_context_f16_gqa: context * shape.kv_per_token_f16_gqa(),
         overhead: RUNTIME_BASE_BYTES + shape.retained_activation_bytes(context),
         total,
@@ -322,6 +409,7 @@ pub fn budget(shape: &ModelShape, context: u64, mem: &MemorySnapshot) -> Budget 
         available: mem.available,
         verdict: verdict(total, mem),
         max_context: max_context(shape, mem.available),
+        unmodelled: shape.layers.unmodelled.clone(),
     }
 }
 
@@ -346,10 +434,10 @@ fn largest(lo: u64, hi: u64, fits: impl Fn(u64) -> bool) -> Option<u64> {
     Some(lo)
 }
 
-/// The largest context (in tokens, up to the trained context) whose steady
+/// The largest context (in tokens, up to the window limit) whose steady
 /// budget fits in `available` bytes; 0 when not even the weights fit.
 pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
-    largest(1, shape.context_length, |n| {
+    largest(1, shape.window_limit, |n| {
         steady_bytes(&shape.sized_for(n), n, n) <= available
     })
     .unwrap_or(0)
@@ -364,12 +452,11 @@ pub fn tokens_before_memory_runs_out(
     context_tokens: u64,
     available: u64,
 ) -> u64 {
-    let per_token = shape.kv_per_token_engine();
     let held = shape.kv_allocated_tokens(context_tokens);
-    let room = shape.context_length.saturating_sub(context_tokens);
+    let room = shape.window_limit.saturating_sub(context_tokens);
     largest(0, room, |extra| {
-        let needed = shape.kv_allocated_tokens(context_tokens + extra);
-        needed == held || needed * per_token <= available
+        let tokens = context_tokens + extra;
+        shape.kv_allocated_tokens(tokens) == held || shape.kv_bytes(tokens) <= available
     })
     .unwrap_or(0)
 }
@@ -402,7 +489,10 @@ mod tests {
             hidden: 5120,
             vocab: 152_064,
             context_length: 32_768,
+            window_limit: 32_768,
+            layers: Layers::uniform(64, 8, 128),
             tensor_bytes: 19_851_336_256,
+            expert_bytes: 0,
             tensor_types: Vec::new(),
             kv_layout: KvLayout::KalosmF32,
         }
@@ -414,7 +504,8 @@ mod tests {
     fn the_llamacpp_layout_is_f16_per_kv_head_and_grows_in_chunks() {
         let q = qwen32().with_kv_layout(KvLayout::Gqa {
             window: 32_768,
-            kv: KvType::F16,
+            k: KvType::F16,
+            v: KvType::F16,
         });
         assert_eq!(q.kv_per_token_engine(), 262_144);
         assert_eq!(q.kv_allocated_tokens(0), 4096);
@@ -430,13 +521,15 @@ mod tests {
         // A small window is allocated whole.
         let small = q.clone().with_kv_layout(KvLayout::Gqa {
             window: 2048,
-            kv: KvType::F16,
+            k: KvType::F16,
+            v: KvType::F16,
         });
         assert_eq!(small.kv_allocated_tokens(1), 2048);
         // q8_0: 128 values a head row, four blocks of 34 bytes.
         let q8 = q.with_kv_layout(KvLayout::Gqa {
             window: 32_768,
-            kv: KvType::Q8_0,
+            k: KvType::Q8_0,
+            v: KvType::Q8_0,
         });
         assert_eq!(q8.kv_per_token_engine(), 64 * 2 * 8 * 4 * 34);
     }

@@ -51,10 +51,12 @@ pub struct Common {
     /// (kalosm's own Llama), or `remote:NAME`, an endpoint from config.toml.
     #[arg(long, global = true, default_value = "local")]
     pub engine: String,
-    /// How the llama.cpp engine stores KV values: f16, or q8_0 in about
-    /// half the memory (slightly less exact).
+    /// How the llama.cpp engine stores KV values: f16, q8_0 in about half
+    /// the memory (slightly less exact), or q4_0 in about a quarter.
     #[arg(long, global = true, value_enum, default_value_t = crate::budget::KvType::F16)]
     pub kv_type: crate::budget::KvType,
+    #[command(flatten)]
+    pub window: crate::window::WindowArgs,
     /// Colour theme: dark, light, contrast, or a file in the themes folder.
     #[arg(long, global = true, env = "KILN_THEME")]
     pub theme: Option<String>,
@@ -293,4 +295,16 @@ pub struct FitArgs {
     /// Print the budget as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Plan for this much memory instead of this machine's free memory
+    /// (48GiB, 64GB, 128G).
+    #[arg(long, value_name = "SIZE", conflicts_with = "machine")]
+    pub memory: Option<String>,
+    /// Plan for a machine you do not have yet: its memory, the GPU's
+    /// default wired limit and its bandwidth, with a decode-speed estimate
+    /// (see `kiln fit --list-machines`).
+    #[arg(long, value_name = "PRESET")]
+    pub machine: Option<String>,
+    /// List the machine presets with their sources.
+    #[arg(long)]
+    pub list_machines: bool,
 }

@@ -983,6 +983,19 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
     {
         asked.push(format!("--kv-type {kv}"));
     }
+    let window = wanted.window.clone().unwrap_or_default();
+    if window != common.window {
+        let theirs = common.window.flags();
+        for (flag, v) in window.flags() {
+            if !theirs.contains(&(flag, v.clone())) {
+                asked.push(format!("{flag} {v}"));
+            }
+        }
+        if asked.is_empty() {
+            // Only defaults asked where the daemon has flags.
+            asked.push("the default rope, flash-attention and K/V settings".into());
+        }
+    }
     fn text<T: ToString>(v: Option<T>) -> Option<String> {
         v.map(|v| v.to_string())
     }
@@ -1052,6 +1065,9 @@ fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
     pair("--system", common.system.clone().map(Into::into));
     pair("--engine", Some(common.engine.clone().into()));
     pair("--kv-type", Some(common.kv_type.name().into()));
+    for (flag, value) in common.window.flags() {
+        pair(flag, Some(value.into()));
+    }
     pair(
         "--workspace",
         common

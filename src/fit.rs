@@ -8,65 +8,207 @@ use crate::cli::{Common, FitArgs};
 use crate::error::{KilnError, Result};
 use crate::gguf;
 use crate::launch::paths_and_config;
+use crate::machines;
 use crate::models::{self, ModelSpec};
 use crate::telemetry::MemorySnapshot;
 
 pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
+    if args.list_machines {
+        for m in machines::MACHINES {
+            println!(
+                "{:<26}{:>4} GiB  {:>4.0} GB/s  {}",
+                m.name, m.memory_gib, m.bandwidth_gbs, m.source
+            );
+        }
+        return Ok(0);
+    }
     let (paths, config) = paths_and_config(common)?;
     let spec = ModelSpec::parse(args.model.as_deref().or(config.model.as_deref()));
     // A downloaded model is measured from its file; a preset that is not
     // downloaded yet uses its built-in dimensions.
-    let (shape, source) = match &spec {
-        ModelSpec::Local(path) => (
-            ModelShape::from_gguf(&gguf::inspect(path)?),
-            path.display().to_string(),
-        ),
+    let (shape, source, rope, recipe) = match &spec {
+        ModelSpec::Local(path) => {
+            let info = gguf::inspect(path)?;
+            let rope = info.rope.clone();
+            (
+                ModelShape::from_gguf(&info),
+                path.display().to_string(),
+                rope,
+                None,
+            )
+        }
         ModelSpec::Preset(name) => {
             let p = models::preset(name).expect("parsed presets exist");
             match models::cached_path(p, &paths) {
-                Some(path) => (
-                    ModelShape::from_gguf(&gguf::inspect(&path)?),
-                    path.display().to_string(),
-                ),
+                Some(path) => {
+                    let info = gguf::inspect(&path)?;
+                    let rope = info.rope.clone();
+                    (
+                        ModelShape::from_gguf(&info),
+                        path.display().to_string(),
+                        rope,
+                        p.yarn,
+                    )
+                }
                 None => (
                     ModelShape::from_preset(p),
                     format!("preset {} (built-in dimensions)", p.name),
+                    Default::default(),
+                    p.yarn,
                 ),
             }
         }
     };
-    let mem = memory()?;
-    let context = config.context.map_or(shape.context_length, |c| c as u64);
     // For the engine `--engine` names (llama.cpp unless it says kalosm).
     let backend = crate::engine::local::Backend::parse(&common.engine)
         .unwrap_or(crate::engine::local::Backend::LlamaCpp);
-    let shape = shape.with_kv_layout(backend.kv_layout(context as usize, common.kv_type));
+    backend.check(common.kv_type, &common.window)?;
+    let window = crate::window::plan(
+        config.context.map(|c| c as u64),
+        shape.context_length,
+        &rope,
+        &common.window,
+        recipe,
+        &shape.name,
+    )
+    .map_err(KilnError::BadArgument)?;
+    let (mem, machine) = memory(&args)?;
+    let context = window.tokens;
+    let shape = shape.with_window_limit(window.tokens).with_kv_layout(backend.kv_layout(
+        context as usize,
+        common.kv_type,
+        &common.window,
+    ));
     let b = budget::budget(&shape, context, &mem);
+    let decode = machine.map(|m| machines::decode_estimate(&shape, context, m.bandwidth_gbs));
     if args.json {
-        let out =
-            serde_json::json!({ "model": shape, "source": source, "memory": mem, "budget": b });
+        let out = serde_json::json!({
+            "model": shape,
+            "source": source,
+            "window": window,
+            "memory": mem,
+            "machine": machine.map(|m| serde_json::json!({
+                "name": m.name,
+                "memory": m.memory_bytes(),
+                "default_wired_limit": m.default_wired_limit(),
+                "bandwidth_gbs": m.bandwidth_gbs,
+                "source": m.source,
+            })),
+            "decode": decode,
+            "budget": b,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&out).expect("serializes")
         );
     } else {
-        print_table(&shape, &source, &mem, &b);
+        print_table(&shape, &source, &mem, &b, &window);
+        if let (Some(m), Some(d)) = (machine, decode) {
+            print_machine(m, &d, &b);
+        }
     }
     Ok(0)
 }
 
-fn memory() -> Result<MemorySnapshot> {
-    MemorySnapshot::read()
-        .ok_or_else(|| KilnError::Io("cannot read this machine's memory figures".into()))
+/// The memory to plan against: this machine's, `--memory`, or a preset
+/// machine's GPU wired limit (what Metal lets a model hold).
+fn memory(args: &FitArgs) -> Result<(MemorySnapshot, Option<&'static machines::Machine>)> {
+    if let Some(name) = &args.machine {
+        let m = machines::machine(name).ok_or_else(|| {
+            let names: Vec<&str> = machines::MACHINES.iter().map(|m| m.name).collect();
+            KilnError::BadArgument(format!(
+                "--machine {}: not a preset; choose one of {}",
+                crate::visible::visible_line(name),
+                names.join(", ")
+            ))
+        })?;
+        let planned = MemorySnapshot {
+            total: m.memory_bytes(),
+            available: m.default_wired_limit(),
+            swap_total: 0,
+            swap_free: 0,
+        };
+        return Ok((planned, Some(m)));
+    }
+    if let Some(size) = &args.memory {
+        let bytes = parse_size(size).ok_or_else(|| {
+            KilnError::BadArgument(format!(
+                "--memory {}: give a size such as 48GiB, 64GB or 128G",
+                crate::visible::visible_line(size)
+            ))
+        })?;
+        let planned = MemorySnapshot {
+            total: bytes,
+            available: bytes,
+            swap_total: 0,
+            swap_free: 0,
+        };
+        return Ok((planned, None));
+    }
+    let mem = MemorySnapshot::read()
+        .ok_or_else(|| KilnError::Io("cannot read this machine's memory figures".into()))?;
+    Ok((mem, None))
 }
 
-fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budget) {
+/// `48GiB`, `48G`, `64GB`, `512MiB`: a machine's memory. A machine's "GB"
+/// of RAM are GiB, so GB and GiB mean the same here.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "t" | "tb" | "tib" => 40,
+        "g" | "gb" | "gib" | "" => 30,
+        "m" | "mb" | "mib" => 20,
+        _ => return None,
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    (bytes.is_finite() && bytes >= 1.0 && bytes < (1u64 << 50) as f64).then_some(bytes as u64)
+}
+
+fn print_machine(m: &machines::Machine, d: &machines::DecodeEstimate, b: &Budget) {
+    let row = |k: &str, v: String| println!("  {k:<26}{v}");
+    println!("planned for {} ({})", m.description, m.source);
+    row(
+        "GPU wired limit",
+        format!(
+            "{} of {} (default; an estimate, see `kiln fit --help`)",
+            gib(m.default_wired_limit()),
+            gib(m.memory_bytes())
+        ),
+    );
+    if b.total > m.default_wired_limit() && b.total + (4 << 30) <= m.memory_bytes() {
+        row(
+            "advice",
+            format!(
+                "raise the wired limit: sudo sysctl iogpu.wired_limit_mb={}",
+                (b.total + (2 << 30)) >> 20
+            ),
+        );
+    }
+    row("decode speed", machines::describe(d, m.bandwidth_gbs));
+}
+
+fn print_table(
+    shape: &ModelShape,
+    source: &str,
+    mem: &MemorySnapshot,
+    b: &Budget,
+    window: &crate::window::Window,
+) {
     println!("{} · {} · {source}", shape.name, shape.architecture);
     println!(
         "  {} layers · {} heads ({} KV heads) × {} · trained context {}",
         shape.n_layer, shape.n_head, shape.n_kv_head, shape.head_dim, shape.context_length
     );
     let row = |k: &str, v: String| println!("  {k:<26}{v}");
+    row("layers", shape.layers.describe());
+    if let Some(rope) = window.describe() {
+        row("rope scaling", rope);
+    }
     if !shape.tensor_types.is_empty() {
         let types: Vec<String> = shape
             .tensor_types
@@ -109,7 +251,13 @@ fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budge
             gib(mem.swap_free)
         ),
     );
-    row("verdict", b.verdict.describe().to_string());
+    match &b.unmodelled {
+        Some(what) => row(
+            "verdict",
+            format!("unknown: kiln does not model {what}; the KV figures above count every layer as full attention"),
+        ),
+        None => row("verdict", b.verdict.describe().to_string()),
+    }
     row(
         "largest context that fits",
         format!("{} tokens", b.max_context),
@@ -131,7 +279,7 @@ fn print_table(shape: &ModelShape, source: &str, mem: &MemorySnapshot, b: &Budge
 /// fit, unless the user said `--allow-swap`.
 pub fn guard(
     info: &gguf::GgufInfo,
-    context: usize,
+    window: &crate::window::Window,
     allow_swap: bool,
     layout: crate::budget::KvLayout,
 ) -> Result<()> {
@@ -139,8 +287,15 @@ pub fn guard(
         tracing::warn!("no memory figures; skipping the budget check");
         return Ok(());
     };
-    let shape = ModelShape::from_gguf(info).with_kv_layout(layout);
-    let b = budget::budget(&shape, context as u64, &mem);
+    let context = window.tokens;
+    let shape = ModelShape::from_gguf(info)
+        .with_window_limit(window.tokens)
+        .with_kv_layout(layout);
+    let b = budget::budget(&shape, context, &mem);
+    if let Some(what) = &b.unmodelled {
+        tracing::warn!("budget check skipped: kiln does not model {what}");
+        return Ok(());
+    }
     tracing::info!(
         "budget at {context} tokens: {} needed, {} available: {:?}",
         gib(b.total),

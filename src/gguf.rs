@@ -1,9 +1,11 @@
-//! Reads and checks a GGUF model file before kalosm sees it.
+//! Reads and checks a GGUF model file before an engine sees it.
 //!
-//! kalosm trusts its input: a truncated or foreign file ends in a panic or an
-//! opaque candle error deep in loading. kiln reads the header with candle's own
+//! Engines trust their input: a truncated or foreign file ends in a panic or
+//! an opaque error deep in loading. kiln reads the header with candle's own
 //! GGUF reader, checks that every tensor's bytes are really in the file, and
-//! turns each problem into one line that names the file.
+//! turns each problem into one line that names the file. Which
+//! architectures and tokenizers run is the engine's to say, not this
+//! module's.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -12,16 +14,16 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::error::ModelFileError;
-
-/// Architectures kalosm 0.4's `Llama` implements (llama-style blocks, with
-/// qwen2's attention biases and phi3's fused qkv).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
+use crate::layers::{Layers, Meta, MAX_LAYERS};
+use crate::window::FileRope;
 
 /// What kiln needs to know about a model before loading it.
 #[derive(Debug, Clone)]
 pub struct GgufInfo {
     pub path: PathBuf,
     pub architecture: String,
+    /// `tokenizer.ggml.model`: `gpt2` (BPE), `llama` (SentencePiece), …
+    pub tokenizer: String,
     pub name: Option<String>,
     pub context_length: usize,
     pub block_count: usize,
@@ -34,12 +36,20 @@ pub struct GgufInfo {
     pub vocab_size: usize,
     pub file_size: u64,
     pub tensor_bytes: u64,
+    /// Bytes of the MoE experts' tensors (`*_exps`), of which a token reads
+    /// only the experts it is routed to.
+    pub expert_bytes: u64,
     pub tensor_count: usize,
     /// Bytes per tensor type (Q4_K, F32, …), largest first.
     pub tensor_types: Vec<(String, u64)>,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
+    /// Empty where the file names no end token.
     pub eos_token: String,
+    /// What llama.cpp keeps per layer.
+    pub layers: Layers,
+    /// `{arch}.rope.scaling.*`: the scaling the file was converted with.
+    pub rope: FileRope,
 }
 
 impl GgufInfo {
@@ -178,29 +188,40 @@ fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInf
     let get_str = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
     let architecture = get_str("general.architecture")
         .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "general.architecture".into()))?;
-    if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-        return Err(ModelFileError::UnsupportedArchitecture(
-            path,
-            architecture,
-            SUPPORTED_ARCHITECTURES.join(", "),
-        ));
-    }
     let arch_usize = |suffix: &str| -> Result<usize, ModelFileError> {
         let key = format!("{architecture}.{suffix}");
-        md.get(&key)
-            .and_then(value_as_u64)
-            .map(|v| v as usize)
+        md.uint(&key)
+            .map(|v| v.min(u32::MAX as u64) as usize)
             .ok_or_else(|| ModelFileError::MissingKey(path.clone(), key))
     };
-    let head_count = arch_usize("attention.head_count")?;
+    // Per-layer arrays (and recurrent models, which have no heads) give
+    // the first layer's value here; `layers` has them all.
+    let first = |suffix: &str| {
+        let key = format!("{architecture}.{suffix}");
+        md.uint(&key)
+            .or_else(|| md.uints(&key).and_then(|v| v.first().copied()))
+            .map(|v| v.min(u32::MAX as u64) as usize)
+    };
+    let block_count = arch_usize("block_count")?;
+    if block_count as u64 > MAX_LAYERS {
+        return Err(ModelFileError::Corrupt(
+            path,
+            format!("{block_count} layers (kiln reads at most {MAX_LAYERS})"),
+        ));
+    }
+    let embedding_length = arch_usize("embedding_length")?;
+    let head_count = first("attention.head_count").unwrap_or(0);
+    let tokenizer = get_str("tokenizer.ggml.model")
+        .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.model".into()))?;
+    let rope_key = |k: &str| format!("{architecture}.rope.scaling.{k}");
     let info = GgufInfo {
         context_length: arch_usize("context_length")?,
-        block_count: arch_usize("block_count")?,
+        block_count,
         head_count,
-        head_count_kv: arch_usize("attention.head_count_kv").unwrap_or(head_count),
-        embedding_length: arch_usize("embedding_length")?,
-        key_length: arch_usize("attention.key_length").ok(),
-        value_length: arch_usize("attention.value_length").ok(),
+        head_count_kv: first("attention.head_count_kv").unwrap_or(head_count),
+        embedding_length,
+        key_length: first("attention.key_length"),
+        value_length: first("attention.value_length"),
         vocab_size: md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -211,22 +232,51 @@ fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInf
         name: get_str("general.name"),
         file_size,
         tensor_bytes: tensor_bytes(content),
+        expert_bytes: content
+            .tensor_infos
+            .iter()
+            .filter(|(name, _)| name.contains("_exps"))
+            .map(|(_, t)| tensor_size(t))
+            .sum(),
         tensor_count: content.tensor_infos.len(),
         tensor_types: tensor_types(content),
         chat_template: get_str("tokenizer.chat_template"),
         bos_token: token_string(md, "tokenizer.ggml.bos_token_id"),
-        eos_token: token_string(md, "tokenizer.ggml.eos_token_id").ok_or_else(|| {
-            ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.eos_token_id".into())
-        })?,
+        eos_token: token_string(md, "tokenizer.ggml.eos_token_id").unwrap_or_default(),
+        layers: Layers::read(
+            md,
+            &architecture,
+            block_count as u64,
+            embedding_length as u64,
+        ),
+        rope: FileRope {
+            scaling: get_str(&rope_key("type")),
+            factor: md.get(&rope_key("factor")).and_then(|v| v.to_f32().ok()),
+            original: md.uint(&rope_key("original_context_length")),
+        },
+        tokenizer,
         architecture,
         path: path.clone(),
     };
-    let tokenizer = get_str("tokenizer.ggml.model")
-        .ok_or_else(|| ModelFileError::MissingKey(path.clone(), "tokenizer.ggml.model".into()))?;
-    if tokenizer != "gpt2" {
-        return Err(ModelFileError::UnsupportedTokenizer(path, tokenizer));
-    }
     Ok(info)
+}
+
+impl Meta for std::collections::HashMap<String, Value> {
+    fn uint(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(value_as_u64)
+    }
+
+    fn uints(&self, key: &str) -> Option<Vec<u64>> {
+        let v = self.get(key)?.to_vec().ok()?;
+        (v.len() as u64 <= MAX_LAYERS).then(|| v.iter().map(|x| value_as_u64(x).unwrap_or(0)).collect())
+    }
+
+    fn bools(&self, key: &str) -> Option<Vec<bool>> {
+        let v = self.get(key)?.to_vec().ok()?;
+        (v.len() as u64 <= MAX_LAYERS)
+            .then(|| v.iter().map(|x| x.to_bool().ok()).collect::<Option<Vec<bool>>>())
+            .flatten()
+    }
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {

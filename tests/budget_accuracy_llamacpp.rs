@@ -18,7 +18,8 @@ async fn predicted_rss_is_within_15_percent_as_the_cache_grows() {
     let window = 8192;
     let shape = ModelShape::from_gguf(&model.info).with_kv_layout(KvLayout::Gqa {
         window,
-        kv: KvType::F16,
+        k: KvType::F16,
+        v: KvType::F16,
     });
     let mut e = LlamaCppEngine::load(
         &model,

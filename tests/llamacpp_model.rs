@@ -32,10 +32,9 @@ async fn load_with(window: usize, kv_type: KvType) -> LlamaCpp {
     )
     .unwrap();
     let settings = LlamaCppSettings {
-        window,
-        threads: None,
-        kv_type,
-        template: Some(template),
+        type_k: kv_type,
+        type_v: kv_type,
+        ..LlamaCppSettings::new(window, Some(template))
     };
     LlamaCpp::load(&model.path, settings).await.unwrap()
 }

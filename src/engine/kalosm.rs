@@ -26,7 +26,7 @@ use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
     Trace,
 };
-use crate::error::{KilnError, Result};
+use crate::error::{KilnError, ModelFileError, Result};
 use crate::models::ResolvedModel;
 use crate::store::prompt_cache::PromptCache;
 use crate::store::snapshot::KvState;
@@ -45,6 +45,8 @@ pub struct EngineOptions {
     pub prompt_cache: Option<(PromptCache, String)>,
     /// How llama.cpp stores KV values (kalosm: f32 only).
     pub kv_type: crate::budget::KvType,
+    /// Rope scaling, K/V types and flash attention as the flags gave them.
+    pub window: crate::window::WindowArgs,
 }
 
 pub struct KalosmEngine {
@@ -61,21 +63,26 @@ pub struct KalosmEngine {
     kv_tokens: usize,
 }
 
-/// The context window `--ctx` asks for, checked against what the model was
-/// trained for; the trained context without it.
-pub fn context_limit(asked: Option<usize>, info: &crate::gguf::GgufInfo) -> Result<usize> {
-    match asked {
-        Some(n) if n > info.context_length => Err(KilnError::BadArgument(format!(
-            "--ctx {n} is larger than the {} tokens {} was trained for",
-            info.context_length,
-            info.display_name()
-        ))),
-        Some(n) if n < 64 => Err(KilnError::BadArgument(format!(
-            "--ctx {n} is too small (at least 64)"
-        ))),
-        Some(n) => Ok(n),
-        None => Ok(info.context_length),
+/// Architectures kalosm 0.4's `Llama` implements (llama-style blocks, with
+/// qwen2's attention biases and phi3's fused qkv).
+pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
+
+/// Refuse a file kalosm cannot run, in one line, before loading it.
+pub fn check_model(info: &crate::gguf::GgufInfo) -> Result<()> {
+    if !ARCHITECTURES.contains(&info.architecture.as_str()) {
+        return Err(ModelFileError::UnsupportedArchitecture(
+            info.path.clone(),
+            info.architecture.clone(),
+            ARCHITECTURES.join(", "),
+        )
+        .into());
     }
+    if info.tokenizer != "gpt2" {
+        return Err(
+            ModelFileError::UnsupportedTokenizer(info.path.clone(), info.tokenizer.clone()).into(),
+        );
+    }
+    Ok(())
 }
 
 /// kalosm prints "Running on CPU…" on stdout the first time it picks a
@@ -116,7 +123,8 @@ impl KalosmEngine {
         mut progress: impl FnMut(f32) + Send + Sync + 'static,
     ) -> Result<Self> {
         let info = &model.info;
-        let context_limit = context_limit(options.context, info)?;
+        check_model(info)?;
+        let context_limit = model.window(options.context, &options.window)?.tokens as usize;
         options.sampler.validate().map_err(KilnError::BadArgument)?;
         let name = model
             .preset

@@ -6,7 +6,8 @@ use super::kalosm::{EngineOptions, KalosmEngine};
 use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
 use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
-use crate::budget::KvType;
+use crate::budget::{KvLayout, KvType};
+use crate::window::{FlashAttn, Rope, WindowArgs};
 use crate::error::KilnError;
 use crate::models::ResolvedModel;
 use crate::store::snapshot::KvState;
@@ -41,35 +42,66 @@ impl Backend {
         }
     }
 
-    /// The backend, the form of its saved states and how it stores KV
-    /// values, for fingerprints: a saved KV state is only good for the same.
-    pub fn label(self, kv: KvType) -> String {
+    /// The backend, the form of its saved states, how it stores KV values
+    /// and the rope scaling it applies, for fingerprints: a saved KV state
+    /// is only good for the same.
+    pub fn label(self, kv: KvType, window: &WindowArgs, rope: Option<Rope>) -> String {
         match self {
             // States are llama.cpp's in-memory sequence data (v2), not its
             // session files (v1).
-            Backend::LlamaCpp => format!("{}-v2-{}", self.name(), kv.name()),
+            Backend::LlamaCpp => {
+                let (k, v) = window.kv(kv);
+                let mut label = format!("{}-v2-{}", self.name(), k.name());
+                if v != k {
+                    label.push_str(&format!("-v{}", v.name()));
+                }
+                if let Some(r) = rope {
+                    label.push_str(&format!("-{}{}x{}", r.scaling.name(), r.factor, r.original));
+                }
+                label
+            }
             Backend::Kalosm => self.name().to_string(),
         }
     }
 
     /// Refuse settings this backend cannot honour.
-    pub fn check(self, kv: KvType) -> Result<(), KilnError> {
-        match (self, kv) {
-            (Backend::Kalosm, KvType::Q8_0) => Err(KilnError::BadArgument(
-                "--kv-type q8_0: kalosm keeps its KV cache in f32; use --engine llamacpp".into(),
+    pub fn check(self, kv: KvType, window: &WindowArgs) -> Result<(), KilnError> {
+        let (k, v) = window.kv(kv);
+        match self {
+            Backend::Kalosm if k.is_quantized() || v.is_quantized() => Err(KilnError::BadArgument(
+                format!(
+                    "--kv-type {}: kalosm keeps its KV cache in f32; use --engine llamacpp",
+                    if k.is_quantized() { k.name() } else { v.name() }
+                ),
             )),
+            Backend::Kalosm if window.rope_given() => Err(KilnError::BadArgument(
+                "--rope-scaling: kalosm has no rope scaling; use --engine llamacpp".into(),
+            )),
+            Backend::Kalosm if window.flash_attn == FlashAttn::On => Err(KilnError::BadArgument(
+                "--flash-attn on: kalosm has no flash attention; use --engine llamacpp".into(),
+            )),
+            // llama.cpp transposes a V cache that flash attention does not
+            // read, and cannot transpose quantized blocks.
+            Backend::LlamaCpp if v.is_quantized() && window.flash_attn == FlashAttn::Off => {
+                Err(KilnError::BadArgument(format!(
+                    "--kv-type-v {} needs flash attention: use --flash-attn on or auto",
+                    v.name()
+                )))
+            }
             _ => Ok(()),
         }
     }
 
     /// How this backend stores the KV cache of a `context`-token window.
-    pub fn kv_layout(self, context: usize, kv: KvType) -> crate::budget::KvLayout {
+    pub fn kv_layout(self, context: usize, kv: KvType, window: &WindowArgs) -> KvLayout {
+        let (k, v) = window.kv(kv);
         match self {
-            Backend::LlamaCpp => crate::budget::KvLayout::Gqa {
+            Backend::LlamaCpp => KvLayout::Gqa {
                 window: context as u64,
-                kv,
+                k,
+                v,
             },
-            Backend::Kalosm => crate::budget::KvLayout::KalosmF32,
+            Backend::Kalosm => KvLayout::KalosmF32,
         }
     }
 }

@@ -41,7 +41,7 @@ pub fn view(state: &State) -> Option<MemoryView> {
     let (weights, local_kv) = match &state.shape {
         Some(shape) => (
             shape.weight_bytes(),
-            shape.kv_allocated_tokens(context) * shape.kv_per_token_engine(),
+            shape.kv_bytes(context),
         ),
         None => (0, 0),
     };

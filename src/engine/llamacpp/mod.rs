@@ -10,6 +10,7 @@
 //! prototype prefilled 413 tok/s and decoded 82 tok/s at 177 MB with an f16
 //! KV cache per KV head (23,053 B/token). See the README's engine table.
 
+mod log;
 mod model;
 mod worker;
 
@@ -54,7 +55,8 @@ pub struct LlamaCppEngine {
 impl LlamaCppEngine {
     pub async fn load(model: &ResolvedModel, options: EngineOptions) -> Result<Self> {
         let info = &model.info;
-        let context_limit = super::kalosm::context_limit(options.context, info)?;
+        let window = model.window(options.context, &options.window)?;
+        let context_limit = window.tokens as usize;
         options.sampler.validate().map_err(KilnError::BadArgument)?;
         let name = model
             .preset
@@ -67,11 +69,14 @@ impl LlamaCppEngine {
             &info.eos_token,
         )
         .map_err(load_error)?;
+        let (type_k, type_v) = options.window.kv(options.kv_type);
         let settings = LlamaCppSettings {
-            window: context_limit,
-            threads: None,
-            kv_type: options.kv_type,
-            template: Some(template.clone()),
+            type_k,
+            type_v,
+            rope: window.rope,
+            flash_attn: options.window.flash_attn,
+            sliding_window: info.layers.window,
+            ..LlamaCppSettings::new(context_limit, Some(template.clone()))
         };
         let llm = LlamaCpp::load(&model.path, settings)
             .await

@@ -34,6 +34,7 @@ use crate::engine::context::{Message, Role};
 use crate::engine::sampler::KilnSampler;
 use crate::engine::template::ChatTemplate;
 use crate::engine::CancelFlag;
+use crate::window::{FlashAttn, Rope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlamaCppError {
@@ -58,9 +59,9 @@ pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
-            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
             // llama.cpp logs to stderr, which is the TUI's screen.
-            backend.void_logs();
+            super::log::install();
             Ok(backend)
         })
         .as_ref()
@@ -82,9 +83,32 @@ pub struct LlamaCppSettings {
     /// Threads for llama.cpp; every core when `None`.
     pub threads: Option<usize>,
     /// How K and V values are stored.
-    pub kv_type: KvType,
+    pub type_k: KvType,
+    pub type_v: KvType,
+    /// Rope scaling to apply; `None` leaves the file's own.
+    pub rope: Option<Rope>,
+    pub flash_attn: FlashAttn,
+    /// The model's sliding window in tokens, 0 without one
+    /// (`GgufInfo::layers`).
+    pub sliding_window: u64,
     /// The chat template chat sessions render with.
     pub template: Option<ChatTemplate>,
+}
+
+impl LlamaCppSettings {
+    /// A window of `window` tokens with llama.cpp's defaults otherwise.
+    pub fn new(window: usize, template: Option<ChatTemplate>) -> LlamaCppSettings {
+        LlamaCppSettings {
+            window,
+            threads: None,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
+            rope: None,
+            flash_attn: FlashAttn::Auto,
+            sliding_window: 0,
+            template,
+        }
+    }
 }
 
 /// A llama.cpp model; clones share the model and its KV cache.
@@ -98,6 +122,8 @@ struct Inner {
     jobs: std_mpsc::Sender<Job>,
     template: Option<ChatTemplate>,
     window: usize,
+    /// What llama.cpp said as it made the context.
+    report: Vec<String>,
 }
 
 impl LlamaCpp {
@@ -105,11 +131,17 @@ impl LlamaCpp {
         let backend = backend().map_err(LlamaCppError::Load)?;
         let file = path.to_path_buf();
         let model = tokio::task::spawn_blocking(move || {
-            LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default())
+            super::log::mark();
+            LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default()).map_err(|e| {
+                // llama.cpp's own reason, from its log, says more than the
+                // binding's "null result".
+                let reason = super::log::last_error().unwrap_or_else(|| e.to_string());
+                format!("llama.cpp cannot load it: {reason}")
+            })
         })
         .await
         .map_err(|e| LlamaCppError::Load(e.to_string()))?
-        .map_err(|e| LlamaCppError::Load(e.to_string()))?;
+        .map_err(LlamaCppError::Load)?;
         let model = Arc::new(model);
         let threads = settings
             .threads
@@ -119,22 +151,27 @@ impl LlamaCpp {
         let worker_model = model.clone();
         let worker_settings = worker::Settings {
             window: settings.window,
-            kv_type: settings.kv_type,
+            type_k: settings.type_k,
+            type_v: settings.type_v,
+            rope: settings.rope,
+            flash_attn: settings.flash_attn,
+            n_swa: settings.sliding_window.min(u32::MAX as u64) as u32,
             threads: threads as i32,
         };
         std::thread::Builder::new()
             .name("kiln-llamacpp".into())
             .spawn(move || worker::serve(worker_model, worker_settings, rx, ready_tx))
             .map_err(|e| LlamaCppError::Load(e.to_string()))?;
-        ready
+        let report = ready
             .await
             .map_err(|_| LlamaCppError::Stopped)?
             .map_err(LlamaCppError::Load)?;
         tracing::info!(
-            "llama.cpp: {} loaded, window {}, {} KV, {threads} threads",
+            "llama.cpp: {} loaded, window {}, K {} V {}, {threads} threads",
             path.display(),
             settings.window,
-            settings.kv_type.name()
+            settings.type_k.name(),
+            settings.type_v.name()
         );
         Ok(LlamaCpp {
             inner: Arc::new(Inner {
@@ -142,6 +179,7 @@ impl LlamaCpp {
                 jobs,
                 template: settings.template,
                 window: settings.window,
+                report,
             }),
         })
     }
@@ -152,6 +190,13 @@ impl LlamaCpp {
 
     pub fn window(&self) -> usize {
         self.inner.window
+    }
+
+    /// A value llama.cpp reported as it made the context (`n_ctx`,
+    /// `freq_scale`, `flash_attn`, …): what it applied, read back rather
+    /// than trusted from the settings.
+    pub fn reported(&self, name: &str) -> Option<String> {
+        super::log::reported(&self.inner.report, name).map(str::to_string)
     }
 
     /// Empty the KV cache: the next run of any session prefills it whole.

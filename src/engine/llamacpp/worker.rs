@@ -21,7 +21,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams, RopeScalingType};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -34,6 +34,7 @@ use rand::SeedableRng;
 use super::model::LlamaCppError;
 use crate::budget::{grown_kv_cells, KvType};
 use crate::engine::sampler::Resources;
+use crate::window::{FlashAttn, Rope, RopeScaling};
 
 /// Tokens per prefill chunk (and llama.cpp's physical batch).
 pub(super) const BATCH: usize = crate::budget::PREFILL_CHUNK as usize;
@@ -180,23 +181,56 @@ pub(super) enum Job {
 pub(super) struct Settings {
     pub(super) window: usize,
     pub(super) threads: i32,
-    pub(super) kv_type: KvType,
+    pub(super) type_k: KvType,
+    pub(super) type_v: KvType,
+    pub(super) rope: Option<Rope>,
+    pub(super) flash_attn: FlashAttn,
+    /// The model's sliding window (0 without one): a cut cache must still
+    /// hold this many tokens before the cut.
+    pub(super) n_swa: u32,
+}
+
+fn cache_type(kv: KvType) -> KvCacheType {
+    match kv {
+        KvType::F16 => KvCacheType::F16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+        KvType::Q4_0 => KvCacheType::Q4_0,
+    }
 }
 
 fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
-    let (threads, kv) = (settings.threads, settings.kv_type);
-    let kv = match kv {
-        KvType::F16 => KvCacheType::F16,
-        KvType::Q8_0 => KvCacheType::Q8_0,
+    let threads = settings.threads;
+    let flash = match settings.flash_attn {
+        FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
     };
-    LlamaContextParams::default()
+    let mut params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(cells as u32))
-        .with_type_k(kv)
-        .with_type_v(kv)
+        .with_type_k(cache_type(settings.type_k))
+        .with_type_v(cache_type(settings.type_v))
+        .with_flash_attention_policy(flash)
+        // Sliding-window layers keep their window, not the whole context
+        // (llama.h's default keeps it all).
+        .with_swa_full(false)
         .with_n_batch(BATCH as u32)
         .with_n_ubatch(BATCH as u32)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads)
+        .with_n_threads_batch(threads);
+    if let Some(rope) = settings.rope {
+        params = match rope.scaling {
+            RopeScaling::None => params.with_rope_scaling_type(RopeScalingType::None),
+            scaling => params
+                .with_rope_scaling_type(if scaling == RopeScaling::Yarn {
+                    RopeScalingType::Yarn
+                } else {
+                    RopeScalingType::Linear
+                })
+                .with_rope_freq_scale(1.0 / rope.factor)
+                .with_yarn_orig_ctx(rope.original as u32),
+        };
+    }
+    params
 }
 
 /// The thread: makes the first context, says whether that worked, then
@@ -205,9 +239,10 @@ pub(super) fn serve(
     model: Arc<LlamaModel>,
     settings: Settings,
     jobs: std_mpsc::Receiver<Job>,
-    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    ready: tokio::sync::oneshot::Sender<Result<Vec<String>, String>>,
 ) {
     let cells = grown_kv_cells(0, settings.window as u64) as usize;
+    super::log::mark();
     let ctx = match super::model::backend().and_then(|b| {
         model
             .new_context(b, context_params(cells, &settings))
@@ -215,11 +250,12 @@ pub(super) fn serve(
     }) {
         Ok(ctx) => ctx,
         Err(e) => {
-            let _ = ready.send(Err(format!("cannot create the llama.cpp context: {e}")));
+            let reason = super::log::last_error().unwrap_or(e);
+            let _ = ready.send(Err(format!("cannot create the llama.cpp context: {reason}")));
             return;
         }
     };
-    let _ = ready.send(Ok(()));
+    let _ = ready.send(Ok(super::log::lines()));
     let mut w = Worker {
         model: &model,
         settings,
@@ -375,7 +411,13 @@ impl<'m> Worker<'m> {
                 .ctx()
                 .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
                 .map_err(|e| e.to_string())?;
-            if cut {
+            // A sliding-window cache drops tokens that left its window: it
+            // can go back only as far as it still holds the window before
+            // the cut (llama.cpp's server checks the same).
+            let n_swa = self.settings.n_swa as i64;
+            let held_from = self.ctx().kv_cache_seq_pos_min(0) as i64;
+            let whole = n_swa == 0 || keep == 0 || held_from <= (keep as i64 - n_swa).max(0);
+            if cut && whole {
                 self.cache.truncate(keep);
             } else {
                 // llama.cpp could not cut this cache: start over.

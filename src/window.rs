@@ -1,0 +1,362 @@
+//! The context window a model runs with: how many tokens, whether rope
+//! scaling stretches it past the window the model was trained for, and
+//! how llama.cpp stores and attends over it (`--kv-type-k/-v`,
+//! `--flash-attn`).
+//!
+//! A context above the trained window is honoured with rope scaling or
+//! refused in one line, never clamped without a word. Static YaRN can hurt
+//! short texts (Qwen's documentation), so the presets that carry a YaRN
+//! recipe turn it on only when `--ctx` asks for more than the native
+//! window.
+
+use serde::{Deserialize, Serialize};
+
+use crate::budget::KvType;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeScaling {
+    None,
+    Linear,
+    Yarn,
+}
+
+impl RopeScaling {
+    pub fn name(self) -> &'static str {
+        match self {
+            RopeScaling::None => "none",
+            RopeScaling::Linear => "linear",
+            RopeScaling::Yarn => "yarn",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RopeScaling> {
+        match s {
+            "none" => Some(RopeScaling::None),
+            "linear" => Some(RopeScaling::Linear),
+            "yarn" => Some(RopeScaling::Yarn),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashAttn {
+    On,
+    Off,
+    /// llama.cpp decides per device (its default).
+    #[default]
+    Auto,
+}
+
+impl FlashAttn {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+            FlashAttn::Auto => "auto",
+        }
+    }
+}
+
+/// The flags that shape the window, as given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct WindowArgs {
+    /// Rope scaling past the trained window: none, linear or yarn
+    /// (default: what the file says; the Qwen2.5 presets add YaRN only
+    /// when --ctx exceeds their native window).
+    #[arg(long, global = true, value_enum)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// How many times the original window rope scaling stretches to
+    /// (YaRN's factor; 4 takes 32k to 128k).
+    #[arg(long, global = true, value_name = "FACTOR")]
+    pub rope_scale: Option<f32>,
+    /// The window the model was trained for, which YaRN scales from
+    /// (default: the file's).
+    #[arg(long, global = true, value_name = "TOKENS")]
+    pub yarn_orig_ctx: Option<u64>,
+    /// Flash attention in llama.cpp: on, off or auto. A quantized V cache
+    /// needs it.
+    #[arg(long, global = true, value_enum, default_value_t = FlashAttn::Auto)]
+    pub flash_attn: FlashAttn,
+    /// How K values are stored (default: --kv-type).
+    #[arg(long, global = true, value_enum)]
+    pub kv_type_k: Option<KvType>,
+    /// How V values are stored (default: --kv-type).
+    #[arg(long, global = true, value_enum)]
+    pub kv_type_v: Option<KvType>,
+}
+
+impl WindowArgs {
+    /// K and V storage, from `--kv-type-k/-v` or else `--kv-type`.
+    pub fn kv(&self, kv_type: KvType) -> (KvType, KvType) {
+        (
+            self.kv_type_k.unwrap_or(kv_type),
+            self.kv_type_v.unwrap_or(kv_type),
+        )
+    }
+
+    /// The flags as given, each with its value, for starting the daemon
+    /// and for saying where two clients differ.
+    pub fn flags(&self) -> Vec<(&'static str, String)> {
+        let mut f = Vec::new();
+        if let Some(r) = self.rope_scaling {
+            f.push(("--rope-scaling", r.name().to_string()));
+        }
+        if let Some(x) = self.rope_scale {
+            f.push(("--rope-scale", x.to_string()));
+        }
+        if let Some(n) = self.yarn_orig_ctx {
+            f.push(("--yarn-orig-ctx", n.to_string()));
+        }
+        if self.flash_attn != FlashAttn::Auto {
+            f.push(("--flash-attn", self.flash_attn.name().to_string()));
+        }
+        if let Some(k) = self.kv_type_k {
+            f.push(("--kv-type-k", k.name().to_string()));
+        }
+        if let Some(v) = self.kv_type_v {
+            f.push(("--kv-type-v", v.name().to_string()));
+        }
+        f
+    }
+
+    /// Whether any rope flag was given.
+    pub fn rope_given(&self) -> bool {
+        self.rope_scaling.is_some() || self.rope_scale.is_some() || self.yarn_orig_ctx.is_some()
+    }
+}
+
+/// A preset's recipe for going past its native window (Qwen2.5: YaRN,
+/// factor 4, from 32,768 tokens).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YarnRecipe {
+    pub factor: f32,
+    pub original: u64,
+}
+
+/// Rope scaling as llama.cpp is asked to apply it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Rope {
+    pub scaling: RopeScaling,
+    pub factor: f32,
+    pub original: u64,
+    /// Turned on by the preset because `--ctx` exceeded the native window.
+    pub automatic: bool,
+}
+
+/// The window a model runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Window {
+    pub tokens: u64,
+    /// The file's context length.
+    pub trained: u64,
+    /// Scaling kiln passes to llama.cpp; `None` leaves the file's own.
+    pub rope: Option<Rope>,
+}
+
+impl Window {
+    /// The status bar's and `kiln fit`'s words for the scaling, if any.
+    pub fn describe(&self) -> Option<String> {
+        let r = self.rope?;
+        if r.scaling == RopeScaling::None {
+            return Some("rope scaling off".into());
+        }
+        let why = if r.automatic {
+            format!(" (on because --ctx exceeds the native {})", r.original)
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "{} ×{} from {}{why}",
+            if r.scaling == RopeScaling::Yarn {
+                "YaRN"
+            } else {
+                "linear rope"
+            },
+            r.factor,
+            r.original
+        ))
+    }
+}
+
+/// The rope metadata a GGUF may carry.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileRope {
+    pub scaling: Option<String>,
+    pub factor: Option<f32>,
+    pub original: Option<u64>,
+}
+
+/// The window for `asked` tokens (`--ctx`) on a model trained for
+/// `trained`, or one line saying why not.
+pub fn plan(
+    asked: Option<u64>,
+    trained: u64,
+    file: &FileRope,
+    args: &WindowArgs,
+    recipe: Option<YarnRecipe>,
+    name: &str,
+) -> Result<Window, String> {
+    if let Some(f) = args.rope_scale {
+        if !(f.is_finite() && (1.0..=64.0).contains(&f)) {
+            return Err(format!("--rope-scale {f}: give a factor from 1 to 64"));
+        }
+    }
+    if let Some(n) = asked {
+        if n < 64 {
+            return Err(format!("--ctx {n} is too small (at least 64)"));
+        }
+    }
+    let file_scaling = file.scaling.as_deref().and_then(RopeScaling::parse);
+    // The window the file's own scaling reaches, which llama.cpp applies
+    // without being asked.
+    let file_limit = match (file_scaling, file.factor) {
+        (Some(RopeScaling::Yarn | RopeScaling::Linear), Some(f)) if f > 1.0 => {
+            let base = file.original.unwrap_or(trained);
+            ((base as f64 * f as f64) as u64).max(trained)
+        }
+        _ => trained,
+    };
+    let original = args
+        .yarn_orig_ctx
+        .or(file.original)
+        .unwrap_or(trained)
+        .max(1);
+    let rope = match args.rope_scaling {
+        Some(RopeScaling::None) => Some(Rope {
+            scaling: RopeScaling::None,
+            factor: 1.0,
+            original,
+            automatic: false,
+        }),
+        Some(scaling) => {
+            let factor = args.rope_scale.or(file.factor).unwrap_or_else(|| {
+                // Enough to reach the asked window.
+                asked.map_or(1.0, |n| (n as f32 / original as f32).ceil().max(1.0))
+            });
+            Some(Rope {
+                scaling,
+                factor,
+                original,
+                automatic: false,
+            })
+        }
+        None if args.rope_scale.is_some() || args.yarn_orig_ctx.is_some() => {
+            return Err("--rope-scale and --yarn-orig-ctx need --rope-scaling yarn or linear".into())
+        }
+        None => match (recipe, asked) {
+            (Some(r), Some(n)) if n > file_limit => Some(Rope {
+                scaling: RopeScaling::Yarn,
+                factor: r.factor,
+                original: r.original,
+                automatic: true,
+            }),
+            _ => None,
+        },
+    };
+    let limit = match rope {
+        Some(r) if r.scaling != RopeScaling::None => (r.original as f64 * r.factor as f64) as u64,
+        Some(_) => trained,
+        None => file_limit,
+    };
+    let tokens = asked.unwrap_or(trained.min(limit));
+    if tokens > limit {
+        let how = match rope {
+            Some(r) if r.scaling != RopeScaling::None => format!(
+                "{} ×{} from {} reaches {limit}; raise --rope-scale",
+                r.scaling.name(),
+                r.factor,
+                r.original
+            ),
+            _ => format!(
+                "add --rope-scaling yarn --rope-scale {} to extend it, or use --ctx {limit} or less",
+                (tokens as f64 / trained.max(1) as f64).ceil()
+            ),
+        };
+        return Err(format!(
+            "--ctx {tokens} is larger than the {trained} tokens {name} was trained for: {how}"
+        ));
+    }
+    Ok(Window {
+        tokens,
+        trained,
+        rope,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QWEN: Option<YarnRecipe> = Some(YarnRecipe {
+        factor: 4.0,
+        original: 32_768,
+    });
+
+    fn args() -> WindowArgs {
+        WindowArgs::default()
+    }
+
+    #[test]
+    fn the_qwen_preset_adds_yarn_only_past_its_native_window() {
+        let f = FileRope::default();
+        let w = plan(Some(32_768), 32_768, &f, &args(), QWEN, "q").unwrap();
+        assert_eq!(w.rope, None);
+        let w = plan(Some(131_072), 32_768, &f, &args(), QWEN, "q").unwrap();
+        let r = w.rope.unwrap();
+        assert_eq!((r.scaling, r.factor, r.original, r.automatic), (RopeScaling::Yarn, 4.0, 32_768, true));
+        assert!(w.describe().unwrap().contains("exceeds the native 32768"));
+        let e = plan(Some(200_000), 32_768, &f, &args(), QWEN, "q").unwrap_err();
+        assert!(e.contains("raise --rope-scale"), "{e}");
+    }
+
+    #[test]
+    fn a_context_past_the_trained_window_is_refused_not_clamped() {
+        let f = FileRope::default();
+        let e = plan(Some(131_072), 32_768, &f, &args(), None, "m").unwrap_err();
+        assert!(e.contains("--rope-scaling yarn --rope-scale 4"), "{e}");
+        let a = WindowArgs {
+            rope_scaling: Some(RopeScaling::Yarn),
+            ..args()
+        };
+        let w = plan(Some(131_072), 32_768, &f, &a, None, "m").unwrap();
+        assert_eq!(w.rope.unwrap().factor, 4.0);
+        assert_eq!(w.tokens, 131_072);
+        let a = WindowArgs {
+            rope_scaling: Some(RopeScaling::None),
+            ..args()
+        };
+        assert!(plan(Some(40_000), 32_768, &f, &a, QWEN, "m").is_err());
+        let a = WindowArgs {
+            rope_scale: Some(4.0),
+            ..args()
+        };
+        assert!(plan(None, 32_768, &f, &a, None, "m").is_err());
+    }
+
+    #[test]
+    fn the_files_own_scaling_is_honoured() {
+        let f = FileRope {
+            scaling: Some("yarn".into()),
+            factor: Some(4.0),
+            original: Some(32_768),
+        };
+        let w = plan(Some(131_072), 40_960, &f, &args(), None, "qwen3").unwrap();
+        assert_eq!((w.tokens, w.rope), (131_072, None));
+        assert_eq!(plan(None, 40_960, &f, &args(), None, "q").unwrap().tokens, 40_960);
+    }
+
+    #[test]
+    fn hostile_factors_are_refused() {
+        for f in [f32::NAN, f32::INFINITY, 0.0, -1.0, 1e9] {
+            let a = WindowArgs {
+                rope_scaling: Some(RopeScaling::Yarn),
+                rope_scale: Some(f),
+                ..args()
+            };
+            assert!(plan(Some(1000), 512, &FileRope::default(), &a, None, "m").is_err());
+        }
+    }
+}

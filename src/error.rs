@@ -31,6 +31,8 @@ pub enum ModelFileError {
     Corrupt(PathBuf, String),
     #[error("{path}: unsupported architecture '{1}' (kiln's kalosm engine runs {2})", path = .0.display())]
     UnsupportedArchitecture(PathBuf, String, String),
+    #[error("{path}: llama.cpp cannot load it: {1}", path = .0.display())]
+    Refused(PathBuf, String),
     #[error("{path}: missing GGUF metadata key '{1}'", path = .0.display())]
     MissingKey(PathBuf, String),
     #[error("{path}: tokenizer '{1}' is not supported for local files (kalosm builds only BPE 'gpt2' tokenizers from GGUF metadata)", path = .0.display())]

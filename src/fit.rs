@@ -74,11 +74,9 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     .map_err(KilnError::BadArgument)?;
     let (mem, machine) = memory(&args)?;
     let context = window.tokens;
-    let shape = shape.with_window_limit(window.tokens).with_kv_layout(backend.kv_layout(
-        context as usize,
-        common.kv_type,
-        &common.window,
-    ));
+    let shape = shape
+        .with_window_limit(window.tokens)
+        .with_kv_layout(backend.kv_layout(context as usize, common.kv_type, &common.window));
     let b = budget::budget(&shape, context, &mem);
     let decode = machine.map(|m| machines::decode_estimate(&shape, context, m.bandwidth_gbs));
     if args.json {

@@ -268,13 +268,18 @@ impl Meta for std::collections::HashMap<String, Value> {
 
     fn uints(&self, key: &str) -> Option<Vec<u64>> {
         let v = self.get(key)?.to_vec().ok()?;
-        (v.len() as u64 <= MAX_LAYERS).then(|| v.iter().map(|x| value_as_u64(x).unwrap_or(0)).collect())
+        (v.len() as u64 <= MAX_LAYERS)
+            .then(|| v.iter().map(|x| value_as_u64(x).unwrap_or(0)).collect())
     }
 
     fn bools(&self, key: &str) -> Option<Vec<bool>> {
         let v = self.get(key)?.to_vec().ok()?;
         (v.len() as u64 <= MAX_LAYERS)
-            .then(|| v.iter().map(|x| x.to_bool().ok()).collect::<Option<Vec<bool>>>())
+            .then(|| {
+                v.iter()
+                    .map(|x| x.to_bool().ok())
+                    .collect::<Option<Vec<bool>>>()
+            })
             .flatten()
     }
 }

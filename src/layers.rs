@@ -147,11 +147,10 @@ impl Layers {
             .map(|v| v.into_iter().map(dim).collect())
             .unwrap_or_else(|| heads.clone());
         // llama.cpp: head size is n_embd / n_head unless the file says.
-        let default_head = heads
-            .first()
-            .filter(|&&h| h > 0)
-            .map_or(0, |&h| n_embd / h);
-        let k_len = dim(meta.uint(&key("attention.key_length")).unwrap_or(default_head));
+        let default_head = heads.first().filter(|&&h| h > 0).map_or(0, |&h| n_embd / h);
+        let k_len = dim(meta
+            .uint(&key("attention.key_length"))
+            .unwrap_or(default_head));
         let v_len = dim(meta
             .uint(&key("attention.value_length"))
             .unwrap_or(default_head));

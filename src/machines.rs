@@ -37,8 +37,7 @@ pub struct Machine {
 const MAC_MINI: &str = "Apple, Mac mini (2024) technical specifications: M4 Pro, 273GB/s";
 const STUDIO_M4: &str =
     "Apple, Mac Studio (2025) technical specifications: M4 Max 16-core CPU/40-core GPU, 546GB/s";
-const STUDIO_M3: &str =
-    "Apple, Mac Studio (2025) technical specifications: M3 Ultra, 819GB/s";
+const STUDIO_M3: &str = "Apple, Mac Studio (2025) technical specifications: M3 Ultra, 819GB/s";
 const MBP_M5: &str =
     "Apple, MacBook Pro (M5 Pro/M5 Max, March 2026) technical specifications: M5 Max 40-core GPU, 614GB/s";
 
@@ -164,7 +163,10 @@ mod tests {
     fn wired_limits_follow_the_metal_rule() {
         assert_eq!(default_wired_limit(64 << 30), 48 << 30);
         assert_eq!(default_wired_limit(32 << 30), (32u64 << 30) / 3 * 2);
-        assert_eq!(machine("mac-mini-m4-pro-48").unwrap().default_wired_limit(), 36 << 30);
+        assert_eq!(
+            machine("mac-mini-m4-pro-48").unwrap().default_wired_limit(),
+            36 << 30
+        );
     }
 
     #[test]

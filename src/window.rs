@@ -244,7 +244,9 @@ pub fn plan(
             })
         }
         None if args.rope_scale.is_some() || args.yarn_orig_ctx.is_some() => {
-            return Err("--rope-scale and --yarn-orig-ctx need --rope-scaling yarn or linear".into())
+            return Err(
+                "--rope-scale and --yarn-orig-ctx need --rope-scaling yarn or linear".into(),
+            )
         }
         None => match (recipe, asked) {
             (Some(r), Some(n)) if n > file_limit => Some(Rope {
@@ -306,7 +308,10 @@ mod tests {
         assert_eq!(w.rope, None);
         let w = plan(Some(131_072), 32_768, &f, &args(), QWEN, "q").unwrap();
         let r = w.rope.unwrap();
-        assert_eq!((r.scaling, r.factor, r.original, r.automatic), (RopeScaling::Yarn, 4.0, 32_768, true));
+        assert_eq!(
+            (r.scaling, r.factor, r.original, r.automatic),
+            (RopeScaling::Yarn, 4.0, 32_768, true)
+        );
         assert!(w.describe().unwrap().contains("exceeds the native 32768"));
         let e = plan(Some(200_000), 32_768, &f, &args(), QWEN, "q").unwrap_err();
         assert!(e.contains("raise --rope-scale"), "{e}");
@@ -345,7 +350,10 @@ mod tests {
         };
         let w = plan(Some(131_072), 40_960, &f, &args(), None, "qwen3").unwrap();
         assert_eq!((w.tokens, w.rope), (131_072, None));
-        assert_eq!(plan(None, 40_960, &f, &args(), None, "q").unwrap().tokens, 40_960);
+        assert_eq!(
+            plan(None, 40_960, &f, &args(), None, "q").unwrap().tokens,
+            40_960
+        );
     }
 
     #[test]

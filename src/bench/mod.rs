@@ -61,6 +61,13 @@ pub struct BenchReport {
     pub peak_rss_mb: Option<f64>,
     /// KV cache bytes per token as the engine stores them.
     pub kv_bytes_per_token: u64,
+    pub architecture: String,
+    /// Tokens in the context after the last run.
+    pub context_tokens: usize,
+    /// RSS after the last run, and what the memory budget predicts for
+    /// the same context.
+    pub rss_mb: Option<f64>,
+    pub predicted_rss_mb: f64,
 }
 
 pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
@@ -134,7 +141,8 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         o.system_prompt = None;
     })
     .await?;
-    let kv_bytes_per_token = launched.shape().kv_per_token_engine();
+    let shape = launched.shape();
+    let kv_bytes_per_token = shape.kv_per_token_engine();
     let mut engine = launched.engine;
     let prompt = build_prompt(&engine, args.prompt_tokens);
 
@@ -156,6 +164,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
             measured.push(stats);
         }
     }
+    let last = measured.last().expect("at least one run");
     let report = BenchReport {
         model: engine.info().name,
         engine: engine.info().engine,
@@ -169,6 +178,15 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         decode_tok_s: Figure::of(measured.iter().filter_map(|s| s.decode_tok_s).collect()),
         peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
         kv_bytes_per_token,
+        architecture: launched.model.info.architecture.clone(),
+        context_tokens: last.context_tokens,
+        rss_mb: crate::procinfo::current_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        predicted_rss_mb: crate::budget::steady_bytes(
+            &shape,
+            last.context_tokens as u64,
+            last.prompt_tokens as u64,
+        ) as f64
+            / (1 << 20) as f64,
     };
     if args.json {
         println!(
@@ -239,6 +257,16 @@ fn print_table(r: &BenchReport) {
     match r.peak_rss_mb {
         Some(mb) => println!("{:<16}{:>12.0}", "peak RSS MB", mb),
         None => println!("{:<16}{:>12}", "peak RSS MB", "n/a"),
+    }
+    if let Some(mb) = r.rss_mb {
+        println!(
+            "{:<16}{:>12.0}   budget predicts {:.0} at {} tokens ({:+.1}%)",
+            "RSS MB",
+            mb,
+            r.predicted_rss_mb,
+            r.context_tokens,
+            (r.predicted_rss_mb - mb) * 100.0 / mb
+        );
     }
     println!("{:<16}{:>12}", "KV B/token", r.kv_bytes_per_token);
 }

@@ -78,9 +78,11 @@ pub fn check_model(info: &crate::gguf::GgufInfo) -> Result<()> {
         .into());
     }
     if info.tokenizer != "gpt2" {
-        return Err(
-            ModelFileError::UnsupportedTokenizer(info.path.clone(), info.tokenizer.clone()).into(),
-        );
+        return Err(ModelFileError::UnsupportedTokenizer(
+            info.path.clone(),
+            info.tokenizer.clone(),
+        )
+        .into());
     }
     Ok(())
 }

@@ -7,10 +7,10 @@ use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
 use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
 use crate::budget::{KvLayout, KvType};
-use crate::window::{FlashAttn, Rope, WindowArgs};
 use crate::error::KilnError;
 use crate::models::ResolvedModel;
 use crate::store::snapshot::KvState;
+use crate::window::{FlashAttn, Rope, WindowArgs};
 
 pub enum LocalEngine {
     LlamaCpp(LlamaCppEngine),
@@ -68,12 +68,12 @@ impl Backend {
     pub fn check(self, kv: KvType, window: &WindowArgs) -> Result<(), KilnError> {
         let (k, v) = window.kv(kv);
         match self {
-            Backend::Kalosm if k.is_quantized() || v.is_quantized() => Err(KilnError::BadArgument(
-                format!(
+            Backend::Kalosm if k.is_quantized() || v.is_quantized() => {
+                Err(KilnError::BadArgument(format!(
                     "--kv-type {}: kalosm keeps its KV cache in f32; use --engine llamacpp",
                     if k.is_quantized() { k.name() } else { v.name() }
-                ),
-            )),
+                )))
+            }
             Backend::Kalosm if window.rope_given() => Err(KilnError::BadArgument(
                 "--rope-scaling: kalosm has no rope scaling; use --engine llamacpp".into(),
             )),

@@ -39,10 +39,7 @@ pub fn view(state: &State) -> Option<MemoryView> {
     let used = mem.used();
     let context = state.context_tokens as u64;
     let (weights, local_kv) = match &state.shape {
-        Some(shape) => (
-            shape.weight_bytes(),
-            shape.kv_bytes(context),
-        ),
+        Some(shape) => (shape.weight_bytes(), shape.kv_bytes(context)),
         None => (0, 0),
     };
     let (kv, offloaded) = match state.remote {

@@ -4,7 +4,7 @@
 pub mod approval;
 pub mod chat;
 mod help;
-mod memory;
+pub mod memory;
 mod speed;
 mod status;
 mod swap;

@@ -265,32 +265,39 @@ impl Drop for DaemonGuard {
 }
 
 /// The Python that runs llama-cpp-python's server: `KILN_LLAMA_PYTHON`, or
-/// a venv in the cache folder that the first test to need it makes, under a
-/// file lock so that test binaries running at once do not race (the
-/// install compiles llama.cpp: about 4 minutes on 2 cores, once).
+/// a venv in the cache folder (the install compiles llama.cpp: about 4
+/// minutes on 2 cores, once).
 fn llama_python() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("KILN_LLAMA_PYTHON") {
         return p.into();
     }
+    venv_python(
+        "kiln-llama-venv",
+        "llama-cpp-python[server]==0.3.16",
+        "import llama_cpp.server",
+    )
+}
+
+/// A venv in the cache folder holding `requirement`, made by the first
+/// test to need it, under a file lock so that test binaries running at
+/// once do not race; `check` is Python that imports what it needs.
+fn venv_python(name: &str, requirement: &str, check: &str) -> std::path::PathBuf {
     let home = std::env::var_os("HOME").expect("HOME is set");
     let cache = std::path::Path::new(&home).join(".cache");
     std::fs::create_dir_all(&cache).unwrap();
-    let venv = cache.join("kiln-llama-venv");
+    let venv = cache.join(name);
     let python = venv.join("bin/python");
     let ready = |python: &std::path::Path| {
         std::process::Command::new(python)
-            .args(["-c", "import llama_cpp.server"])
+            .args(["-c", check])
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    let lock = std::fs::File::create(cache.join("kiln-llama-venv.lock")).unwrap();
+    let lock = std::fs::File::create(cache.join(format!("{name}.lock"))).unwrap();
     lock.lock().expect("lock the venv's install");
     if !ready(&python) {
-        eprintln!(
-            "installing llama-cpp-python[server] 0.3.16 into {} (once; it compiles llama.cpp)",
-            venv.display()
-        );
+        eprintln!("installing {requirement} into {} (once)", venv.display());
         let made = std::process::Command::new("python3")
             .args(["-m", "venv"])
             .arg(&venv)
@@ -301,15 +308,53 @@ fn llama_python() -> std::path::PathBuf {
             "python3 -m venv failed: scripts/setup --test installs python3-venv"
         );
         let installed = std::process::Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "llama-cpp-python[server]==0.3.16"])
+            .args(["install", "-q", requirement])
             .status()
             .is_ok_and(|s| s.success());
         assert!(
             installed && ready(&python),
-            "installing llama-cpp-python[server] failed"
+            "installing {requirement} failed"
         );
     }
     python
+}
+
+/// A small GGUF of `arch` with random weights and a `tokenizer` (`bpe`,
+/// SmolLM2's vocabulary, or `spm`, a SentencePiece one), written once by
+/// `tests/fixtures/synthetic_gguf.py` with the `gguf` package llama.cpp's
+/// converters use, and kept in the cache under the script's hash.
+pub async fn synthetic_gguf(arch: &str, tokenizer: &str) -> std::path::PathBuf {
+    let source = model().await.path;
+    let (arch, tokenizer) = (arch.to_string(), tokenizer.to_string());
+    tokio::task::spawn_blocking(move || {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/synthetic_gguf.py");
+        let hash = kiln::models::sha256_file(&script).unwrap();
+        let home = std::env::var_os("HOME").expect("HOME is set");
+        let dir = std::path::Path::new(&home)
+            .join(".cache/kiln-synthetic")
+            .join(&hash[..12]);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join(format!("{arch}-{tokenizer}.gguf"));
+        let python = venv_python("kiln-gguf-venv", "gguf==0.19.0", "import gguf, numpy");
+        let lock = std::fs::File::create(dir.join(format!("{arch}-{tokenizer}.lock"))).unwrap();
+        lock.lock().unwrap();
+        if !out.exists() {
+            let part = out.with_extension("part.gguf");
+            let ok = std::process::Command::new(python)
+                .arg(&script)
+                .arg(&part)
+                .args([&arch, &tokenizer])
+                .arg(&source)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "writing the synthetic {arch} GGUF failed");
+            std::fs::rename(&part, &out).unwrap();
+        }
+        out
+    })
+    .await
+    .unwrap()
 }
 
 /// A real OpenAI-compatible server on loopback: llama-cpp-python's server

@@ -20,7 +20,7 @@ const LINE: usize = 1024;
 struct Lines {
     /// A line still being written (llama.cpp sends some in pieces).
     partial: String,
-    partial_error: bool,
+    partial_level: sys::ggml_log_level,
     done: VecDeque<(bool, String)>,
 }
 
@@ -35,17 +35,19 @@ unsafe extern "C" fn on_log(level: sys::ggml_log_level, text: *const c_char, _: 
     // SAFETY: llama.cpp passes a NUL-terminated string that lives for the
     // call.
     let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
-    let error = level == sys::GGML_LOG_LEVEL_ERROR;
     LINES.with(|l| {
         let mut l = l.borrow_mut();
         if level != sys::GGML_LOG_LEVEL_CONT {
-            l.partial_error = error;
+            l.partial_level = level;
         }
         for (i, piece) in text.split('\n').enumerate() {
             if i > 0 {
                 let line = std::mem::take(&mut l.partial);
-                let is_error = l.partial_error;
-                if !line.trim().is_empty() {
+                let is_error = l.partial_level == sys::GGML_LOG_LEVEL_ERROR;
+                if l.partial_level == sys::GGML_LOG_LEVEL_DEBUG {
+                    // Per-tensor chatter: the log file's at most.
+                    tracing::trace!(target: "llama.cpp", "{line}");
+                } else if !line.trim().is_empty() {
                     if is_error {
                         tracing::warn!(target: "llama.cpp", "{line}");
                     } else {

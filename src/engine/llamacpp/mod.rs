@@ -36,7 +36,7 @@ use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
     Trace,
 };
-use crate::error::{KilnError, Result};
+use crate::error::{KilnError, ModelFileError, Result};
 use crate::models::ResolvedModel;
 use crate::store::prompt_cache::PromptCache;
 use crate::store::snapshot::KvState;
@@ -80,7 +80,14 @@ impl LlamaCppEngine {
         };
         let llm = LlamaCpp::load(&model.path, settings)
             .await
-            .map_err(|e| load_error(e.to_string()))?;
+            .map_err(|e| match e {
+                LlamaCppError::Refused(reason) => ModelFileError::Refused(
+                    model.path.clone(),
+                    crate::visible::visible_line(&reason).into_owned(),
+                )
+                .into(),
+                e => load_error(e.to_string()),
+            })?;
         let session = llm.new_session().map_err(|e| load_error(e.to_string()))?;
         Ok(LlamaCppEngine {
             end_tokens: llm.end_tokens(),

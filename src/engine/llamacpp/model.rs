@@ -40,6 +40,9 @@ use crate::window::{FlashAttn, Rope};
 pub enum LlamaCppError {
     #[error("{0}")]
     Load(String),
+    /// llama.cpp refused the file, for this reason (from its log).
+    #[error("llama.cpp cannot load it: {0}")]
+    Refused(String),
     #[error("{0}")]
     Engine(String),
     #[error("the engine thread stopped")]
@@ -135,13 +138,11 @@ impl LlamaCpp {
             LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default()).map_err(|e| {
                 // llama.cpp's own reason, from its log, says more than the
                 // binding's "null result".
-                let reason = super::log::last_error().unwrap_or_else(|| e.to_string());
-                format!("llama.cpp cannot load it: {reason}")
+                LlamaCppError::Refused(super::log::last_error().unwrap_or_else(|| e.to_string()))
             })
         })
         .await
-        .map_err(|e| LlamaCppError::Load(e.to_string()))?
-        .map_err(LlamaCppError::Load)?;
+        .map_err(|e| LlamaCppError::Load(e.to_string()))??;
         let model = Arc::new(model);
         let threads = settings
             .threads

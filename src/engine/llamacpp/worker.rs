@@ -251,7 +251,9 @@ pub(super) fn serve(
         Ok(ctx) => ctx,
         Err(e) => {
             let reason = super::log::last_error().unwrap_or(e);
-            let _ = ready.send(Err(format!("cannot create the llama.cpp context: {reason}")));
+            let _ = ready.send(Err(format!(
+                "cannot create the llama.cpp context: {reason}"
+            )));
             return;
         }
     };

@@ -25,15 +25,6 @@ fn kiln(data: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn each_architecture_loads_answers_and_is_planned_on_both_tokenizers() {
     let data = tempfile::tempdir().unwrap();
@@ -61,7 +52,7 @@ async fn each_architecture_loads_answers_and_is_planned_on_both_tokenizers() {
             assert!(out.status.success(), "{what}: {err}");
             assert!(err.contains(" tokens · TTFT"), "{what}: {err}");
 
-            let fit = json(&kiln(data.path(), &["fit", f, "--ctx", "8192", "--json"]));
+            let fit = json_stdout(&kiln(data.path(), &["fit", f, "--ctx", "8192", "--json"]));
             assert_eq!(fit["model"]["architecture"], *arch, "{what}");
             assert!(fit["budget"]["unmodelled"].is_null(), "{what}: {fit}");
             let layers = &fit["model"]["layers"];
@@ -80,7 +71,7 @@ async fn each_architecture_loads_answers_and_is_planned_on_both_tokenizers() {
                 _ => assert_eq!(layers["full"]["layers"], 8, "{what}"),
             }
 
-            let bench = json(&kiln(
+            let bench = json_stdout(&kiln(
                 data.path(),
                 &[
                     "bench",
@@ -135,7 +126,7 @@ async fn the_budget_is_within_ten_percent_of_measured_rss() {
         let file = synthetic_gguf(arch, "bpe").await;
         for ctx in [4096u64, 12_288] {
             let prompt = (ctx - 200).to_string();
-            let b = json(&kiln(
+            let b = json_stdout(&kiln(
                 data.path(),
                 &[
                     "bench",
@@ -258,7 +249,7 @@ async fn yarn_changes_the_context_llama_cpp_makes() {
 fn qwen_32b_at_128k_is_planned_with_yarn_and_the_machine_is_named() {
     let data = tempfile::tempdir().unwrap();
     let plan = |kv: &str, memory: &str| {
-        json(&kiln(
+        json_stdout(&kiln(
             data.path(),
             &[
                 "fit",
@@ -279,7 +270,7 @@ fn qwen_32b_at_128k_is_planned_with_yarn_and_the_machine_is_named() {
     assert_eq!(f16["budget"]["verdict"], "does_not_fit");
     assert_eq!(plan("q4_0", "48GiB")["budget"]["verdict"], "fits");
     assert_eq!(plan("f16", "128GiB")["budget"]["verdict"], "fits");
-    let m = json(&kiln(
+    let m = json_stdout(&kiln(
         data.path(),
         &[
             "fit",

@@ -47,12 +47,7 @@ fn export_json(home: &Path, id: &str) -> serde_json::Value {
         .args(["sessions", "export", id, "--format", "json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::json_stdout(&out)
 }
 
 #[tokio::test]

@@ -414,6 +414,17 @@ impl Drop for LlamaServer {
     }
 }
 
+/// A command's stdout as JSON, after checking that it succeeded (its
+/// stderr is the failure message).
+pub fn json_stdout(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

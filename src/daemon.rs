@@ -986,12 +986,13 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
     let window = wanted.window.clone().unwrap_or_default();
     if window != common.window {
         let theirs = common.window.flags();
+        let before = asked.len();
         for (flag, v) in window.flags() {
             if !theirs.contains(&(flag, v.clone())) {
                 asked.push(format!("{flag} {v}"));
             }
         }
-        if asked.is_empty() {
+        if asked.len() == before {
             // Only defaults asked where the daemon has flags.
             asked.push("the default rope, flash-attention and K/V settings".into());
         }

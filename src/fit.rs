@@ -26,37 +26,30 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     let spec = ModelSpec::parse(args.model.as_deref().or(config.model.as_deref()));
     // A downloaded model is measured from its file; a preset that is not
     // downloaded yet uses its built-in dimensions.
+    let from_file = |path: &std::path::Path| -> Result<_> {
+        let info = gguf::inspect(path)?;
+        Ok((
+            ModelShape::from_gguf(&info),
+            path.display().to_string(),
+            info.rope,
+        ))
+    };
     let (shape, source, rope, recipe) = match &spec {
         ModelSpec::Local(path) => {
-            let info = gguf::inspect(path)?;
-            let rope = info.rope.clone();
-            (
-                ModelShape::from_gguf(&info),
-                path.display().to_string(),
-                rope,
-                None,
-            )
+            let (shape, source, rope) = from_file(path)?;
+            (shape, source, rope, None)
         }
         ModelSpec::Preset(name) => {
             let p = models::preset(name).expect("parsed presets exist");
-            match models::cached_path(p, &paths) {
-                Some(path) => {
-                    let info = gguf::inspect(&path)?;
-                    let rope = info.rope.clone();
-                    (
-                        ModelShape::from_gguf(&info),
-                        path.display().to_string(),
-                        rope,
-                        p.yarn,
-                    )
-                }
+            let (shape, source, rope) = match models::cached_path(p, &paths) {
+                Some(path) => from_file(&path)?,
                 None => (
                     ModelShape::from_preset(p),
                     format!("preset {} (built-in dimensions)", p.name),
                     Default::default(),
-                    p.yarn,
                 ),
-            }
+            };
+            (shape, source, rope, p.yarn)
         }
     };
     // For the engine `--engine` names (llama.cpp unless it says kalosm).

@@ -92,6 +92,18 @@ pub struct SamplingArgs {
     /// Most tokens in one answer.
     #[arg(long, global = true)]
     pub max_tokens: Option<u32>,
+    /// Let a reasoning model (Qwen3, DeepSeek-R1) think before it answers,
+    /// where its chat template has the switch (default: the template's).
+    #[arg(long, global = true, value_name = "on|off", value_parser = on_off)]
+    pub think: Option<bool>,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}': use on or off")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

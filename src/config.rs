@@ -87,6 +87,9 @@ impl Config {
         if let Some(v) = s.max_tokens {
             t.max_tokens = v;
         }
+        if s.think.is_some() {
+            t.thinking = s.think;
+        }
         if cli.model.is_some() {
             self.model = cli.model.clone();
         }

@@ -1021,6 +1021,7 @@ fn differs(wanted: &Wanted, common: &Common) -> Option<String> {
         ),
         ("--seed", text(wanted.seed), text(s.seed)),
         ("--max-tokens", text(wanted.max_tokens), text(s.max_tokens)),
+        ("--think", wanted.think.map(on_off), s.think.map(on_off)),
     ];
     for (flag, mine, theirs) in settings {
         if let Some(v) = mine.filter(|v| Some(v) != theirs.as_ref()) {
@@ -1049,6 +1050,13 @@ fn joins(w: &WorkstationLink, wanted: &Wanted) -> std::result::Result<(), String
         ));
     }
     Ok(())
+}
+
+fn on_off(v: bool) -> String {
+    match v {
+        true => "on".into(),
+        false => "off".into(),
+    }
 }
 
 fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
@@ -1088,6 +1096,7 @@ fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
     );
     pair("--seed", s.seed.map(|v| v.to_string().into()));
     pair("--max-tokens", s.max_tokens.map(|v| v.to_string().into()));
+    pair("--think", s.think.map(|v| on_off(v).into()));
     if common.allow_swap {
         args.push("--allow-swap".into());
     }

@@ -43,6 +43,9 @@ pub struct GgufInfo {
     /// Bytes per tensor type (Q4_K, F32, …), largest first.
     pub tensor_types: Vec<(String, u64)>,
     pub chat_template: Option<String>,
+    /// Where the file has no template: llama.cpp's built-in for the turn
+    /// markers its vocabulary has, if any.
+    pub builtin_template: Option<&'static str>,
     pub bos_token: Option<String>,
     /// Empty where the file names no end token.
     pub eos_token: String,
@@ -241,6 +244,10 @@ fn info_from(content: &Content, path: PathBuf, file_size: u64) -> Result<GgufInf
         tensor_count: content.tensor_infos.len(),
         tensor_types: tensor_types(content),
         chat_template: get_str("tokenizer.chat_template"),
+        builtin_template: match md.contains_key("tokenizer.chat_template") {
+            true => None,
+            false => builtin_template(md),
+        },
         bos_token: token_string(md, "tokenizer.ggml.bos_token_id"),
         eos_token: token_string(md, "tokenizer.ggml.eos_token_id").unwrap_or_default(),
         layers: Layers::read(
@@ -290,6 +297,15 @@ fn value_as_u64(v: &Value) -> Option<u64> {
         .or_else(|| v.to_u32().ok().map(u64::from))
         .or_else(|| v.to_i32().ok().and_then(|x| u64::try_from(x).ok()))
         .or_else(|| v.to_i64().ok().and_then(|x| u64::try_from(x).ok()))
+}
+
+fn builtin_template(md: &std::collections::HashMap<String, Value>) -> Option<&'static str> {
+    let tokens = md.get("tokenizer.ggml.tokens")?.to_vec().ok()?;
+    let tokens: std::collections::HashSet<&str> = tokens
+        .iter()
+        .filter_map(|t| t.to_string().ok().map(String::as_str))
+        .collect();
+    crate::engine::template::builtin_for(|t| tokens.contains(t))
 }
 
 fn token_string(md: &std::collections::HashMap<String, Value>, id_key: &str) -> Option<String> {

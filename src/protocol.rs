@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::agent::{Outcome, Policy, Progress};
 
 /// 2: the workstation over the socket; 3: clients send their settings.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// How long the rest of a frame may take once its length has arrived.
@@ -38,6 +38,8 @@ pub struct Wanted {
     pub repeat_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub max_tokens: Option<u32>,
+    /// `--think on|off`.
+    pub think: Option<bool>,
     /// `--workspace` as given (made absolute); `None` where it was not.
     pub workspace: Option<std::path::PathBuf>,
     /// The client's folder: the workspace when none was given.
@@ -65,6 +67,7 @@ impl Wanted {
             repeat_penalty: s.repeat_penalty,
             seed: s.seed,
             max_tokens: s.max_tokens,
+            think: s.think,
             workspace: common.workspace.as_deref().map(absolute),
             cwd: absolute(std::path::Path::new(".")),
             approval: common.approval,

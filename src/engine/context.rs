@@ -251,7 +251,11 @@ pub fn continue_prompt(
         .map(|s| Message::new(Role::System, s.clone()))
         .chain(head.iter().cloned())
         .collect();
-    let prompt = render(&messages)? + &last.content;
+    let rendered = render(&messages)?;
+    let prompt = format!(
+        "{rendered}{}",
+        super::thinking::after_open_prompt(&rendered, &last.content)
+    );
     let tokens = count(&prompt);
     if tokens + reserve > limit {
         return Err(format!(

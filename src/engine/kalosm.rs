@@ -132,12 +132,8 @@ impl KalosmEngine {
             .preset
             .map(str::to_string)
             .unwrap_or_else(|| info.display_name());
-        let template = ChatTemplate::new(
-            info.chat_template.as_deref(),
-            info.bos_token.as_deref(),
-            &info.eos_token,
-        )
-        .map_err(|e| KilnError::Load(model.path.display().to_string(), e))?;
+        let template = ChatTemplate::for_file(info, options.sampler.thinking)
+            .map_err(|e| KilnError::Load(model.path.display().to_string(), e))?;
 
         let device = init_device_quietly()?;
         let source = LlamaSource::new(FileSource::Local(model.path.clone()));
@@ -348,7 +344,11 @@ impl LocalTurns for KalosmEngine {
             FinishReason::MaxTokens
         };
 
-        let trace = Arc::new(Mutex::new(Trace::default()));
+        let trace = Arc::new(Mutex::new(Trace::for_prompt(
+            &prompt,
+            earlier,
+            constraint.is_some(),
+        )));
         let on_token = {
             let trace = trace.clone();
             let out = out.clone();
@@ -439,11 +439,11 @@ impl LocalTurns for KalosmEngine {
         tracing::info!("turn {turn}: {}", stats.summary(finish));
         let _ = out.send(EngineEvent::TurnFinished {
             turn,
-            reply: format!("{earlier}{}", trace.reply),
+            reply: format!("{earlier}{}", trace.answer()),
             finish,
             stats,
         });
-        Ok(trace.reply)
+        Ok(trace.answer())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod local;
 pub mod remote;
 pub mod sampler;
 pub mod template;
+pub mod thinking;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -343,19 +344,44 @@ pub(crate) fn end_turn(turn: u64, result: Result<(), String>, out: &EventSink) {
 /// What a turn's token callback saw.
 #[derive(Default)]
 pub(crate) struct Trace {
+    /// The generated text.
     pub reply: String,
     pub chunks: usize,
     pub first_at: Option<Instant>,
     pub stopped: Option<FinishReason>,
+    /// The thinking tag the prompt opened, which the answer shown and kept
+    /// starts with although the model did not write it.
+    opening: Option<&'static str>,
 }
 
 impl Trace {
+    /// A trace for a new answer to `prompt`: one that opens a thinking
+    /// block gets its tag at the start of the answer, so every view sees the
+    /// thinking as thinking. Not for a continued or a constrained answer,
+    /// whose text is exactly what is generated.
+    pub fn for_prompt(prompt: &str, earlier: &str, constrained: bool) -> Trace {
+        Trace {
+            opening: (earlier.is_empty() && !constrained && thinking::opens(prompt))
+                .then_some(thinking::OPEN),
+            ..Trace::default()
+        }
+    }
+
     /// Note streamed `text` and pass it on.
     pub fn token(&mut self, turn: u64, text: String, out: &EventSink) {
         self.first_at.get_or_insert_with(Instant::now);
         self.chunks += 1;
         self.reply.push_str(&text);
+        let text = match self.chunks {
+            1 => format!("{}{text}", self.opening.unwrap_or_default()),
+            _ => text,
+        };
         let _ = out.send(EngineEvent::Token { turn, text });
+    }
+
+    /// The answer as shown and recorded.
+    pub fn answer(&self) -> String {
+        format!("{}{}", self.opening.unwrap_or_default(), self.reply)
     }
 }
 

@@ -21,6 +21,9 @@ pub struct SamplerSettings {
     pub repeat_last_n: usize,
     pub seed: Option<u64>,
     pub max_tokens: u32,
+    /// Whether a reasoning model thinks before it answers, for templates
+    /// that take `enable_thinking` (Qwen3); `None` is the template's default.
+    pub thinking: Option<bool>,
 }
 
 impl Default for SamplerSettings {
@@ -32,6 +35,7 @@ impl Default for SamplerSettings {
             repeat_last_n: 64,
             seed: None,
             max_tokens: 512,
+            thinking: None,
         }
     }
 }

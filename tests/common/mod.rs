@@ -278,6 +278,11 @@ fn llama_python() -> std::path::PathBuf {
     )
 }
 
+/// A Python with jinja2, which renders chat templates as transformers does.
+pub fn jinja_python() -> std::path::PathBuf {
+    venv_python("kiln-jinja-venv", "jinja2==3.1.6", "import jinja2")
+}
+
 /// A venv in the cache folder holding `requirement`, made by the first
 /// test to need it, under a file lock so that test binaries running at
 /// once do not race; `check` is Python that imports what it needs.

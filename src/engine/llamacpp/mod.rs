@@ -63,12 +63,8 @@ impl LlamaCppEngine {
             .map(str::to_string)
             .unwrap_or_else(|| info.display_name());
         let load_error = |e: String| KilnError::Load(model.path.display().to_string(), e);
-        let template = ChatTemplate::new(
-            info.chat_template.as_deref(),
-            info.bos_token.as_deref(),
-            &info.eos_token,
-        )
-        .map_err(load_error)?;
+        let template =
+            ChatTemplate::for_file(info, options.sampler.thinking).map_err(load_error)?;
         let (type_k, type_v) = options.window.kv(options.kv_type);
         let settings = LlamaCppSettings {
             type_k,
@@ -239,7 +235,11 @@ impl LocalTurns for LlamaCppEngine {
             cancel: cancel.clone(),
             turn,
         };
-        let trace = Arc::new(Mutex::new(Trace::default()));
+        let trace = Arc::new(Mutex::new(Trace::for_prompt(
+            &prompt,
+            earlier,
+            parser.is_some(),
+        )));
         let on_token = {
             let (trace, out) = (trace.clone(), out.clone());
             move |text: String| {
@@ -305,11 +305,11 @@ impl LocalTurns for LlamaCppEngine {
         );
         let _ = out.send(EngineEvent::TurnFinished {
             turn,
-            reply: format!("{earlier}{}", trace.reply),
+            reply: format!("{earlier}{}", trace.answer()),
             finish,
             stats,
         });
-        Ok(trace.reply)
+        Ok(trace.answer())
     }
 }
 

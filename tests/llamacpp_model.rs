@@ -25,12 +25,7 @@ async fn load(window: usize) -> LlamaCpp {
 async fn load_with(window: usize, kv_type: KvType) -> LlamaCpp {
     let model = model().await;
     let info = &model.info;
-    let template = ChatTemplate::new(
-        info.chat_template.as_deref(),
-        info.bos_token.as_deref(),
-        &info.eos_token,
-    )
-    .unwrap();
+    let template = ChatTemplate::for_file(info, None).unwrap();
     let settings = LlamaCppSettings {
         type_k: kv_type,
         type_v: kv_type,

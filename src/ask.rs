@@ -38,6 +38,8 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
 
     let mut interrupted = false;
     let mut ended_with_newline = true;
+    let mut parts = crate::engine::thinking::Stream::default();
+    let mut thinking_shown = false;
     loop {
         let event = tokio::select! {
             ev = events.recv() => match ev {
@@ -60,8 +62,19 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
         } else {
             match &event {
                 EngineEvent::Token { text, .. } => {
-                    ended_with_newline = text.ends_with('\n');
-                    stdout.write_all(for_output(text, raw).as_bytes())
+                    // Thinking goes to stderr, so stdout is the answer alone.
+                    let (thought, answer) = parts.push(text);
+                    if !thought.is_empty() {
+                        eprint!("{}", for_output(&thought, raw));
+                        thinking_shown = true;
+                    }
+                    if !answer.is_empty() {
+                        if std::mem::take(&mut thinking_shown) {
+                            eprintln!();
+                        }
+                        ended_with_newline = answer.ends_with('\n');
+                    }
+                    stdout.write_all(for_output(&answer, raw).as_bytes())
                 }
                 _ => Ok(()),
             }

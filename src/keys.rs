@@ -31,10 +31,11 @@ pub enum Action {
     TogglePanels,
     Sessions,
     Continue,
+    ToggleThinking,
 }
 
 impl Action {
-    pub const ALL: [Action; 20] = [
+    pub const ALL: [Action; 21] = [
         Action::Send,
         Action::Newline,
         Action::Cancel,
@@ -54,6 +55,7 @@ impl Action {
         Action::CopyLast,
         Action::Help,
         Action::TogglePanels,
+        Action::ToggleThinking,
         Action::Sessions,
     ];
 
@@ -79,6 +81,7 @@ impl Action {
             Action::TogglePanels => "toggle_panels",
             Action::Sessions => "sessions",
             Action::Continue => "continue",
+            Action::ToggleThinking => "toggle_thinking",
         }
     }
 
@@ -104,6 +107,7 @@ impl Action {
             Action::TogglePanels => "side panels: full or a one-line summary",
             Action::Sessions => "open another session (type to filter)",
             Action::Continue => "continue an interrupted or stopped answer",
+            Action::ToggleThinking => "show or fold a reasoning model's thinking",
         }
     }
 
@@ -131,6 +135,7 @@ impl Action {
             Action::TogglePanels => &["ctrl-g"],
             Action::Sessions => &["ctrl-s"],
             Action::Continue => &["alt-c"],
+            Action::ToggleThinking => &["alt-t"],
         }
     }
 }

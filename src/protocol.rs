@@ -333,9 +333,9 @@ mod tests {
             decode::<Request>(&old),
             Err(FrameError::WrongVersion(1))
         ));
-        let body = br#"{"v": 4, "type": "launch_missiles"}"#;
+        let body = format!(r#"{{"v": {VERSION}, "type": "launch_missiles"}}"#);
         let mut bad = (body.len() as u32).to_be_bytes().to_vec();
-        bad.extend_from_slice(body);
+        bad.extend_from_slice(body.as_bytes());
         assert!(matches!(
             decode::<Request>(&bad),
             Err(FrameError::Malformed(_))

@@ -157,7 +157,19 @@ pub struct Window {
 }
 
 impl Window {
-    /// The status bar's and `kiln fit`'s words for the scaling, if any.
+    /// The status bar's few words for the scaling, if any.
+    pub fn note(&self) -> Option<String> {
+        let r = self.rope?;
+        let name = match r.scaling {
+            RopeScaling::None => return Some("rope scaling off".into()),
+            RopeScaling::Yarn => "YaRN",
+            RopeScaling::Linear => "linear rope",
+        };
+        let auto = if r.automatic { ", auto" } else { "" };
+        Some(format!("{name} ×{}{auto}", r.factor))
+    }
+
+    /// `kiln fit`'s words for the scaling, if any.
     pub fn describe(&self) -> Option<String> {
         let r = self.rope?;
         if r.scaling == RopeScaling::None {

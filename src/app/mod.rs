@@ -232,6 +232,8 @@ pub struct State {
     /// `remote:NAME` while the conversation runs on an endpoint.
     pub remote: Option<String>,
     pub panels: Panels,
+    /// Whether answers show their thinking whole rather than folded.
+    pub show_thinking: bool,
     pub size: (u16, u16),
     pub telemetry: Sample,
     /// Swap-in rate per sample, bytes per second (0 where not available).
@@ -269,6 +271,7 @@ impl State {
             agent: None,
             remote: None,
             panels: Panels::Auto,
+            show_thinking: false,
             size: (80, 24),
             telemetry: Sample::default(),
             swap_in_history: VecDeque::new(),
@@ -295,6 +298,7 @@ impl State {
             architecture: preset.shape.architecture.into(),
             path: None,
             context_limit,
+            notes: Vec::new(),
         };
         State::new(
             info,
@@ -640,7 +644,12 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
                 .find(|e| e.kind == EntryKind::Assistant && !e.text.is_empty())
             {
                 Some(e) => {
-                    let text = e.text.clone();
+                    // The answer, not the thinking before it.
+                    let split = crate::engine::thinking::split(&e.text);
+                    let text = match split.thinking {
+                        Some(_) => split.answer.trim_start().to_string(),
+                        None => e.text.clone(),
+                    };
                     state.notice = Some(format!(
                         "copied the last answer ({} characters) to the clipboard",
                         text.chars().count()
@@ -670,6 +679,10 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             } else {
                 Panels::Full
             };
+            Vec::new()
+        }
+        Action::ToggleThinking => {
+            state.show_thinking = !state.show_thinking;
             Vec::new()
         }
     }

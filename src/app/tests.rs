@@ -14,6 +14,7 @@ fn info() -> ModelInfo {
         architecture: "llama".into(),
         path: None,
         context_limit: 4096,
+        notes: Vec::new(),
     }
 }
 

@@ -122,6 +122,7 @@ impl Engine for FakeEngine {
             architecture: "scripted".into(),
             path: None,
             context_limit: self.context_limit,
+            notes: Vec::new(),
         }
     }
 

@@ -157,6 +157,7 @@ impl KalosmEngine {
             model.path.display(),
             info.architecture
         );
+        let notes = template.notes();
         Ok(KalosmEngine {
             model: llama,
             tokenizer,
@@ -168,6 +169,7 @@ impl KalosmEngine {
                 architecture: info.architecture.clone(),
                 path: Some(model.path.clone()),
                 context_limit,
+                notes,
             },
             conv: Conversation {
                 system: options.system_prompt.clone(),

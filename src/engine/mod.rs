@@ -36,6 +36,10 @@ pub struct ModelInfo {
     pub path: Option<PathBuf>,
     /// The context window kiln uses: the model's, or less when asked.
     pub context_limit: usize,
+    /// What runs differently from the file as given, for the status bar:
+    /// rope scaling, a fallback chat template, thinking switched.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

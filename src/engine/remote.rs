@@ -155,7 +155,15 @@ impl RemoteEngine {
     fn body(&self, messages: &[Message]) -> serde_json::Value {
         let messages: Vec<_> = messages
             .iter()
-            .map(|m| serde_json::json!({ "role": m.role.as_str(), "content": m.content }))
+            .map(|m| {
+                // An answer goes back without its thinking, as the API has it.
+                let split = super::thinking::split(&m.content);
+                let content = match (m.role, split.thinking) {
+                    (super::Role::Assistant, Some(_)) => split.answer.trim_start(),
+                    _ => &m.content,
+                };
+                serde_json::json!({ "role": m.role.as_str(), "content": content })
+            })
             .collect();
         let s = &self.sampler;
         let mut body = serde_json::json!({
@@ -169,6 +177,10 @@ impl RemoteEngine {
         });
         if let Some(seed) = s.seed {
             body["seed"] = seed.into();
+        }
+        if let Some(on) = s.thinking {
+            // llama.cpp's server and vLLM pass these to the chat template.
+            body["chat_template_kwargs"] = serde_json::json!({ "enable_thinking": on });
         }
         body
     }
@@ -230,6 +242,8 @@ impl RemoteEngine {
         let mut last_event = Instant::now();
         // Streamed text not let out yet: it could be the start of a secret.
         let mut held = String::new();
+        // Inside a thinking block the server sent as `reasoning_content`.
+        let mut reasoning = false;
         loop {
             if cancel.is_cancelled(turn) {
                 finish = Some(FinishReason::Cancelled);
@@ -265,19 +279,18 @@ impl RemoteEngine {
                 usage = Some(u);
             }
             for choice in chunk.choices {
-                if let Some(text) = choice.delta.and_then(|d| d.content) {
+                let text = with_thinking_tags(&mut reasoning, choice.delta.unwrap_or_default());
+                if !text.is_empty() {
+                    first_at.get_or_insert_with(Instant::now);
+                    chunks += 1;
+                    held.push_str(&text);
+                    let held_text = self.redactor.redact(&held);
+                    let safe = self.redactor.safe_len(&held_text);
+                    held = held_text[safe..].to_string();
+                    let text = held_text[..safe].to_string();
                     if !text.is_empty() {
-                        first_at.get_or_insert_with(Instant::now);
-                        chunks += 1;
-                        held.push_str(&text);
-                        let held_text = self.redactor.redact(&held);
-                        let safe = self.redactor.safe_len(&held_text);
-                        held = held_text[safe..].to_string();
-                        let text = held_text[..safe].to_string();
-                        if !text.is_empty() {
-                            reply.push_str(&text);
-                            let _ = out.send(EngineEvent::Token { turn, text });
-                        }
+                        reply.push_str(&text);
+                        let _ = out.send(EngineEvent::Token { turn, text });
                     }
                 }
                 if let Some(reason) = choice.finish_reason {
@@ -287,6 +300,9 @@ impl RemoteEngine {
                     });
                 }
             }
+        }
+        if reasoning {
+            held.push_str(super::thinking::CLOSE);
         }
         if !held.is_empty() {
             let text = self.redactor.redact(&held);
@@ -359,10 +375,33 @@ struct Choice {
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// A delta's text, with thinking a server sent apart (`reasoning_content`:
+/// llama.cpp's server, vLLM, DeepSeek's) put back in its tags, the way kiln
+/// keeps an answer. `reasoning` says whether a thinking block is open.
+fn with_thinking_tags(reasoning: &mut bool, delta: Delta) -> String {
+    let mut text = String::new();
+    if let Some(r) = delta.reasoning_content.filter(|r| !r.is_empty()) {
+        if !std::mem::replace(reasoning, true) {
+            text.push_str(super::thinking::OPEN);
+        }
+        text.push_str(&r);
+    }
+    if let Some(c) = delta.content.filter(|c| !c.is_empty()) {
+        if std::mem::take(reasoning) {
+            text.push_str(super::thinking::CLOSE);
+            text.push_str("\n\n");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+#[derive(Deserialize, Default)]
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +418,7 @@ impl Engine for RemoteEngine {
             architecture: "remote".into(),
             path: None,
             context_limit: self.endpoint.context,
+            notes: Vec::new(),
         }
     }
 
@@ -446,6 +486,47 @@ mod tests {
             api_key_env: None,
             context: 8192,
         }
+    }
+
+    #[test]
+    fn thinking_sent_apart_is_kept_in_its_tags() {
+        let deltas = [
+            (Some("Let me"), None),
+            (Some(" add."), Some("")),
+            (None, Some("Four")),
+            (None, Some(".")),
+        ];
+        let mut reasoning = false;
+        let text: String = deltas
+            .into_iter()
+            .map(|(r, c)| {
+                let delta = Delta {
+                    reasoning_content: r.map(String::from),
+                    content: c.map(String::from),
+                };
+                with_thinking_tags(&mut reasoning, delta)
+            })
+            .collect();
+        assert_eq!(text, "<think>Let me add.</think>\n\nFour.");
+        assert!(!reasoning);
+        let split = crate::engine::thinking::split(&text);
+        assert_eq!(split.thinking, Some("Let me add."));
+        let body = RemoteEngine::new(
+            "e",
+            endpoint("http://127.0.0.1:9/v1"),
+            SamplerSettings {
+                thinking: Some(false),
+                ..SamplerSettings::default()
+            },
+            None,
+        )
+        .unwrap()
+        .body(&[
+            Message::new(Role::User, "2+2?"),
+            Message::new(Role::Assistant, text),
+        ]);
+        assert_eq!(body["messages"][1]["content"], "Four.");
+        assert_eq!(body["chat_template_kwargs"]["enable_thinking"], false);
     }
 
     /// A secret is caught whole, across any split of a stream, and in the

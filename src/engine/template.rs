@@ -122,6 +122,16 @@ impl ChatTemplate {
         self
     }
 
+    /// The status bar's notes on how this template renders: a fallback in
+    /// use, thinking switched on or off.
+    pub fn notes(&self) -> Vec<String> {
+        let thinking = self.thinking.map(|on| match on {
+            true => "thinking on".to_string(),
+            false => "thinking off".to_string(),
+        });
+        self.fallback.iter().cloned().chain(thinking).collect()
+    }
+
     pub fn eos(&self) -> &str {
         &self.eos
     }

@@ -81,6 +81,36 @@ pub fn after_open_prompt<'a>(prompt: &str, answer: &'a str) -> &'a str {
     }
 }
 
+/// Splits a streamed answer as it comes: each piece of text gives the new
+/// thinking and the new answer text since the last piece.
+#[derive(Default)]
+pub struct Stream {
+    raw: String,
+    thinking: usize,
+    answer: usize,
+}
+
+impl Stream {
+    pub fn push(&mut self, text: &str) -> (String, String) {
+        self.raw.push_str(text);
+        let split = split(&self.raw);
+        let thought = split.thinking.unwrap_or_default();
+        let answer = match split.thinking {
+            Some(_) => split.answer.trim_start(),
+            None => split.answer,
+        };
+        let new = |shown: &mut usize, text: &str| {
+            let part = text.get(*shown..).unwrap_or_default().to_string();
+            *shown = (*shown).max(text.len());
+            part
+        };
+        (
+            new(&mut self.thinking, thought),
+            new(&mut self.answer, answer),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +151,28 @@ mod tests {
         for raw in ["<think>é<", "<think>日本</", "<think>🙂</thi", "<think>x😀"] {
             let s = split(raw);
             assert!(s.open, "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_stream_hands_out_each_part_once() {
+        let raw = "<think>\nfirst, add</think>\n\nFour, <b>.";
+        for size in 1..raw.len() {
+            let mut stream = Stream::default();
+            let (mut thought, mut answer) = (String::new(), String::new());
+            let mut rest = raw;
+            while !rest.is_empty() {
+                let mut cut = size.min(rest.len());
+                while !rest.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                let (t, a) = stream.push(&rest[..cut]);
+                thought += &t;
+                answer += &a;
+                rest = &rest[cut..];
+            }
+            assert_eq!(thought, "\nfirst, add", "pieces of {size}");
+            assert_eq!(answer, "Four, <b>.", "pieces of {size}");
         }
     }
 

@@ -8,7 +8,8 @@ use ratatui::Frame;
 
 use super::text::{self, Sem, SemLine, Tone};
 use crate::app::{EntryKind, Scroll, State};
-use crate::engine::FinishReason;
+use crate::engine::{thinking, FinishReason};
+use crate::keys::Action;
 use crate::theme::{Slot, Theme};
 
 /// The rows transcript entry `index` takes at `width`: a header, the text,
@@ -36,10 +37,25 @@ pub fn entry_rows(state: &State, index: usize, width: u16) -> Vec<SemLine> {
                 state.model.name.clone(),
                 bold(Tone::Assistant),
             ));
-            if entry.text.is_empty() && (streaming || entry.interrupted) {
-                lines.push(SemLine::plain("…", dim));
+            let split = thinking::split(&entry.text);
+            if let Some(thought) = split.thinking {
+                lines.extend(thinking_rows(
+                    state,
+                    thought,
+                    split.open && streaming,
+                    width,
+                ));
+            }
+            if split.answer.trim().is_empty() && (streaming || entry.interrupted) {
+                if split.thinking.is_none() {
+                    lines.push(SemLine::plain("…", dim));
+                }
             } else {
-                lines.extend(text::markdown(&entry.text, Sem::default()));
+                let answer = match split.thinking {
+                    Some(_) => split.answer.trim_start(),
+                    None => split.answer,
+                };
+                lines.extend(text::markdown(answer, Sem::default()));
             }
             if entry.interrupted {
                 lines.push(SemLine::plain(
@@ -98,6 +114,40 @@ pub fn entry_rows(state: &State, index: usize, width: u16) -> Vec<SemLine> {
         .flat_map(|l| text::wrap(l, width as usize))
         .collect()
 }
+
+/// An answer's thinking: folded to one line (the last lines while it
+/// streams), or whole when the user asked to see it.
+fn thinking_rows(state: &State, thought: &str, live: bool, width: u16) -> Vec<SemLine> {
+    let key = state.keys.hint(Action::ToggleThinking);
+    let words = thought.split_whitespace().count();
+    let faint = Sem {
+        tone: Tone::Dim,
+        italic: true,
+        ..Sem::default()
+    };
+    let head = match (live, state.show_thinking) {
+        (true, _) => format!("▾ thinking… {words} words · {key} folds or shows it"),
+        (false, true) => format!("▾ thought · {words} words · {key} folds it"),
+        (false, false) => format!("▸ thought · {words} words · {key} shows it"),
+    };
+    let mut rows = vec![SemLine::plain(head, faint)];
+    let body: Vec<SemLine> = text::plain(thought.trim_matches('\n'), faint)
+        .iter()
+        .flat_map(|l| text::wrap(l, width as usize))
+        .collect();
+    match (live, state.show_thinking) {
+        (_, true) => rows.extend(body),
+        (true, false) => {
+            let skip = body.len().saturating_sub(LIVE_THINKING_LINES);
+            rows.extend(body.into_iter().skip(skip));
+        }
+        (false, false) => {}
+    }
+    rows
+}
+
+/// How much of a folded thinking block shows while it streams.
+const LIVE_THINKING_LINES: usize = 3;
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let area = super::chat_text_area(area);

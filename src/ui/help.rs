@@ -56,6 +56,12 @@ pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) 
         })
         .collect();
     let width = keys.iter().map(|k| k.chars().count()).max().unwrap_or(0) + 2;
+    let name_width = Action::ALL
+        .iter()
+        .map(|a| a.name().len())
+        .max()
+        .unwrap_or(0)
+        + 1;
     let mut lines = Vec::new();
     for (action, keys) in Action::ALL.into_iter().zip(keys) {
         lines.push(Line::from(vec![
@@ -63,7 +69,10 @@ pub fn render_help(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) 
                 format!("{keys:<width$}"),
                 theme.fg(Slot::Accent).add_modifier(Modifier::BOLD),
             ),
-            Span::styled(format!("{:<15}", action.name()), theme.fg(Slot::Dim)),
+            Span::styled(
+                format!("{:<name_width$}", action.name()),
+                theme.fg(Slot::Dim),
+            ),
             Span::styled(action.describe(), theme.fg(Slot::Text)),
         ]));
     }

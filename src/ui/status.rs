@@ -36,9 +36,18 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         state.keys.hint(Action::Help),
         state.keys.hint(Action::Quit)
     );
+    let notes: String = state
+        .model
+        .notes
+        .iter()
+        .map(|n| format!(" · {}", crate::visible::visible_line(n)))
+        .collect();
     let mut spans = vec![
         Span::styled(format!(" {} ", state.model.name), theme.status()),
-        Span::styled(format!("· {ctx} · {mode} · {title} "), theme.status()),
+        Span::styled(
+            format!("· {ctx}{notes} · {mode} · {title} "),
+            theme.status(),
+        ),
     ];
     // An alarm, then a notice, take the space before the hints.
     if let Some((_, alarm)) = state.active_alarms.last() {

@@ -170,6 +170,77 @@ fn screen_while_streaming_with_the_help_open() {
 }
 
 #[test]
+fn thinking_streams_faint_then_folds_and_alt_t_shows_it() {
+    let mut s = base(100, 30);
+    s.model.notes = vec!["YaRN ×4, auto".into(), "thinking on".into()];
+    send(&mut s, "2+2?");
+    let t0 = Instant::now();
+    let pieces = [
+        "<th",
+        "ink>\nThe user asks",
+        " a sum.\nTwo",
+        " plus two.\n",
+        "Check: four.\nSure.\n</th",
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        update(
+            &mut s,
+            Msg::Engine(
+                EngineEvent::Token {
+                    turn: 1,
+                    text: p.to_string(),
+                },
+                t0 + Duration::from_millis(40 * i as u64),
+            ),
+        );
+    }
+    let live = format!("{}", draw(&s, 100, 30).backend());
+    assert!(live.contains("▾ thinking… 11 words"), "{live}");
+    // The last lines stream; the first has scrolled out of the fold.
+    assert!(
+        live.contains("Sure.") && !live.contains("The user asks"),
+        "{live}"
+    );
+    assert!(!live.contains("</th") && !live.contains("<th"), "{live}");
+    assert!(live.contains("YaRN ×4, auto · thinking on"), "{live}");
+    let reply = format!("{}ink>\n\nFour.", pieces.concat());
+    finish(&mut s, &reply, stats(20, 30.0, 60));
+    insta::assert_snapshot!("thinking_folded", draw(&s, 100, 30).backend());
+    let alt_t = KeyEvent::new(KeyCode::Char('t'), KeyModifiers::ALT);
+    update(&mut s, Msg::Key(alt_t));
+    let shown = format!("{}", draw(&s, 100, 30).backend());
+    assert!(
+        shown.contains("The user asks a sum.") && shown.contains("Four."),
+        "{shown}"
+    );
+    // The thinking is dimmed: the theme's dim colour, in italics.
+    let t = draw(&s, 100, 30);
+    let buf = t.backend().buffer();
+    let row = (0..30)
+        .find(|&y| {
+            (0..100)
+                .map(|x| buf[(x, y)].symbol())
+                .collect::<String>()
+                .contains("The user asks")
+        })
+        .unwrap();
+    let x = (0..100).find(|&x| buf[(x, row)].symbol() == "T").unwrap();
+    assert_eq!(
+        buf[(x, row)].fg,
+        Theme::default().color(crate::theme::Slot::Dim)
+    );
+    assert!(buf[(x, row)]
+        .modifier
+        .contains(ratatui::style::Modifier::ITALIC));
+    update(&mut s, Msg::Key(alt_t));
+    let folded = format!("{}", draw(&s, 100, 30).backend());
+    assert!(
+        !folded.contains("The user asks") && folded.contains("▸ thought · 11 words"),
+        "{folded}"
+    );
+}
+
+#[test]
 fn memory_panel() {
     let s = conversation(160, 48);
     let v = memory::view(&s).unwrap();

@@ -85,6 +85,7 @@ impl LlamaCppEngine {
                 e => load_error(e.to_string()),
             })?;
         let session = llm.new_session().map_err(|e| load_error(e.to_string()))?;
+        let notes = window.note().into_iter().chain(template.notes()).collect();
         Ok(LlamaCppEngine {
             end_tokens: llm.end_tokens(),
             llm,
@@ -96,6 +97,7 @@ impl LlamaCppEngine {
                 architecture: info.architecture.clone(),
                 path: Some(model.path.clone()),
                 context_limit,
+                notes,
             },
             conv: Conversation {
                 system: options.system_prompt.clone(),

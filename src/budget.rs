@@ -133,8 +133,14 @@ pub enum KvLayout {
     /// kalosm 0.4: f32, repeated to every query head, grown by powers of two.
     KalosmF32,
     /// llama.cpp: K and V values per KV head, stored as `k` and `v`, grown
-    /// in chunks up to `window` tokens.
-    Gqa { window: u64, k: KvType, v: KvType },
+    /// in chunks up to `window` tokens; `flash` when attention runs as flash
+    /// attention, which never holds a batch's full score matrix.
+    Gqa {
+        window: u64,
+        k: KvType,
+        v: KvType,
+        flash: bool,
+    },
 }
 
 impl KvLayout {
@@ -142,9 +148,16 @@ impl KvLayout {
     pub fn describe(self) -> String {
         match self {
             KvLayout::KalosmF32 => "kalosm f32, repeated heads".into(),
-            KvLayout::Gqa { k, v, .. } if k == v => format!("{} per KV head", k.name()),
-            KvLayout::Gqa { k, v, .. } => {
-                format!("K {}, V {} per KV head", k.name(), v.name())
+            KvLayout::Gqa { k, v, flash, .. } => {
+                let values = match k == v {
+                    true => format!("{} per KV head", k.name()),
+                    false => format!("K {}, V {} per KV head", k.name(), v.name()),
+                };
+                let attention = match flash {
+                    true => "flash attention",
+                    false => "flash attention off",
+                };
+                format!("{values} · {attention}")
             }
         }
     }
@@ -182,10 +195,12 @@ impl ModelShape {
     /// The same model with its window set to `n` tokens.
     fn sized_for(&self, n: u64) -> ModelShape {
         match self.kv_layout {
-            KvLayout::Gqa { k, v, .. } => {
-                self.clone()
-                    .with_kv_layout(KvLayout::Gqa { window: n, k, v })
-            }
+            KvLayout::Gqa { k, v, flash, .. } => self.clone().with_kv_layout(KvLayout::Gqa {
+                window: n,
+                k,
+                v,
+                flash,
+            }),
             KvLayout::KalosmF32 => self.clone(),
         }
     }
@@ -304,14 +319,37 @@ impl ModelShape {
     }
 
     /// Transient bytes of attention scores while prefilling `prompt` tokens
-    /// with `context` tokens in the cache afterwards: kalosm does it in one
-    /// pass (scores and their softmax), llama.cpp `PREFILL_CHUNK` tokens at
-    /// a time.
+    /// with `context` tokens in the cache afterwards: kalosm computes them
+    /// in one pass (scores and their softmax) and frees them. llama.cpp
+    /// keeps its score matrix in the compute buffer it holds (see
+    /// `retained_activation_bytes`), so nothing is transient there.
     pub fn prefill_peak_bytes(&self, prompt: u64, context: u64) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => 2 * self.n_head * prompt * context * 4,
-            KvLayout::Gqa { .. } => self.n_head * prompt.min(PREFILL_CHUNK) * context * 4,
+            KvLayout::Gqa { .. } => 0,
         }
+    }
+
+    /// The attention scores llama.cpp holds when flash attention is off,
+    /// for the largest batch of a `prefilled`-token prompt ending with
+    /// `tokens` cached: f32 scores in its compute buffer (the softmax runs in
+    /// place) plus the f16 copy the CPU backend makes of them for the
+    /// product with V, 6 bytes a score. Measured on SmolLM2 (9 heads) against
+    /// `--flash-attn on`: +6, +50 and +123 MB of RSS at 296, 2,078 and
+    /// 5,042 tokens, where this gives 0.5, 57 and 127 MB.
+    pub fn score_matrix_bytes(&self, tokens: u64, prefilled: u64) -> u64 {
+        let KvLayout::Gqa { flash: false, .. } = self.kv_layout else {
+            return 0;
+        };
+        let prefilled = prefilled.min(tokens);
+        let start = tokens - prefilled;
+        let full = prefilled / PREFILL_CHUNK;
+        let last_full = match full {
+            0 => 0,
+            n => PREFILL_CHUNK * (start + n * PREFILL_CHUNK),
+        };
+        let rest = (prefilled % PREFILL_CHUNK) * tokens;
+        self.n_head * last_full.max(rest) * 6
     }
 
     /// Activations the allocator keeps after prefilling `prefilled`
@@ -319,13 +357,15 @@ impl ModelShape {
     /// prefill's; llama.cpp keeps its compute buffer, whose resident part
     /// is a batch's activations plus the f16 attention mask, one row per
     /// batch token and one column per cell (and one more mask over the
-    /// window's cells).
+    /// window's cells), and with flash attention off a batch's scores.
     fn retained_activation_bytes(&self, tokens: u64, prefilled: u64) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH,
             KvLayout::Gqa { .. } => {
                 let cells = self.kv_allocated_tokens(tokens);
-                LLAMACPP_GRAPH_BYTES + (cells + self.swa_cells(cells)) * PREFILL_CHUNK * 2
+                LLAMACPP_GRAPH_BYTES
+                    + (cells + self.swa_cells(cells)) * PREFILL_CHUNK * 2
+                    + self.score_matrix_bytes(tokens, prefilled)
             }
         }
     }
@@ -517,6 +557,7 @@ mod tests {
             window: 32_768,
             k: KvType::F16,
             v: KvType::F16,
+            flash: true,
         });
         assert_eq!(q.kv_per_token_engine(), 262_144);
         assert_eq!(q.kv_allocated_tokens(0), 4096);
@@ -534,6 +575,7 @@ mod tests {
             window: 2048,
             k: KvType::F16,
             v: KvType::F16,
+            flash: true,
         });
         assert_eq!(small.kv_allocated_tokens(1), 2048);
         // q8_0: 128 values a head row, four blocks of 34 bytes.
@@ -541,6 +583,7 @@ mod tests {
             window: 32_768,
             k: KvType::Q8_0,
             v: KvType::Q8_0,
+            flash: true,
         });
         assert_eq!(q8.kv_per_token_engine(), 64 * 2 * 8 * 4 * 34);
     }

@@ -253,17 +253,21 @@ fn print_table(
         "largest context that fits",
         format!("{} tokens", b.max_context),
     );
-    let at_once = match shape.kv_layout {
-        budget::KvLayout::KalosmF32 => b.context,
-        budget::KvLayout::Gqa { .. } => b.context.min(budget::PREFILL_CHUNK),
-    };
-    row(
-        "prefilling a full window",
-        format!(
-            "+{} briefly (attention scores, {at_once} tokens at a time)",
-            gib(b.full_prefill_peak),
+    let prefill = match shape.kv_layout {
+        budget::KvLayout::KalosmF32 => format!(
+            "+{} briefly (attention scores for the whole prompt at once)",
+            gib(b.full_prefill_peak)
         ),
-    );
+        budget::KvLayout::Gqa { flash: true, .. } => {
+            "nothing more: flash attention computes the scores in tiles".into()
+        }
+        budget::KvLayout::Gqa { flash: false, .. } => format!(
+            "counted above: with flash attention off llama.cpp keeps {} of scores for {} tokens at a time",
+            gib(shape.score_matrix_bytes(b.context, b.context)),
+            budget::PREFILL_CHUNK
+        ),
+    };
+    row("prefilling a full window", prefill);
 }
 
 /// Refuse to load a model whose budget at `context` will swap or does not

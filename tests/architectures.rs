@@ -101,6 +101,7 @@ async fn each_architecture_loads_answers_and_is_planned_on_both_tokenizers() {
                 window: 2048,
                 k: kiln::budget::KvType::F16,
                 v: kiln::budget::KvType::F16,
+                flash: true,
             });
             let mut state = kiln::app::State::for_preset(
                 kiln::models::preset(kiln::models::DEFAULT_PRESET).unwrap(),

@@ -138,3 +138,126 @@ fn qwen3_thinking_switch_and_history() {
         "{text}"
     );
 }
+
+fn kiln(data: &Path, model: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--model")
+        .arg(model)
+        .args(args)
+        .env_remove("KILN_MODEL")
+        .output()
+        .unwrap()
+}
+
+/// The real model under DeepSeek-R1's template, which ends its prompt inside
+/// `<think>`: the answer is thinking from the first token, kept in its tags,
+/// and `kiln ask` writes it to stderr, not to stdout; `--think off` closes
+/// the block in the prompt and the answer is plain text.
+#[tokio::test]
+async fn a_prompt_that_opens_thinking_streams_it_apart() {
+    let _turn = common::one_engine_at_a_time().await;
+    let r1 = fixtures().join("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja");
+    let model = common::retemplated_model(Some(&r1)).await;
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--temperature", "0", "--max-tokens", "12", "--think", "on"];
+    let events = kiln(
+        data.path(),
+        &model,
+        &[&["ask", "--json", "What is 2+2?"][..], &args[..]].concat(),
+    );
+    assert!(
+        events.status.success(),
+        "{}",
+        String::from_utf8_lossy(&events.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = events.iter().find(|e| e["event"] == "token").unwrap();
+    assert!(
+        first["text"].as_str().unwrap().starts_with("<think>"),
+        "{first}"
+    );
+    let reply = events
+        .iter()
+        .find(|e| e["event"] == "turn_finished")
+        .unwrap()["reply"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let split = kiln::engine::thinking::split(&reply);
+    let thought = split.thinking.unwrap().trim();
+    assert!(!thought.is_empty(), "{reply}");
+
+    let plain = kiln(
+        data.path(),
+        &model,
+        &[&["ask", "What is 2+2?"][..], &args[..]].concat(),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&plain.stdout),
+        String::from_utf8_lossy(&plain.stderr),
+    );
+    assert!(stderr.contains(thought), "{stderr}");
+    assert!(!stdout.contains(thought), "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        split.answer.trim(),
+        "stdout is the answer alone"
+    );
+
+    let off = kiln(
+        data.path(),
+        &model,
+        &[
+            "ask",
+            "--json",
+            "What is 2+2?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--think",
+            "off",
+        ],
+    );
+    let first: Value = String::from_utf8_lossy(&off.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"] == "token")
+        .unwrap();
+    assert!(
+        !first["text"].as_str().unwrap().starts_with("<think>"),
+        "{first}"
+    );
+}
+
+/// A file without a template gets llama.cpp's built-in for its vocabulary
+/// (SmolLM2's has ChatML's markers), and the status bar says so.
+#[tokio::test]
+async fn a_file_without_a_template_gets_llama_cpps_builtin() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::retemplated_model(None).await;
+    let info = kiln::gguf::inspect(&model).unwrap();
+    assert_eq!(info.chat_template, None);
+    assert_eq!(info.builtin_template, Some("chatml"));
+    let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
+    let cmd = format!(
+        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 24; sleep 30",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.display()
+    );
+    let tmux = common::Tmux::start("builtin", 160, 40, &cmd);
+    tmux.wait_for("the status bar's note", 90, |s| {
+        s.contains("llama.cpp's chatml template (the file has none)")
+    });
+    tmux.send(&["Name a colour.", "Enter"]);
+    let screen = tmux.wait_for("an answer", 120, |s| s.contains(" tok · "));
+    assert!(!screen.contains("<|im_start|>"), "{screen}");
+    tmux.send(&["C-q"]);
+}

@@ -100,6 +100,9 @@ impl Backend {
                 window: context as u64,
                 k,
                 v,
+                // llama.cpp resolves `auto` to on wherever its backend runs flash
+                // attention: its CPU and Metal backends do.
+                flash: window.flash_attn != crate::window::FlashAttn::Off,
             },
             Backend::Kalosm => KvLayout::KalosmF32,
         }

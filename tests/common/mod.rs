@@ -362,6 +362,44 @@ pub async fn synthetic_gguf(arch: &str, tokenizer: &str) -> std::path::PathBuf {
     .unwrap()
 }
 
+/// The SmolLM2 model with another chat template (`Some(file)`) or with none,
+/// written once by the `gguf` package's `gguf-new-metadata` and cached.
+pub async fn retemplated_model(template: Option<&std::path::Path>) -> std::path::PathBuf {
+    let source = model().await.path;
+    let template = template.map(std::path::Path::to_path_buf);
+    tokio::task::spawn_blocking(move || {
+        let key = match &template {
+            Some(t) => kiln::models::sha256_file(t).unwrap()[..12].to_string(),
+            None => "none".to_string(),
+        };
+        let home = std::env::var_os("HOME").expect("HOME is set");
+        let dir = std::path::Path::new(&home).join(".cache/kiln-synthetic/templates");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join(format!("smollm2-{key}.gguf"));
+        let python = venv_python("kiln-gguf-venv", "gguf==0.19.0", "import gguf, numpy");
+        let lock = std::fs::File::create(dir.join(format!("{key}.lock"))).unwrap();
+        lock.lock().unwrap();
+        if !out.exists() {
+            let part = out.with_extension("part.gguf");
+            let mut cmd = std::process::Command::new(python.with_file_name("gguf-new-metadata"));
+            match &template {
+                Some(t) => cmd.arg("--chat-template-file").arg(t),
+                None => cmd.args(["--remove-metadata", "tokenizer.chat_template"]),
+            };
+            let run = cmd.arg("--force").arg(&source).arg(&part).output().unwrap();
+            assert!(
+                run.status.success(),
+                "gguf-new-metadata failed: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            std::fs::rename(&part, &out).unwrap();
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
 /// A real OpenAI-compatible server on loopback: llama-cpp-python's server
 /// (installed on first use into a venv, see `llama_python`) serving the
 /// SmolLM2 model.
@@ -459,6 +497,63 @@ pub fn rss_against_budget(
     );
     println!("{line}");
     (line, err)
+}
+
+/// The llama.cpp engine's budget against this process's RSS: SmolLM2 in
+/// an 8,192-token window at three fills, the last past the first 4,096 KV
+/// cells, so the cache has grown once. Run alone in a test binary: the RSS
+/// is the process's.
+pub async fn llamacpp_rss_report(flash: kiln::window::FlashAttn) -> Vec<(String, f64)> {
+    use kiln::budget::{KvLayout, KvType, ModelShape};
+    use kiln::engine::{CancelFlag, Engine, EngineEvent};
+    let model = model().await;
+    let window = 8192;
+    let shape = ModelShape::from_gguf(&model.info).with_kv_layout(KvLayout::Gqa {
+        window,
+        k: KvType::F16,
+        v: KvType::F16,
+        flash: flash != kiln::window::FlashAttn::Off,
+    });
+    let mut e = kiln::engine::llamacpp::LlamaCppEngine::load(
+        &model,
+        kiln::engine::kalosm::EngineOptions {
+            window: kiln::window::WindowArgs {
+                flash_attn: flash,
+                ..Default::default()
+            },
+            sampler: greedy(1),
+            ignore_eos: true,
+            context: Some(window as usize),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut report = Vec::new();
+    let mut text = String::new();
+    let mut i = 0;
+    for fill in [256usize, 2048, 5000] {
+        // One growing conversation: each turn adds to the last.
+        while e.count_tokens(&text) < fill {
+            text.push_str(&format!("{i}: the kiln fires stoneware and glaze. "));
+            i += 1;
+        }
+        e.reset();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        e.chat(1, text.clone(), &tx, &CancelFlag::default()).await;
+        drop(tx);
+        let mut stats = None;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                EngineEvent::TurnFinished { stats: s, .. } => stats = Some(s),
+                EngineEvent::TurnFailed { error, .. } => panic!("{error}"),
+                _ => {}
+            }
+        }
+        let stats = stats.expect("the turn finished");
+        report.push(rss_against_budget(&shape, fill, &stats));
+    }
+    report
 }
 
 /// A small real filesystem (tmpfs), mounted where this test may mount.

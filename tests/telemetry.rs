@@ -193,3 +193,41 @@ async fn the_background_task_publishes_samples() {
     rx.changed().await.unwrap();
     assert!(rx.borrow().seq >= 2);
 }
+
+/// RAPL through powercap: the package counter (not its core sub-zone, not
+/// psys) counts joules between samples, across the counter's wrap; a
+/// machine without powercap has no energy, not zero.
+#[test]
+fn energy_comes_from_the_package_counter_and_survives_its_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixture("laptop"), dir.path());
+    let counters = linux::package_energy(dir.path());
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    assert_eq!(counters[0].energy_uj, 73_004_321_000);
+    let mut sampler = Sampler::with_root(dir.path());
+    let first = sampler.sample();
+    assert_eq!(first.energy_j, Some(0.0));
+
+    let zone = dir.path().join("sys/class/powercap/intel-rapl:0");
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(zone.join("energy_uj"), "73016321000\n").unwrap();
+    let second = sampler.sample();
+    assert!((second.energy_j.unwrap() - 12.0).abs() < 1e-9);
+    // 12 J in at least 0.1 s.
+    let watts = second.power_w.unwrap();
+    assert!(watts > 0.0 && watts <= 120.0, "{watts}");
+
+    // The counter wraps at max_energy_range_uj: 3 J before the wrap, 2 after.
+    std::fs::write(zone.join("energy_uj"), "262140328850\n").unwrap();
+    sampler.sample();
+    std::fs::write(zone.join("energy_uj"), "2000000\n").unwrap();
+    let wrapped = sampler.sample();
+    let total = 12.0 + (262_140_328_850.0 - 73_016_321_000.0) / 1e6 + 5.0;
+    assert!(
+        (wrapped.energy_j.unwrap() - total).abs() < 1e-6,
+        "{wrapped:?}"
+    );
+
+    assert_eq!(Sampler::with_root(fixture("bare")).sample().energy_j, None);
+    assert_eq!(linux::package_energy(&fixture("bare")), vec![]);
+}

@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{Psi, Temperature};
+use super::{EnergyCounter, Psi, Temperature};
 
 /// Cumulative pages swapped in and out since boot (`/proc/vmstat`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,38 @@ pub fn swap_counters(root: &Path) -> Option<SwapCounters> {
         pages_in: field("pswpin")?,
         pages_out: field("pswpout")?,
     })
+}
+
+/// The CPU packages' RAPL energy counters
+/// (`/sys/class/powercap/intel-rapl:N`, also on AMD), in a stable order. Sub-zones (core,
+/// uncore, dram) are inside their package's figure and are left out; a
+/// counter only root may read (kernels since 5.10) is not available.
+pub fn package_energy(root: &Path) -> Vec<EnergyCounter> {
+    let Ok(dir) = fs::read_dir(root.join("sys/class/powercap")) else {
+        return Vec::new();
+    };
+    let mut zones: Vec<PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("intel-rapl:"))
+                .is_some_and(|rest| !rest.contains(':'))
+        })
+        .filter(|p| read_word(&p.join("name")).is_some_and(|n| n.starts_with("package")))
+        .collect();
+    zones.sort();
+    zones.truncate(16);
+    zones
+        .iter()
+        .filter_map(|z| {
+            Some(EnergyCounter {
+                energy_uj: u64::try_from(read_number(&z.join("energy_uj"))?).ok()?,
+                range_uj: u64::try_from(read_number(&z.join("max_energy_range_uj"))?).ok()?,
+            })
+        })
+        .collect()
 }
 
 /// Memory pressure stall information (`/proc/pressure/memory`).

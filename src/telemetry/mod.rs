@@ -5,6 +5,7 @@
 //! machine lacks is reported as missing, never as zero.
 
 pub mod alarms;
+pub mod apple;
 #[cfg(target_os = "linux")]
 pub mod linux;
 #[cfg(target_os = "macos")]
@@ -50,11 +51,19 @@ impl MemorySnapshot {
             snap.available = snap.available.min(cg.free_memory);
             snap.swap_free = snap.swap_free.min(cg.free_swap);
         }
-        // On Metal, weights and KV cache live in GPU-wired memory, which
-        // macOS caps below physical memory.
-        #[cfg(all(target_os = "macos", feature = "metal"))]
-        if let Some(limit) = macos::gpu_wired_limit() {
-            snap.available = snap.available.min(limit);
+        #[cfg(target_os = "macos")]
+        {
+            // sysinfo counts inactive app memory as available; Activity
+            // Monitor's "used" does not.
+            if let Some(vm) = macos::vm_counters() {
+                snap.available = vm.available_bytes(snap.total, page_size());
+            }
+            // llama.cpp runs on Metal on every Mac: weights and KV cache
+            // live in GPU-wired memory, which macOS caps below physical
+            // memory.
+            if let Some(limit) = gpu_wired_limit() {
+                snap.available = snap.available.min(limit);
+            }
         }
         Some(snap)
     }
@@ -162,8 +171,14 @@ pub struct Sample {
     /// 0 for the first sample, then counting up.
     pub seq: u64,
     pub memory: Option<MemorySnapshot>,
-    /// GPU wired-memory limit (macOS `iogpu.wired_limit_mb`), when set.
+    /// The GPU wired-memory limit on a Mac: `iogpu.wired_limit_mb` when
+    /// set, else Metal's recommended working set.
     pub gpu_wired_limit: Option<u64>,
+    /// Joules the machine used since the sampler started (RAPL packages
+    /// on Linux, the SoC or the whole machine on Apple Silicon).
+    pub energy_j: Option<f64>,
+    /// Watts since the previous sample.
+    pub power_w: Option<f64>,
     pub swap_rate: Option<SwapRate>,
     pub pressure: Option<Pressure>,
     pub process: Option<ProcessStats>,
@@ -194,6 +209,33 @@ struct Counters {
     swap_pages: Option<(u64, u64)>,
     throttle_events: Option<u64>,
     cpu_time: Option<Duration>,
+    #[cfg(target_os = "linux")]
+    energy: Vec<EnergyCounter>,
+}
+
+/// One energy counter (a RAPL package's, on Linux): microjoules since
+/// some point, wrapping at `range_uj`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnergyCounter {
+    pub energy_uj: u64,
+    pub range_uj: u64,
+}
+
+/// Microjoules between two readings of the same RAPL counters, each of
+/// which wraps at its range; `None` when the set of counters changed.
+pub fn energy_delta_uj(before: &[EnergyCounter], after: &[EnergyCounter]) -> Option<u64> {
+    if before.len() != after.len() || before.is_empty() {
+        return None;
+    }
+    before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| match b.energy_uj >= a.energy_uj {
+            true => Some(b.energy_uj - a.energy_uj),
+            false if b.range_uj > a.energy_uj => Some(b.range_uj - a.energy_uj + b.energy_uj),
+            false => None,
+        })
+        .sum()
 }
 
 /// Reads one `Sample` at a time; keeps what rates and deltas need between
@@ -204,10 +246,19 @@ pub struct Sampler {
     system: Option<sysinfo::System>,
     pid: Option<sysinfo::Pid>,
     #[cfg(not(target_os = "linux"))]
-    components: sysinfo::Components,
+    components: Option<sysinfo::Components>,
+    #[cfg(target_os = "macos")]
+    thermal: macos::ThermalPressure,
+    /// macmon's readings, from its own thread.
+    #[cfg(target_os = "macos")]
+    soc: Option<std::sync::mpsc::Receiver<apple::SocReading>>,
+    #[cfg(target_os = "macos")]
+    soc_last: Option<apple::SocReading>,
     page_size: u64,
     prev: Counters,
     seq: u64,
+    /// Joules counted so far, once a source has given a first reading.
+    energy_j: Option<f64>,
 }
 
 impl Default for Sampler {
@@ -229,17 +280,20 @@ impl Sampler {
     #[cfg(target_os = "linux")]
     pub fn with_root(root: impl Into<std::path::PathBuf>) -> Sampler {
         let root = root.into();
+        let energy = linux::package_energy(&root);
         let prev = Counters {
             at: Instant::now(),
             swap_pages: linux::swap_counters(&root).map(|c| (c.pages_in, c.pages_out)),
             throttle_events: linux::clocks(&root).throttle_events,
             cpu_time: procinfo::cpu_time(),
+            energy,
         };
         Sampler {
             root,
             system: sysinfo::System::new().ok(),
             pid: sysinfo::get_current_pid().ok(),
             page_size: page_size(),
+            energy_j: (!prev.energy.is_empty()).then_some(0.0),
             prev,
             seq: 0,
         }
@@ -256,8 +310,15 @@ impl Sampler {
         Sampler {
             system: sysinfo::System::new().ok(),
             pid: sysinfo::get_current_pid().ok(),
-            components: sysinfo::Components::new_with_refreshed_list(),
+            components: sysinfo::Components::new_with_refreshed_list().ok(),
+            #[cfg(target_os = "macos")]
+            thermal: macos::ThermalPressure::register(),
+            #[cfg(target_os = "macos")]
+            soc: macos::soc_readings(1000),
+            #[cfg(target_os = "macos")]
+            soc_last: None,
             page_size: page_size(),
+            energy_j: None,
             prev,
             seq: 0,
         }
@@ -294,6 +355,14 @@ impl Sampler {
             }
             _ => None,
         };
+        #[cfg(target_os = "macos")]
+        if let Some(rx) = &self.soc {
+            // The newest reading; macmon sends one a second.
+            while let Ok(r) = rx.try_recv() {
+                self.soc_last = Some(r);
+            }
+        }
+        let (energy, power_w) = self.energy(dt);
         let (mut throttle, throttle_events) = self.throttle();
         throttle.new_events = match (self.prev.throttle_events, throttle_events) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -304,6 +373,8 @@ impl Sampler {
             seq: self.seq,
             memory,
             gpu_wired_limit: gpu_wired_limit(),
+            energy_j: self.energy_j,
+            power_w,
             swap_rate,
             pressure: self.pressure(),
             process: rss.map(|rss| ProcessStats { rss, cpu_percent }),
@@ -316,8 +387,36 @@ impl Sampler {
             swap_pages,
             throttle_events,
             cpu_time,
+            #[cfg(target_os = "linux")]
+            energy,
         };
+        #[cfg(not(target_os = "linux"))]
+        let _ = energy;
         sample
+    }
+
+    /// Count the energy since the previous sample (`dt` seconds ago):
+    /// returns the counters to keep and the watts over the interval.
+    #[cfg(target_os = "linux")]
+    fn energy(&mut self, dt: f64) -> (Vec<EnergyCounter>, Option<f64>) {
+        let now = linux::package_energy(&self.root);
+        let joules = energy_delta_uj(&self.prev.energy, &now).map(|uj| uj as f64 / 1e6);
+        if let (Some(total), Some(j)) = (self.energy_j.as_mut(), joules) {
+            *total += j;
+        }
+        (now, joules.filter(|_| dt > 0.0).map(|j| j / dt))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn energy(&mut self, dt: f64) -> ((), Option<f64>) {
+        #[cfg(target_os = "macos")]
+        let watts = self.soc_last.map(|r| r.watts());
+        #[cfg(not(target_os = "macos"))]
+        let watts: Option<f64> = None;
+        if let Some(w) = watts {
+            *self.energy_j.get_or_insert(0.0) += w * dt;
+        }
+        ((), watts)
     }
 
     #[cfg(target_os = "linux")]
@@ -350,20 +449,33 @@ impl Sampler {
 
     #[cfg(not(target_os = "linux"))]
     fn temperatures(&mut self) -> Vec<Temperature> {
-        self.components.refresh(true);
-        self.components
+        #[cfg(target_os = "macos")]
+        if let Some(r) = self.soc_last {
+            let t = apple::averages(r.cpu_celsius.map(|c| (c, 0)), r.gpu_celsius.map(|c| (c, 0)));
+            if !t.is_empty() {
+                return t;
+            }
+        }
+        let Some(components) = self.components.as_mut() else {
+            return Vec::new();
+        };
+        components.refresh(true);
+        let readings: Vec<(String, f32)> = components
             .iter()
-            .filter_map(|c| {
-                // Apple Silicon sensors read 0 °C when sysinfo cannot decode
-                // them; that is not a temperature.
-                let celsius = c.temperature().filter(|t| *t > 0.0 && *t < 150.0)?;
-                Some(Temperature {
-                    label: c.label().to_string(),
-                    celsius,
-                    critical: c.critical(),
-                })
+            .filter_map(|c| Some((c.label().to_string(), c.temperature()?)))
+            .collect();
+        #[cfg(target_os = "macos")]
+        return apple::sensor_averages(&readings);
+        #[cfg(not(target_os = "macos"))]
+        return readings
+            .into_iter()
+            .filter(|(_, t)| *t > 0.0 && *t < 150.0)
+            .map(|(label, celsius)| Temperature {
+                label,
+                celsius,
+                critical: None,
             })
-            .collect()
+            .collect();
     }
 
     /// The throttle state, and the raw event counter for the next delta.
@@ -382,7 +494,7 @@ impl Sampler {
     #[cfg(not(target_os = "linux"))]
     fn throttle(&self) -> (Throttle, Option<u64>) {
         #[cfg(target_os = "macos")]
-        let thermal_level = macos::thermal_level();
+        let thermal_level = self.thermal.level();
         #[cfg(not(target_os = "macos"))]
         let thermal_level = None;
         (
@@ -398,16 +510,31 @@ impl Sampler {
 #[cfg(not(target_os = "linux"))]
 fn platform_swap_pages() -> Option<(u64, u64)> {
     #[cfg(target_os = "macos")]
-    return macos::swap_pages();
+    return macos::vm_counters().map(|c| (c.swapins, c.swapouts));
     #[cfg(not(target_os = "macos"))]
     return None;
 }
 
+/// The GPU wired-memory limit where the engine runs on a GPU that shares
+/// memory with the CPU (Metal).
 fn gpu_wired_limit() -> Option<u64> {
     #[cfg(target_os = "macos")]
-    return macos::gpu_wired_limit();
+    return apple::gpu_wired_limit(macos::wired_limit_sysctl_mb(), metal_working_set());
     #[cfg(not(target_os = "macos"))]
     return None;
+}
+
+/// Metal's `recommendedMaxWorkingSetSize`, as llama.cpp's Metal device
+/// reports it (its total memory), read once.
+#[cfg(target_os = "macos")]
+fn metal_working_set() -> Option<u64> {
+    static FIGURE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *FIGURE.get_or_init(|| {
+        llama_cpp_2::list_llama_ggml_backend_devices()
+            .iter()
+            .find(|d| d.backend.eq_ignore_ascii_case("metal"))
+            .map(|d| d.memory_total as u64)
+    })
 }
 
 fn page_size() -> u64 {

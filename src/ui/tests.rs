@@ -29,6 +29,8 @@ fn sample() -> Sample {
             swap_free: 8 * GIB - 512 * MIB,
         }),
         gpu_wired_limit: None,
+        energy_j: Some(5400.0),
+        power_w: Some(24.0),
         swap_rate: Some(SwapRate {
             in_bytes_per_s: 0.0,
             out_bytes_per_s: 0.0,

@@ -109,6 +109,31 @@ pub struct Generation {
     /// Tokens per second since the first token, updated as tokens arrive.
     pub live_tok_s: Option<f64>,
     pub cancelling: bool,
+    /// The machine's power in the samples taken during the turn: their sum
+    /// and count.
+    pub power: (f64, u32),
+}
+
+/// What a turn cost in energy: the machine's mean power over it, and that
+/// power times the turn's time over the tokens it generated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TurnEnergy {
+    pub watts: f64,
+    pub joules_per_token: f64,
+}
+
+impl TurnEnergy {
+    pub fn of(power: (f64, u32), stats: &GenStats) -> Option<TurnEnergy> {
+        let (sum, n) = power;
+        if n == 0 || stats.completion_tokens == 0 {
+            return None;
+        }
+        let watts = sum / n as f64;
+        Some(TurnEnergy {
+            watts,
+            joules_per_token: watts * stats.total_ms / 1000.0 / stats.completion_tokens as f64,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +266,8 @@ pub struct State {
     /// Decode tok/s of finished turns.
     pub decode_history: VecDeque<f64>,
     pub last_stats: Option<GenStats>,
+    /// The last turn's energy, where the machine reports its power.
+    pub last_energy: Option<TurnEnergy>,
     pub context_tokens: usize,
     alarms: AlarmDetector,
     pub active_alarms: Vec<(AlarmKind, String)>,
@@ -277,6 +304,7 @@ impl State {
             swap_in_history: VecDeque::new(),
             decode_history: VecDeque::new(),
             last_stats: None,
+            last_energy: None,
             context_tokens: 0,
             alarms: AlarmDetector::default(),
             active_alarms: Vec::new(),
@@ -816,6 +844,7 @@ fn generate_into_last(state: &mut State) {
         tokens: 0,
         live_tok_s: None,
         cancelling: false,
+        power: (0.0, 0),
     });
     state.scroll = Scroll::Follow;
     state.unseen_output = false;
@@ -1075,6 +1104,7 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> 
                 push_bounded(&mut state.decode_history, d);
             }
             state.context_tokens = stats.context_tokens;
+            state.last_energy = TurnEnergy::of(g.power, &stats);
             if finish == FinishReason::Cancelled {
                 state.notice = Some("stopped".into());
             } else if matches!(state.notice.as_deref(), Some("stopping…")) {
@@ -1105,6 +1135,9 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> 
 }
 
 fn on_sample(state: &mut State, sample: Sample) -> Vec<Effect> {
+    if let (Some(g), Some(w)) = (state.generation.as_mut(), sample.power_w) {
+        g.power = (g.power.0 + w, g.power.1 + 1);
+    }
     let rate = sample.swap_rate.map_or(0, |r| r.in_bytes_per_s as u64);
     push_bounded(&mut state.swap_in_history, rate);
     let generating = state.generating();

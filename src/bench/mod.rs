@@ -68,6 +68,11 @@ pub struct BenchReport {
     /// the same context.
     pub rss_mb: Option<f64>,
     pub predicted_rss_mb: f64,
+    /// The machine's energy per generated token over each run (prefill
+    /// included) and its mean power, where it reports energy (RAPL, Apple's
+    /// SoC); absent, never 0, where it does not.
+    pub joules_per_token: Option<Figure>,
+    pub watts: Option<Figure>,
 }
 
 pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
@@ -147,9 +152,20 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     let prompt = build_prompt(&engine, args.prompt_tokens);
 
     let mut measured = Vec::new();
+    let mut energy = Vec::new();
+    let mut sampler = crate::telemetry::Sampler::new();
     for run in 0..=args.runs {
         engine.reset();
+        let before = sampler.sample().energy_j;
         let stats = one_run(&mut engine, run as u64 + 1, &prompt).await?;
+        if let (Some(a), Some(b)) = (before, sampler.sample().energy_j) {
+            if run > 0 && stats.completion_tokens > 0 && stats.total_ms > 0.0 {
+                energy.push((
+                    (b - a) / stats.completion_tokens as f64,
+                    (b - a) * 1000.0 / stats.total_ms,
+                ));
+            }
+        }
         if run > 0 {
             if !args.json {
                 eprintln!(
@@ -187,6 +203,8 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
             last.prompt_tokens as u64,
         ) as f64
             / (1 << 20) as f64,
+        joules_per_token: Figure::of(energy.iter().map(|e| e.0).collect()),
+        watts: Figure::of(energy.iter().map(|e| e.1).collect()),
     };
     if args.json {
         println!(
@@ -247,13 +265,18 @@ fn print_table(r: &BenchReport) {
         r.model, r.engine, r.threads, r.runs, r.prompt_tokens, r.gen_tokens, r.load_s
     );
     println!("{:<16}{:>12}{:>12}{:>12}", "metric", "min", "median", "max");
-    let row = |name: &str, f: &Option<Figure>| match f {
-        Some(f) => println!("{name:<16}{:>12.1}{:>12.1}{:>12.1}", f.min, f.median, f.max),
+    let row = |name: &str, f: &Option<Figure>, p: usize| match f {
+        Some(f) => println!(
+            "{name:<16}{:>12.p$}{:>12.p$}{:>12.p$}",
+            f.min, f.median, f.max
+        ),
         None => println!("{name:<16}{:>12}", "n/a"),
     };
-    row("TTFT ms", &r.ttft_ms);
-    row("prefill tok/s", &r.prefill_tok_s);
-    row("decode tok/s", &r.decode_tok_s);
+    row("TTFT ms", &r.ttft_ms, 1);
+    row("prefill tok/s", &r.prefill_tok_s, 1);
+    row("decode tok/s", &r.decode_tok_s, 1);
+    row("J/token", &r.joules_per_token, 3);
+    row("watts", &r.watts, 1);
     match r.peak_rss_mb {
         Some(mb) => println!("{:<16}{:>12.0}", "peak RSS MB", mb),
         None => println!("{:<16}{:>12}", "peak RSS MB", "n/a"),

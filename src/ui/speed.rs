@@ -10,7 +10,7 @@ use super::rate;
 use crate::app::State;
 use crate::theme::{Slot, Theme};
 
-pub const HEIGHT: u16 = 7;
+pub const HEIGHT: u16 = 8;
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let block = super::panel_block("speed", theme.fg(Slot::Border), theme);
@@ -41,6 +41,15 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         None => lines.push(Line::styled("no turn yet", dim)),
     }
     lines.resize(3, Line::default());
+    // Energy where the machine reports its power (RAPL, Apple's SoC).
+    lines.push(match (&state.last_energy, &state.last_stats) {
+        (Some(e), _) => Line::styled(
+            format!("energy {:.2} J/tok · {:.0} W", e.joules_per_token, e.watts),
+            text,
+        ),
+        (None, Some(_)) => Line::styled("energy n/a", dim),
+        (None, None) => Line::default(),
+    });
     lines.push(match &state.generation {
         Some(g) => Line::styled(
             format!("live {} tok/s · {} tok", rate(g.live_tok_s), g.tokens),
@@ -48,7 +57,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ),
         None => Line::styled("idle", dim),
     });
-    let [top, spark] = Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(inner);
+    let [top, spark] = Layout::vertical([Constraint::Length(5), Constraint::Min(0)]).areas(inner);
     frame.render_widget(Paragraph::new(lines), top);
     // Tenths of a token per second, so the sparkline keeps some resolution.
     let data: Vec<u64> = super::swap::tail(&state.decode_history, spark.width as usize)

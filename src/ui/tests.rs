@@ -343,6 +343,35 @@ fn speed_panel_idle_and_live() {
 }
 
 #[test]
+fn speed_panel_shows_energy_per_token_from_the_samples_in_the_turn() {
+    let mut s = base(160, 48);
+    send(&mut s, "hi");
+    for watts in [20.0, 28.0] {
+        let mut during = sample();
+        during.power_w = Some(watts);
+        update(&mut s, Msg::Telemetry(during));
+    }
+    // 24 W over the turn's 3 s, for 61 tokens.
+    finish(&mut s, "hello", stats(61, 27.3, 100));
+    let e = s.last_energy.unwrap();
+    assert!((e.watts - 24.0).abs() < 1e-9);
+    assert!((e.joules_per_token - 24.0 * 3.0 / 61.0).abs() < 1e-9);
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("energy 1.18 J/tok · 24 W"), "{screen}");
+    // A machine that reports no power shows n/a, never 0.
+    let mut bare = base(160, 48);
+    let mut unpowered = sample();
+    unpowered.power_w = None;
+    update(&mut bare, Msg::Telemetry(unpowered.clone()));
+    send(&mut bare, "hi");
+    update(&mut bare, Msg::Telemetry(unpowered));
+    finish(&mut bare, "hello", stats(61, 27.3, 100));
+    assert_eq!(bare.last_energy, None);
+    let screen = format!("{}", panel(&bare, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("energy n/a"), "{screen}");
+}
+
+#[test]
 fn speed_panel_shows_a_prompt_cache_hit() {
     let mut s = base(160, 48);
     send(&mut s, "hi");

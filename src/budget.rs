@@ -391,6 +391,45 @@ impl Verdict {
             Verdict::DoesNotFit => "does not fit",
         }
     }
+
+    /// The verdict in a Mac's terms, where the model lives in GPU-wired
+    /// memory under Metal's limit: wired memory cannot swap, so a budget
+    /// over the limit is a failed or crawling load, not swapping. (macOS
+    /// grows swap on demand, so a swap total of 0 is no sign either way.)
+    pub fn describe_on_metal(self) -> &'static str {
+        match self {
+            Verdict::Fits => "fits under the GPU wired limit",
+            Verdict::Tight => "fits under the GPU wired limit, with less than 10% headroom",
+            Verdict::WillSwap | Verdict::DoesNotFit => {
+                "does not fit under the GPU wired limit: wired memory cannot swap, so Metal fails the allocation or runs far slower"
+            }
+        }
+    }
+
+    /// This platform's words: a Mac's where the engine runs on Metal.
+    pub fn describe_here(self, metal: bool) -> &'static str {
+        match metal {
+            true => self.describe_on_metal(),
+            false => self.describe(),
+        }
+    }
+}
+
+/// The `sysctl` that lets a Mac's GPU wire `need` bytes, when that is the
+/// only thing in the way: the model needs more than the GPU wired `limit`
+/// but fits in 95% of `total` memory. The figure leaves 1 GiB over `need`.
+pub fn wired_limit_advice(need: u64, limit: u64, total: u64) -> Option<String> {
+    let room = total / 100 * 95;
+    if need <= limit || need > room {
+        return None;
+    }
+    let mb = ((need + (1 << 30)).min(room)).div_ceil(1 << 20);
+    Some(format!(
+        "the GPU may wire {} and this needs {}: `sudo sysctl iogpu.wired_limit_mb={mb}` lets it wire {} (until the next reboot; the setting does not persist)",
+        gib(limit),
+        gib(need),
+        gib(mb << 20),
+    ))
 }
 
 /// A model at a context size against this machine's memory.
@@ -520,6 +559,57 @@ pub fn gib(bytes: u64) -> String {
         format!("{g:.2} GiB")
     } else {
         format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn wired_limit_advice_appears_exactly_when_raising_the_limit_is_enough() {
+        let g = 1u64 << 30;
+        // 48 GB Mac, default limit 36 GiB: a 38 GiB budget fits in 95%.
+        let advice = wired_limit_advice(38 * g, 36 * g, 48 * g).unwrap();
+        assert!(
+            advice.contains("sudo sysctl iogpu.wired_limit_mb=39936"),
+            "{advice}"
+        );
+        assert!(advice.contains("until the next reboot"), "{advice}");
+        // Under the limit: nothing to do.
+        assert_eq!(wired_limit_advice(30 * g, 36 * g, 48 * g), None);
+        // Past 95% of memory: raising the limit would not help.
+        assert_eq!(wired_limit_advice(46 * g, 36 * g, 48 * g), None);
+        // Just under 95%: the figure is capped there, not above.
+        let close = wired_limit_advice(45 * g, 36 * g, 48 * g).unwrap();
+        let cap_mb = (48 * g / 100 * 95).div_ceil(1 << 20);
+        assert!(
+            close.contains(&format!("wired_limit_mb={cap_mb}")),
+            "{close}"
+        );
+    }
+
+    #[test]
+    fn a_mac_verdict_speaks_of_the_wired_limit_not_swap() {
+        for v in [Verdict::WillSwap, Verdict::DoesNotFit] {
+            let text = v.describe_here(true);
+            assert!(text.contains("wired memory cannot swap"), "{text}");
+            assert!(!text.contains("will swap"), "{text}");
+        }
+        assert_eq!(Verdict::WillSwap.describe_here(false), "will swap");
+        // A Mac at swap 0 (macOS grows swap on demand) that needs more than
+        // it has: does not fit, in the Mac's words.
+        let mem = crate::telemetry::MemorySnapshot {
+            total: 48 << 30,
+            available: 36 << 30,
+            swap_total: 0,
+            swap_free: 0,
+        };
+        let v = verdict(40 << 30, &mem);
+        assert_eq!(v, Verdict::DoesNotFit);
+        assert!(v
+            .describe_here(true)
+            .starts_with("does not fit under the GPU wired limit"));
     }
 }
 

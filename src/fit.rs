@@ -93,9 +93,14 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
             serde_json::to_string_pretty(&out).expect("serializes")
         );
     } else {
-        print_table(&shape, &source, &mem, &b, &window);
+        let limit = match machine {
+            Some(m) => Some(m.default_wired_limit()),
+            None => crate::telemetry::gpu_wired_limit(),
+        };
+        let metal = machine.is_some() || limit.is_some();
+        print_table(&shape, &source, &mem, &b, &window, (metal, limit));
         if let (Some(m), Some(d)) = (machine, decode) {
-            print_machine(m, &d, &b);
+            print_machine(m, &d);
         }
     }
     Ok(0)
@@ -160,7 +165,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
     (bytes.is_finite() && bytes >= 1.0 && bytes < (1u64 << 50) as f64).then_some(bytes as u64)
 }
 
-fn print_machine(m: &machines::Machine, d: &machines::DecodeEstimate, b: &Budget) {
+fn print_machine(m: &machines::Machine, d: &machines::DecodeEstimate) {
     let row = |k: &str, v: String| println!("  {k:<26}{v}");
     println!("planned for {} ({})", m.description, m.source);
     row(
@@ -171,24 +176,18 @@ fn print_machine(m: &machines::Machine, d: &machines::DecodeEstimate, b: &Budget
             gib(m.memory_bytes())
         ),
     );
-    if b.total > m.default_wired_limit() && b.total + (4 << 30) <= m.memory_bytes() {
-        row(
-            "advice",
-            format!(
-                "raise the wired limit: sudo sysctl iogpu.wired_limit_mb={}",
-                (b.total + (2 << 30)) >> 20
-            ),
-        );
-    }
     row("decode speed", machines::describe(d, m.bandwidth_gbs));
 }
 
+/// `metal` when the plan is for a Mac, where the model lives under the GPU
+/// wired `limit`.
 fn print_table(
     shape: &ModelShape,
     source: &str,
     mem: &MemorySnapshot,
     b: &Budget,
     window: &crate::window::Window,
+    (metal, limit): (bool, Option<u64>),
 ) {
     println!("{} · {} · {source}", shape.name, shape.architecture);
     println!(
@@ -247,7 +246,10 @@ fn print_table(
             "verdict",
             format!("unknown: kiln does not model {what}; the KV figures above count every layer as full attention"),
         ),
-        None => row("verdict", b.verdict.describe().to_string()),
+        None => row("verdict", b.verdict.describe_here(metal).to_string()),
+    }
+    if let Some(advice) = limit.and_then(|l| budget::wired_limit_advice(b.total, l, mem.total)) {
+        row("advice", advice);
     }
     row(
         "largest context that fits",
@@ -317,6 +319,6 @@ pub fn guard(
         gib(b.kv_at_context),
         gib(b.overhead),
         gib(b.available),
-        b.verdict.describe(),
+        b.verdict.describe_here(crate::telemetry::gpu_wired_limit().is_some()),
     )))
 }

@@ -516,8 +516,8 @@ fn platform_swap_pages() -> Option<(u64, u64)> {
 }
 
 /// The GPU wired-memory limit where the engine runs on a GPU that shares
-/// memory with the CPU (Metal).
-fn gpu_wired_limit() -> Option<u64> {
+/// memory with the CPU (Metal on a Mac); `None` elsewhere.
+pub fn gpu_wired_limit() -> Option<u64> {
     #[cfg(target_os = "macos")]
     return apple::gpu_wired_limit(macos::wired_limit_sysctl_mb(), metal_working_set());
     #[cfg(not(target_os = "macos"))]

@@ -43,7 +43,7 @@ pub fn describe(s: &Sample) -> String {
     let na = || "n/a".to_string();
     let mem = s.memory.map_or_else(na, |m| {
         let swap = if m.swap_total == 0 {
-            "no swap".to_string()
+            crate::telemetry::no_swap_words(crate::telemetry::SWAP_ON_DEMAND).to_string()
         } else {
             format!("swap {} of {}", gib(m.swap_used()), gib(m.swap_total))
         };
@@ -82,7 +82,10 @@ pub fn describe(s: &Sample) -> String {
         Some(false) => "not throttled",
         None => "throttling n/a",
     };
-    format!("{mem} · {rates} · {pressure} · {process} · {temp} · {throttle}")
+    let power = s
+        .power_w
+        .map_or_else(|| "power n/a".to_string(), |w| format!("power {w:.1} W"));
+    format!("{mem} · {rates} · {pressure} · {process} · {temp} · {throttle} · {power}")
 }
 
 #[cfg(test)]
@@ -95,7 +98,16 @@ mod tests {
         let line = describe(&Sample::default());
         assert_eq!(
             line,
-            "n/a · swap in/out n/a · pressure n/a · kiln n/a · no sensors · throttling n/a"
+            "n/a · swap in/out n/a · pressure n/a · kiln n/a · no sensors · throttling n/a · power n/a"
         );
+    }
+
+    #[test]
+    fn a_mac_at_swap_zero_is_not_a_machine_without_swap() {
+        assert_eq!(
+            crate::telemetry::no_swap_words(true),
+            "swap 0 (grows on demand)"
+        );
+        assert_eq!(crate::telemetry::no_swap_words(false), "no swap");
     }
 }

@@ -18,6 +18,18 @@ use tokio::sync::watch;
 
 use crate::procinfo;
 
+/// macOS makes swap files as it needs them: a swap total of 0 there means
+/// none is in use yet, not that the machine has none.
+pub const SWAP_ON_DEMAND: bool = cfg!(target_os = "macos");
+
+/// How a swap total reads: the words for 0 depend on the platform.
+pub fn no_swap_words(on_demand: bool) -> &'static str {
+    match on_demand {
+        true => "swap 0 (grows on demand)",
+        false => "no swap",
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
 pub struct MemorySnapshot {
     pub total: u64,

@@ -81,7 +81,9 @@ pub fn render_summary(frame: &mut Frame, area: Rect, state: &State, theme: &Them
         format!("mem {} free", gib(m.available))
     });
     let swap = match (s.memory, s.swap_rate) {
-        (Some(m), _) if m.swap_total == 0 => "no swap".to_string(),
+        (Some(m), _) if m.swap_total == 0 => {
+            crate::telemetry::no_swap_words(crate::telemetry::SWAP_ON_DEMAND).to_string()
+        }
         (_, Some(r)) => format!("swap in {:.1} MiB/s", r.in_bytes_per_s / 1048576.0),
         _ => "swap n/a".to_string(),
     };

@@ -44,7 +44,9 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     };
     let s = &state.telemetry;
     let used = match s.memory {
-        Some(m) if m.swap_total == 0 => "no swap configured".to_string(),
+        Some(m) if m.swap_total == 0 && !crate::telemetry::SWAP_ON_DEMAND => {
+            "no swap configured".to_string()
+        }
         Some(m) => format!("used {} of {}", gib(m.swap_used()), gib(m.swap_total)),
         None => "swap n/a".to_string(),
     };

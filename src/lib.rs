@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod app;
 pub mod ask;
+pub mod bandwidth;
 pub mod bench;
 pub mod budget;
 pub mod cache_cmd;

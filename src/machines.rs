@@ -155,9 +155,48 @@ pub fn describe(e: &DecodeEstimate, bandwidth_gbs: f64) -> String {
     )
 }
 
+/// Apple's published unified-memory bandwidth for a chip, in GB/s, by the
+/// name macOS gives it ("Apple M4 Max") and its GPU cores, where the same
+/// chip ships with two memory systems (Apple's technical specifications).
+pub fn published_bandwidth_gbs(chip: &str, gpu_cores: u8) -> Option<f64> {
+    let name = chip.trim().strip_prefix("Apple ")?;
+    let figure = match name {
+        "M1" => 68.25,
+        "M1 Pro" => 200.0,
+        "M1 Max" => 400.0,
+        "M1 Ultra" => 800.0,
+        "M2" => 100.0,
+        "M2 Pro" => 200.0,
+        "M2 Max" => 400.0,
+        "M2 Ultra" => 800.0,
+        "M3" => 100.0,
+        "M3 Pro" => 150.0,
+        "M3 Max" if gpu_cores <= 30 => 300.0,
+        "M3 Max" => 400.0,
+        "M3 Ultra" => 819.0,
+        "M4" => 120.0,
+        "M4 Pro" => 273.0,
+        "M4 Max" if gpu_cores <= 32 => 410.0,
+        "M4 Max" => 546.0,
+        "M5" => 153.0,
+        _ => return None,
+    };
+    Some(figure)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_bandwidth_by_chip_and_gpu() {
+        assert_eq!(published_bandwidth_gbs("Apple M4 Pro", 20), Some(273.0));
+        assert_eq!(published_bandwidth_gbs("Apple M4 Max", 32), Some(410.0));
+        assert_eq!(published_bandwidth_gbs("Apple M4 Max", 40), Some(546.0));
+        assert_eq!(published_bandwidth_gbs("Apple M3 Max", 30), Some(300.0));
+        assert_eq!(published_bandwidth_gbs("Apple M9", 10), None);
+        assert_eq!(published_bandwidth_gbs("Intel Xeon", 0), None);
+    }
 
     #[test]
     fn wired_limits_follow_the_metal_rule() {

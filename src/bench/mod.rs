@@ -73,6 +73,11 @@ pub struct BenchReport {
     /// SoC); absent, never 0, where it does not.
     pub joules_per_token: Option<Figure>,
     pub watts: Option<Figure>,
+    /// The machine's memory bandwidth (bytes/s), and the median decode as a
+    /// share of the bound it sets: bytes a token reads (active weights plus
+    /// the KV cache at the context) times tok/s, over the bandwidth.
+    pub memory_bandwidth: f64,
+    pub decode_share_of_bound: Option<f64>,
 }
 
 pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
@@ -181,6 +186,10 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         }
     }
     let last = measured.last().expect("at least one run");
+    // After the runs, so the probe does not disturb them.
+    let bandwidth = crate::bandwidth::figure(&launched.paths.cache);
+    let decode_median =
+        Figure::of(measured.iter().filter_map(|s| s.decode_tok_s).collect()).map(|f| f.median);
     let report = BenchReport {
         model: engine.info().name,
         engine: engine.info().engine,
@@ -203,6 +212,17 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
             last.prompt_tokens as u64,
         ) as f64
             / (1 << 20) as f64,
+        memory_bandwidth: bandwidth,
+        decode_share_of_bound: decode_median.and_then(|tok_s| {
+            crate::bandwidth::share_of_bound(
+                // The cache cells in use, not those allocated: attention
+                // reads only the tokens held.
+                shape.active_weight_bytes()
+                    + shape.kv_per_token_engine() * last.context_tokens as u64,
+                tok_s,
+                bandwidth,
+            )
+        }),
         joules_per_token: Figure::of(energy.iter().map(|e| e.0).collect()),
         watts: Figure::of(energy.iter().map(|e| e.1).collect()),
     };
@@ -292,6 +312,15 @@ fn print_table(r: &BenchReport) {
         );
     }
     println!("{:<16}{:>12}", "KV B/token", r.kv_bytes_per_token);
+    match r.decode_share_of_bound {
+        Some(share) => println!(
+            "{:<16}{:>11.0}%   of the bound {:.1} GB/s sets",
+            "decode vs bound",
+            share * 100.0,
+            r.memory_bandwidth / 1e9
+        ),
+        None => println!("{:<16}{:>12}", "decode vs bound", "n/a"),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 /// Bytes the probe reads per pass: far past any cache.
-const PROBE_BYTES: usize = 256 << 20;
+const PROBE_BYTES: usize = 128 << 20;
 const PROBE_PASSES: usize = 3;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

@@ -566,7 +566,10 @@ pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
         engine: started.handle,
         engine_events: Some(started.events),
         store: SessionStore::new(&started.paths),
-        samples: telemetry::spawn(Duration::from_secs(1)),
+        samples: telemetry::spawn_with(
+            Duration::from_secs(1),
+            Some(crate::bandwidth::figure(&started.paths.cache)),
+        ),
         runs: BTreeMap::new(),
         shutdown: None,
         model: Some(Model {

@@ -101,7 +101,10 @@ async fn in_process(common: &Common, start: Start, size: (u16, u16)) -> Result<i
     };
     let started = launch::start(&common).await?;
     let keys = workstation::key_map(&common, &started)?;
-    let samples = telemetry::spawn(std::time::Duration::from_secs(1));
+    let samples = telemetry::spawn_with(
+        std::time::Duration::from_secs(1),
+        Some(crate::bandwidth::figure(&started.paths.cache)),
+    );
     let host = Host::new(common.clone(), started, keys, samples, resumed).await;
     let (inbox, inbox_rx) = mpsc::unbounded_channel();
     let (status, _) = watch::channel(Status::default());

@@ -191,6 +191,9 @@ pub struct Sample {
     pub energy_j: Option<f64>,
     /// Watts since the previous sample.
     pub power_w: Option<f64>,
+    /// The machine's memory bandwidth in bytes/s (`crate::bandwidth`),
+    /// where it has been measured or published.
+    pub memory_bandwidth: Option<f64>,
     pub swap_rate: Option<SwapRate>,
     pub pressure: Option<Pressure>,
     pub process: Option<ProcessStats>,
@@ -271,6 +274,7 @@ pub struct Sampler {
     seq: u64,
     /// Joules counted so far, once a source has given a first reading.
     energy_j: Option<f64>,
+    memory_bandwidth: Option<f64>,
 }
 
 impl Default for Sampler {
@@ -306,6 +310,7 @@ impl Sampler {
             pid: sysinfo::get_current_pid().ok(),
             page_size: page_size(),
             energy_j: (!prev.energy.is_empty()).then_some(0.0),
+            memory_bandwidth: None,
             prev,
             seq: 0,
         }
@@ -331,6 +336,7 @@ impl Sampler {
             soc_last: None,
             page_size: page_size(),
             energy_j: None,
+            memory_bandwidth: None,
             prev,
             seq: 0,
         }
@@ -387,6 +393,7 @@ impl Sampler {
             gpu_wired_limit: gpu_wired_limit(),
             energy_j: self.energy_j,
             power_w,
+            memory_bandwidth: self.memory_bandwidth,
             swap_rate,
             pressure: self.pressure(),
             process: rss.map(|rss| ProcessStats { rss, cpu_percent }),
@@ -562,7 +569,13 @@ fn page_size() -> u64 {
 /// Starts the sampler as a background task that publishes a `Sample` every
 /// `period` until every receiver is dropped.
 pub fn spawn(period: Duration) -> watch::Receiver<Sample> {
+    spawn_with(period, None)
+}
+
+/// `spawn`, with the machine's memory bandwidth to report alongside.
+pub fn spawn_with(period: Duration, memory_bandwidth: Option<f64>) -> watch::Receiver<Sample> {
     let mut sampler = Sampler::new();
+    sampler.memory_bandwidth = memory_bandwidth;
     let (tx, rx) = watch::channel(sampler.sample());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);

@@ -10,7 +10,7 @@ use super::rate;
 use crate::app::State;
 use crate::theme::{Slot, Theme};
 
-pub const HEIGHT: u16 = 8;
+pub const HEIGHT: u16 = 9;
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let block = super::panel_block("speed", theme.fg(Slot::Border), theme);
@@ -50,6 +50,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         (None, Some(_)) => Line::styled("energy n/a", dim),
         (None, None) => Line::default(),
     });
+    lines.push(bound_line(state).map_or_else(Line::default, |t| Line::styled(t, text)));
     lines.push(match &state.generation {
         Some(g) => Line::styled(
             format!("live {} tok/s · {} tok", rate(g.live_tok_s), g.tokens),
@@ -57,7 +58,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ),
         None => Line::styled("idle", dim),
     });
-    let [top, spark] = Layout::vertical([Constraint::Length(5), Constraint::Min(0)]).areas(inner);
+    let [top, spark] = Layout::vertical([Constraint::Length(6), Constraint::Min(0)]).areas(inner);
     frame.render_widget(Paragraph::new(lines), top);
     // Tenths of a token per second, so the sparkline keeps some resolution.
     let data: Vec<u64> = super::swap::tail(&state.decode_history, spark.width as usize)
@@ -70,4 +71,21 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
             .style(theme.fg(Slot::Sparkline)),
         spark,
     );
+}
+
+/// The last decode as a share of the memory-bandwidth bound: the bytes a
+/// token reads (active weights, the KV cache in use) at that rate, over
+/// what the machine's memory delivers.
+fn bound_line(state: &State) -> Option<String> {
+    let shape = state.shape.as_ref()?;
+    let tok_s = state.last_stats.as_ref()?.decode_tok_s?;
+    let bandwidth = state.telemetry.memory_bandwidth?;
+    let bytes =
+        shape.active_weight_bytes() + shape.kv_per_token_engine() * state.context_tokens as u64;
+    let share = crate::bandwidth::share_of_bound(bytes, tok_s, bandwidth)?;
+    Some(format!(
+        "bandwidth {:.0}% of {:.0} GB/s",
+        share * 100.0,
+        bandwidth / 1e9
+    ))
 }

@@ -30,6 +30,7 @@ fn sample() -> Sample {
         }),
         gpu_wired_limit: None,
         energy_j: Some(5400.0),
+        memory_bandwidth: Some(100e9),
         power_w: Some(24.0),
         swap_rate: Some(SwapRate {
             in_bytes_per_s: 0.0,
@@ -358,6 +359,13 @@ fn speed_panel_shows_energy_per_token_from_the_samples_in_the_turn() {
     assert!((e.joules_per_token - 24.0 * 3.0 / 61.0).abs() < 1e-9);
     let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
     assert!(screen.contains("energy 1.18 J/tok · 24 W"), "{screen}");
+    // Decode against the bound: the preset's weights and 100 tokens of KV
+    // at 27.3 tok/s, over the sample's 100 GB/s.
+    let shape = s.shape.as_ref().unwrap();
+    let share =
+        (shape.active_weight_bytes() + 100 * shape.kv_per_token_engine()) as f64 * 27.3 / 100e9;
+    let line = format!("bandwidth {:.0}% of 100 GB/s", share * 100.0);
+    assert!(screen.contains(&line), "{line}: {screen}");
     // A machine that reports no power shows n/a, never 0.
     let mut bare = base(160, 48);
     let mut unpowered = sample();

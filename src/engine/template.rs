@@ -298,17 +298,21 @@ fn sort(v: &mut serde_json::Value) {
 /// `json.dumps`'s default separators.
 struct PythonCompact;
 
+/// The separator before every item but the first.
+fn comma<W: ?Sized + std::io::Write>(w: &mut W, first: bool) -> std::io::Result<()> {
+    match first {
+        true => Ok(()),
+        false => w.write_all(b", "),
+    }
+}
+
 impl serde_json::ser::Formatter for PythonCompact {
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         w: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
+        comma(w, first)
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -316,11 +320,7 @@ impl serde_json::ser::Formatter for PythonCompact {
         w: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
+        comma(w, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {

@@ -335,31 +335,48 @@ pub async fn synthetic_gguf(arch: &str, tokenizer: &str) -> std::path::PathBuf {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/synthetic_gguf.py");
         let hash = kiln::models::sha256_file(&script).unwrap();
-        let home = std::env::var_os("HOME").expect("HOME is set");
-        let dir = std::path::Path::new(&home)
-            .join(".cache/kiln-synthetic")
-            .join(&hash[..12]);
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join(format!("{arch}-{tokenizer}.gguf"));
-        let python = venv_python("kiln-gguf-venv", "gguf==0.19.0", "import gguf, numpy");
-        let lock = std::fs::File::create(dir.join(format!("{arch}-{tokenizer}.lock"))).unwrap();
-        lock.lock().unwrap();
-        if !out.exists() {
-            let part = out.with_extension("part.gguf");
-            let ok = std::process::Command::new(python)
-                .arg(&script)
-                .arg(&part)
-                .args([&arch, &tokenizer])
-                .arg(&source)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "writing the synthetic {arch} GGUF failed");
-            std::fs::rename(&part, &out).unwrap();
-        }
-        out
+        gguf_made_once(
+            &hash[..12],
+            &format!("{arch}-{tokenizer}"),
+            |python, part| {
+                let ok = std::process::Command::new(python)
+                    .arg(&script)
+                    .arg(part)
+                    .args([&arch, &tokenizer])
+                    .arg(&source)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "writing the synthetic {arch} GGUF failed");
+            },
+        )
     })
     .await
     .unwrap()
+}
+
+/// `~/.cache/kiln-synthetic/FOLDER/NAME.gguf`, written once by `make`
+/// (given the `gguf` venv's Python and a part file to write) under a file
+/// lock, so that test binaries running at once do not race.
+fn gguf_made_once(
+    folder: &str,
+    name: &str,
+    make: impl FnOnce(&std::path::Path, &std::path::Path),
+) -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let dir = std::path::Path::new(&home)
+        .join(".cache/kiln-synthetic")
+        .join(folder);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}.gguf"));
+    let python = venv_python("kiln-gguf-venv", "gguf==0.19.0", "import gguf, numpy");
+    let lock = std::fs::File::create(dir.join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    if !out.exists() {
+        let part = out.with_extension("part.gguf");
+        make(&python, &part);
+        std::fs::rename(&part, &out).unwrap();
+    }
+    out
 }
 
 /// The SmolLM2 model with another chat template (`Some(file)`) or with none,
@@ -372,29 +389,19 @@ pub async fn retemplated_model(template: Option<&std::path::Path>) -> std::path:
             Some(t) => kiln::models::sha256_file(t).unwrap()[..12].to_string(),
             None => "none".to_string(),
         };
-        let home = std::env::var_os("HOME").expect("HOME is set");
-        let dir = std::path::Path::new(&home).join(".cache/kiln-synthetic/templates");
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join(format!("smollm2-{key}.gguf"));
-        let python = venv_python("kiln-gguf-venv", "gguf==0.19.0", "import gguf, numpy");
-        let lock = std::fs::File::create(dir.join(format!("{key}.lock"))).unwrap();
-        lock.lock().unwrap();
-        if !out.exists() {
-            let part = out.with_extension("part.gguf");
+        gguf_made_once("templates", &format!("smollm2-{key}"), |python, part| {
             let mut cmd = std::process::Command::new(python.with_file_name("gguf-new-metadata"));
             match &template {
                 Some(t) => cmd.arg("--chat-template-file").arg(t),
                 None => cmd.args(["--remove-metadata", "tokenizer.chat_template"]),
             };
-            let run = cmd.arg("--force").arg(&source).arg(&part).output().unwrap();
+            let run = cmd.arg("--force").arg(&source).arg(part).output().unwrap();
             assert!(
                 run.status.success(),
                 "gguf-new-metadata failed: {}",
                 String::from_utf8_lossy(&run.stderr)
             );
-            std::fs::rename(&part, &out).unwrap();
-        }
-        out
+        })
     })
     .await
     .unwrap()

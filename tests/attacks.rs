@@ -479,11 +479,11 @@ async fn a_shell_call_takes_its_processes_with_it() {
         ),
         (
             "setsid",
-            "setsid sh -c 'echo $$ > setsid.pid; exec sleep 30' & sleep 0.3",
+            "setsid sh -c 'echo $$ > setsid.pid; exec sleep 30' & while [ ! -s setsid.pid ]; do sleep 0.05; done",
         ),
         (
             "double",
-            "(sh -c 'sleep 30 & echo $! > double.pid' &) ; sleep 0.3",
+            "(sh -c 'sleep 30 & echo $! > double.pid' &) ; while [ ! -s double.pid ]; do sleep 0.05; done",
         ),
         (
             "holder",

@@ -130,7 +130,25 @@ pub struct SocReading {
     pub gpu_active: f32,
 }
 
+/// The GPU's clock and load, for the thermal panel.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct GpuLoad {
+    pub mhz: u32,
+    /// Busy share, 0 to 1.
+    pub busy: f32,
+    pub watts: f32,
+}
+
 impl SocReading {
+    /// The GPU's figures, where IOReport gave any (an idle GPU reads 0 MHz).
+    pub fn gpu(&self) -> Option<GpuLoad> {
+        (self.gpu_mhz > 0 || self.gpu_active > 0.0).then_some(GpuLoad {
+            mhz: self.gpu_mhz,
+            busy: self.gpu_active.clamp(0.0, 1.0),
+            watts: self.gpu_w,
+        })
+    }
+
     /// The power kiln accounts energy with: the whole machine where the SMC
     /// reports it, else the SoC's parts added up.
     pub fn watts(&self) -> f64 {
@@ -256,5 +274,19 @@ mod tests {
             ..r
         };
         assert!((with_system.watts() - 41.0).abs() < 1e-6);
+        assert_eq!(r.gpu(), None);
+        let busy = SocReading {
+            gpu_mhz: 1398,
+            gpu_active: 1.2,
+            ..r
+        };
+        assert_eq!(
+            busy.gpu(),
+            Some(GpuLoad {
+                mhz: 1398,
+                busy: 1.0,
+                watts: 18.0
+            })
+        );
     }
 }

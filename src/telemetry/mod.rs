@@ -194,6 +194,8 @@ pub struct Sample {
     /// The machine's memory bandwidth in bytes/s (`crate::bandwidth`),
     /// where it has been measured or published.
     pub memory_bandwidth: Option<f64>,
+    /// The GPU's clock, load and power (Apple Silicon).
+    pub gpu: Option<apple::GpuLoad>,
     pub swap_rate: Option<SwapRate>,
     pub pressure: Option<Pressure>,
     pub process: Option<ProcessStats>,
@@ -394,6 +396,7 @@ impl Sampler {
             energy_j: self.energy_j,
             power_w,
             memory_bandwidth: self.memory_bandwidth,
+            gpu: self.gpu(),
             swap_rate,
             pressure: self.pressure(),
             process: rss.map(|rss| ProcessStats { rss, cpu_percent }),
@@ -412,6 +415,13 @@ impl Sampler {
         #[cfg(not(target_os = "linux"))]
         let _ = energy;
         sample
+    }
+
+    fn gpu(&self) -> Option<apple::GpuLoad> {
+        #[cfg(target_os = "macos")]
+        return self.soc_last.and_then(|r| r.gpu());
+        #[cfg(not(target_os = "macos"))]
+        return None;
     }
 
     /// Count the energy since the previous sample (`dt` seconds ago):

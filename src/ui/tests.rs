@@ -31,6 +31,7 @@ fn sample() -> Sample {
         gpu_wired_limit: None,
         energy_j: Some(5400.0),
         memory_bandwidth: Some(100e9),
+        gpu: None,
         power_w: Some(24.0),
         swap_rate: Some(SwapRate {
             in_bytes_per_s: 0.0,
@@ -408,6 +409,21 @@ fn thermal_panel_states() {
     hot.throttle.cap_ratio = Some(0.6);
     update(&mut s, Msg::Telemetry(hot));
     insta::assert_snapshot!("thermal_throttled", panel(&s, 6, thermal::render).backend());
+    // A Mac: the CPU and GPU averages and the GPU's clock and load.
+    let mut mac = sample();
+    mac.temperatures = crate::telemetry::apple::averages(Some((61.0, 0)), Some((54.5, 0)));
+    mac.gpu = Some(crate::telemetry::apple::GpuLoad {
+        mhz: 1398,
+        busy: 0.87,
+        watts: 18.2,
+    });
+    update(&mut s, Msg::Telemetry(mac));
+    let screen = format!("{}", panel(&s, 6, thermal::render).backend());
+    assert!(
+        screen.contains("CPU average") && screen.contains("61 °C"),
+        "{screen}"
+    );
+    assert!(screen.contains("GPU 1398 MHz · 87% · 18.2 W"), "{screen}");
 }
 
 #[test]

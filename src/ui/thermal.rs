@@ -1,5 +1,6 @@
-//! Thermal panel: every temperature sensor and whether the machine is
-//! throttling. A machine without sensors says so; no number is invented.
+//! Thermal panel: every temperature sensor, the GPU's clock and load where
+//! the machine reports them, and whether it is throttling. A machine
+//! without sensors says so; no number is invented.
 
 use ratatui::layout::Rect;
 use ratatui::text::{Line, Span};
@@ -40,6 +41,17 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     }];
     if s.temperatures.is_empty() {
         lines.push(Line::styled("no sensors", theme.fg(Slot::Dim)));
+    }
+    if let Some(g) = s.gpu {
+        lines.push(Line::styled(
+            format!(
+                "GPU {} MHz · {:.0}% · {:.1} W",
+                g.mhz,
+                g.busy * 100.0,
+                g.watts
+            ),
+            theme.fg(Slot::Text),
+        ));
     }
     let label_width = (inner.width as usize).saturating_sub(8);
     for t in &s.temperatures {

@@ -566,9 +566,9 @@ pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
         engine: started.handle,
         engine_events: Some(started.events),
         store: SessionStore::new(&started.paths),
-        samples: telemetry::spawn_with(
+        samples: telemetry::spawn_with_bandwidth(
             Duration::from_secs(1),
-            Some(crate::bandwidth::figure(&started.paths.cache)),
+            started.paths.cache.clone(),
         ),
         runs: BTreeMap::new(),
         shutdown: None,

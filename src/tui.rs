@@ -101,9 +101,9 @@ async fn in_process(common: &Common, start: Start, size: (u16, u16)) -> Result<i
     };
     let started = launch::start(&common).await?;
     let keys = workstation::key_map(&common, &started)?;
-    let samples = telemetry::spawn_with(
+    let samples = telemetry::spawn_with_bandwidth(
         std::time::Duration::from_secs(1),
-        Some(crate::bandwidth::figure(&started.paths.cache)),
+        started.paths.cache.clone(),
     );
     let host = Host::new(common.clone(), started, keys, samples, resumed).await;
     let (inbox, inbox_rx) = mpsc::unbounded_channel();

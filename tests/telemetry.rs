@@ -231,3 +231,22 @@ fn energy_comes_from_the_package_counter_and_survives_its_wrap() {
     assert_eq!(Sampler::with_root(fixture("bare")).sample().energy_j, None);
     assert_eq!(linux::package_energy(&fixture("bare")), vec![]);
 }
+
+/// The bandwidth figure is probed off the sampler's path: the first sample
+/// comes at once without it, a later one carries it, and it is cached.
+#[tokio::test]
+async fn the_bandwidth_figure_arrives_without_holding_up_the_samples() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut rx =
+        kiln::telemetry::spawn_with_bandwidth(Duration::from_millis(50), cache.path().into());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let figure = loop {
+        if let Some(f) = rx.borrow().memory_bandwidth {
+            break f;
+        }
+        assert!(std::time::Instant::now() < deadline, "no bandwidth figure");
+        rx.changed().await.unwrap();
+    };
+    assert!(figure > 1e8, "{figure}");
+    assert_eq!(kiln::bandwidth::cached(cache.path()), Some(figure));
+}

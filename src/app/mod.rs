@@ -673,11 +673,9 @@ fn on_action(state: &mut State, action: Action) -> Vec<Effect> {
             {
                 Some(e) => {
                     // The answer, not the thinking before it.
-                    let split = crate::engine::thinking::split(&e.text);
-                    let text = match split.thinking {
-                        Some(_) => split.answer.trim_start().to_string(),
-                        None => e.text.clone(),
-                    };
+                    let text = crate::engine::thinking::split(&e.text)
+                        .shown_answer()
+                        .to_string();
                     state.notice = Some(format!(
                         "copied the last answer ({} characters) to the clipboard",
                         text.chars().count()

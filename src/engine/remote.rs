@@ -157,9 +157,8 @@ impl RemoteEngine {
             .iter()
             .map(|m| {
                 // An answer goes back without its thinking, as the API has it.
-                let split = super::thinking::split(&m.content);
-                let content = match (m.role, split.thinking) {
-                    (super::Role::Assistant, Some(_)) => split.answer.trim_start(),
+                let content = match m.role {
+                    super::Role::Assistant => super::thinking::split(&m.content).shown_answer(),
                     _ => &m.content,
                 };
                 serde_json::json!({ "role": m.role.as_str(), "content": content })

@@ -377,7 +377,7 @@ fn apply_builtin(
         .iter()
         .map(|m| {
             let content = match m.role {
-                Role::Assistant => thinking::split(&m.content).answer,
+                Role::Assistant => thinking::split(&m.content).shown_answer(),
                 _ => &m.content,
             };
             Ok((

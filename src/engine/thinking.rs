@@ -19,6 +19,17 @@ pub struct Split<'a> {
     pub answer: &'a str,
 }
 
+impl<'a> Split<'a> {
+    /// The answer as shown and sent on: without the blank lines a model
+    /// writes after its thinking.
+    pub fn shown_answer(&self) -> &'a str {
+        match self.thinking {
+            Some(_) => self.answer.trim_start(),
+            None => self.answer,
+        }
+    }
+}
+
 /// Split `raw`, an answer as generated. Thinking only counts at the start,
 /// so an answer that talks about the tags later keeps them as text. While
 /// streaming, a partial tag at the end is held back, not shown as text.
@@ -95,10 +106,7 @@ impl Stream {
         self.raw.push_str(text);
         let split = split(&self.raw);
         let thought = split.thinking.unwrap_or_default();
-        let answer = match split.thinking {
-            Some(_) => split.answer.trim_start(),
-            None => split.answer,
-        };
+        let answer = split.shown_answer();
         let new = |shown: &mut usize, text: &str| {
             let part = text.get(*shown..).unwrap_or_default().to_string();
             *shown = (*shown).max(text.len());

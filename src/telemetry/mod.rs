@@ -277,6 +277,8 @@ pub struct Sampler {
     /// Joules counted so far, once a source has given a first reading.
     energy_j: Option<f64>,
     memory_bandwidth: Option<f64>,
+    /// Where the bandwidth figure arrives from, until it has.
+    bandwidth: Option<std::sync::mpsc::Receiver<f64>>,
 }
 
 impl Default for Sampler {
@@ -313,6 +315,7 @@ impl Sampler {
             page_size: page_size(),
             energy_j: (!prev.energy.is_empty()).then_some(0.0),
             memory_bandwidth: None,
+            bandwidth: None,
             prev,
             seq: 0,
         }
@@ -339,6 +342,7 @@ impl Sampler {
             page_size: page_size(),
             energy_j: None,
             memory_bandwidth: None,
+            bandwidth: None,
             prev,
             seq: 0,
         }
@@ -381,6 +385,10 @@ impl Sampler {
             while let Ok(r) = rx.try_recv() {
                 self.soc_last = Some(r);
             }
+        }
+        if let Some(figure) = self.bandwidth.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            self.memory_bandwidth = Some(figure);
+            self.bandwidth = None;
         }
         let (energy, power_w) = self.energy(dt);
         let (mut throttle, throttle_events) = self.throttle();
@@ -579,13 +587,34 @@ fn page_size() -> u64 {
 /// Starts the sampler as a background task that publishes a `Sample` every
 /// `period` until every receiver is dropped.
 pub fn spawn(period: Duration) -> watch::Receiver<Sample> {
-    spawn_with(period, None)
+    spawn_sampler(period, None)
 }
 
-/// `spawn`, with the machine's memory bandwidth to report alongside.
-pub fn spawn_with(period: Duration, memory_bandwidth: Option<f64>) -> watch::Receiver<Sample> {
+/// `spawn`, reporting the machine's memory bandwidth too once it is known:
+/// published, cached in `cache_dir`, or probed there on a thread of its
+/// own so that start-up does not wait for it.
+pub fn spawn_with_bandwidth(
+    period: Duration,
+    cache_dir: std::path::PathBuf,
+) -> watch::Receiver<Sample> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probe = std::thread::Builder::new()
+        .name("kiln-bandwidth".into())
+        .spawn(move || {
+            let _ = tx.send(crate::bandwidth::figure(&cache_dir));
+        });
+    if let Err(e) = probe {
+        tracing::warn!("memory bandwidth: cannot start the probe: {e}");
+    }
+    spawn_sampler(period, Some(rx))
+}
+
+fn spawn_sampler(
+    period: Duration,
+    bandwidth: Option<std::sync::mpsc::Receiver<f64>>,
+) -> watch::Receiver<Sample> {
     let mut sampler = Sampler::new();
-    sampler.memory_bandwidth = memory_bandwidth;
+    sampler.bandwidth = bandwidth;
     let (tx, rx) = watch::channel(sampler.sample());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);

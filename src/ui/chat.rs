@@ -51,11 +51,7 @@ pub fn entry_rows(state: &State, index: usize, width: u16) -> Vec<SemLine> {
                     lines.push(SemLine::plain("…", dim));
                 }
             } else {
-                let answer = match split.thinking {
-                    Some(_) => split.answer.trim_start(),
-                    None => split.answer,
-                };
-                lines.extend(text::markdown(answer, Sem::default()));
+                lines.extend(text::markdown(split.shown_answer(), Sem::default()));
             }
             if entry.interrupted {
                 lines.push(SemLine::plain(

@@ -26,7 +26,19 @@ use serde::Serialize;
 
 use crate::gguf::GgufInfo;
 use crate::layers::Layers;
-use crate::telemetry::MemorySnapshot;
+
+/// The machine's memory as a budget sees it; telemetry reads it from the
+/// OS (`MemorySnapshot::read`).
+#[derive(Clone, Copy, Debug, serde::Serialize, PartialEq)]
+pub struct MemorySnapshot {
+    pub total: u64,
+    /// Memory a new allocation can get without swapping (MemAvailable on
+    /// Linux), capped by a cgroup limit when the process runs in one, and
+    /// by the GPU wired limit when kiln runs on Metal.
+    pub available: u64,
+    pub swap_total: u64,
+    pub swap_free: u64,
+}
 
 /// RSS of kiln with a model loaded, less the weights: binary, tokenizer, rope
 /// tables, thread stacks. Measured: 38 MB with SmolLM2-135M.
@@ -209,29 +221,6 @@ impl ModelShape {
     pub fn with_kv_layout(mut self, layout: KvLayout) -> ModelShape {
         self.kv_layout = layout;
         self
-    }
-
-    /// Built-in dimensions of a preset that is not downloaded yet.
-    pub fn from_preset(p: &crate::models::Preset) -> ModelShape {
-        let s = &p.shape;
-        ModelShape {
-            name: p.name.to_string(),
-            architecture: s.architecture.to_string(),
-            n_layer: s.n_layer,
-            n_head: s.n_head,
-            n_kv_head: s.n_kv_head,
-            head_dim: s.hidden / s.n_head,
-            kv_head_dim: s.hidden / s.n_head,
-            hidden: s.hidden,
-            vocab: s.vocab,
-            context_length: s.context_length,
-            window_limit: s.context_length,
-            layers: Layers::uniform(s.n_layer, s.n_kv_head, s.hidden / s.n_head),
-            tensor_bytes: p.approx_bytes,
-            expert_bytes: 0,
-            tensor_types: Vec::new(),
-            kv_layout: KvLayout::KalosmF32,
-        }
     }
 
     /// KV bytes per token as the engine stores them, in the layers whose
@@ -599,7 +588,7 @@ mod mac_tests {
         assert_eq!(Verdict::WillSwap.describe_here(false), "will swap");
         // A Mac at swap 0 (macOS grows swap on demand) that needs more than
         // it has: does not fit, in the Mac's words.
-        let mem = crate::telemetry::MemorySnapshot {
+        let mem = MemorySnapshot {
             total: 48 << 30,
             available: 36 << 30,
             swap_total: 0,

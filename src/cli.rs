@@ -66,6 +66,52 @@ pub struct Common {
     pub no_daemon: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub agent: AgentFlags,
+}
+
+/// Agent settings, for `kiln agent` and the workstation's `/agent` alike;
+/// each overrides `[agent]` in config.toml.
+#[derive(Debug, Args, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AgentFlags {
+    /// What an agent does between steps while the machine swaps or
+    /// throttles (default: pause).
+    #[arg(long, global = true, value_enum)]
+    pub governor: Option<crate::agent::GovernorMode>,
+    /// Most steps in an agent run (default 30).
+    #[arg(long, global = true)]
+    pub max_steps: Option<u32>,
+    /// Most minutes an agent run takes (default 60).
+    #[arg(long, global = true)]
+    pub max_minutes: Option<u64>,
+    /// Prompt plus completion tokens over a whole agent run (default 200000).
+    #[arg(long, global = true)]
+    pub max_run_tokens: Option<usize>,
+    /// Most tokens in one tool call (default 512).
+    #[arg(long, global = true)]
+    pub max_reply_tokens: Option<u32>,
+}
+
+impl AgentFlags {
+    /// These flags on top of `settings`.
+    pub fn over(&self, mut settings: crate::agent::AgentSettings) -> crate::agent::AgentSettings {
+        if let Some(v) = self.governor {
+            settings.governor = v;
+        }
+        if let Some(v) = self.max_steps {
+            settings.max_steps = v;
+        }
+        if let Some(v) = self.max_minutes {
+            settings.max_minutes = v;
+        }
+        if let Some(v) = self.max_run_tokens {
+            settings.max_run_tokens = v;
+        }
+        if let Some(v) = self.max_reply_tokens {
+            settings.max_reply_tokens = v;
+        }
+        settings
+    }
 }
 
 impl Common {
@@ -189,19 +235,6 @@ pub struct AgentArgs {
     /// What the agent should do.
     #[arg(long)]
     pub task: String,
-    /// What to do between steps while the machine swaps or throttles.
-    #[arg(long, value_enum, default_value_t = crate::agent::GovernorMode::Pause)]
-    pub governor: crate::agent::GovernorMode,
-    #[arg(long, default_value_t = 30)]
-    pub max_steps: u32,
-    #[arg(long, default_value_t = 60)]
-    pub max_minutes: u64,
-    /// Prompt plus completion tokens over the whole run.
-    #[arg(long, default_value_t = 200_000)]
-    pub max_run_tokens: usize,
-    /// Most tokens in one tool call.
-    #[arg(long, default_value_t = 512)]
-    pub max_reply_tokens: u32,
     /// Print JSON events, one per line.
     #[arg(long)]
     pub json: bool,

@@ -30,6 +30,8 @@ pub struct Config {
     pub auto_offload: Option<String>,
     /// OpenAI-compatible endpoints by name, for `--engine remote:NAME`.
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Budgets and the governor of agent runs.
+    pub agent: crate::agent::AgentSettings,
 }
 
 impl Config {
@@ -99,6 +101,7 @@ impl Config {
         if cli.system.is_some() {
             self.system_prompt = cli.system.clone();
         }
+        self.agent = cli.agent.over(self.agent);
         self
     }
 
@@ -129,6 +132,19 @@ mod tests {
         let merged = c.merge(&cli);
         assert_eq!(merged.sampling.temperature, 0.0);
         assert_eq!(merged.sampling.seed, Some(9));
+    }
+
+    #[test]
+    fn agent_flags_override_the_file() {
+        let c = Config::parse("[agent]\nmax_steps = 7\nmax_minutes = 5\ngovernor = \"slow\"\n")
+            .unwrap();
+        let mut cli = Common::default();
+        cli.agent.max_steps = Some(3);
+        let merged = c.merge(&cli);
+        assert_eq!(merged.agent.max_steps, 3);
+        assert_eq!(merged.agent.max_minutes, 5);
+        assert_eq!(merged.agent.governor, crate::agent::GovernorMode::Slow);
+        assert_eq!(merged.agent.max_run_tokens, 200_000);
     }
 
     #[test]

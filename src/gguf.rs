@@ -15,7 +15,6 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::error::ModelFileError;
 use crate::layers::{Layers, Meta, MAX_LAYERS};
-use crate::window::FileRope;
 
 /// What kiln needs to know about a model before loading it.
 #[derive(Debug, Clone)]
@@ -305,13 +304,41 @@ fn builtin_template(md: &std::collections::HashMap<String, Value>) -> Option<&'s
         .iter()
         .filter_map(|t| t.to_string().ok().map(String::as_str))
         .collect();
-    crate::engine::template::builtin_for(|t| tokens.contains(t))
+    builtin_for(|t| tokens.contains(t))
 }
 
 fn token_string(md: &std::collections::HashMap<String, Value>, id_key: &str) -> Option<String> {
     let id = md.get(id_key).and_then(value_as_u64)? as usize;
     let tokens = md.get("tokenizer.ggml.tokens")?.to_vec().ok()?;
     tokens.get(id)?.to_string().ok().cloned()
+}
+
+/// llama.cpp's built-in template for a vocabulary, told apart by the turn
+/// markers each family's tokenizer has as tokens.
+pub fn builtin_for(has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    let rules: [(&[&str], &str); 9] = [
+        (&["<|im_start|>", "<|im_sep|>"], "phi4"),
+        (&["<|im_start|>"], "chatml"),
+        (&["<|start_header_id|>"], "llama3"),
+        (&["<start_of_turn>"], "gemma"),
+        (&["<|user|>", "<|assistant|>", "<|end|>"], "phi3"),
+        (&["[SYSTEM_PROMPT]", "[INST]"], "mistral-v7"),
+        (&["[INST]", "[/INST]"], "mistral-v3"),
+        (&["<｜User｜>", "<｜Assistant｜>"], "deepseek3"),
+        (&["<|START_OF_TURN_TOKEN|>"], "command-r"),
+    ];
+    rules
+        .iter()
+        .find(|(tokens, _)| tokens.iter().all(|t| has(t)))
+        .map(|(_, name)| *name)
+}
+
+/// The rope metadata a GGUF may carry.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileRope {
+    pub scaling: Option<String>,
+    pub factor: Option<f32>,
+    pub original: Option<u64>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 use clap::Parser;
 
 use kiln::cli::{Cli, Command};
-use kiln::error::{KilnError, EXIT_FAILURE};
-use kiln::{
-    agent, ask, bench, cache_cmd, daemon, fit, launch, logging, models, monitor, runs_cmd,
-    session_cmd, tui,
+use kiln::cmd::{
+    agent, ask, bench, cache as cache_cmd, fit, monitor, runs as runs_cmd, sessions as session_cmd,
 };
+use kiln::error::{KilnError, EXIT_FAILURE};
+use kiln::host::{daemon, launch, terminal as tui};
+use kiln::{logging, models};
 
 fn main() {
     // Before any file or thread exists, so everything kiln makes is private.
@@ -37,7 +38,7 @@ fn main() {
             Some(Command::Monitor(args)) => monitor::run(args).await,
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
             Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
-            Some(Command::Agent(args)) => agent::headless::run(args, &cli.common).await,
+            Some(Command::Agent(args)) => agent::run(args, &cli.common).await,
             Some(Command::Daemon { idle_exit }) => {
                 daemon::run(&cli.common, idle_exit.map(std::time::Duration::from_secs)).await
             }

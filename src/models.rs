@@ -441,6 +441,32 @@ fn write_stamp(path: &Path, sha256: &str) {
     }
 }
 
+// Here rather than in `budget`, which knows nothing of presets.
+impl crate::budget::ModelShape {
+    /// Built-in dimensions of a preset that is not downloaded yet.
+    pub fn from_preset(p: &Preset) -> crate::budget::ModelShape {
+        let s = &p.shape;
+        crate::budget::ModelShape {
+            name: p.name.to_string(),
+            architecture: s.architecture.to_string(),
+            n_layer: s.n_layer,
+            n_head: s.n_head,
+            n_kv_head: s.n_kv_head,
+            head_dim: s.hidden / s.n_head,
+            kv_head_dim: s.hidden / s.n_head,
+            hidden: s.hidden,
+            vocab: s.vocab,
+            context_length: s.context_length,
+            window_limit: s.context_length,
+            layers: crate::layers::Layers::uniform(s.n_layer, s.n_kv_head, s.hidden / s.n_head),
+            tensor_bytes: p.approx_bytes,
+            expert_bytes: 0,
+            tensor_types: Vec::new(),
+            kv_layout: crate::budget::KvLayout::KalosmF32,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

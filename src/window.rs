@@ -193,13 +193,7 @@ impl Window {
     }
 }
 
-/// The rope metadata a GGUF may carry.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FileRope {
-    pub scaling: Option<String>,
-    pub factor: Option<f32>,
-    pub original: Option<u64>,
-}
+pub use crate::gguf::FileRope;
 
 /// The window for `asked` tokens (`--ctx`) on a model trained for
 /// `trained`, or one line saying why not.

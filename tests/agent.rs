@@ -15,9 +15,9 @@ use kiln::engine::fake::FakeEngine;
 use kiln::engine::{self};
 use kiln::store::journal;
 use kiln::store::session::Event;
+use kiln::store::transcript::Transcript;
 use kiln::store::SessionStore;
 use kiln::telemetry::{Sample, SwapRate};
-use kiln::transcript::Transcript;
 use tokio::sync::watch;
 
 struct Run {
@@ -37,7 +37,6 @@ fn budgets(steps: u32) -> Budgets {
 /// default limits.
 fn agent<'a, A: Approver>(
     engine: &'a engine::EngineHandle,
-    events: &'a mut tokio::sync::mpsc::UnboundedReceiver<engine::EngineEvent>,
     ws: &Workspace,
     policy: Policy,
     steps: u32,
@@ -45,7 +44,6 @@ fn agent<'a, A: Approver>(
 ) -> Agent<'a, A> {
     Agent {
         engine,
-        events,
         workspace: ws.clone(),
         policy,
         budgets: budgets(steps),
@@ -67,12 +65,12 @@ async fn run_agent<A: Approver>(
     approver: A,
     pressure: Option<watch::Receiver<Option<String>>>,
 ) -> Run {
-    let (handle, mut events) = engine::spawn(fake);
+    let handle = engine::spawn(fake);
     let mut progress = Vec::new();
     let outcome = Agent {
         limits,
         pressure,
-        ..agent(&handle, &mut events, ws, policy, steps, approver)
+        ..agent(&handle, ws, policy, steps, approver)
     }
     .run("test task", |p| progress.push(p))
     .await;
@@ -176,9 +174,9 @@ async fn approvals_yes_no_and_always() {
         FINISH,
     ]);
     let mut asked = Person(vec![Approval::No, Approval::Always], 0);
-    let (handle, mut events) = engine::spawn(fake);
+    let handle = engine::spawn(fake);
     let mut progress = Vec::new();
-    let outcome = agent(&handle, &mut events, &ws, Policy::AutoRead, 10, &mut asked)
+    let outcome = agent(&handle, &ws, Policy::AutoRead, 10, &mut asked)
         .run("t", |p| progress.push(p))
         .await;
     assert_eq!(outcome, Outcome::Finished("done".into()));
@@ -369,10 +367,10 @@ async fn every_call_is_journaled_before_it_runs_and_an_interrupted_one_is_not_re
     let dir = session.dir.clone();
     let (journal, _reports) = journal::spawn(session);
     let fake = FakeEngine::new([r#"{"tool": "read_file", "path": "notes.txt"}"#, FINISH]);
-    let (handle, mut events) = engine::spawn(fake);
+    let handle = engine::spawn(fake);
     let outcome = Agent {
         journal: Some(&journal),
-        ..agent(&handle, &mut events, &ws, Policy::Auto, 5, Nobody)
+        ..agent(&handle, &ws, Policy::Auto, 5, Nobody)
     }
     .run("t", |_| {})
     .await;
@@ -415,7 +413,7 @@ async fn every_call_is_journaled_before_it_runs_and_an_interrupted_one_is_not_re
 async fn the_real_model_makes_five_valid_calls_and_each_is_journaled() {
     let (_dir, ws) = workspace();
     std::fs::write(ws.root().join("glaze.txt"), "Glaze firing on Friday.\n").unwrap();
-    let (handle, mut events) = common::spawned(kiln::engine::kalosm::EngineOptions {
+    let handle = common::spawned(kiln::engine::kalosm::EngineOptions {
         sampler: common::greedy(128),
         ..Default::default()
     })
@@ -430,7 +428,7 @@ async fn the_real_model_makes_five_valid_calls_and_each_is_journaled() {
     let mut progress = Vec::new();
     let outcome = Agent {
         journal: Some(&journal),
-        ..agent(&handle, &mut events, &ws, Policy::AutoRead, 5, Nobody)
+        ..agent(&handle, &ws, Policy::AutoRead, 5, Nobody)
     }
     .run(
         "List the folder, read every file in it, and search for the word glaze.",

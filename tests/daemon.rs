@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln::protocol::{self, Reply, Request};
+use kiln::host::protocol::{self, Reply, Request};
 
 struct Daemon {
     child: Child,
@@ -28,7 +28,7 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let socket = kiln::daemon::socket_path(&kiln::paths::Paths::under(home));
+        let socket = kiln::host::daemon::socket_path(&kiln::paths::Paths::under(home));
         let deadline = Instant::now() + Duration::from_secs(60);
         while UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "the daemon did not come up");
@@ -124,11 +124,12 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
     let daemon = Daemon::start(home.path()).await;
     let Reply::Started { id } = daemon.request(&Request::StartAgent {
         task: "List the folder, read every file in it, and search for the word glaze.".into(),
-        max_steps: 10,
-        max_minutes: 10,
-        max_run_tokens: 200_000,
-        governor: kiln::agent::GovernorMode::Pause,
-        wanted: kiln::protocol::Wanted {
+        wanted: kiln::host::protocol::Wanted {
+            agent: kiln::agent::AgentSettings {
+                max_steps: 10,
+                max_minutes: 10,
+                ..Default::default()
+            },
             workspace: Some(ws.path().to_path_buf()),
             approval: kiln::agent::Policy::AutoRead,
             ..Default::default()
@@ -347,7 +348,7 @@ async fn out_of_file_descriptors_the_daemon_waits_instead_of_spinning() {
         });
     }
     let child = cmd.spawn().unwrap();
-    let socket = kiln::daemon::socket_path(&kiln::paths::Paths::under(home.path()));
+    let socket = kiln::host::daemon::socket_path(&kiln::paths::Paths::under(home.path()));
     let deadline = Instant::now() + Duration::from_secs(60);
     while UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "the daemon did not come up");

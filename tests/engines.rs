@@ -51,12 +51,12 @@ async fn agreement(
     llama: impl kiln::engine::Engine,
     max_tokens: usize,
 ) -> Vec<(usize, bool)> {
-    let (kalosm, mut kalosm_rx) = kiln::engine::spawn(kalosm);
-    let (llama, mut llama_rx) = kiln::engine::spawn(llama);
+    let kalosm = kiln::engine::spawn(kalosm);
+    let llama = kiln::engine::spawn(llama);
     let mut agreed = Vec::new();
     for prompt in PROMPTS {
-        let a = collect(&mut kalosm_rx, kalosm.chat(prompt)).await;
-        let b = collect(&mut llama_rx, llama.chat(prompt)).await;
+        let a = finish(kalosm.chat(prompt)).await;
+        let b = finish(llama.chat(prompt)).await;
         kalosm.send(kiln::engine::EngineCommand::Reset);
         llama.send(kiln::engine::EngineCommand::Reset);
         assert_eq!((&a.error, &b.error), (&None, &None));

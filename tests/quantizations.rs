@@ -46,8 +46,8 @@ async fn answer(spec: ModelSpec) -> Vec<String> {
     let engine = kiln::engine::local::LocalEngine::load(Backend::LlamaCpp, &model, options, |_| {})
         .await
         .unwrap_or_else(|e| panic!("{spec:?}: {e}"));
-    let (h, mut rx) = kiln::engine::spawn(engine);
-    let t = ask(&h, &mut rx, "What is the capital of France?").await;
+    let h = kiln::engine::spawn(engine);
+    let t = ask(&h, "What is the capital of France?").await;
     assert_eq!(t.error, None);
     t.events
         .iter()

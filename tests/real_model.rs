@@ -39,7 +39,7 @@ on_each_engine!(
 );
 
 async fn answers_a_question(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             sampler: greedy(24),
@@ -47,7 +47,7 @@ async fn answers_a_question(backend: Backend) {
         },
     )
     .await;
-    let t = ask(&h, &mut rx, "What is the capital of France?").await;
+    let t = ask(&h, "What is the capital of France?").await;
     assert_eq!(t.error, None);
     assert!(!t.reply.trim().is_empty());
     assert_eq!(t.reply, t.streamed(), "the reply is exactly what streamed");
@@ -109,16 +109,16 @@ async fn same_seed_same_answer(backend: Backend) {
         },
         ..Default::default()
     };
-    let (h, mut rx) = spawned_on(backend, options.clone()).await;
-    let a = ask(&h, &mut rx, "Tell me something about cats.").await;
+    let h = spawned_on(backend, options.clone()).await;
+    let a = ask(&h, "Tell me something about cats.").await;
     h.send(kiln::engine::EngineCommand::Reset);
-    let b = ask(&h, &mut rx, "Tell me something about cats.").await;
+    let b = ask(&h, "Tell me something about cats.").await;
     assert!(!a.reply.is_empty());
     assert_eq!(a.reply, b.reply);
 }
 
 async fn second_turn_reuses_the_first_turns_kv_cache(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             sampler: greedy(16),
@@ -126,13 +126,8 @@ async fn second_turn_reuses_the_first_turns_kv_cache(backend: Backend) {
         },
     )
     .await;
-    let first = ask(
-        &h,
-        &mut rx,
-        "My name is Ada and I keep a pottery kiln in my garden.",
-    )
-    .await;
-    let second = ask(&h, &mut rx, "What is my name?").await;
+    let first = ask(&h, "My name is Ada and I keep a pottery kiln in my garden.").await;
+    let second = ask(&h, "What is my name?").await;
     assert_eq!(second.error, None);
     let (s1, s2) = (&first.stats, &second.stats);
     assert_eq!(
@@ -149,7 +144,7 @@ async fn second_turn_reuses_the_first_turns_kv_cache(backend: Backend) {
 }
 
 async fn cancel_stops_the_stream_within_two_tokens(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             sampler: greedy(400),
@@ -158,20 +153,20 @@ async fn cancel_stops_the_stream_within_two_tokens(backend: Backend) {
         },
     )
     .await;
-    let turn = h.chat("Write a long story about a dragon who learns to make pottery.");
+    let mut turn = h.chat("Write a long story about a dragon who learns to make pottery.");
     let mut before = 0;
     while before < 3 {
-        if let Some(EngineEvent::Token { .. }) = rx.recv().await {
+        if let Some(EngineEvent::Token { .. }) = turn.next().await {
             before += 1;
         }
     }
     // Tokens already queued were generated before the cancel; take them
     // first so only what came after it is counted.
-    while let Ok(ev) = rx.try_recv() {
+    while let Some(ev) = turn.try_next() {
         assert!(matches!(ev, EngineEvent::Token { .. }), "{ev:?}");
     }
     h.cancel();
-    let t = collect(&mut rx, turn).await;
+    let t = finish(turn).await;
     let after = t
         .events
         .iter()
@@ -181,13 +176,13 @@ async fn cancel_stops_the_stream_within_two_tokens(backend: Backend) {
     assert!(after <= 2, "{after} tokens arrived after the cancel");
 
     // The conversation goes on, and still reuses the cache.
-    let next = ask(&h, &mut rx, "Now say hi.").await;
+    let next = ask(&h, "Now say hi.").await;
     assert_eq!(next.finish, Some(FinishReason::MaxTokens));
     assert_eq!(next.stats.reused_tokens, t.stats.context_tokens);
 }
 
 async fn a_full_context_drops_the_oldest_turns(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             context: Some(256),
@@ -200,7 +195,7 @@ async fn a_full_context_drops_the_oldest_turns(backend: Backend) {
         "Tell me one fact about clay, glazes, kilns, firing schedules, cones and pottery wheels.";
     let mut trimmed = false;
     for _ in 0..8 {
-        let t = ask(&h, &mut rx, message).await;
+        let t = ask(&h, message).await;
         assert_eq!(t.error, None);
         assert!(t.stats.context_tokens <= 256, "{:?}", t.stats);
         if t.events
@@ -220,17 +215,17 @@ async fn a_full_context_drops_the_oldest_turns(backend: Backend) {
     assert!(trimmed, "eight turns overflow a 256-token window");
 
     let huge = "pottery ".repeat(400);
-    let t = ask(&h, &mut rx, &huge).await;
+    let t = ask(&h, &huge).await;
     let err = t
         .error
         .expect("a message larger than the window fails cleanly");
     assert!(err.contains("context window holds 256"), "{err}");
     // and the engine is still usable afterwards
-    assert_eq!(ask(&h, &mut rx, "Hi").await.error, None);
+    assert_eq!(ask(&h, "Hi").await.error, None);
 }
 
 async fn a_cut_answer_is_continued_where_it_stopped(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             sampler: greedy(8),
@@ -238,10 +233,10 @@ async fn a_cut_answer_is_continued_where_it_stopped(backend: Backend) {
         },
     )
     .await;
-    let first = ask(&h, &mut rx, "Count from one to twenty in words.").await;
+    let first = ask(&h, "Count from one to twenty in words.").await;
     assert_eq!(first.finish, Some(FinishReason::MaxTokens));
     let turn = h.continue_last();
-    let more = collect(&mut rx, turn).await;
+    let more = finish(turn).await;
     assert_eq!(more.error, None);
     assert!(
         more.reply.starts_with(&first.reply) && more.reply.len() > first.reply.len(),
@@ -255,7 +250,7 @@ async fn a_cut_answer_is_continued_where_it_stopped(backend: Backend) {
 }
 
 async fn constrained_answers_match_their_pattern(backend: Backend) {
-    let (h, mut rx) = spawned_on(
+    let h = spawned_on(
         backend,
         EngineOptions {
             sampler: greedy(40),
@@ -265,7 +260,7 @@ async fn constrained_answers_match_their_pattern(backend: Backend) {
     .await;
     let pattern = r#"\{"colour": "(red|green|blue)", "why": "[a-z ]{1,40}"\}"#;
     let turn = h.chat_constrained("Pick a colour and say why, as JSON.", pattern);
-    let t = collect(&mut rx, turn).await;
+    let t = finish(turn).await;
     assert_eq!(t.error, None);
     let v: serde_json::Value =
         serde_json::from_str(&t.reply).unwrap_or_else(|e| panic!("{e}: {:?}", t.reply));
@@ -274,7 +269,7 @@ async fn constrained_answers_match_their_pattern(backend: Backend) {
         "{v}"
     );
     // The next free-form turn still reuses the KV cache.
-    let next = ask(&h, &mut rx, "Thanks.").await;
+    let next = ask(&h, "Thanks.").await;
     assert_eq!(next.error, None);
     assert!(
         next.stats.reused_tokens >= t.stats.context_tokens,

@@ -28,8 +28,8 @@ async fn chat_streams_cancels_and_survives_the_server_dying() {
     let mut server = LlamaServer::start().await;
 
     // Streaming.
-    let (h, mut rx) = engine::spawn(remote(server.base_url(), 24));
-    let t = ask(&h, &mut rx, "Name three colours.").await;
+    let h = engine::spawn(remote(server.base_url(), 24));
+    let t = ask(&h, "Name three colours.").await;
     assert_eq!(t.error, None);
     assert!(!t.reply.trim().is_empty());
     assert_eq!(t.reply, t.streamed());
@@ -41,37 +41,37 @@ async fn chat_streams_cancels_and_survives_the_server_dying() {
     assert_eq!(h.info().engine, "remote:box");
 
     // Cancel mid-stream, then the next turn works and sees the history.
-    let (h, mut rx) = engine::spawn(remote(server.base_url(), 400));
-    let turn = h.chat("Write a long story about a dragon who runs a pottery kiln.");
+    let h = engine::spawn(remote(server.base_url(), 400));
+    let mut turn = h.chat("Write a long story about a dragon who runs a pottery kiln.");
     loop {
-        match rx.recv().await.unwrap() {
+        match turn.next().await.unwrap() {
             EngineEvent::Token { .. } => break,
             EngineEvent::TurnFailed { error, .. } => panic!("{error}"),
             _ => {}
         }
     }
     h.cancel();
-    let cut = collect(&mut rx, turn).await;
+    let cut = finish(turn).await;
     assert_eq!(cut.finish, Some(FinishReason::Cancelled));
-    let next = ask(&h, &mut rx, "Thanks.").await;
+    let next = ask(&h, "Thanks.").await;
     assert_eq!(next.error, None);
 
     // The server dies mid-answer: a clear error, and the engine is usable.
-    let turn = h.chat("Write another long story, about a glaze that crawls.");
+    let mut turn = h.chat("Write another long story, about a glaze that crawls.");
     loop {
-        if let EngineEvent::Token { .. } = rx.recv().await.unwrap() {
+        if let EngineEvent::Token { .. } = turn.next().await.unwrap() {
             break;
         }
     }
     server.kill();
-    let broken = collect(&mut rx, turn).await;
+    let broken = finish(turn).await;
     let error = broken.error.expect("the turn fails");
     assert!(
         error.starts_with("endpoint box: ")
             && (error.contains("stream") || error.contains("connect")),
         "{error}"
     );
-    let after = ask(&h, &mut rx, "Still there?").await;
+    let after = ask(&h, "Still there?").await;
     assert!(
         after
             .error
@@ -84,8 +84,8 @@ async fn chat_streams_cancels_and_survives_the_server_dying() {
 
 #[tokio::test]
 async fn a_closed_port_is_a_clear_error() {
-    let (h, mut rx) = engine::spawn(remote(format!("http://127.0.0.1:{}/v1", free_port()), 8));
-    let t = ask(&h, &mut rx, "hello").await;
+    let h = engine::spawn(remote(format!("http://127.0.0.1:{}/v1", free_port()), 8));
+    let t = ask(&h, "hello").await;
     let error = t.error.unwrap();
     assert!(
         error.starts_with("endpoint box: cannot connect to http://127.0.0.1:"),
@@ -115,8 +115,8 @@ async fn malformed_streams_and_http_errors_are_clear() {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}\n\ndata: {not json\n\n",
     )
     .await;
-    let (h, mut rx) = engine::spawn(remote(garbage, 8));
-    let t = ask(&h, &mut rx, "hello").await;
+    let h = engine::spawn(remote(garbage, 8));
+    let t = ask(&h, "hello").await;
     assert_eq!(t.streamed(), "hi");
     let error = t.error.unwrap();
     assert!(
@@ -128,8 +128,8 @@ async fn malformed_streams_and_http_errors_are_clear() {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: {\"choices\": [{\"delta\": {\"content\": \"par\"}}]}\n\n",
     )
     .await;
-    let (h, mut rx) = engine::spawn(remote(cut, 8));
-    let t = ask(&h, &mut rx, "hello").await;
+    let h = engine::spawn(remote(cut, 8));
+    let t = ask(&h, "hello").await;
     assert_eq!(
         t.error.unwrap(),
         "endpoint box: the server closed the stream in the middle of the answer"
@@ -139,8 +139,8 @@ async fn malformed_streams_and_http_errors_are_clear() {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 29\r\n\r\n{\"error\": \"model is loading\"}",
     )
     .await;
-    let (h, mut rx) = engine::spawn(remote(failing, 8));
-    let t = ask(&h, &mut rx, "hello").await;
+    let h = engine::spawn(remote(failing, 8));
+    let t = ask(&h, "hello").await;
     let error = t.error.unwrap();
     assert!(
         error.starts_with(

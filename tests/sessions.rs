@@ -249,12 +249,12 @@ async fn a_full_disk_is_reported_and_writing_resumes_when_space_returns() {
 /// damaged one never reaches kalosm.
 #[tokio::test]
 async fn kv_snapshots_restore_on_the_real_model_and_damage_is_refused() {
-    let (handle, mut rx) = common::spawned(EngineOptions {
+    let handle = common::spawned(EngineOptions {
         sampler: common::greedy(24),
         ..Default::default()
     })
     .await;
-    let first = common::ask(&handle, &mut rx, "Name three metals.").await;
+    let first = common::ask(&handle, "Name three metals.").await;
     assert!(first.error.is_none());
     let (tx, reply) = tokio::sync::oneshot::channel();
     handle.send(kiln::engine::EngineCommand::Snapshot(tx));
@@ -310,7 +310,7 @@ fn cached_system_prompt(cache: &PromptCache, fingerprint: &str) -> EngineOptions
         context: Some(2048),
         sampler: common::greedy(8),
         system_prompt: Some("You are a careful assistant for potters. ".repeat(20)),
-        prompt_cache: Some((cache.clone(), fingerprint.to_string())),
+        prompt_cache: Some((std::sync::Arc::new(cache.clone()), fingerprint.to_string())),
         ..Default::default()
     }
 }
@@ -323,13 +323,13 @@ async fn the_prompt_cache_skips_the_system_prompt_prefill() {
     let fingerprint = snapshot::fingerprint(&model.path, "kalosm", 2048).unwrap();
     let cache = PromptCache::new(dir.path().to_path_buf(), DEFAULT_CAP_BYTES);
     let options = || cached_system_prompt(&cache, &fingerprint);
-    let (h1, mut rx1) = common::spawned(options()).await;
-    let cold = common::ask(&h1, &mut rx1, "Hello.").await;
+    let h1 = common::spawned(options()).await;
+    let cold = common::ask(&h1, "Hello.").await;
     assert_eq!(cold.stats.cached_tokens, 0);
     assert_eq!(cache.stats().entries, 1);
 
-    let (h2, mut rx2) = common::spawned(options()).await;
-    let warm = common::ask(&h2, &mut rx2, "Hello.").await;
+    let h2 = common::spawned(options()).await;
+    let warm = common::ask(&h2, "Hello.").await;
     assert!(warm.stats.cached_tokens > 150, "{:?}", warm.stats);
     assert_eq!(warm.stats.reused_tokens, warm.stats.cached_tokens);
     assert!(warm.stats.prompt_tokens < 20, "{:?}", warm.stats);
@@ -349,8 +349,8 @@ async fn a_refused_prompt_cache_state_is_not_a_hit() {
     let fingerprint = snapshot::fingerprint(&model.path, "llamacpp-v2-f16", 2048).unwrap();
     let cache = PromptCache::new(dir.path().to_path_buf(), DEFAULT_CAP_BYTES);
     let options = || cached_system_prompt(&cache, &fingerprint);
-    let (h1, mut rx1) = common::spawned_on(Backend::LlamaCpp, options()).await;
-    let cold = common::ask(&h1, &mut rx1, "Hello.").await;
+    let h1 = common::spawned_on(Backend::LlamaCpp, options()).await;
+    let cold = common::ask(&h1, "Hello.").await;
     assert_eq!(cold.stats.cached_tokens, 0);
     let entries = cache.entries();
     assert_eq!(entries.len(), 1);
@@ -360,8 +360,8 @@ async fn a_refused_prompt_cache_state_is_not_a_hit() {
     state.bytes.truncate(cut);
     cache.put(&key, &fingerprint, &state).unwrap();
 
-    let (h2, mut rx2) = common::spawned_on(Backend::LlamaCpp, options()).await;
-    let warm = common::ask(&h2, &mut rx2, "Hello.").await;
+    let h2 = common::spawned_on(Backend::LlamaCpp, options()).await;
+    let warm = common::ask(&h2, "Hello.").await;
     assert_eq!(warm.error, None);
     assert_eq!(warm.stats.cached_tokens, 0, "{:?}", warm.stats);
     assert_eq!(warm.reply, cold.reply);

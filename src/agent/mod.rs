@@ -3,18 +3,19 @@
 //! workspace, and hands the result back, until `finish` or a budget ends.
 //! Every call is journaled before it runs and its result after.
 
-pub mod headless;
 pub mod tools;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{EngineCommand, EngineEvent, EngineHandle, GenStats, Message};
+use crate::engine::{EngineCommand, EngineEvent, EngineHandle, GenStats, Message, SamplerSettings};
+use crate::record::Record;
 use crate::store::journal::JournalHandle;
 use crate::store::session::Event;
 use crate::telemetry::alarms::{AlarmDetector, AlarmKind};
@@ -112,7 +113,7 @@ pub enum GovernorMode {
     Ignore,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Budgets {
     pub max_steps: u32,
     pub max_time: Duration,
@@ -196,7 +197,6 @@ impl Outcome {
 
 pub struct Agent<'a, A: Approver> {
     pub engine: &'a EngineHandle,
-    pub events: &'a mut mpsc::UnboundedReceiver<EngineEvent>,
     pub workspace: Workspace,
     pub policy: Policy,
     pub budgets: Budgets,
@@ -207,6 +207,178 @@ pub struct Agent<'a, A: Approver> {
     pub pressure: Option<watch::Receiver<Option<String>>>,
     pub governor: GovernorMode,
     pub stop: Arc<AtomicBool>,
+}
+
+/// One progress line for people: whatever the model or a tool wrote in it
+/// made visible (`visible_line`), so it cannot act on the terminal.
+pub fn line(p: &Progress) -> String {
+    crate::visible::visible_line(&raw_line(p)).into_owned()
+}
+
+fn raw_line(p: &Progress) -> String {
+    let first = |s: &str| -> String { s.lines().next().unwrap_or("").chars().take(100).collect() };
+    match p {
+        Progress::Call { step, call } => format!("step {step}: {}", call.describe()),
+        Progress::Result { step, ok, output } => {
+            format!(
+                "step {step}: {} {}",
+                if *ok { "ok" } else { "error" },
+                first(output)
+            )
+        }
+        Progress::Refused { step, reason, .. } => format!("step {step}: {reason}"),
+        Progress::Invalid { step, error, .. } => {
+            format!("step {step}: not a valid tool call ({error}); asking again")
+        }
+        Progress::Paused { reason } => format!("paused: {reason}"),
+        Progress::Resumed => "resumed".to_string(),
+        Progress::Compacted { context_tokens } => {
+            format!("compacted older steps at {context_tokens} tokens")
+        }
+    }
+}
+
+/// Everything that makes a run, built once from the settings (config file
+/// and flags) by whichever front end starts it: the workstation's `/agent`,
+/// the daemon's detached runs and headless `kiln agent` alike.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub task: String,
+    pub workspace: PathBuf,
+    pub policy: Policy,
+    pub budgets: Budgets,
+    pub governor: GovernorMode,
+    /// The sampler for the run's turns: the chat's, with answers capped at
+    /// the agent's reply budget (a long answer is a model lost in a string).
+    pub sampler: SamplerSettings,
+}
+
+/// The agent settings every front end reads: `[agent]` in config.toml,
+/// overridden by the flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    pub max_steps: u32,
+    pub max_minutes: u64,
+    /// Prompt plus completion tokens over the whole run.
+    pub max_run_tokens: usize,
+    /// Most tokens in one tool call.
+    pub max_reply_tokens: u32,
+    pub governor: GovernorMode,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            max_steps: 30,
+            max_minutes: 60,
+            max_run_tokens: 200_000,
+            max_reply_tokens: 512,
+            governor: GovernorMode::Pause,
+        }
+    }
+}
+
+impl RunSpec {
+    pub fn new(
+        task: impl Into<String>,
+        workspace: PathBuf,
+        policy: Policy,
+        settings: &AgentSettings,
+        chat_sampler: &SamplerSettings,
+    ) -> RunSpec {
+        let mut sampler = chat_sampler.clone();
+        sampler.max_tokens = sampler.max_tokens.min(settings.max_reply_tokens);
+        RunSpec {
+            task: task.into(),
+            workspace,
+            policy,
+            budgets: Budgets {
+                max_steps: settings.max_steps,
+                max_time: Duration::from_secs(settings.max_minutes.saturating_mul(60)),
+                max_tokens: settings.max_run_tokens,
+            },
+            governor: settings.governor,
+            sampler,
+        }
+    }
+}
+
+/// A run going on as a task of its own.
+pub struct RunHandle {
+    progress: mpsc::UnboundedReceiver<Progress>,
+    /// Set to stop the run between steps (a running tool is stopped too).
+    pub stop: Arc<AtomicBool>,
+    outcome: Option<oneshot::Receiver<Outcome>>,
+}
+
+/// What a run reports, in order: its progress, then its outcome once.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    Progress(Progress),
+    Done(Outcome),
+}
+
+impl RunHandle {
+    /// The run's next report; `None` after its outcome.
+    pub async fn next(&mut self) -> Option<RunEvent> {
+        // The run drops its progress sender before it sends the outcome, so
+        // every step is reported before the end.
+        if let Some(p) = self.progress.recv().await {
+            return Some(RunEvent::Progress(p));
+        }
+        let outcome = self.outcome.take()?.await;
+        Some(RunEvent::Done(outcome.unwrap_or_else(|_| {
+            Outcome::Failed("the agent task stopped unexpectedly".into())
+        })))
+    }
+}
+
+/// Start the run `spec` on `engine`, which the caller holds for it (a
+/// lease) for as long as the run lasts. Steps are journaled to `journal`;
+/// questions go to `approver`; `pressure` (from `pressure()`) feeds the
+/// governor.
+pub fn spawn<A: Approver + Send + 'static>(
+    spec: RunSpec,
+    engine: EngineHandle,
+    journal: Option<JournalHandle>,
+    approver: A,
+    pressure: Option<watch::Receiver<Option<String>>>,
+) -> RunHandle {
+    let (progress_tx, progress) = mpsc::unbounded_channel();
+    let (outcome_tx, outcome) = oneshot::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let run_stop = stop.clone();
+    tokio::spawn(async move {
+        let outcome = match Workspace::new(&spec.workspace) {
+            Err(e) => Outcome::Failed(format!("workspace {}: {e}", spec.workspace.display())),
+            Ok(workspace) => {
+                engine.send(EngineCommand::SetSampler(spec.sampler.clone()));
+                Agent {
+                    engine: &engine,
+                    workspace,
+                    policy: spec.policy,
+                    budgets: spec.budgets.clone(),
+                    limits: Limits::default(),
+                    approver,
+                    journal: journal.as_ref(),
+                    pressure,
+                    governor: spec.governor,
+                    stop: run_stop,
+                }
+                .run(&spec.task, move |p| {
+                    let _ = progress_tx.send(p);
+                })
+                .await
+            }
+        };
+        let _ = outcome_tx.send(outcome);
+    });
+    RunHandle {
+        progress,
+        stop,
+        outcome: Some(outcome),
+    }
 }
 
 enum TurnError {
@@ -397,31 +569,28 @@ impl<A: Approver> Agent<'_, A> {
             Some(p) => self.engine.chat_constrained(message, p),
             None => self.engine.chat(message),
         };
+        let mut turn = turn;
         loop {
             let event = tokio::select! {
-                ev = self.events.recv() => ev,
+                ev = turn.next() => ev,
                 _ = wait_for(&self.stop) => {
                     self.engine.cancel();
                     return Err(TurnError::Stopped);
                 }
             };
             match event {
-                Some(EngineEvent::TurnFinished {
-                    turn: t,
-                    reply,
-                    finish,
-                    stats,
-                }) if t == turn => {
-                    if pattern.is_some() {
-                        self.record(Event::Answer {
-                            text: reply.clone(),
-                            finish,
-                            stats: stats.clone(),
-                        });
+                Some(finished @ EngineEvent::TurnFinished { .. }) => {
+                    // A tool call's answer is kept; a compaction's summary
+                    // is not part of the run.
+                    if let (Some(_), Some(Record::Event(e))) = (pattern, Record::of(&finished)) {
+                        self.record(e);
                     }
+                    let EngineEvent::TurnFinished { reply, stats, .. } = finished else {
+                        unreachable!("matched above")
+                    };
                     return Ok((reply, stats));
                 }
-                Some(EngineEvent::TurnFailed { turn: t, error }) if t == turn => {
+                Some(EngineEvent::TurnFailed { error, .. }) => {
                     return Err(TurnError::Failed(error))
                 }
                 Some(_) => {}

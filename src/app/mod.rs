@@ -17,11 +17,11 @@ use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo};
 use crate::keys::{Action, KeyMap};
 use crate::store::journal::{title_from, Report};
 use crate::store::session::Event;
+use crate::store::transcript::Transcript;
 use crate::telemetry::alarms::{AlarmDetector, AlarmEvent, AlarmKind};
 use crate::telemetry::Sample;
-use crate::transcript::Transcript;
 
-pub use crate::transcript::{Entry, EntryKind};
+pub use crate::store::transcript::{Entry, EntryKind};
 pub use scroll::Scroll;
 
 /// A paste larger than this is cut: more text than any local context holds,
@@ -174,8 +174,15 @@ pub enum Effect {
     StopAgent,
     Approve(Approval),
     /// Move the conversation to endpoint `Some(NAME)`, or back to the local
-    /// model (`None`).
-    SwitchEngine(Option<String>),
+    /// model (`None`); the target gets `history` and re-reads it on the
+    /// next message. `offload`: moved because the next turn would outgrow
+    /// this machine (answered by `Msg::Moved`).
+    SwitchEngine {
+        target: Option<String>,
+        history: Vec<Message>,
+        system_prompt: Option<String>,
+        offload: bool,
+    },
     /// Give the engine the chat back after an agent run.
     RestoreChat {
         system_prompt: Option<String>,
@@ -235,6 +242,37 @@ pub enum Msg {
     Journal(Report),
     Sessions(Vec<PickerItem>),
     Agent(AgentMsg),
+    /// A line for the status bar from the runtime.
+    Notice(String),
+    /// The conversation moved to another engine (`to`), or could not.
+    Moved {
+        to: Option<MovedTo>,
+        line: String,
+        offload: bool,
+    },
+    /// A saved session read back and handed to the engine.
+    Resumed(Box<Resumed>),
+}
+
+/// The engine a conversation moved to.
+#[derive(Clone, Debug)]
+pub struct MovedTo {
+    pub model: ModelInfo,
+    /// The local model's dimensions, when it was loaded for the move.
+    pub shape: Option<ModelShape>,
+    /// `remote:NAME`, or `None` for the local model.
+    pub remote: Option<String>,
+}
+
+/// A session read from disk, as the workstation shows it.
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    pub title: String,
+    pub transcript: Transcript,
+    /// Tokens in the KV state loaded from its snapshot, if one loaded.
+    pub kv_tokens: Option<usize>,
+    /// What the status bar says of it.
+    pub line: String,
 }
 
 #[derive(Clone)]
@@ -276,6 +314,11 @@ pub struct State {
     interrupt_armed: bool,
     pub keys: KeyMap,
     pub quit: bool,
+    /// The endpoint a conversation moves to before a turn that would
+    /// outgrow this machine (`auto_offload` in config.toml).
+    pub auto_offload: Option<String>,
+    /// The longest answer a turn may need, for that decision.
+    pub answer_tokens: usize,
 }
 
 impl State {
@@ -312,9 +355,19 @@ impl State {
             interrupt_armed: false,
             keys,
             quit: false,
+            auto_offload: None,
+            answer_tokens: 0,
         };
         state.reset_input();
         state
+    }
+
+    /// Move to endpoint `name` before a turn of up to `answer_tokens` that
+    /// would outgrow this machine.
+    pub fn with_offload(mut self, name: Option<String>, answer_tokens: usize) -> State {
+        self.auto_offload = name;
+        self.answer_tokens = answer_tokens;
+        self
     }
 
     /// The state for a preset's model without loading it, for benchmarks
@@ -344,12 +397,34 @@ impl State {
         self.generation.is_some()
     }
 
-    /// Whether the side panels are drawn in full at the current width.
+    /// Whether the side panels are drawn in full at the width of the
+    /// terminal being typed in.
     pub fn full_panels(&self) -> bool {
+        self.full_panels_at(self.size.0)
+    }
+
+    /// Whether the side panels are drawn in full on a terminal this wide.
+    pub fn full_panels_at(&self, width: u16) -> bool {
         match self.panels {
-            Panels::Auto => self.size.0 >= 100,
+            Panels::Auto => width >= crate::layout::FULL_PANELS_MIN_WIDTH,
             Panels::Full => true,
             Panels::Summary => false,
+        }
+    }
+
+    /// Width and height of the conversation text on the terminal being
+    /// typed in, for scrolling and paging.
+    pub fn chat_viewport(&self) -> (u16, usize) {
+        crate::layout::chat_viewport(self.size, self.full_panels(), self.input.lines().len())
+    }
+
+    /// How transcript entries are laid out as rows.
+    pub fn entry_view(&self) -> crate::layout::entries::EntryView<'_> {
+        crate::layout::entries::EntryView {
+            model: &self.model.name,
+            streaming: self.generation.as_ref().map(|g| g.entry),
+            show_thinking: self.show_thinking,
+            keys: &self.keys,
         }
     }
 
@@ -448,6 +523,42 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             });
             Vec::new()
         }
+        Msg::Notice(line) => {
+            state.notice = Some(line);
+            Vec::new()
+        }
+        Msg::Moved { to, line, offload } => {
+            if let Some(to) = to {
+                state.model = to.model;
+                if to.shape.is_some() {
+                    state.shape = to.shape;
+                }
+                state.remote = to.remote;
+            }
+            let line = match offload {
+                true => format!("the next turn would outgrow this machine: {line}"),
+                false => {
+                    state.push_notice(line.clone());
+                    line
+                }
+            };
+            state.notice = Some(line.clone());
+            vec![Effect::Record(Event::Notice { text: line })]
+        }
+        Msg::Resumed(resumed) => {
+            let Resumed {
+                title,
+                transcript,
+                kv_tokens,
+                line,
+            } = *resumed;
+            state.restore(&title, transcript);
+            if let Some(tokens) = kv_tokens {
+                state.context_tokens = tokens;
+            }
+            state.notice = Some(line);
+            Vec::new()
+        }
     }
 }
 
@@ -473,7 +584,7 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             let page = state.agent.as_ref().and_then(|a| {
                 let area = ratatui::layout::Rect::new(0, 0, state.size.0, state.size.1);
                 let call = a.pending.as_ref()?;
-                Some(crate::ui::approval::page(call, area, a.approval_scroll))
+                Some(crate::layout::approval::page(call, area, a.approval_scroll))
             });
             let Some(page) = page else {
                 return Vec::new();
@@ -776,7 +887,12 @@ fn send(state: &mut State) -> Vec<Effect> {
             None => None,
         };
         state.reset_input();
-        return vec![Effect::SwitchEngine(target)];
+        return vec![Effect::SwitchEngine {
+            target,
+            history: state.conversation(),
+            system_prompt: state.system_prompt.clone(),
+            offload: false,
+        }];
     }
     if let Some(task) = text.trim().strip_prefix("/agent") {
         let task = task.trim();
@@ -819,12 +935,24 @@ fn send(state: &mut State) -> Vec<Effect> {
     if state.title.is_none() {
         state.title = Some(title_from(&text));
     }
+    // The endpoint gets the conversation before the question, then the
+    // question.
+    let offload = state
+        .auto_offload
+        .clone()
+        .filter(|_| outgrows_local(state, &text, state.answer_tokens))
+        .map(|target| Effect::SwitchEngine {
+            target: Some(target),
+            history: state.conversation(),
+            system_prompt: state.system_prompt.clone(),
+            offload: true,
+        });
     state.push_entry(Entry::new(EntryKind::User, text.clone()));
     start_generation(state);
-    vec![
-        Effect::Record(Event::User { text: text.clone() }),
-        Effect::Chat(text),
-    ]
+    let mut effects = vec![Effect::Record(Event::User { text: text.clone() })];
+    effects.extend(offload);
+    effects.push(Effect::Chat(text));
+    effects
 }
 
 /// A new, empty answer at the end of the transcript, generating.
@@ -863,7 +991,7 @@ fn stop_agent(state: &mut State, first: Option<Effect>) -> Vec<Effect> {
 fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
     match msg {
         AgentMsg::Progress(p) => {
-            let text = crate::agent::headless::line(&p);
+            let text = crate::agent::line(&p);
             if let (Some(a), Progress::Call { step, .. }) = (&mut state.agent, &p) {
                 a.step = *step;
             }
@@ -1038,7 +1166,7 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> 
             if prompt_tokens >= 512 {
                 state.notice = Some(format!(
                     "reading {} tokens of context…",
-                    crate::ui::count(prompt_tokens as u64)
+                    crate::layout::count(prompt_tokens as u64)
                 ));
             }
             Vec::new()
@@ -1048,9 +1176,7 @@ fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> 
             limit,
             ..
         } => {
-            let text = format!(
-                "the context window ({limit} tokens) was full: the model no longer sees the oldest {dropped_messages} messages"
-            );
+            let text = crate::record::trimmed_notice(dropped_messages, limit);
             let entry = Entry::new(EntryKind::Notice, text.clone());
             // Before the answer being generated, so the answer stays last.
             match &mut state.generation {

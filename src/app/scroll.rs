@@ -3,7 +3,7 @@
 //! does not move it.
 
 use super::State;
-use crate::ui;
+use crate::layout::entries::entry_rows;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scroll {
@@ -16,7 +16,7 @@ pub enum Scroll {
 }
 
 fn rows(state: &State, entry: usize, width: u16) -> usize {
-    ui::chat::entry_rows(state, entry, width).len()
+    entry_rows(&state.entry_view(), &state.transcript, entry, width).len()
 }
 
 /// The view's top row when it follows the end.
@@ -89,7 +89,7 @@ fn set(state: &mut State, (entry, row): (usize, usize), width: u16, height: usiz
 }
 
 pub fn by(state: &mut State, delta: i64) {
-    let (width, height) = ui::chat_viewport(state);
+    let (width, height) = state.chat_viewport();
     if state.transcript.is_empty() || height == 0 {
         return;
     }
@@ -104,12 +104,12 @@ pub fn by(state: &mut State, delta: i64) {
 }
 
 pub fn page(state: &mut State, direction: i64) {
-    let (_, height) = ui::chat_viewport(state);
+    let (_, height) = state.chat_viewport();
     by(state, direction * height.saturating_sub(1).max(1) as i64);
 }
 
 pub fn top(state: &mut State) {
-    let (width, height) = ui::chat_viewport(state);
+    let (width, height) = state.chat_viewport();
     if !state.transcript.is_empty() {
         set(state, (0, 0), width, height);
     }
@@ -118,7 +118,7 @@ pub fn top(state: &mut State) {
 /// After a resize the anchor row may be past its entry's end.
 pub fn clamp(state: &mut State) {
     if let Scroll::At { entry, row } = state.scroll {
-        let (width, height) = ui::chat_viewport(state);
+        let (width, height) = state.chat_viewport();
         if entry >= state.transcript.len() {
             state.scroll = Scroll::Follow;
             return;

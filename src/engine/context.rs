@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use serde::{Deserialize, Serialize};
+pub use crate::chat::{Message, Role};
 
 use super::template::ChatTemplate;
 use super::{CancelFlag, EventSink};
@@ -91,40 +91,6 @@ pub(crate) trait LocalTurns: Send {
                 m.content = so_far + &more;
             }
             Ok(())
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    /// The name chat templates and chat APIs use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message {
-            role,
-            content: content.into(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::context::{Conversation, Message, Role};
 use super::sampler::SamplerSettings;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
-use crate::store::snapshot::KvState;
+use crate::chat::KvState;
 
 pub struct FakeEngine {
     script: VecDeque<String>,
@@ -207,11 +207,9 @@ mod tests {
     use super::super::spawn;
     use super::*;
 
-    async fn finish_of(
-        rx: &mut tokio::sync::mpsc::UnboundedReceiver<EngineEvent>,
-    ) -> (Vec<EngineEvent>, EngineEvent) {
+    async fn finish_of(rx: &mut super::super::TurnStream) -> (Vec<EngineEvent>, EngineEvent) {
         let mut seen = Vec::new();
-        while let Some(ev) = rx.recv().await {
+        while let Some(ev) = rx.next().await {
             if matches!(
                 ev,
                 EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
@@ -225,8 +223,9 @@ mod tests {
 
     #[tokio::test]
     async fn streams_in_order_and_reports_consistent_stats() {
-        let (handle, mut rx) = spawn(FakeEngine::new(["one two three"]));
-        let turn = handle.chat("hello there");
+        let handle = spawn(FakeEngine::new(["one two three"]));
+        let mut rx = handle.chat("hello there");
+        let turn = rx.turn;
         let (seen, fin) = finish_of(&mut rx).await;
         assert!(
             matches!(seen[0], EngineEvent::TurnStarted { turn: t, prompt_tokens: 2, .. } if t == turn)
@@ -258,11 +257,11 @@ mod tests {
     async fn cancel_stops_a_running_turn_but_not_the_next() {
         let slow = FakeEngine::new(["a b c d e f g h i j k l m n o p", "next reply"])
             .with_delay(Duration::from_millis(20));
-        let (handle, mut rx) = spawn(slow);
-        handle.chat("go");
+        let handle = spawn(slow);
+        let mut rx = handle.chat("go");
         // Wait for the first token, then cancel.
         loop {
-            if let Some(EngineEvent::Token { .. }) = rx.recv().await {
+            if let Some(EngineEvent::Token { .. }) = rx.next().await {
                 break;
             }
         }
@@ -274,7 +273,7 @@ mod tests {
         assert_eq!(finish, FinishReason::Cancelled);
         assert!(stats.completion_tokens < 16);
 
-        handle.chat("again");
+        let mut rx = handle.chat("again");
         let (_, fin) = finish_of(&mut rx).await;
         let EngineEvent::TurnFinished { finish, reply, .. } = fin else {
             unreachable!()

@@ -26,10 +26,10 @@ use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
     Trace,
 };
+use crate::chat::KvState;
+use crate::chat::{PrefixCache, PREFIX_CACHE_MIN_TOKENS};
 use crate::error::{KilnError, ModelFileError, Result};
 use crate::models::ResolvedModel;
-use crate::store::prompt_cache::PromptCache;
-use crate::store::snapshot::KvState;
 
 /// Settings fixed when the engine loads.
 #[derive(Clone, Debug, Default)]
@@ -42,7 +42,7 @@ pub struct EngineOptions {
     pub ignore_eos: bool,
     /// Where KV states after long system prompts are kept, with the
     /// fingerprint of this model and its settings.
-    pub prompt_cache: Option<(PromptCache, String)>,
+    pub prompt_cache: Option<(std::sync::Arc<dyn PrefixCache>, String)>,
     /// How llama.cpp stores KV values (kalosm: f32 only).
     pub kv_type: crate::budget::KvType,
     /// Rope scaling, K/V types and flash attention as the flags gave them.
@@ -215,11 +215,10 @@ impl KalosmEngine {
             return 0;
         };
         let tokens = self.count_tokens(&prefix);
-        if !prompt.starts_with(&prefix) || tokens < PromptCache::MIN_TOKENS {
+        if !prompt.starts_with(&prefix) || tokens < PREFIX_CACHE_MIN_TOKENS {
             return 0;
         }
-        let key = PromptCache::key(&fingerprint, &prefix);
-        if let Some(state) = cache.get(&key, &fingerprint) {
+        if let Some(state) = cache.lookup(&fingerprint, &prefix) {
             if state.fed == prefix && self.load_state(&state).is_ok() {
                 tracing::info!("prompt cache hit: {} tokens", state.kv_tokens);
                 return state.kv_tokens;
@@ -236,10 +235,10 @@ impl KalosmEngine {
             let _ = self.fresh_session();
             return 0;
         }
-        self.fed = prefix;
+        self.fed = prefix.clone();
         self.kv_tokens = tokens;
         match self.save_state() {
-            Ok(state) => match cache.put(&key, &fingerprint, &state) {
+            Ok(state) => match cache.keep(&fingerprint, &prefix, &state) {
                 Ok(bytes) => tracing::info!("prompt cache: stored {tokens} tokens ({bytes} bytes)"),
                 Err(e) => tracing::warn!("prompt cache: cannot store: {e}"),
             },

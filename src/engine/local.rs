@@ -7,9 +7,9 @@ use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
 use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
 use crate::budget::{KvLayout, KvType};
+use crate::chat::KvState;
 use crate::error::KilnError;
 use crate::models::ResolvedModel;
-use crate::store::snapshot::KvState;
 use crate::window::{FlashAttn, Rope, WindowArgs};
 
 pub enum LocalEngine {

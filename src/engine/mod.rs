@@ -1,8 +1,11 @@
 //! The engine: loads a model, keeps a conversation's KV state, streams tokens.
 //!
-//! An engine runs as a background task. Front ends send it `EngineCommand`s
-//! and read `EngineEvent`s; cancellation takes a side path (an atomic turn
+//! An engine runs as a background task. Front ends send it `EngineCommand`s;
+//! each turn answers on a stream of its own (`TurnStream`), so nothing lends
+//! a shared receiver around. Cancellation takes a side path (an atomic turn
 //! number) because the command queue is not read while a turn is generating.
+//! Exclusive use of the model's one conversation is a `Lease`, which its
+//! holder drops.
 
 pub mod context;
 pub mod fake;
@@ -21,9 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::store::snapshot::KvState;
+pub use crate::chat::{FinishReason, GenStats, KvState, PrefixCache};
 pub use context::{Conversation, Message, Role};
 pub use sampler::SamplerSettings;
 
@@ -40,66 +43,6 @@ pub struct ModelInfo {
     /// rope scaling, a fallback chat template, thinking switched.
     #[serde(default)]
     pub notes: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model ended its answer.
-    Stop,
-    /// The answer reached `max_tokens`.
-    MaxTokens,
-    /// The answer filled the context window.
-    ContextFull,
-    /// The user cancelled.
-    Cancelled,
-}
-
-/// Figures for one turn. Token counts come from the model's tokenizer.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct GenStats {
-    /// Time from sending the turn to the first streamed text.
-    pub ttft_ms: f64,
-    /// Tokens prefilled for this turn (the new part of the prompt).
-    pub prompt_tokens: usize,
-    /// Tokens already in the KV cache and reused, not recomputed.
-    pub reused_tokens: usize,
-    pub completion_tokens: usize,
-    /// Prompt tokens per second of prefill; `None` when nothing was prefilled.
-    pub prefill_tok_s: Option<f64>,
-    /// Generated tokens per second after the first; `None` below two tokens.
-    pub decode_tok_s: Option<f64>,
-    pub total_ms: f64,
-    /// Tokens in the context after the turn.
-    pub context_tokens: usize,
-    /// Tokens of the system prompt loaded from the prompt cache instead of
-    /// prefilled (included in `reused_tokens`).
-    #[serde(default)]
-    pub cached_tokens: usize,
-}
-
-impl GenStats {
-    /// The one-line summary `kiln ask` prints on stderr.
-    pub fn summary(&self, finish: FinishReason) -> String {
-        let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |v| format!("{v:.1} tok/s"));
-        let mut line = format!(
-            "{} tokens · TTFT {:.2} s · prefill {} ({} tok, {} reused) · decode {} · context {}",
-            self.completion_tokens,
-            self.ttft_ms / 1000.0,
-            rate(self.prefill_tok_s),
-            self.prompt_tokens,
-            self.reused_tokens,
-            rate(self.decode_tok_s),
-            self.context_tokens,
-        );
-        if self.cached_tokens > 0 {
-            line.push_str(&format!(" · prompt cache hit ({} tok)", self.cached_tokens));
-        }
-        if finish != FinishReason::Stop {
-            line.push_str(&format!(" · stopped: {finish:?}"));
-        }
-        line
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,20 +78,24 @@ pub enum EngineEvent {
 
 #[derive(Debug)]
 pub enum EngineCommand {
-    /// Add a user message and generate the reply.
+    /// Add a user message and generate the reply, sending the turn's
+    /// events to `out`.
     Chat {
         turn: u64,
         message: String,
+        out: EventSink,
     },
     /// Like `Chat`, with the answer constrained to a regular expression.
     ChatConstrained {
         turn: u64,
         message: String,
         pattern: String,
+        out: EventSink,
     },
     /// Continue the last (cut off) answer.
     Continue {
         turn: u64,
+        out: EventSink,
     },
     SetSystemPrompt(Option<String>),
     /// Replace the conversation (regenerate, resume); the next turn reuses
@@ -237,6 +184,63 @@ pub struct EngineHandle {
     cancel: CancelFlag,
     next_turn: Arc<AtomicU64>,
     info: ModelInfo,
+    /// One permit: whoever holds it has the model's conversation.
+    exclusive: Arc<Semaphore>,
+}
+
+/// One turn's events, from `TurnStarted` to `TurnFinished` or `TurnFailed`.
+#[derive(Debug)]
+pub struct TurnStream {
+    pub turn: u64,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    ended: bool,
+}
+
+impl TurnStream {
+    /// The turn's next event; `None` after its last. A turn whose engine
+    /// went away ends with a `TurnFailed` saying so.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = self.events.recv().await.unwrap_or(EngineEvent::TurnFailed {
+            turn: self.turn,
+            error: "the engine stopped unexpectedly".into(),
+        });
+        self.ended = matches!(
+            event,
+            EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
+        );
+        Some(event)
+    }
+
+    /// The next event if one is already here.
+    pub fn try_next(&mut self) -> Option<EngineEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = self.events.try_recv().ok()?;
+        self.ended = matches!(
+            event,
+            EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
+        );
+        Some(event)
+    }
+}
+
+/// Exclusive use of an engine's conversation, held by the workstation or
+/// an agent run and given back by dropping it.
+#[derive(Debug)]
+pub struct Lease {
+    engine: EngineHandle,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = EngineHandle;
+    fn deref(&self) -> &EngineHandle {
+        &self.engine
+    }
 }
 
 impl EngineHandle {
@@ -244,36 +248,61 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Queue a user message; returns its turn number.
-    pub fn chat(&self, message: impl Into<String>) -> u64 {
-        let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
-        self.send(EngineCommand::Chat {
-            turn,
-            message: message.into(),
-        });
-        turn
+    /// The conversation for this holder alone; `None` while another
+    /// holds it.
+    pub fn lease(&self) -> Option<Lease> {
+        let permit = self.exclusive.clone().try_acquire_owned().ok()?;
+        Some(Lease {
+            engine: self.clone(),
+            _permit: permit,
+        })
     }
 
-    /// Queue a message whose answer must match `pattern`; returns its turn.
-    pub fn chat_constrained(&self, message: impl Into<String>, pattern: impl Into<String>) -> u64 {
-        let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
-        self.send(EngineCommand::ChatConstrained {
-            turn,
-            message: message.into(),
-            pattern: pattern.into(),
-        });
-        turn
+    /// Whether someone holds the conversation.
+    pub fn leased(&self) -> bool {
+        self.exclusive.available_permits() == 0
     }
 
-    /// Queue continuing the last answer; returns its turn number.
-    pub fn continue_last(&self) -> u64 {
+    fn turn(&self, command: impl FnOnce(u64, EventSink) -> EngineCommand) -> TurnStream {
         let turn = self.next_turn.fetch_add(1, Ordering::SeqCst) + 1;
-        self.send(EngineCommand::Continue { turn });
-        turn
+        let (out, events) = mpsc::unbounded_channel();
+        self.send(command(turn, out));
+        TurnStream {
+            turn,
+            events,
+            ended: false,
+        }
+    }
+
+    /// Send a user message; its answer streams on the returned turn.
+    pub fn chat(&self, message: impl Into<String>) -> TurnStream {
+        let message = message.into();
+        self.turn(|turn, out| EngineCommand::Chat { turn, message, out })
+    }
+
+    /// Send a message whose answer must match `pattern`.
+    pub fn chat_constrained(
+        &self,
+        message: impl Into<String>,
+        pattern: impl Into<String>,
+    ) -> TurnStream {
+        let (message, pattern) = (message.into(), pattern.into());
+        self.turn(|turn, out| EngineCommand::ChatConstrained {
+            turn,
+            message,
+            pattern,
+            out,
+        })
+    }
+
+    /// Continue the last answer.
+    pub fn continue_last(&self) -> TurnStream {
+        self.turn(|turn, out| EngineCommand::Continue { turn, out })
     }
 
     pub fn send(&self, command: EngineCommand) {
-        // A closed channel means the engine task ended; its last event says why.
+        // A closed channel means the engine task ended; each turn's stream
+        // says so.
         let _ = self.commands.send(command);
     }
 
@@ -285,22 +314,22 @@ impl EngineHandle {
 }
 
 /// Start `engine` as a background task.
-pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver<EngineEvent>) {
+pub fn spawn<E: Engine>(mut engine: E) -> EngineHandle {
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
-    let (event_tx, event_rx) = mpsc::unbounded_channel();
     let cancel = CancelFlag::default();
     let handle = EngineHandle {
         commands: cmd_tx,
         cancel: cancel.clone(),
         next_turn: Arc::new(AtomicU64::new(0)),
         info: engine.info(),
+        exclusive: Arc::new(Semaphore::new(1)),
     };
     tokio::spawn(async move {
         while let Some(command) = cmd_rx.recv().await {
             match command {
-                EngineCommand::Chat { turn, message } => {
+                EngineCommand::Chat { turn, message, out } => {
                     if cancel.is_cancelled(turn) {
-                        let _ = event_tx.send(EngineEvent::TurnFinished {
+                        let _ = out.send(EngineEvent::TurnFinished {
                             turn,
                             reply: String::new(),
                             finish: FinishReason::Cancelled,
@@ -308,19 +337,20 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
                         });
                         continue;
                     }
-                    engine.chat(turn, message, &event_tx, &cancel).await
+                    engine.chat(turn, message, &out, &cancel).await
                 }
                 EngineCommand::ChatConstrained {
                     turn,
                     message,
                     pattern,
+                    out,
                 } => {
                     engine
-                        .chat_constrained(turn, message, pattern, &event_tx, &cancel)
+                        .chat_constrained(turn, message, pattern, &out, &cancel)
                         .await
                 }
-                EngineCommand::Continue { turn } => {
-                    engine.continue_last(turn, &event_tx, &cancel).await
+                EngineCommand::Continue { turn, out } => {
+                    engine.continue_last(turn, &out, &cancel).await
                 }
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
                 EngineCommand::SetHistory(m) => engine.set_history(m),
@@ -335,7 +365,7 @@ pub fn spawn<E: Engine>(mut engine: E) -> (EngineHandle, mpsc::UnboundedReceiver
             }
         }
     });
-    (handle, event_rx)
+    handle
 }
 
 /// A turn that could not run ends with its reason.
@@ -430,6 +460,41 @@ mod tests {
         let (p, d) = rates(10, 1, 0.5, 0.5);
         assert_eq!(d, None);
         assert!((p.unwrap() - 20.0).abs() < 1e-9);
+    }
+
+    /// Each turn's events reach its own stream only, and one lease is
+    /// lent at a time.
+    #[tokio::test]
+    async fn turns_stream_apart_and_the_lease_is_exclusive() {
+        let engine = spawn(fake::FakeEngine::new(["one", "two"]));
+        let lease = engine.lease().expect("free at first");
+        assert!(engine.leased() && engine.lease().is_none());
+        let mut first = lease.chat("a");
+        let mut second = lease.chat("b");
+        let mut replies = Vec::new();
+        for stream in [&mut first, &mut second] {
+            let mut turns = Vec::new();
+            while let Some(ev) = stream.next().await {
+                turns.push(event_turn(&ev));
+                if let EngineEvent::TurnFinished { reply, .. } = ev {
+                    replies.push(reply);
+                }
+            }
+            assert!(turns.iter().all(|t| *t == stream.turn), "{turns:?}");
+        }
+        assert_eq!(replies, ["one", "two"]);
+        drop(lease);
+        assert!(!engine.leased() && engine.lease().is_some());
+    }
+
+    fn event_turn(ev: &EngineEvent) -> u64 {
+        match ev {
+            EngineEvent::TurnStarted { turn, .. }
+            | EngineEvent::ContextTrimmed { turn, .. }
+            | EngineEvent::Token { turn, .. }
+            | EngineEvent::TurnFinished { turn, .. }
+            | EngineEvent::TurnFailed { turn, .. } => *turn,
+        }
     }
 
     #[test]

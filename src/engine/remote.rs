@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::context::{Conversation, Message, Role};
 use super::sampler::SamplerSettings;
 use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
-use crate::store::snapshot::KvState;
+use crate::chat::KvState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Waiting for the first token includes the server's prefill.

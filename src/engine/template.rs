@@ -27,25 +27,7 @@ pub enum Source<'a> {
     ChatMl,
 }
 
-/// llama.cpp's built-in template for a vocabulary, told apart by the turn
-/// markers each family's tokenizer has as tokens.
-pub fn builtin_for(has: impl Fn(&str) -> bool) -> Option<&'static str> {
-    let rules: [(&[&str], &str); 9] = [
-        (&["<|im_start|>", "<|im_sep|>"], "phi4"),
-        (&["<|im_start|>"], "chatml"),
-        (&["<|start_header_id|>"], "llama3"),
-        (&["<start_of_turn>"], "gemma"),
-        (&["<|user|>", "<|assistant|>", "<|end|>"], "phi3"),
-        (&["[SYSTEM_PROMPT]", "[INST]"], "mistral-v7"),
-        (&["[INST]", "[/INST]"], "mistral-v3"),
-        (&["<｜User｜>", "<｜Assistant｜>"], "deepseek3"),
-        (&["<|START_OF_TURN_TOKEN|>"], "command-r"),
-    ];
-    rules
-        .iter()
-        .find(|(tokens, _)| tokens.iter().all(|t| has(t)))
-        .map(|(_, name)| *name)
-}
+pub use crate::gguf::builtin_for;
 
 #[derive(Clone)]
 enum Kind {

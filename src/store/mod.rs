@@ -7,6 +7,7 @@ pub mod journal;
 pub mod prompt_cache;
 pub mod session;
 pub mod snapshot;
+pub mod transcript;
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ use serde::Serialize;
 
 use crate::error::{KilnError, Result};
 use crate::paths::Paths;
-use crate::transcript::Transcript;
+use crate::store::transcript::Transcript;
 use session::{read_events, read_meta, Meta, OpenSession, SCHEMA_VERSION};
 
 /// The folder of every session of one user.

@@ -35,9 +35,6 @@ pub struct CacheStats {
 }
 
 impl PromptCache {
-    /// System prompts shorter than this are cheaper to prefill than to load.
-    pub const MIN_TOKENS: usize = 64;
-
     pub fn new(dir: PathBuf, cap_bytes: u64) -> PromptCache {
         PromptCache { dir, cap_bytes }
     }
@@ -211,5 +208,15 @@ mod tests {
             PromptCache::key("fp", "system"),
             PromptCache::key("fp2", "system")
         );
+    }
+}
+
+impl crate::chat::PrefixCache for PromptCache {
+    fn lookup(&self, fingerprint: &str, prefix: &str) -> Option<KvState> {
+        self.get(&PromptCache::key(fingerprint, prefix), fingerprint)
+    }
+
+    fn keep(&self, fingerprint: &str, prefix: &str, state: &KvState) -> std::io::Result<u64> {
+        self.put(&PromptCache::key(fingerprint, prefix), fingerprint, state)
     }
 }

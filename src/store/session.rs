@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::atomic::{open_append, sync_dir, write_atomic};
-use crate::engine::{FinishReason, GenStats};
+use crate::chat::AlarmKind;
+use crate::chat::{FinishReason, GenStats};
 use crate::error::{KilnError, Result};
-use crate::telemetry::alarms::AlarmKind;
 
 /// Written into every file; a reader skips what is newer than it knows.
 pub const SCHEMA_VERSION: u32 = 1;

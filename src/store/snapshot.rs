@@ -16,14 +16,7 @@ const MAGIC: &[u8; 8] = b"KILNKV\x00\x01";
 /// A header larger than this is damage, not a header.
 const MAX_HEADER: u32 = 64 << 20;
 
-/// An engine's KV state: the text it holds (so a later prompt can be checked
-/// for a shared prefix), its token count, and the engine's serialized cache.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KvState {
-    pub fed: String,
-    pub kv_tokens: usize,
-    pub bytes: Vec<u8>,
-}
+pub use crate::chat::KvState;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::Sample;
 use crate::engine::GenStats;
@@ -24,12 +24,7 @@ const DECODE_DROP: f64 = 0.8;
 /// Decode speed from fewer tokens than this is too noisy to compare.
 const MIN_DECODE_TOKENS: usize = 16;
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum AlarmKind {
-    SwapStorm,
-    ThermalThrottling,
-}
+pub use crate::chat::AlarmKind;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(tag = "alarm", rename_all = "snake_case")]

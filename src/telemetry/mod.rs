@@ -30,16 +30,7 @@ pub fn no_swap_words(on_demand: bool) -> &'static str {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
-pub struct MemorySnapshot {
-    pub total: u64,
-    /// Memory a new allocation can get without swapping (MemAvailable on
-    /// Linux), capped by a cgroup limit when the process runs in one, and
-    /// by the GPU wired limit when kiln runs on Metal.
-    pub available: u64,
-    pub swap_total: u64,
-    pub swap_free: u64,
-}
+pub use crate::budget::MemorySnapshot;
 
 impl MemorySnapshot {
     pub fn read() -> Option<MemorySnapshot> {

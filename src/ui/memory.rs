@@ -102,7 +102,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ]));
     }
     lines[2].spans.push(Span::styled(
-        format!(" {} tok", super::count(state.context_tokens as u64)),
+        format!(" {} tok", crate::layout::count(state.context_tokens as u64)),
         theme.fg(Slot::Dim),
     ));
     let (left, style) = match (v.offloaded, v.memory_left) {
@@ -112,11 +112,14 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         ),
         (None, memory_left) => match memory_left {
             Some(m) if m < v.context_left => (
-                format!("{} tok left, then memory runs out", super::count(m)),
+                format!("{} tok left, then memory runs out", crate::layout::count(m)),
                 theme.alert(Slot::Warning),
             ),
             _ => (
-                format!("{} tok left in context", super::count(v.context_left)),
+                format!(
+                    "{} tok left in context",
+                    crate::layout::count(v.context_left)
+                ),
                 theme.fg(Slot::Text),
             ),
         },

@@ -8,89 +8,17 @@ pub mod memory;
 mod speed;
 mod status;
 mod swap;
-pub mod text;
 mod thermal;
 
-use ratatui::layout::{Constraint, Layout, Margin, Rect};
+use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Paragraph};
 use ratatui::Frame;
 
 use crate::app::{Mode, State};
+use crate::layout;
 use crate::theme::{Slot, Theme};
-
-/// Below this the screen shows one line asking for a larger terminal.
-pub const MIN_WIDTH: u16 = 20;
-pub const MIN_HEIGHT: u16 = 6;
-/// The side panels need this much width to be worth drawing in full.
-pub const FULL_PANELS_MIN_WIDTH: u16 = 100;
-
-pub struct Areas {
-    pub chat: Rect,
-    pub input: Rect,
-    /// Zero-sized when the panels are collapsed.
-    pub panels: Rect,
-    /// The one-line panel summary; zero-sized when the panels are full.
-    pub summary: Rect,
-    pub status: Rect,
-}
-
-pub fn layout(area: Rect, state: &State) -> Option<Areas> {
-    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
-        return None;
-    }
-    let status = Rect {
-        y: area.bottom() - 1,
-        height: 1,
-        ..area
-    };
-    let body = Rect {
-        height: area.height - 1,
-        ..area
-    };
-    let (main, panels, summary) = if state.full_panels() {
-        let width = (area.width * 3 / 10).clamp(30, 44).min(area.width / 2);
-        let [main, panels] =
-            Layout::horizontal([Constraint::Min(0), Constraint::Length(width)]).areas(body);
-        (main, panels, Rect::default())
-    } else {
-        let [main, summary] =
-            Layout::vertical([Constraint::Min(0), Constraint::Length(1)]).areas(body);
-        (main, Rect::default(), summary)
-    };
-    let wanted = state.input.lines().len().min(u16::MAX as usize - 2) as u16 + 2;
-    let input_height = wanted.clamp(3, (main.height / 3).max(3)).min(main.height);
-    let [chat, input] =
-        Layout::vertical([Constraint::Min(0), Constraint::Length(input_height)]).areas(main);
-    Some(Areas {
-        chat,
-        input,
-        panels,
-        summary,
-        status,
-    })
-}
-
-/// The text area of the conversation pane: one column of margin each side.
-pub fn chat_text_area(chat: Rect) -> Rect {
-    chat.inner(Margin {
-        horizontal: 1,
-        vertical: 0,
-    })
-}
-
-/// Width and height of the conversation text at the current terminal size.
-pub fn chat_viewport(state: &State) -> (u16, usize) {
-    let area = Rect::new(0, 0, state.size.0, state.size.1);
-    match layout(area, state) {
-        Some(a) => {
-            let text = chat_text_area(a.chat);
-            (text.width, text.height as usize)
-        }
-        None => (0, 0),
-    }
-}
 
 pub fn render(frame: &mut Frame, state: &State, theme: &Theme) {
     draw(frame, state, theme);
@@ -117,7 +45,11 @@ fn scrub(buffer: &mut ratatui::buffer::Buffer) {
 
 fn draw(frame: &mut Frame, state: &State, theme: &Theme) {
     let area = frame.area();
-    let Some(areas) = layout(area, state) else {
+    let Some(areas) = layout::areas(
+        area,
+        state.full_panels_at(area.width),
+        state.input.lines().len(),
+    ) else {
         let line = Line::styled("kiln: terminal too small", theme.alert(Slot::Warning));
         frame.render_widget(Paragraph::new(line), area);
         return;
@@ -186,24 +118,6 @@ pub fn panel_block<'a>(title: &'a str, border: Style, theme: &Theme) -> Block<'a
         .borders(Borders::ALL)
         .border_style(border)
         .title(Line::styled(format!(" {title} "), theme.fg(Slot::Accent)))
-}
-
-/// 12,345
-pub fn count(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A rate with one decimal, or "n/a".
-pub fn rate(r: Option<f64>) -> String {
-    r.map_or_else(|| "n/a".into(), |v| format!("{v:.1}"))
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Sparkline};
 use ratatui::Frame;
 
-use super::rate;
 use crate::app::State;
+use crate::layout::rate;
 use crate::theme::{Slot, Theme};
 
 pub const HEIGHT: u16 = 9;
@@ -25,7 +25,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
             if s.cached_tokens > 0 {
                 ttft.push_str(&format!(
                     " · cache hit {} tok",
-                    super::count(s.cached_tokens as u64)
+                    crate::layout::count(s.cached_tokens as u64)
                 ));
             }
             lines.push(Line::styled(ttft, text));

@@ -27,8 +27,8 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     };
     let ctx = format!(
         "ctx {}/{}",
-        super::count(state.context_tokens as u64),
-        super::count(state.model.context_limit as u64)
+        crate::layout::count(state.context_tokens as u64),
+        crate::layout::count(state.model.context_limit as u64)
     );
     let title = crate::visible::visible_line(state.title.as_deref().unwrap_or("new session"));
     let hints = format!(
@@ -88,8 +88,8 @@ pub fn render_summary(frame: &mut Frame, area: Rect, state: &State, theme: &Them
         _ => "swap n/a".to_string(),
     };
     let speed = match (&state.generation, &state.last_stats) {
-        (Some(g), _) => format!("live {} tok/s", super::rate(g.live_tok_s)),
-        (None, Some(st)) => format!("{} tok/s", super::rate(st.decode_tok_s)),
+        (Some(g), _) => format!("live {} tok/s", crate::layout::rate(g.live_tok_s)),
+        (None, Some(st)) => format!("{} tok/s", crate::layout::rate(st.decode_tok_s)),
         (None, None) => "no turn yet".to_string(),
     };
     let temp = match s.hottest() {

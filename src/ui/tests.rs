@@ -11,6 +11,7 @@ use ratatui::Terminal;
 use super::*;
 use crate::app::{update, Msg, Pasted};
 use crate::engine::{EngineEvent, FinishReason, GenStats};
+use crate::layout::{MIN_HEIGHT, MIN_WIDTH};
 use crate::models;
 use crate::telemetry::{
     MemorySnapshot, Pressure, ProcessStats, Psi, Sample, SwapRate, Temperature, Throttle,
@@ -471,11 +472,11 @@ fn no_color_keeps_the_screen_readable() {
 #[tokio::test]
 async fn a_fake_engine_conversation_reaches_the_screen() {
     let fake = crate::engine::fake::FakeEngine::new(["Kilns fire **clay** into ceramic."]);
-    let (handle, mut events) = crate::engine::spawn(fake);
+    let handle = crate::engine::spawn(fake);
     let mut s = base(120, 30);
     send(&mut s, "What does a kiln do?");
-    handle.chat("What does a kiln do?");
-    while let Some(ev) = events.recv().await {
+    let mut turn = handle.chat("What does a kiln do?");
+    while let Some(ev) = turn.next().await {
         let done = matches!(ev, EngineEvent::TurnFinished { .. });
         update(&mut s, Msg::Engine(ev, Instant::now()));
         if done {

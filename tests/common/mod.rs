@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use kiln::engine::kalosm::{EngineOptions, KalosmEngine};
 use kiln::engine::local::{Backend, LocalEngine};
-use kiln::engine::{self, EngineEvent, EngineHandle, FinishReason, GenStats, SamplerSettings};
+use kiln::engine::{
+    self, EngineEvent, EngineHandle, FinishReason, GenStats, SamplerSettings, TurnStream,
+};
 use kiln::models::{self, ModelSpec, ResolvedModel};
 use kiln::paths::Paths;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -35,7 +37,7 @@ pub async fn engine(options: EngineOptions) -> KalosmEngine {
         .expect("model loads")
 }
 
-pub async fn spawned(options: EngineOptions) -> (EngineHandle, UnboundedReceiver<EngineEvent>) {
+pub async fn spawned(options: EngineOptions) -> EngineHandle {
     engine::spawn(engine(options).await)
 }
 
@@ -54,10 +56,7 @@ pub async fn local_engine(backend: Backend, options: EngineOptions) -> LocalEngi
         .expect("model loads")
 }
 
-pub async fn spawned_on(
-    backend: Backend,
-    options: EngineOptions,
-) -> (EngineHandle, UnboundedReceiver<EngineEvent>) {
+pub async fn spawned_on(backend: Backend, options: EngineOptions) -> EngineHandle {
     engine::spawn(local_engine(backend, options).await)
 }
 
@@ -83,10 +82,34 @@ impl Turn {
     }
 }
 
-pub async fn collect(rx: &mut UnboundedReceiver<EngineEvent>, turn: u64) -> Turn {
+/// Where a test reads a turn's events: its stream, or the channel a test
+/// hands an engine directly.
+pub trait Events {
+    fn next_event(&mut self) -> impl std::future::Future<Output = Option<EngineEvent>>;
+}
+
+impl Events for UnboundedReceiver<EngineEvent> {
+    async fn next_event(&mut self) -> Option<EngineEvent> {
+        self.recv().await
+    }
+}
+
+impl Events for TurnStream {
+    async fn next_event(&mut self) -> Option<EngineEvent> {
+        self.next().await
+    }
+}
+
+/// Everything a turn's stream sends, to its end.
+pub async fn finish(mut stream: TurnStream) -> Turn {
+    let turn = stream.turn;
+    collect(&mut stream, turn).await
+}
+
+pub async fn collect(rx: &mut impl Events, turn: u64) -> Turn {
     let mut t = Turn::default();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(600), rx.recv())
+        let ev = tokio::time::timeout(Duration::from_secs(600), rx.next_event())
             .await
             .expect("a turn ends within 10 minutes")
             .expect("engine alive");
@@ -112,13 +135,8 @@ pub async fn collect(rx: &mut UnboundedReceiver<EngineEvent>, turn: u64) -> Turn
     }
 }
 
-pub async fn ask(
-    handle: &EngineHandle,
-    rx: &mut UnboundedReceiver<EngineEvent>,
-    message: &str,
-) -> Turn {
-    let turn = handle.chat(message);
-    collect(rx, turn).await
+pub async fn ask(handle: &EngineHandle, message: &str) -> Turn {
+    finish(handle.chat(message)).await
 }
 
 /// A program in a detached tmux session, read the way a person reads it.

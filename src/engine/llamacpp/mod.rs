@@ -36,10 +36,10 @@ use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
     Trace,
 };
+use crate::chat::KvState;
+use crate::chat::PREFIX_CACHE_MIN_TOKENS;
 use crate::error::{KilnError, ModelFileError, Result};
 use crate::models::ResolvedModel;
-use crate::store::prompt_cache::PromptCache;
-use crate::store::snapshot::KvState;
 
 pub struct LlamaCppEngine {
     llm: LlamaCpp,
@@ -136,11 +136,10 @@ impl LlamaCppEngine {
         else {
             return 0;
         };
-        if !prompt.starts_with(&prefix) || self.count_tokens(&prefix) < PromptCache::MIN_TOKENS {
+        if !prompt.starts_with(&prefix) || self.count_tokens(&prefix) < PREFIX_CACHE_MIN_TOKENS {
             return 0;
         }
-        let key = PromptCache::key(&fingerprint, &prefix);
-        if let Some(state) = cache.get(&key, &fingerprint) {
+        if let Some(state) = cache.lookup(&fingerprint, &prefix) {
             match LlamaCppSession::from_bytes(&state.bytes) {
                 // The model loads its llama.cpp state when the turn runs.
                 Ok(session) if state.fed == prefix && session.token_count() == state.kv_tokens => {
@@ -163,7 +162,7 @@ impl LlamaCppEngine {
             return 0;
         }
         match self.state() {
-            Ok(state) => match cache.put(&key, &fingerprint, &state) {
+            Ok(state) => match cache.keep(&fingerprint, &prefix, &state) {
                 Ok(bytes) => tracing::info!(
                     "prompt cache: stored {} tokens ({bytes} bytes)",
                     state.kv_tokens

@@ -5,7 +5,8 @@ use std::io::{IsTerminal, Read, Write};
 use crate::cli::{AskArgs, Common};
 use crate::engine::{EngineEvent, FinishReason};
 use crate::error::{KilnError, Result};
-use crate::launch::{self, Started};
+use crate::host::launch::{self, Started};
+use crate::record::Record;
 use crate::store::journal::JournalHandle;
 use crate::store::session::Event;
 use crate::store::SessionStore;
@@ -26,15 +27,13 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
         Some(start_session(&started, &question)?)
     };
     let raw = !std::io::stdout().is_terminal();
-    let Started {
-        handle, mut events, ..
-    } = started;
+    let Started { engine, .. } = started;
     let mut stdout = std::io::stdout().lock();
     if args.json {
-        let info = serde_json::json!({ "event": "model", "model": handle.info() });
+        let info = serde_json::json!({ "event": "model", "model": engine.info() });
         let _ = writeln!(stdout, "{info}");
     }
-    let turn = handle.chat(question);
+    let mut turn = engine.chat(question);
 
     let mut interrupted = false;
     let mut ended_with_newline = true;
@@ -42,18 +41,18 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
     let mut thinking_shown = false;
     loop {
         let event = tokio::select! {
-            ev = events.recv() => match ev {
+            ev = turn.next() => match ev {
                 Some(ev) => ev,
                 None => return Err(KilnError::Engine("the engine stopped unexpectedly".into())),
             },
             _ = tokio::signal::ctrl_c(), if !interrupted => {
                 interrupted = true;
-                handle.cancel();
+                engine.cancel();
                 continue;
             }
         };
-        if let Some(j) = &journal {
-            record(j, &event);
+        if let (Some(j), Some(record)) = (&journal, Record::of(&event)) {
+            record.write(j);
         }
         let written = if args.json {
             serde_json::to_string(&event)
@@ -82,15 +81,10 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
         let _ = stdout.flush();
         if written.is_err() {
             // The reader went away (`kiln ask … | head`): stop generating.
-            handle.cancel();
+            engine.cancel();
         }
         match event {
-            EngineEvent::TurnFinished {
-                turn: t,
-                finish,
-                stats,
-                ..
-            } if t == turn => {
+            EngineEvent::TurnFinished { finish, stats, .. } => {
                 let session = close(journal).await;
                 if !args.json {
                     if !ended_with_newline {
@@ -104,7 +98,7 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
                     0
                 });
             }
-            EngineEvent::TurnFailed { turn: t, error } if t == turn => {
+            EngineEvent::TurnFailed { error, .. } => {
                 close(journal).await;
                 return Err(KilnError::Engine(error));
             }
@@ -118,7 +112,7 @@ pub async fn run(args: AskArgs, common: &Common) -> Result<i32> {
 /// no half-made session is left behind.
 fn start_session(started: &Started, question: &str) -> Result<JournalHandle> {
     let store = SessionStore::new(&started.paths);
-    let context = started.handle.info().context_limit;
+    let context = started.engine.info().context_limit;
     let not_saved = |why: String| {
         KilnError::Store(format!(
             "{why}: the question could not be saved, so it was not answered (--ephemeral answers without saving)"
@@ -140,26 +134,6 @@ fn start_session(started: &Started, question: &str) -> Result<JournalHandle> {
         return Err(not_saved(why));
     }
     Ok(journal)
-}
-
-fn record(journal: &JournalHandle, event: &EngineEvent) {
-    match event {
-        EngineEvent::Token { text, .. } => journal.chunk(text.clone()),
-        EngineEvent::TurnFinished {
-            reply,
-            finish,
-            stats,
-            ..
-        } => journal.event(Event::Answer {
-            text: reply.clone(),
-            finish: *finish,
-            stats: stats.clone(),
-        }),
-        EngineEvent::TurnFailed { error, .. } => journal.event(Event::Error {
-            text: error.clone(),
-        }),
-        EngineEvent::ContextTrimmed { .. } | EngineEvent::TurnStarted { .. } => {}
-    }
 }
 
 /// Flush the journal; returns " · session ID" for the stats line.

@@ -2,9 +2,9 @@
 
 use crate::cli::{Common, ExportFormat, SessionsAction};
 use crate::error::{KilnError, Result};
-use crate::launch::paths_and_config;
+use crate::host::launch::paths_and_config;
+use crate::store::transcript::EntryKind;
 use crate::store::{display_time, id_of, Loaded, SessionStore};
-use crate::transcript::EntryKind;
 use crate::visible::{for_output, visible, visible_line};
 
 pub fn run(action: SessionsAction, common: &Common) -> Result<i32> {

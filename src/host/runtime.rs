@@ -1,24 +1,25 @@
 //! The runtime behind the workstation: performs the effects `update`
-//! returns. It owns the engines, the session journal and a running agent;
-//! the workstation host feeds what they send back into `update`.
+//! returns and answers with messages. It owns the engines, the session
+//! journal, the running turn's stream and a running agent; it never writes
+//! the workstation's `State`, which only `update` does.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::agent::tools::{Limits, ToolCall, Workspace};
-use crate::agent::{self, Agent, Approval, Approver, Budgets, GovernorMode, Outcome};
-use crate::app::{self, AgentMsg, Effect, Msg, PickerItem, State};
+use crate::agent::tools::ToolCall;
+use crate::agent::{self, Approval, Approver, Outcome, RunEvent, RunHandle, RunSpec};
+use crate::app::{AgentMsg, Effect, MovedTo, Msg, PickerItem, Resumed};
 use crate::cli::Common;
-use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle};
-use crate::launch;
+use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle, Lease, TurnStream};
+use crate::host::launch;
 use crate::store::journal::{self, JournalHandle, Report};
 use crate::store::session::{self, OpenSession};
+use crate::store::transcript::Transcript;
 use crate::store::{snapshot, Loaded, SessionStore};
 use crate::telemetry::Sample;
-use crate::transcript::Transcript;
 
 /// The KV snapshot in a session folder, written when a session closes.
 pub const SNAPSHOT: &str = "kv.snapshot";
@@ -28,13 +29,13 @@ const MAX_COPY_BYTES: usize = 512 * 1024;
 /// What the runtime holds besides the state: the engine, and the session
 /// journal once there is something to write.
 pub struct Runtime {
+    /// The model this conversation was given, held until it closes.
+    home: Lease,
     /// The engine chats go to now.
-    pub engine: EngineHandle,
-    /// Every engine started so far, by spec ("smollm2-…", "remote:NAME"),
-    /// kept so a session can move back without a reload.
+    engine: EngineHandle,
+    /// Every other engine started so far, by spec ("smollm2-…",
+    /// "remote:NAME"), kept so a session can move back without a reload.
     engines: Vec<(String, EngineHandle)>,
-    /// All engines' events, merged into the one stream `update` reads.
-    merged: mpsc::UnboundedSender<EngineEvent>,
     config: crate::config::Config,
     common: Common,
     store: SessionStore,
@@ -42,23 +43,23 @@ pub struct Runtime {
     reports: Option<mpsc::UnboundedReceiver<Report>>,
     model_spec: String,
     fingerprint: Option<String>,
+    /// The system prompt the engine was last given, for a new session.
+    system_prompt: Option<String>,
     samples: watch::Receiver<Sample>,
-    pub agent: Option<AgentLink>,
+    /// The answer being generated.
+    turn: Option<TurnStream>,
+    agent: Option<AgentLink>,
     /// Escape sequences for the attached terminals (OSC 52 copies).
     pub outbox: Vec<String>,
     /// Why the user's last message could not be committed: the model is
     /// not asked about a message that is not on disk.
     not_committed: Option<String>,
-    /// The first engine's forwarder, stopped to hand its events back.
-    first: Forwarder,
 }
 
-/// The runtime's side of a running agent: engine events go to it, its
-/// progress and approval questions come back.
-pub struct AgentLink {
-    pub events: mpsc::UnboundedSender<EngineEvent>,
-    messages: mpsc::UnboundedReceiver<AgentMsg>,
-    stop: Arc<AtomicBool>,
+/// The runtime's side of a running agent: its progress and approval
+/// questions come back.
+struct AgentLink {
+    run: RunHandle,
     /// The approval question waiting for the user's answer.
     asking: Option<oneshot::Sender<Approval>>,
     questions: mpsc::UnboundedReceiver<(ToolCall, oneshot::Sender<Approval>)>,
@@ -82,28 +83,31 @@ impl Runtime {
         common: Common,
         started: launch::Started,
         samples: watch::Receiver<Sample>,
-    ) -> (Runtime, mpsc::UnboundedReceiver<EngineEvent>) {
-        let (merged, events) = mpsc::unbounded_channel();
-        let first = forward(started.events, merged.clone());
-        let spec = started.model_spec;
-        let runtime = Runtime {
-            engine: started.handle.clone(),
-            engines: vec![(spec.clone(), started.handle)],
-            merged,
+    ) -> Runtime {
+        let engine = (*started.engine).clone();
+        let system_prompt = started.config.system_prompt.clone();
+        // The engine may come from a daemon that served someone else.
+        engine.send(EngineCommand::Reset);
+        engine.send(EngineCommand::SetSampler(started.config.sampling.clone()));
+        engine.send(EngineCommand::SetSystemPrompt(system_prompt.clone()));
+        Runtime {
+            engines: vec![(started.model_spec.clone(), engine.clone())],
+            engine,
+            home: started.engine,
             config: started.config,
             store: SessionStore::new(&started.paths),
             common,
             journal: None,
             reports: None,
-            model_spec: spec,
+            model_spec: started.model_spec,
             fingerprint: started.fingerprint,
+            system_prompt,
             samples,
+            turn: None,
             agent: None,
             outbox: Vec::new(),
             not_committed: None,
-            first,
-        };
-        (runtime, events)
+        }
     }
 
     pub fn store(&self) -> &SessionStore {
@@ -115,13 +119,23 @@ impl Runtime {
         self.journal.as_ref()
     }
 
-    /// What the agent or the journal sends next; pending while neither
-    /// has anything.
+    /// Stop the answer being generated, if any.
+    pub fn cancel(&self) {
+        self.engine.cancel();
+    }
+
+    /// What the turn, the agent or the journal sends next; pending while
+    /// none has anything.
     pub async fn next_msg(&mut self) -> Msg {
         loop {
             tokio::select! {
-                from_agent = next_from_agent(&mut self.agent) => if let Some(msg) = from_agent {
-                    return Msg::Agent(msg);
+                event = next_event(&mut self.turn) => match event {
+                    Some(event) => return Msg::Engine(event, Instant::now()),
+                    None => self.turn = None,
+                },
+                from_agent = next_from_agent(&mut self.agent) => match from_agent {
+                    Some(msg) => return Msg::Agent(msg),
+                    None => self.agent = None,
                 },
                 report = next_report(&mut self.reports) => match report {
                     Some(report) => return Msg::Journal(report),
@@ -131,22 +145,16 @@ impl Runtime {
         }
     }
 
-    /// Save the session and hand back the first engine's events.
-    pub async fn finish(mut self) -> Option<mpsc::UnboundedReceiver<EngineEvent>> {
+    /// Save the session and give the model back.
+    pub async fn finish(mut self) {
         self.close().await;
-        self.first.take_back().await
+        drop(self.home);
     }
 
-    /// Show a session read from disk and bring the engine to where it was:
-    /// from its KV snapshot when one fits, else by re-reading the transcript
-    /// on the next message. Returns the line the status bar shows.
-    pub async fn resume(
-        &mut self,
-        state: &mut State,
-        loaded: Loaded,
-        open: OpenSession,
-        source: &std::path::Path,
-    ) -> String {
+    /// Bring the engine to where a session read from disk was: from its KV
+    /// snapshot when one fits, else by re-reading the transcript on the next
+    /// message. The message says what to show.
+    pub async fn resume(&mut self, loaded: Loaded, open: OpenSession, source: &Path) -> Msg {
         let messages = Transcript::messages(&loaded.transcript.entries);
         let count = messages.len();
         let title = loaded.meta.title.clone();
@@ -155,8 +163,8 @@ impl Runtime {
             tracing::warn!("{w}");
         }
         let snapshot_path = source.join(SNAPSHOT);
-        state.restore(&title, loaded.transcript);
         if system.is_some() {
+            self.system_prompt = system.clone();
             self.engine.send(EngineCommand::SetSystemPrompt(system));
         }
         self.engine.send(EngineCommand::SetHistory(messages));
@@ -172,22 +180,32 @@ impl Runtime {
                 "; {n} damaged journal lines skipped (see the log)"
             )),
         }
-        if !snapshot_path.exists() {
+        let kv_tokens = self.restore_snapshot(&snapshot_path, &mut line).await;
+        Msg::Resumed(Box::new(Resumed {
+            title,
+            transcript: loaded.transcript,
+            kv_tokens,
+            line,
+        }))
+    }
+
+    /// Load the session's KV snapshot into the engine when there is one and
+    /// it fits; the tokens it holds, and why not in `line`.
+    async fn restore_snapshot(&self, path: &Path, line: &mut String) -> Option<usize> {
+        if !path.exists() {
             line.push_str("; the model re-reads it on your next message");
-            return line;
+            return None;
         }
-        let Some(fingerprint) = &self.fingerprint else {
-            return line;
-        };
-        match snapshot::read(&snapshot_path, fingerprint) {
+        let fingerprint = self.fingerprint.as_ref()?;
+        match snapshot::read(path, fingerprint) {
             Ok(kv) => {
                 let tokens = kv.kv_tokens;
                 let (tx, rx) = oneshot::channel();
                 self.engine.send(EngineCommand::Restore(kv, tx));
                 match rx.await {
                     Ok(Ok(())) => {
-                        state.context_tokens = tokens;
                         line.push_str(&format!("; KV snapshot loaded ({tokens} tokens)"));
+                        return Some(tokens);
                     }
                     Ok(Err(e)) => {
                         tracing::warn!("restoring the KV snapshot: {e}");
@@ -203,66 +221,74 @@ impl Runtime {
                 line.push_str(&format!("; {e}; the model re-reads it instead"));
             }
         }
-        line
+        None
     }
 
     /// The journal, creating the session on the first thing worth keeping.
     /// When the session cannot be created the conversation goes on in memory
-    /// and the next record tries again.
-    fn journal(&mut self, state: &mut State) -> Option<&JournalHandle> {
+    /// and the next record tries again; the error says why.
+    fn journal(&mut self) -> Result<&JournalHandle, String> {
         if self.journal.is_none() {
             let info = self.engine.info();
-            match self.store.start(
-                &self.model_spec,
-                self.fingerprint.clone(),
-                info.context_limit,
-                state.system_prompt.as_deref(),
-            ) {
-                Ok((journal, reports)) => {
-                    self.journal = Some(journal);
-                    self.reports = Some(reports);
-                }
-                Err(e) => {
-                    state.notice = Some(format!("cannot save this session: {e}"));
-                    return None;
-                }
-            }
+            let (journal, reports) = self
+                .store
+                .start(
+                    &self.model_spec,
+                    self.fingerprint.clone(),
+                    info.context_limit,
+                    self.system_prompt.as_deref(),
+                )
+                .map_err(|e| format!("cannot save this session: {e}"))?;
+            self.journal = Some(journal);
+            self.reports = Some(reports);
         }
-        self.journal.as_ref()
+        Ok(self.journal.as_ref().expect("made above"))
     }
 
-    pub async fn perform(&mut self, effect: Effect, state: &mut State) {
+    /// Journal `record`; a session that cannot be made says so.
+    fn record(&mut self, write: impl FnOnce(&JournalHandle)) -> Vec<Msg> {
+        match self.journal() {
+            Ok(j) => {
+                write(j);
+                Vec::new()
+            }
+            Err(why) => vec![Msg::Notice(why)],
+        }
+    }
+
+    /// Perform one effect; the messages it brings back go to `update`.
+    pub async fn perform(&mut self, effect: Effect) -> Vec<Msg> {
         match effect {
             Effect::Chat(text) => {
                 if let Some(error) = self.not_committed.take() {
                     let failed = EngineEvent::TurnFailed { turn: 0, error };
-                    for effect in app::update(state, Msg::Engine(failed, std::time::Instant::now()))
-                    {
-                        Box::pin(self.perform(effect, state)).await;
-                    }
-                    return;
+                    return vec![Msg::Engine(failed, Instant::now())];
                 }
-                self.offload_if_needed(state, &text).await;
-                self.engine.chat(text);
+                self.turn = Some(self.engine.chat(text));
             }
             Effect::Regenerate { history, message } => {
                 self.engine.send(EngineCommand::SetHistory(history));
-                self.engine.chat(message);
+                self.turn = Some(self.engine.chat(message));
             }
             Effect::Continue { history } => {
                 self.engine.send(EngineCommand::SetHistory(history));
-                self.engine.continue_last();
+                self.turn = Some(self.engine.continue_last());
             }
             Effect::Cancel => self.engine.cancel(),
-            Effect::SetSystemPrompt(p) => self.engine.send(EngineCommand::SetSystemPrompt(p)),
+            Effect::SetSystemPrompt(p) => {
+                self.system_prompt = p.clone();
+                self.engine.send(EngineCommand::SetSystemPrompt(p));
+            }
             Effect::Copy(text) => self.outbox.push(osc52(&text)),
             Effect::Record(event @ session::Event::User { .. }) => {
-                let Some(j) = self.journal(state).cloned() else {
-                    self.not_committed = Some(format!(
-                        "{}; so your message was not sent to the model: send it again (Up recalls it) when the disk has room",
-                        state.notice.clone().unwrap_or_default()
-                    ));
-                    return;
+                let j = match self.journal() {
+                    Ok(j) => j.clone(),
+                    Err(why) => {
+                        self.not_committed = Some(format!(
+                            "{why}; so your message was not sent to the model: send it again (Up recalls it) when the disk has room"
+                        ));
+                        return vec![Msg::Notice(why)];
+                    }
                 };
                 let committed = tokio::task::spawn_blocking(move || j.commit(event))
                     .await
@@ -273,46 +299,34 @@ impl Runtime {
                     )
                 });
             }
-            Effect::Record(event) => {
-                if let Some(j) = self.journal(state) {
-                    j.event(event);
-                }
-            }
-            Effect::RecordChunk(text) => {
-                if let Some(j) = self.journal(state) {
-                    j.chunk(text);
-                }
-            }
+            Effect::Record(event) => return self.record(|j| j.event(event)),
+            Effect::RecordChunk(text) => return self.record(|j| j.chunk(text)),
             Effect::ListSessions => {
                 // Reading every journal is disk work: keep it off the UI loop.
                 let store = self.store.clone();
                 let items = tokio::task::spawn_blocking(move || picker_items(&store))
                     .await
                     .unwrap_or_default();
-                for effect in app::update(state, Msg::Sessions(items)) {
-                    Box::pin(self.perform(effect, state)).await;
-                }
+                return vec![Msg::Sessions(items)];
             }
-            Effect::OpenSession(dir) => self.switch(state, dir).await,
+            Effect::OpenSession(dir) => return self.switch(dir).await,
             Effect::StartAgent(task) => {
-                if let Err(outcome) = self.start_agent(state, task) {
-                    for effect in app::update(state, Msg::Agent(AgentMsg::Done(outcome))) {
-                        Box::pin(self.perform(effect, state)).await;
-                    }
+                if let Err(outcome) = self.start_agent(task) {
+                    return vec![Msg::Agent(AgentMsg::Done(outcome))];
                 }
             }
-            Effect::SwitchEngine(target) => {
-                let history = Transcript::messages(&state.transcript);
-                let line = self.switch_engine(state, target, history).await;
-                state.notice = Some(line.clone());
-                state.push_notice(line.clone());
-                if let Some(j) = self.journal(state) {
-                    j.event(session::Event::Notice { text: line });
-                }
+            Effect::SwitchEngine {
+                target,
+                history,
+                system_prompt,
+                offload,
+            } => {
+                let (to, line) = self.switch_engine(target, history, system_prompt).await;
+                return vec![Msg::Moved { to, line, offload }];
             }
             Effect::StopAgent => {
                 if let Some(a) = &self.agent {
-                    a.stop.store(true, Ordering::SeqCst);
+                    a.run.stop.store(true, Ordering::SeqCst);
                 }
             }
             Effect::Approve(answer) => {
@@ -325,12 +339,16 @@ impl Runtime {
                 history,
             } => {
                 self.agent = None;
+                self.system_prompt = system_prompt.clone();
+                self.engine
+                    .send(EngineCommand::SetSampler(self.config.sampling.clone()));
                 self.engine
                     .send(EngineCommand::SetSystemPrompt(system_prompt));
                 self.engine.send(EngineCommand::SetHistory(history));
             }
             Effect::Quit => {}
         }
+        Vec::new()
     }
 
     /// Move the conversation to another engine: `Some(NAME)` an endpoint,
@@ -338,10 +356,10 @@ impl Runtime {
     /// target gets the conversation and re-reads it on the next message.
     async fn switch_engine(
         &mut self,
-        state: &mut State,
         target: Option<String>,
         history: Vec<crate::engine::Message>,
-    ) -> String {
+        system_prompt: Option<String>,
+    ) -> (Option<MovedTo>, String) {
         let spec = match &target {
             Some(name) => format!("remote:{name}"),
             None => self
@@ -351,6 +369,7 @@ impl Runtime {
                 .find(|s| !s.starts_with("remote:"))
                 .unwrap_or_else(|| "local".to_string()),
         };
+        let mut shape = None;
         let handle = match self.engines.iter().find(|(s, _)| *s == spec) {
             Some((_, h)) => h.clone(),
             None => {
@@ -360,27 +379,29 @@ impl Runtime {
                         let mut common = self.common.clone();
                         common.engine = "local".into();
                         launch::launch(&common, |_| {}).await.map(|l| {
-                            state.shape = Some(l.shape());
+                            shape = Some(l.shape());
                             engine::spawn(l.engine)
                         })
                     }
                 };
                 match started {
-                    Ok((handle, events)) => {
-                        drop(forward(events, self.merged.clone()));
+                    Ok(handle) => {
                         self.engines.push((spec.clone(), handle.clone()));
                         handle
                     }
-                    Err(e) => return format!("cannot move the session: {e}"),
+                    Err(e) => return (None, format!("cannot move the session: {e}")),
                 }
             }
         };
-        handle.send(EngineCommand::SetSystemPrompt(state.system_prompt.clone()));
+        handle.send(EngineCommand::SetSystemPrompt(system_prompt));
         handle.send(EngineCommand::SetHistory(history));
         self.engine = handle;
-        state.model = self.engine.info().clone();
-        state.remote = target.as_ref().map(|_| spec.clone());
-        match target {
+        let to = MovedTo {
+            model: self.engine.info().clone(),
+            shape,
+            remote: target.as_ref().map(|_| spec.clone()),
+        };
+        let line = match target {
             Some(name) => format!(
                 "moved to endpoint {name}; this machine no longer holds the conversation's KV cache"
             ),
@@ -388,86 +409,43 @@ impl Runtime {
                 "moved back to the local model; it re-reads the conversation on the next message"
                     .to_string()
             }
-        }
-    }
-
-    /// With `auto_offload` set, move to that endpoint before a turn that
-    /// would outgrow this machine.
-    async fn offload_if_needed(&mut self, state: &mut State, message: &str) {
-        let Some(name) = self.config.auto_offload.clone() else {
-            return;
         };
-        let answer = self.config.sampling.max_tokens as usize;
-        if !app::outgrows_local(state, message, answer) {
-            return;
-        }
-        // The question and its empty answer are already in the transcript;
-        // the engine gets the conversation before them, then the question.
-        let before = state.transcript.len().saturating_sub(2);
-        let history = Transcript::messages(&state.transcript[..before]);
-        let line = self.switch_engine(state, Some(name), history).await;
-        let line = format!("the next turn would outgrow this machine: {line}");
-        state.notice = Some(line.clone());
-        if let Some(j) = self.journal(state) {
-            j.event(session::Event::Notice { text: line });
-        }
+        (Some(to), line)
     }
 
-    /// Run an agent as a task of its own: it drives the engine, journals to
-    /// this session, and asks the user through `AskTheUser`.
-    fn start_agent(&mut self, state: &mut State, task: String) -> Result<(), Outcome> {
-        let root = &self.common.workspace();
-        let workspace = Workspace::new(root)
-            .map_err(|e| Outcome::Failed(format!("workspace {}: {e}", root.display())))?;
-        let journal = self.journal(state).cloned();
-        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-        let (messages_tx, messages_rx) = mpsc::unbounded_channel();
-        let (questions_tx, questions_rx) = mpsc::unbounded_channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let engine = self.engine.clone();
+    /// Run an agent as a task of its own on this conversation's engine: it
+    /// journals to this session and asks the user through `AskTheUser`.
+    fn start_agent(&mut self, task: String) -> Result<(), Outcome> {
+        let spec = RunSpec::new(
+            task,
+            self.common.workspace(),
+            self.common.approval,
+            &self.config.agent,
+            &self.config.sampling,
+        );
+        let journal = self.journal().ok().cloned();
+        let (questions_tx, questions) = mpsc::unbounded_channel();
         let pressure = agent::pressure(self.samples.clone());
-        let policy = self.common.approval;
-        let agent_stop = stop.clone();
-        tokio::spawn(async move {
-            let progress = messages_tx.clone();
-            let outcome = Agent {
-                engine: &engine,
-                events: &mut events_rx,
-                workspace,
-                policy,
-                budgets: Budgets {
-                    max_steps: 30,
-                    max_time: Duration::from_secs(3600),
-                    max_tokens: 200_000,
-                },
-                limits: Limits::default(),
-                approver: AskTheUser(questions_tx),
-                journal: journal.as_ref(),
-                pressure: Some(pressure),
-                governor: GovernorMode::Pause,
-                stop: agent_stop,
-            }
-            .run(&task, |p| {
-                let _ = progress.send(AgentMsg::Progress(p));
-            })
-            .await;
-            let _ = messages_tx.send(AgentMsg::Done(outcome));
-        });
+        let run = agent::spawn(
+            spec,
+            self.engine.clone(),
+            journal,
+            AskTheUser(questions_tx),
+            Some(pressure),
+        );
         self.agent = Some(AgentLink {
-            events: events_tx,
-            messages: messages_rx,
-            stop,
+            run,
             asking: None,
-            questions: questions_rx,
+            questions,
         });
         Ok(())
     }
 
     /// Leave the current session (its KV snapshot and journal saved) for
     /// another one.
-    pub async fn switch(&mut self, state: &mut State, dir: std::path::PathBuf) {
+    pub async fn switch(&mut self, dir: std::path::PathBuf) -> Vec<Msg> {
         if self.journal.as_ref().is_some_and(|j| j.dir == dir) {
-            return;
+            return Vec::new();
         }
         let opened = self
             .store
@@ -475,17 +453,14 @@ impl Runtime {
             .and_then(|loaded| Ok((loaded, self.store.open_for_resume(&dir)?)));
         let (loaded, open) = match opened {
             Ok(x) => x,
-            Err(e) => {
-                state.notice = Some(e.to_string());
-                return;
-            }
+            Err(e) => return vec![Msg::Notice(e.to_string())],
         };
         self.close().await;
         self.engine.send(EngineCommand::Reset);
-        self.engine.send(EngineCommand::SetSystemPrompt(
-            loaded.transcript.system_prompt.clone(),
-        ));
-        state.notice = Some(self.resume(state, loaded, open, &dir).await);
+        self.system_prompt = loaded.transcript.system_prompt.clone();
+        self.engine
+            .send(EngineCommand::SetSystemPrompt(self.system_prompt.clone()));
+        vec![self.resume(loaded, open, &dir).await]
     }
 
     /// On the way out: the KV snapshot for a fast resume, then every journal
@@ -543,57 +518,27 @@ fn picker_items(store: &SessionStore) -> Vec<PickerItem> {
         .collect()
 }
 
-/// Passes one engine's events into the merged stream until stopped, then
-/// hands the receiver back (the daemon lends its engine to one user at a
-/// time).
-struct Forwarder {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Option<mpsc::UnboundedReceiver<EngineEvent>>>,
-}
-
-fn forward(
-    mut events: mpsc::UnboundedReceiver<EngineEvent>,
-    to: mpsc::UnboundedSender<EngineEvent>,
-) -> Forwarder {
-    let (stop, mut stopped) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        // A dropped forwarder forwards for as long as the engine runs.
-        let mut stoppable = true;
-        loop {
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(ev) => if to.send(ev).is_err() {
-                        return None;
-                    },
-                    None => return None,
-                },
-                stop = &mut stopped, if stoppable => match stop {
-                    Ok(()) => return Some(events),
-                    Err(_) => stoppable = false,
-                },
-            }
-        }
-    });
-    Forwarder { stop, task }
-}
-
-impl Forwarder {
-    async fn take_back(self) -> Option<mpsc::UnboundedReceiver<EngineEvent>> {
-        let _ = self.stop.send(());
-        self.task.await.ok().flatten()
+/// The next event of the answer being generated; pending while none is.
+async fn next_event(turn: &mut Option<TurnStream>) -> Option<EngineEvent> {
+    match turn {
+        Some(t) => t.next().await,
+        None => std::future::pending().await,
     }
 }
 
 /// The next message of a running agent; an approval question is parked in
-/// the link until the user answers it.
+/// the link until the user answers it. `None` once the run has reported
+/// its outcome.
 async fn next_from_agent(agent: &mut Option<AgentLink>) -> Option<AgentMsg> {
     let Some(a) = agent else {
         return std::future::pending().await;
     };
     tokio::select! {
-        msg = a.messages.recv() => msg,
-        question = a.questions.recv() => {
-            let (call, answer) = question?;
+        event = a.run.next() => match event? {
+            RunEvent::Progress(p) => Some(AgentMsg::Progress(p)),
+            RunEvent::Done(outcome) => Some(AgentMsg::Done(outcome)),
+        },
+        Some((call, answer)) = a.questions.recv() => {
             a.asking = Some(answer);
             Some(AgentMsg::Approval(call))
         }
@@ -622,6 +567,104 @@ fn osc52(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A runtime on a scripted engine whose every reply lists the folder
+    /// (a step takes a while), with the settings `args` give, on a machine
+    /// swapping hard: a sampler reports the swapping every 10 ms.
+    async fn runtime_for(args: &[&str], dir: &Path) -> (Runtime, tokio::task::JoinHandle<()>) {
+        let mut argv = vec!["kiln", "--workspace", dir.to_str().unwrap()];
+        argv.extend(args);
+        let common = crate::cli::Cli::parse_from(argv).common;
+        let listing = r#"{"tool": "list_dir", "path": "."}"#;
+        let engine = crate::engine::fake::FakeEngine::new(vec![listing; 50])
+            .with_delay(std::time::Duration::from_millis(30));
+        let started = launch::Started {
+            paths: crate::paths::Paths::under(dir),
+            config: crate::config::Config::default().merge(&common),
+            engine: launch::leased(engine::spawn(engine)),
+            shape: None,
+            model_spec: "fake".into(),
+            fingerprint: None,
+        };
+        let (tx, samples) = watch::channel(Sample::default());
+        let swapping = Sample {
+            swap_rate: Some(crate::telemetry::SwapRate {
+                in_bytes_per_s: 64.0 * 1048576.0,
+                out_bytes_per_s: 0.0,
+            }),
+            ..Sample::default()
+        };
+        let runtime = Runtime::new(common, started, samples);
+        let sampler = tokio::spawn(async move {
+            while tx.send(swapping.clone()).is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        });
+        (runtime, sampler)
+    }
+
+    /// What the agent reports until `done` says so, at most 10 s.
+    async fn agent_msgs(runtime: &mut Runtime, done: impl Fn(&AgentMsg) -> bool) -> Vec<AgentMsg> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Ok(msg) = tokio::time::timeout_at(deadline, runtime.next_msg()).await {
+            if let Msg::Agent(m) = msg {
+                let end = done(&m);
+                seen.push(m);
+                if end {
+                    break;
+                }
+            }
+        }
+        seen
+    }
+
+    /// `/agent` in the workstation runs with the agent flags: the step
+    /// budget and the governor come from the settings, not from constants.
+    #[tokio::test]
+    async fn slash_agent_honours_the_agent_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "--max-steps",
+            "2",
+            "--governor",
+            "ignore",
+            "--approval",
+            "auto",
+        ];
+        let (mut runtime, sampler) = runtime_for(&args, dir.path()).await;
+        assert!(runtime
+            .perform(Effect::StartAgent("look around".into()))
+            .await
+            .is_empty());
+        let seen = agent_msgs(&mut runtime, |m| matches!(m, AgentMsg::Done(_))).await;
+        assert_eq!(
+            seen.last(),
+            Some(&AgentMsg::Done(Outcome::BudgetExhausted("2 steps".into()))),
+            "{seen:?}"
+        );
+        let paused = |m: &AgentMsg| matches!(m, AgentMsg::Progress(agent::Progress::Paused { .. }));
+        assert!(
+            !seen.iter().any(paused),
+            "the governor was told to ignore the swapping: {seen:?}"
+        );
+        sampler.abort();
+
+        // Without the flags, the same machine pauses the run.
+        let (mut runtime, sampler) = runtime_for(&["--approval", "auto"], dir.path()).await;
+        runtime
+            .perform(Effect::StartAgent("look around".into()))
+            .await;
+        let seen = agent_msgs(&mut runtime, paused).await;
+        assert!(seen.last().is_some_and(paused), "{seen:?}");
+        runtime.perform(Effect::StopAgent).await;
+        let seen = agent_msgs(&mut runtime, |m| matches!(m, AgentMsg::Done(_))).await;
+        assert_eq!(seen.last(), Some(&AgentMsg::Done(Outcome::Stopped)));
+        sampler.abort();
+    }
+
     #[test]
     fn osc52_encodes_the_text_and_caps_it() {
         assert_eq!(super::osc52("hé"), "\x1b]52;c;aMOp\x07");

@@ -1,13 +1,11 @@
 //! `kiln fit` and the check before loading: will this model, at this
 //! context, fit in the memory this machine has free?
 
-use std::path::PathBuf;
-
-use crate::budget::{self, gib, Budget, ModelShape, Verdict};
+use crate::budget::{self, gib, Budget, ModelShape};
 use crate::cli::{Common, FitArgs};
 use crate::error::{KilnError, Result};
 use crate::gguf;
-use crate::launch::paths_and_config;
+use crate::host::launch::paths_and_config;
 use crate::machines;
 use crate::models::{self, ModelSpec};
 use crate::telemetry::MemorySnapshot;
@@ -270,55 +268,4 @@ fn print_table(
         ),
     };
     row("prefilling a full window", prefill);
-}
-
-/// Refuse to load a model whose budget at `context` will swap or does not
-/// fit, unless the user said `--allow-swap`.
-pub fn guard(
-    info: &gguf::GgufInfo,
-    window: &crate::window::Window,
-    allow_swap: bool,
-    layout: crate::budget::KvLayout,
-) -> Result<()> {
-    let Some(mem) = MemorySnapshot::read() else {
-        tracing::warn!("no memory figures; skipping the budget check");
-        return Ok(());
-    };
-    let context = window.tokens;
-    let shape = ModelShape::from_gguf(info)
-        .with_window_limit(window.tokens)
-        .with_kv_layout(layout);
-    let b = budget::budget(&shape, context, &mem);
-    if let Some(what) = &b.unmodelled {
-        tracing::warn!("budget check skipped: kiln does not model {what}");
-        return Ok(());
-    }
-    tracing::info!(
-        "budget at {context} tokens: {} needed, {} available: {:?}",
-        gib(b.total),
-        gib(b.available),
-        b.verdict
-    );
-    if allow_swap || matches!(b.verdict, Verdict::Fits | Verdict::Tight) {
-        return Ok(());
-    }
-    let advice = if b.max_context >= 512 {
-        format!(
-            "use --ctx {} (the largest that fits) or a smaller quantization",
-            b.max_context
-        )
-    } else {
-        "use a smaller model or quantization".into()
-    };
-    Err(KilnError::WontFit(format!(
-        "{}: at {} tokens it needs {} (weights {} + KV cache {} + overhead {}) but {} is available: it {}; {advice}, or pass --allow-swap",
-        PathBuf::from(&info.path).display(),
-        b.context,
-        gib(b.total),
-        gib(b.weights),
-        gib(b.kv_at_context),
-        gib(b.overhead),
-        gib(b.available),
-        b.verdict.describe_here(crate::telemetry::gpu_wired_limit().is_some()),
-    )))
 }

@@ -15,11 +15,11 @@ use super::{build_prompt, one_run, Figure};
 use crate::cli::Common;
 use crate::engine::{Engine, FinishReason, GenStats};
 use crate::error::{KilnError, Result};
-use crate::launch::launch;
-use crate::store::prompt_cache::PromptCache;
+use crate::host::launch::launch;
+use crate::store::prompt_cache::{PromptCache, DEFAULT_CAP_BYTES};
 use crate::store::session::{encode, Event};
+use crate::store::transcript::Transcript;
 use crate::store::{snapshot, SessionStore};
-use crate::transcript::Transcript;
 
 #[derive(Debug, Serialize)]
 pub struct PrefixFigures {
@@ -55,7 +55,7 @@ pub async fn run(runs: usize, json: bool, common: &Common) -> Result<i32> {
         o.sampler.max_tokens = 8;
         o.system_prompt = None;
         if let Some((cache, _)) = &mut o.prompt_cache {
-            cache.dir = cache_dir.clone();
+            *cache = std::sync::Arc::new(PromptCache::new(cache_dir.clone(), DEFAULT_CAP_BYTES));
         }
     })
     .await?;

@@ -6,6 +6,7 @@
 //! warm-up run is made and not counted.
 
 mod cache;
+mod daemon;
 mod render;
 mod sampler;
 
@@ -16,7 +17,7 @@ use crate::cli::{BenchArgs, Common};
 use crate::engine::local::LocalEngine;
 use crate::engine::{CancelFlag, Engine, EngineEvent, GenStats};
 use crate::error::{KilnError, Result};
-use crate::launch::launch;
+use crate::host::launch::launch;
 use crate::procinfo::peak_rss_bytes;
 
 #[derive(Debug, Serialize)]
@@ -91,8 +92,8 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         let mut all = Vec::new();
         let mut screens = Vec::new();
         for clients in [1, 10] {
-            all.push(crate::daemon::bench_delivery(clients, 2000).await?);
-            screens.push(crate::daemon::bench_screens(clients, 100).await?);
+            all.push(daemon::bench_delivery(clients, 2000).await?);
+            screens.push(daemon::bench_screens(clients, 100).await?);
         }
         if args.json {
             println!(

@@ -16,16 +16,16 @@ use crossterm::terminal::{
 use tokio::sync::{mpsc, watch};
 
 use crate::cli::Common;
-use crate::daemon;
 use crate::error::{KilnError, Result};
-use crate::launch;
-use crate::protocol::{self, Open, Reply, Request, Wanted};
+use crate::host::daemon;
+use crate::host::launch;
+use crate::host::protocol::{self, Open, Reply, Request, Wanted};
+use crate::host::workstation::{
+    self, Client, Host, HostIn, Input, Resumed, Screen, Status, CLIENT_BUFFER,
+};
 use crate::store::SessionStore;
 use crate::telemetry;
 use crate::theme;
-use crate::workstation::{
-    self, Client, Host, HostIn, Input, Resumed, Screen, Status, CLIENT_BUFFER,
-};
 
 /// What the workstation opens with.
 pub enum Start {
@@ -135,7 +135,10 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
         size,
         theme: common.theme.clone(),
         no_color: theme::no_color_requested(),
-        wanted: Wanted::of(common),
+        wanted: Wanted::of(
+            common,
+            crate::host::launch::paths_and_config(common)?.1.agent,
+        ),
     };
     protocol::write(&mut write, &hello)
         .await
@@ -239,7 +242,10 @@ async fn drive(
             ev = input.recv() => match ev {
                 Some(Event::Key(key)) if detachable && is_detach(&key) => return Ok(Ending::Detached),
                 Some(ev) => {
-                    if !send(Input::from(ev)) {
+                    let Some(ev) = Input::from_event(ev) else {
+                        continue;
+                    };
+                    if !send(ev) {
                         return Ok(Ending::Closed("the workstation is gone".into()));
                     }
                 }

@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::agent::{Outcome, Policy, Progress};
+use crate::app::Pasted;
 
-/// 2: the workstation over the socket; 3: clients send their settings.
-pub const VERSION: u32 = 5;
+/// 2: the workstation over the socket; 3: clients send their settings;
+/// 6: kiln's own input types, agent settings with the client's settings.
+pub const VERSION: u32 = 6;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// How long the rest of a frame may take once its length has arrived.
@@ -45,10 +47,15 @@ pub struct Wanted {
     /// The client's folder: the workspace when none was given.
     pub cwd: std::path::PathBuf,
     pub approval: Policy,
+    /// The client's agent budgets and governor (its config and flags).
+    #[serde(default)]
+    pub agent: crate::agent::AgentSettings,
 }
 
 impl Wanted {
-    pub fn of(common: &crate::cli::Common) -> Wanted {
+    /// The settings of a client started with `common`, whose config file
+    /// asks for `agent` (flags applied).
+    pub fn of(common: &crate::cli::Common, agent: crate::agent::AgentSettings) -> Wanted {
         use crate::engine::local::Backend;
         let default_engine = Backend::parse(&common.engine) == Some(Backend::LlamaCpp);
         let absolute = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
@@ -71,6 +78,7 @@ impl Wanted {
             workspace: common.workspace.as_deref().map(absolute),
             cwd: absolute(std::path::Path::new(".")),
             approval: common.approval,
+            agent,
         }
     }
 
@@ -85,11 +93,8 @@ impl Wanted {
 pub enum Request {
     StartAgent {
         task: String,
-        max_steps: u32,
-        max_minutes: u64,
-        max_run_tokens: usize,
-        governor: crate::agent::GovernorMode,
-        /// The client's settings; its workspace and policy are the run's.
+        /// The client's settings; its workspace, policy and agent settings
+        /// are the run's.
         wanted: Wanted,
     },
     List,
@@ -112,7 +117,7 @@ pub enum Request {
         wanted: Wanted,
     },
     Input {
-        input: crate::workstation::Input,
+        input: Input,
     },
     /// Stop every run, save the workstation, exit.
     Shutdown,
@@ -149,7 +154,7 @@ pub enum Reply {
         runs: Vec<RunInfo>,
         /// The conversation open in the workstation.
         #[serde(default)]
-        workstation: Option<crate::workstation::Status>,
+        workstation: Option<crate::host::workstation::Status>,
     },
     Stopping {
         id: String,
@@ -182,6 +187,174 @@ pub enum Reply {
         reason: String,
     },
     ShuttingDown,
+}
+
+/// Terminal input as it travels to the host, in kiln's own form (so the
+/// protocol does not depend on crossterm's serde form). Pastes are cut
+/// where they arrive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    Key {
+        key: Key,
+    },
+    Paste {
+        pasted: Pasted,
+    },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// Mouse wheel: positive scrolls down, negative up, in rows.
+    Wheel {
+        rows: i16,
+    },
+}
+
+/// A key press (or release) with its modifiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    pub code: KeyName,
+    #[serde(default)]
+    pub ctrl: bool,
+    #[serde(default)]
+    pub alt: bool,
+    #[serde(default)]
+    pub shift: bool,
+    /// A key let go, where the terminal reports releases.
+    #[serde(default)]
+    pub release: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", content = "char", rename_all = "snake_case")]
+pub enum KeyName {
+    Char(char),
+    Enter,
+    Esc,
+    Backspace,
+    Tab,
+    BackTab,
+    Up,
+    Down,
+    Left,
+    Right,
+    Home,
+    End,
+    PageUp,
+    PageDown,
+    Delete,
+    Insert,
+    /// F1 to F24.
+    F(u8),
+}
+
+impl Input {
+    /// What a terminal event becomes on the wire; `None` for events the
+    /// workstation has no use for (focus, mouse moves and clicks).
+    pub fn from_event(event: crossterm::event::Event) -> Option<Input> {
+        use crossterm::event::{Event, MouseEventKind};
+        match event {
+            Event::Key(key) => Key::of(key).map(|key| Input::Key { key }),
+            Event::Paste(text) => Some(Input::Paste {
+                pasted: Pasted::new(text),
+            }),
+            Event::Resize(cols, rows) => Some(Input::Resize { cols, rows }),
+            Event::Mouse(m) => match m.kind {
+                MouseEventKind::ScrollUp => Some(Input::Wheel {
+                    rows: -crate::host::workstation::WHEEL_ROWS,
+                }),
+                MouseEventKind::ScrollDown => Some(Input::Wheel {
+                    rows: crate::host::workstation::WHEEL_ROWS,
+                }),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether the host can take this input from a client.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match self {
+            Input::Resize { cols, rows } => crate::host::workstation::check_size((*cols, *rows)),
+            Input::Key {
+                key:
+                    Key {
+                        code: KeyName::F(n),
+                        ..
+                    },
+            } if !(1..=24).contains(n) => Err(format!("no key F{n}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Key {
+    /// A key as crossterm reads it; `None` for keys kiln binds nothing to
+    /// (media keys, lone modifiers).
+    pub fn of(key: crossterm::event::KeyEvent) -> Option<Key> {
+        use crossterm::event::{KeyCode, KeyEventKind, KeyModifiers};
+        let code = match key.code {
+            KeyCode::Char(c) => KeyName::Char(c),
+            KeyCode::Enter => KeyName::Enter,
+            KeyCode::Esc => KeyName::Esc,
+            KeyCode::Backspace => KeyName::Backspace,
+            KeyCode::Tab => KeyName::Tab,
+            KeyCode::BackTab => KeyName::BackTab,
+            KeyCode::Up => KeyName::Up,
+            KeyCode::Down => KeyName::Down,
+            KeyCode::Left => KeyName::Left,
+            KeyCode::Right => KeyName::Right,
+            KeyCode::Home => KeyName::Home,
+            KeyCode::End => KeyName::End,
+            KeyCode::PageUp => KeyName::PageUp,
+            KeyCode::PageDown => KeyName::PageDown,
+            KeyCode::Delete => KeyName::Delete,
+            KeyCode::Insert => KeyName::Insert,
+            KeyCode::F(n) => KeyName::F(n),
+            _ => return None,
+        };
+        Some(Key {
+            code,
+            ctrl: key.modifiers.contains(KeyModifiers::CONTROL),
+            alt: key.modifiers.contains(KeyModifiers::ALT),
+            shift: key.modifiers.contains(KeyModifiers::SHIFT),
+            release: key.kind == KeyEventKind::Release,
+        })
+    }
+
+    /// The key as the workstation's key map reads it.
+    pub fn event(self) -> crossterm::event::KeyEvent {
+        use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+        let code = match self.code {
+            KeyName::Char(c) => KeyCode::Char(c),
+            KeyName::Enter => KeyCode::Enter,
+            KeyName::Esc => KeyCode::Esc,
+            KeyName::Backspace => KeyCode::Backspace,
+            KeyName::Tab => KeyCode::Tab,
+            KeyName::BackTab => KeyCode::BackTab,
+            KeyName::Up => KeyCode::Up,
+            KeyName::Down => KeyCode::Down,
+            KeyName::Left => KeyCode::Left,
+            KeyName::Right => KeyCode::Right,
+            KeyName::Home => KeyCode::Home,
+            KeyName::End => KeyCode::End,
+            KeyName::PageUp => KeyCode::PageUp,
+            KeyName::PageDown => KeyCode::PageDown,
+            KeyName::Delete => KeyCode::Delete,
+            KeyName::Insert => KeyCode::Insert,
+            KeyName::F(n) => KeyCode::F(n),
+        };
+        let mut modifiers = KeyModifiers::NONE;
+        modifiers.set(KeyModifiers::CONTROL, self.ctrl);
+        modifiers.set(KeyModifiers::ALT, self.alt);
+        modifiers.set(KeyModifiers::SHIFT, self.shift);
+        let mut event = KeyEvent::new(code, modifiers);
+        if self.release {
+            event.kind = KeyEventKind::Release;
+        }
+        event
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,10 +461,6 @@ mod tests {
     fn sample() -> Request {
         Request::StartAgent {
             task: "tidy the notes ✓".into(),
-            max_steps: 5,
-            max_minutes: 10,
-            max_run_tokens: 1000,
-            governor: crate::agent::GovernorMode::Pause,
             wanted: Wanted {
                 workspace: Some("/tmp/ws".into()),
                 approval: Policy::AutoRead,

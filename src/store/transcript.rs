@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::engine::{FinishReason, GenStats, Message, Role};
+use crate::chat::{FinishReason, GenStats, Message, Role};
 use crate::store::session::Event;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

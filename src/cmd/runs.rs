@@ -3,12 +3,12 @@
 
 use std::io::Write;
 
-use crate::agent::headless::line;
+use crate::agent::line;
 use crate::agent::Outcome;
 use crate::cli::{AgentArgs, Common};
-use crate::daemon::{ask, connect};
 use crate::error::{KilnError, Result};
-use crate::protocol::{self, Reply, Request};
+use crate::host::daemon::{ask, connect};
+use crate::host::protocol::{self, Reply, Request};
 use crate::visible::visible_line;
 
 fn unexpected(reply: Reply) -> KilnError {
@@ -24,17 +24,14 @@ pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
     let workspace = root
         .canonicalize()
         .map_err(|e| KilnError::BadArgument(format!("{}: {e}", root.display())))?;
-    let mut wanted = protocol::Wanted::of(common);
+    let (_, config) = crate::host::launch::paths_and_config(common)?;
+    let mut wanted = protocol::Wanted::of(common, config.agent);
     wanted.workspace = Some(workspace);
     let mut stream = connect(common, true).await?;
     let reply = ask(
         &mut stream,
         &Request::StartAgent {
             task: args.task,
-            max_steps: args.max_steps,
-            max_minutes: args.max_minutes,
-            max_run_tokens: args.max_run_tokens,
-            governor: args.governor,
             wanted,
         },
     )
@@ -122,7 +119,7 @@ pub async fn attach(id: Option<String>, common: &Common) -> Result<i32> {
     if run {
         return follow(id.as_deref().unwrap_or_default(), common).await;
     }
-    crate::tui::run(common, crate::tui::Start::Resume(id)).await
+    crate::host::terminal::run(common, crate::host::terminal::Start::Resume(id)).await
 }
 
 /// Follow a run: everything so far, then each step as it happens. Leaving

@@ -12,20 +12,19 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossterm::event::{Event, MouseEventKind};
 use ratatui::backend::CrosstermBackend;
 use ratatui::layout::Rect;
 use ratatui::{Terminal, TerminalOptions, Viewport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::app::{self, Msg, Pasted, State};
+use crate::app::{self, Msg, State};
 use crate::cli::Common;
-use crate::engine::EngineEvent;
 use crate::error::{KilnError, Result};
+use crate::host::launch::Started;
+pub use crate::host::protocol::Input;
+use crate::host::runtime::Runtime;
 use crate::keys::KeyMap;
-use crate::launch::Started;
-use crate::runtime::Runtime;
 use crate::store::session::OpenSession;
 use crate::store::{Loaded, SessionStore};
 use crate::telemetry::Sample;
@@ -34,7 +33,8 @@ use crate::ui;
 
 /// At most ~30 frames a second.
 const FRAME: Duration = Duration::from_millis(33);
-const WHEEL_ROWS: i16 = 3;
+/// Rows one wheel step scrolls, the most a client's step may ask for.
+pub const WHEEL_ROWS: i16 = 3;
 /// Frames queued for a client before it counts as fallen behind.
 pub const CLIENT_BUFFER: usize = 64;
 /// The largest terminal drawn: wider than any real screen at a readable
@@ -93,38 +93,6 @@ impl Client {
             theme,
             no_color,
             out,
-        }
-    }
-}
-
-/// Terminal input as it travels to the host: events as crossterm reads
-/// them, except that pastes are cut where they arrive.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Input {
-    Event { event: Event },
-    Paste { pasted: Pasted },
-}
-
-impl Input {
-    /// Whether the host can take this input from a client.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        match self {
-            Input::Event {
-                event: Event::Resize(w, h),
-            } => check_size((*w, *h)),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl From<Event> for Input {
-    fn from(event: Event) -> Input {
-        match event {
-            Event::Paste(text) => Input::Paste {
-                pasted: Pasted::new(text),
-            },
-            event => Input::Event { event },
         }
     }
 }
@@ -204,7 +172,6 @@ struct Attached {
 pub struct Host {
     state: State,
     runtime: Runtime,
-    events: mpsc::UnboundedReceiver<EngineEvent>,
     samples: watch::Receiver<Sample>,
     clients: Vec<Attached>,
     /// Where user themes live, and the config's theme.
@@ -228,40 +195,39 @@ impl Host {
             .theme
             .clone()
             .unwrap_or_else(|| theme::DEFAULT_THEME.to_string());
-        let system_prompt = started.config.system_prompt.clone();
         let spec = started.model_spec.clone();
-        let mut state = State::new(started.handle.info().clone(), started.shape.clone(), keys)
-            .with_system_prompt(system_prompt.clone());
+        let mut state = State::new(started.engine.info().clone(), started.shape.clone(), keys)
+            .with_system_prompt(started.config.system_prompt.clone())
+            .with_offload(
+                started.config.auto_offload.clone(),
+                started.config.sampling.max_tokens as usize,
+            );
         if spec.starts_with("remote:") {
             state.remote = Some(spec);
         }
-        let (mut runtime, events) = Runtime::new(common, started, samples.clone());
-        // The engine may come from a daemon that served someone else.
-        runtime.engine.send(crate::engine::EngineCommand::Reset);
-        runtime
-            .engine
-            .send(crate::engine::EngineCommand::SetSystemPrompt(system_prompt));
-        if let Some(r) = resumed {
-            state.notice = Some(runtime.resume(&mut state, r.loaded, r.open, &r.dir).await);
-        }
-        Host {
+        let runtime = Runtime::new(common, started, samples.clone());
+        let mut host = Host {
             state,
             runtime,
-            events,
             samples,
             clients: Vec::new(),
             themes_dir: config_file.parent().map(|d| d.join("themes")),
             default_theme,
+        };
+        if let Some(r) = resumed {
+            let msg = host.runtime.resume(r.loaded, r.open, &r.dir).await;
+            host.apply(msg).await;
         }
+        host
     }
 
     /// Serve the attached terminals until the conversation is closed; then
-    /// save it and hand back the engine's events.
+    /// save it and give the model back.
     pub async fn run(
         mut self,
         mut inbox: mpsc::UnboundedReceiver<HostIn>,
         status: watch::Sender<Status>,
-    ) -> Option<mpsc::UnboundedReceiver<EngineEvent>> {
+    ) {
         let telemetry = self.samples.borrow_and_update().clone();
         app::update(&mut self.state, Msg::Telemetry(telemetry));
         let mut dirty = true;
@@ -301,25 +267,15 @@ impl Host {
                             self.state.notice =
                                 Some("still working; another session opens when it is done".into());
                         } else {
-                            self.runtime.switch(&mut self.state, dir).await;
+                            for msg in self.runtime.switch(dir).await {
+                                self.apply(msg).await;
+                            }
                         }
                         dirty = true;
                         continue;
                     }
                     Some(HostIn::Stop) | None => {
                         reason = "the session was stopped".into();
-                        break;
-                    }
-                },
-                ev = self.events.recv() => match ev {
-                    Some(ev) => {
-                        if let Some(agent) = &self.runtime.agent {
-                            let _ = agent.events.send(ev.clone());
-                        }
-                        Msg::Engine(ev, Instant::now())
-                    }
-                    None => {
-                        reason = "the engine stopped unexpectedly".into();
                         break;
                     }
                 },
@@ -335,16 +291,20 @@ impl Host {
         }
         self.close(&reason).await;
         status.send_replace(Status::default());
-        let events = self.runtime.finish().await;
+        self.runtime.finish().await;
         for c in &self.clients {
             let _ = c.out.send(Screen::Closed(reason.clone())).await;
         }
-        events
     }
 
+    /// `update` with `msg`, then the effects it returns, and so on with the
+    /// messages they bring back, in order.
     async fn apply(&mut self, msg: Msg) {
-        for effect in app::update(&mut self.state, msg) {
-            self.runtime.perform(effect, &mut self.state).await;
+        let mut queue = std::collections::VecDeque::from([msg]);
+        while let Some(msg) = queue.pop_front() {
+            for effect in app::update(&mut self.state, msg) {
+                queue.extend(self.runtime.perform(effect).await);
+            }
         }
         for seq in std::mem::take(&mut self.runtime.outbox) {
             for c in &self.clients {
@@ -359,12 +319,12 @@ impl Host {
         if !reason.is_empty() {
             tracing::info!("closing the workstation: {reason}");
         }
-        self.runtime.engine.cancel();
+        self.runtime.cancel();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while self.state.generating() {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ev)) => self.apply(Msg::Engine(ev, Instant::now())).await,
-                _ => break,
+            match tokio::time::timeout_at(deadline, self.runtime.next_msg()).await {
+                Ok(msg) => self.apply(msg).await,
+                Err(_) => break,
             }
         }
     }
@@ -411,12 +371,8 @@ impl Host {
     /// the terminal the user is typing in.
     fn input(&mut self, client: u64, input: Input) -> Option<Msg> {
         let c = self.clients.iter_mut().find(|c| c.id == client)?;
-        let event = match input {
-            Input::Paste { pasted } => return Some(Msg::Paste(pasted)),
-            Input::Event { event } => event,
-        };
-        if let Event::Resize(w, h) = event {
-            let (w, h) = bounded((w, h));
+        if let Input::Resize { cols, rows } = input {
+            let (w, h) = bounded((cols, rows));
             c.size = (w, h);
             let _ = c.terminal.resize(Rect::new(0, 0, w, h));
         }
@@ -424,15 +380,11 @@ impl Host {
         if self.state.size != (w, h) {
             app::update(&mut self.state, Msg::Resize(w, h));
         }
-        match event {
-            Event::Key(key) => Some(Msg::Key(key)),
-            Event::Paste(text) => Some(Msg::Paste(Pasted::new(text))),
-            Event::Mouse(m) => match m.kind {
-                MouseEventKind::ScrollUp => Some(Msg::Wheel(-WHEEL_ROWS)),
-                MouseEventKind::ScrollDown => Some(Msg::Wheel(WHEEL_ROWS)),
-                _ => None,
-            },
-            _ => None,
+        match input {
+            Input::Key { key } => Some(Msg::Key(key.event())),
+            Input::Paste { pasted } => Some(Msg::Paste(pasted)),
+            Input::Wheel { rows } => Some(Msg::Wheel(rows.clamp(-WHEEL_ROWS, WHEEL_ROWS))),
+            Input::Resize { .. } => None,
         }
     }
 
@@ -440,8 +392,7 @@ impl Host {
     /// full misses frames and is repainted whole once it has room; a gone
     /// client is dropped. Neither slows the others.
     fn draw(&mut self) {
-        let shared_size = self.state.size;
-        let state = &mut self.state;
+        let state = &self.state;
         self.clients.retain_mut(|c| {
             if c.out.is_closed() {
                 return false;
@@ -454,8 +405,7 @@ impl Host {
                 let _ = c.terminal.clear();
                 c.stale = false;
             }
-            // Panels and scroll limits follow this client's size.
-            state.size = c.size;
+            // Each terminal is drawn at its own size (the frame's area).
             let theme = &c.theme;
             let _ = c.terminal.draw(|f| ui::render(f, state, theme));
             let bytes = std::mem::take(c.terminal.backend_mut().writer_mut());
@@ -473,7 +423,6 @@ impl Host {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
-        self.state.size = shared_size;
     }
 
     fn report(&self, status: &watch::Sender<Status>) {
@@ -505,12 +454,10 @@ mod tests {
     use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
     fn started(dir: &std::path::Path, engine: FakeEngine) -> Started {
-        let (handle, events) = crate::engine::spawn(engine);
         Started {
             paths: crate::paths::Paths::under(dir),
             config: crate::config::Config::default(),
-            handle,
-            events,
+            engine: crate::host::launch::leased(crate::engine::spawn(engine)),
             shape: None,
             model_spec: "fake".into(),
             fingerprint: None,
@@ -518,9 +465,11 @@ mod tests {
     }
 
     fn key(code: KeyCode) -> Input {
-        Input::Event {
-            event: Event::Key(KeyEvent::new(code, KeyModifiers::NONE)),
-        }
+        Input::from_event(crossterm::event::Event::Key(KeyEvent::new(
+            code,
+            KeyModifiers::NONE,
+        )))
+        .expect("a key is input")
     }
 
     /// Everything a client was sent, as one string, once `done` holds.
@@ -551,6 +500,7 @@ mod tests {
             .join(" ");
         let engine = FakeEngine::new([words]).with_delay(Duration::from_millis(5));
         let started = started(dir.path(), engine);
+        let model = (*started.engine).clone();
         let keys = key_map(&Common::default(), &started).unwrap();
         let (_tx, samples) = watch::channel(Sample::default());
         let host = Host::new(Common::default(), started, keys, samples, None).await;
@@ -601,14 +551,14 @@ mod tests {
         inbox.send(HostIn::Detach(idb)).unwrap();
         status.wait_for(|s| s.clients == 1).await.unwrap();
         inbox.send(HostIn::Stop).unwrap();
-        let events = host.await.unwrap();
-        assert!(events.is_some(), "the engine is handed back");
+        host.await.unwrap();
+        assert!(model.lease().is_some(), "the engine is handed back");
         // The conversation was journaled once, whatever the terminals.
         let store = SessionStore::new(&crate::paths::Paths::under(dir.path()));
         let listing = store.list();
         assert_eq!(listing.len(), 1);
         let loaded = store.load(&listing[0].dir).unwrap();
-        let messages = crate::transcript::Transcript::messages(&loaded.transcript.entries);
+        let messages = crate::store::transcript::Transcript::messages(&loaded.transcript.entries);
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(messages[1].content.ends_with("w149"));
     }

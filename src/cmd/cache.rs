@@ -3,7 +3,7 @@
 use crate::budget::gib;
 use crate::cli::{CacheAction, Common};
 use crate::error::Result;
-use crate::launch::paths_and_config;
+use crate::host::launch::paths_and_config;
 use crate::store::display_time;
 use crate::store::prompt_cache::PromptCache;
 

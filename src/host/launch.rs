@@ -4,20 +4,22 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use std::path::PathBuf;
 
-use crate::budget::ModelShape;
+use crate::budget::{self, gib, ModelShape, Verdict};
 use crate::cli::Common;
 use crate::config::Config;
 use crate::engine::kalosm::EngineOptions;
 use crate::engine::local::{Backend, LocalEngine};
 use crate::engine::remote::RemoteEngine;
-use crate::engine::{self, EngineEvent, EngineHandle};
+use crate::engine::{self, Lease};
 use crate::error::{KilnError, Result};
+use crate::gguf;
 use crate::models::{self, ModelSpec, ResolvedModel};
 use crate::paths::Paths;
 use crate::store::prompt_cache::PromptCache;
 use crate::store::snapshot::fingerprint;
+use crate::telemetry::MemorySnapshot;
 use crate::window::{Window, WindowArgs};
 
 pub struct Launched {
@@ -95,10 +97,11 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         }
     };
     let cap = config.prompt_cache_bytes();
-    let prompt_cache = fingerprint
-        .clone()
-        .filter(|_| cap > 0)
-        .map(|f| (PromptCache::new(paths.prompt_cache(), cap), f));
+    let prompt_cache = fingerprint.clone().filter(|_| cap > 0).map(|f| {
+        let cache: std::sync::Arc<dyn crate::chat::PrefixCache> =
+            std::sync::Arc::new(PromptCache::new(paths.prompt_cache(), cap));
+        (cache, f)
+    });
     let mut options = EngineOptions {
         context: config.context,
         sampler: config.sampling.clone(),
@@ -111,7 +114,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     adjust(&mut options);
     let window = model.window(options.context, &common.window)?;
     let context = window.tokens as usize;
-    crate::fit::guard(
+    guard(
         &model.info,
         &window,
         common.allow_swap,
@@ -151,8 +154,8 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
 pub struct Started {
     pub paths: Paths,
     pub config: Config,
-    pub handle: EngineHandle,
-    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+    /// The engine, held for this front end alone.
+    pub engine: Lease,
     /// The local model's dimensions, for the memory panel (`None` remote).
     pub shape: Option<ModelShape>,
     /// How a session names the model, so resume can start it again.
@@ -190,12 +193,10 @@ pub async fn start(common: &Common) -> Result<Started> {
     if let Some(name) = remote_name(common)? {
         let (paths, config) = paths_and_config(common)?;
         let engine = remote_engine(&config, &name)?;
-        let (handle, events) = engine::spawn(engine);
         return Ok(Started {
             paths,
             config,
-            handle,
-            events,
+            engine: leased(engine::spawn(engine)),
             shape: None,
             model_spec: format!("remote:{name}"),
             fingerprint: None,
@@ -204,14 +205,68 @@ pub async fn start(common: &Common) -> Result<Started> {
     let launched = launch(common, |_| {}).await?;
     let shape = Some(launched.shape());
     let model_spec = launched.model_spec();
-    let (handle, events) = engine::spawn(launched.engine);
     Ok(Started {
         paths: launched.paths,
         config: launched.config,
-        handle,
-        events,
+        engine: leased(engine::spawn(launched.engine)),
         shape,
         model_spec,
         fingerprint: launched.fingerprint,
     })
+}
+
+/// The lease on an engine just started, which nobody else has seen.
+pub fn leased(engine: engine::EngineHandle) -> Lease {
+    engine.lease().expect("a new engine is free")
+}
+
+/// Refuse to load a model whose budget at `context` will swap or does not
+/// fit, unless the user said `--allow-swap`.
+pub fn guard(
+    info: &gguf::GgufInfo,
+    window: &crate::window::Window,
+    allow_swap: bool,
+    layout: crate::budget::KvLayout,
+) -> Result<()> {
+    let Some(mem) = MemorySnapshot::read() else {
+        tracing::warn!("no memory figures; skipping the budget check");
+        return Ok(());
+    };
+    let context = window.tokens;
+    let shape = ModelShape::from_gguf(info)
+        .with_window_limit(window.tokens)
+        .with_kv_layout(layout);
+    let b = budget::budget(&shape, context, &mem);
+    if let Some(what) = &b.unmodelled {
+        tracing::warn!("budget check skipped: kiln does not model {what}");
+        return Ok(());
+    }
+    tracing::info!(
+        "budget at {context} tokens: {} needed, {} available: {:?}",
+        gib(b.total),
+        gib(b.available),
+        b.verdict
+    );
+    if allow_swap || matches!(b.verdict, Verdict::Fits | Verdict::Tight) {
+        return Ok(());
+    }
+    let advice = if b.max_context >= 512 {
+        format!(
+            "use --ctx {} (the largest that fits) or a smaller quantization",
+            b.max_context
+        )
+    } else {
+        "use a smaller model or quantization".into()
+    };
+    Err(KilnError::WontFit(format!(
+        "{}: at {} tokens it needs {} (weights {} + KV cache {} + overhead {}) but {} is available: it {}; {advice}, or pass --allow-swap",
+        PathBuf::from(&info.path).display(),
+        b.context,
+        gib(b.total),
+        gib(b.weights),
+        gib(b.kv_at_context),
+        gib(b.overhead),
+        gib(b.available),
+        b.verdict.describe_here(crate::telemetry::gpu_wired_limit().is_some()),
+    )))
 }

@@ -1,0 +1,130 @@
+//! The plain types of a conversation that the engine and the store share:
+//! messages, how a turn ended and what it cost, an engine's KV state, the
+//! alarms a session records, and the prompt cache's interface. Below both, so neither imports the other.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The name chat templates and chat APIs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its answer.
+    Stop,
+    /// The answer reached `max_tokens`.
+    MaxTokens,
+    /// The answer filled the context window.
+    ContextFull,
+    /// The user cancelled.
+    Cancelled,
+}
+
+/// Figures for one turn. Token counts come from the model's tokenizer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenStats {
+    /// Time from sending the turn to the first streamed text.
+    pub ttft_ms: f64,
+    /// Tokens prefilled for this turn (the new part of the prompt).
+    pub prompt_tokens: usize,
+    /// Tokens already in the KV cache and reused, not recomputed.
+    pub reused_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens per second of prefill; `None` when nothing was prefilled.
+    pub prefill_tok_s: Option<f64>,
+    /// Generated tokens per second after the first; `None` below two tokens.
+    pub decode_tok_s: Option<f64>,
+    pub total_ms: f64,
+    /// Tokens in the context after the turn.
+    pub context_tokens: usize,
+    /// Tokens of the system prompt loaded from the prompt cache instead of
+    /// prefilled (included in `reused_tokens`).
+    #[serde(default)]
+    pub cached_tokens: usize,
+}
+
+impl GenStats {
+    /// The one-line summary `kiln ask` prints on stderr.
+    pub fn summary(&self, finish: FinishReason) -> String {
+        let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |v| format!("{v:.1} tok/s"));
+        let mut line = format!(
+            "{} tokens · TTFT {:.2} s · prefill {} ({} tok, {} reused) · decode {} · context {}",
+            self.completion_tokens,
+            self.ttft_ms / 1000.0,
+            rate(self.prefill_tok_s),
+            self.prompt_tokens,
+            self.reused_tokens,
+            rate(self.decode_tok_s),
+            self.context_tokens,
+        );
+        if self.cached_tokens > 0 {
+            line.push_str(&format!(" · prompt cache hit ({} tok)", self.cached_tokens));
+        }
+        if finish != FinishReason::Stop {
+            line.push_str(&format!(" · stopped: {finish:?}"));
+        }
+        line
+    }
+}
+
+/// An engine's KV state: the text it holds (so a later prompt can be checked
+/// for a shared prefix), its token count, and the engine's serialized cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvState {
+    pub fed: String,
+    pub kv_tokens: usize,
+    pub bytes: Vec<u8>,
+}
+
+/// What a telemetry alarm that a session records was about.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AlarmKind {
+    SwapStorm,
+    ThermalThrottling,
+}
+
+/// System prompts shorter than this are cheaper to prefill than to load.
+pub const PREFIX_CACHE_MIN_TOKENS: usize = 64;
+
+/// Where an engine finds and keeps the KV state of a system prompt, so a
+/// new conversation with the same prompt starts without its prefill. The
+/// host hands one (the store's prompt cache) to the engine.
+pub trait PrefixCache: Send + Sync + std::fmt::Debug {
+    /// The state kept for `prefix` under `fingerprint`, if it is there and
+    /// intact.
+    fn lookup(&self, fingerprint: &str, prefix: &str) -> Option<KvState>;
+    /// Keep `state` for `prefix`; the bytes written.
+    fn keep(&self, fingerprint: &str, prefix: &str, state: &KvState) -> std::io::Result<u64>;
+}

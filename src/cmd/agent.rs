@@ -1,0 +1,94 @@
+//! `kiln agent`: an agent run without the TUI, one progress line per step
+//! (or JSON events), for long unattended runs over SSH.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::agent::tools::Workspace;
+use crate::agent::{self, line, pressure, Nobody, Outcome, RunEvent, RunSpec};
+use crate::cli::{AgentArgs, Common};
+use crate::engine::{self, Engine};
+use crate::error::{KilnError, Result};
+use crate::host::launch::{launch, leased};
+use crate::store::SessionStore;
+use crate::telemetry;
+use crate::visible::visible;
+
+pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
+    let root = common.workspace();
+    Workspace::new(&root)
+        .map_err(|e| KilnError::BadArgument(format!("{}: {e}", root.display())))?;
+    if args.task.trim().is_empty() {
+        return Err(KilnError::BadArgument("the task is empty".into()));
+    }
+    let launched = launch(common, |_| {}).await?;
+    let spec = RunSpec::new(
+        args.task.clone(),
+        root,
+        common.approval,
+        &launched.config.agent,
+        &launched.config.sampling,
+    );
+    let store = SessionStore::new(&launched.paths);
+    let context = launched.engine.info().context_limit;
+    // The agent records its own system prompt.
+    let (journal, _reports) = store
+        .start(
+            &launched.model_spec(),
+            launched.fingerprint.clone(),
+            context,
+            None,
+        )
+        .map_err(|e| KilnError::Store(format!("cannot journal the run: {e}")))?;
+    let engine = leased(engine::spawn(launched.engine));
+    let samples = telemetry::spawn(Duration::from_secs(1));
+    let json = args.json;
+    eprintln!("kiln: agent session {}", journal.id);
+    let mut run = agent::spawn(
+        spec,
+        engine.clone(),
+        Some(journal.clone()),
+        Nobody,
+        Some(pressure(samples)),
+    );
+    let mut interrupted = false;
+    let outcome = loop {
+        let event = tokio::select! {
+            event = run.next() => event,
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                run.stop.store(true, Ordering::SeqCst);
+                continue;
+            }
+        };
+        match event {
+            Some(RunEvent::Progress(p)) => {
+                let mut out = std::io::stdout().lock();
+                let _ = if json {
+                    writeln!(out, "{}", serde_json::to_string(&p).expect("serializes"))
+                } else {
+                    writeln!(out, "{}", line(&p))
+                };
+                let _ = out.flush();
+            }
+            Some(RunEvent::Done(outcome)) => break outcome,
+            None => break Outcome::Failed("the run ended without an outcome".into()),
+        }
+    };
+    drop(engine);
+    let id = journal.id.clone();
+    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    if json {
+        println!("{}", serde_json::to_string(&outcome).expect("serializes"));
+    } else {
+        match &outcome {
+            Outcome::Finished(summary) => println!("finished: {}", visible(summary)),
+            Outcome::Failed(why) => println!("failed: {}", visible(why)),
+            Outcome::BudgetExhausted(what) => println!("budget exhausted: {what}"),
+            Outcome::Stopped => println!("stopped"),
+        }
+    }
+    eprintln!("kiln: the run is journaled as session {id}");
+    Ok(outcome.exit_code())
+}

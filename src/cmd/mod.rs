@@ -1,0 +1,10 @@
+//! The subcommands, each over the host and the core.
+
+pub mod agent;
+pub mod ask;
+pub mod bench;
+pub mod cache;
+pub mod fit;
+pub mod monitor;
+pub mod runs;
+pub mod sessions;

@@ -1,0 +1,545 @@
+//! The actor: one task that owns the runs and the workstation link and
+//! lends the model, one lease at a time. Connections, runs and the
+//! workstation talk to it over channels.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::tools::Workspace;
+use crate::agent::{self, pressure, Nobody, Outcome, Progress, RunEvent, RunSpec};
+use crate::cli::Common;
+use crate::engine::EngineHandle;
+use crate::error::Result;
+use crate::host::launch;
+use crate::host::protocol::{Open, Reply, Request, RunInfo, Wanted};
+use crate::host::workstation::{self, Client, Host, HostIn, Resumed};
+use crate::paths::Paths;
+use crate::store::SessionStore;
+use crate::telemetry;
+
+use super::settings::{differs, joins};
+
+pub(super) enum ActorMsg {
+    Request(Request, oneshot::Sender<Reply>),
+    Attach(String, mpsc::Sender<Reply>, oneshot::Sender<Reply>),
+    Progress(String, Progress),
+    Done(String, Outcome),
+    Shutdown(oneshot::Sender<()>),
+    /// A run with no agent behind it, fed by `Progress` messages: the
+    /// benchmark's event source.
+    Open(String),
+    /// A terminal for the workstation; answered with the host's inbox.
+    Workstation(
+        Open,
+        Client,
+        /// What the client was started with.
+        Wanted,
+        oneshot::Sender<Result<mpsc::UnboundedSender<HostIn>, String>>,
+    ),
+    /// The workstation closed and gave the engine back.
+    HostGone,
+    /// Exit if still idle since this many idle periods began.
+    IdleCheck(u64),
+}
+
+/// The model as loaded, for each user the engine is lent to.
+pub struct Model {
+    pub(super) common: Common,
+    pub(super) keys: crate::keys::KeyMap,
+    pub(super) paths: crate::paths::Paths,
+    pub(super) config: crate::config::Config,
+    pub(super) shape: Option<crate::budget::ModelShape>,
+    pub(super) model_spec: String,
+    pub(super) fingerprint: Option<String>,
+}
+
+/// The workstation as the actor sees it.
+pub(super) struct WorkstationLink {
+    pub(super) inbox: mpsc::UnboundedSender<HostIn>,
+    pub(super) status: tokio::sync::watch::Receiver<workstation::Status>,
+    /// The safety settings of the client that opened it.
+    pub(super) workspace: PathBuf,
+    pub(super) approval: crate::agent::Policy,
+}
+
+struct Run {
+    task: String,
+    events: Vec<Progress>,
+    outcome: Option<Outcome>,
+    stop: Arc<AtomicBool>,
+    subscribers: Vec<mpsc::Sender<Reply>>,
+}
+
+pub(super) struct Actor {
+    tx: mpsc::UnboundedSender<ActorMsg>,
+    /// The model, leased to the workstation or one agent run at a time.
+    engine: EngineHandle,
+    store: SessionStore,
+    samples: tokio::sync::watch::Receiver<telemetry::Sample>,
+    runs: BTreeMap<String, Run>,
+    shutdown: Option<oneshot::Sender<()>>,
+    /// `None` in the benchmark, which has no workstation.
+    model: Option<Model>,
+    workstation: Option<WorkstationLink>,
+    /// Exit this long after the last run and the workstation end (a daemon
+    /// a client started); `None` keeps it running.
+    idle_exit: Option<Duration>,
+    idle_period: u64,
+    exit: Arc<tokio::sync::Notify>,
+}
+
+impl Model {
+    /// A scripted engine's model with default settings, for the
+    /// benchmarks and tests.
+    pub fn fake(common: Common, paths: &Paths) -> Model {
+        Model {
+            common,
+            keys: crate::keys::KeyMap::default(),
+            paths: paths.clone(),
+            config: crate::config::Config::default(),
+            shape: None,
+            model_spec: "fake".into(),
+            fingerprint: None,
+        }
+    }
+}
+
+impl Actor {
+    /// The actor for `engine`, which it lends and never holds; `model` is
+    /// `None` in the benchmark, which has no workstation.
+    pub(super) fn new(
+        tx: mpsc::UnboundedSender<ActorMsg>,
+        engine: EngineHandle,
+        store: SessionStore,
+        samples: tokio::sync::watch::Receiver<telemetry::Sample>,
+        model: Option<Model>,
+        idle_exit: Option<Duration>,
+        exit: Arc<tokio::sync::Notify>,
+    ) -> Actor {
+        Actor {
+            tx,
+            engine,
+            store,
+            samples,
+            runs: BTreeMap::new(),
+            shutdown: None,
+            model,
+            workstation: None,
+            idle_exit,
+            idle_period: 0,
+            exit,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ActorMsg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                ActorMsg::Request(req, reply) => {
+                    let _ = reply.send(self.request(req));
+                }
+                ActorMsg::Attach(id, sub, reply) => {
+                    let answer = match self.runs.get_mut(&id) {
+                        Some(run) => {
+                            // The snapshot and the subscription happen in one
+                            // step of the actor: no event falls between them.
+                            run.subscribers.push(sub);
+                            Reply::Snapshot {
+                                id,
+                                events: run.events.clone(),
+                                outcome: run.outcome.clone(),
+                            }
+                        }
+                        None => Reply::Error {
+                            message: format!("no run '{id}' (see `kiln ps`)"),
+                        },
+                    };
+                    let _ = reply.send(answer);
+                }
+                ActorMsg::Progress(id, event) => {
+                    if let Some(run) = self.runs.get_mut(&id) {
+                        run.events.push(event.clone());
+                        let seq = run.events.len() as u64;
+                        let reply = Reply::Event {
+                            id: id.clone(),
+                            seq,
+                            event,
+                        };
+                        // A full or closed subscriber is dropped; its
+                        // connection attaches again for a fresh snapshot.
+                        run.subscribers
+                            .retain(|s| s.try_send(reply.clone()).is_ok());
+                    }
+                }
+                ActorMsg::Done(id, outcome) => {
+                    if let Some(run) = self.runs.get_mut(&id) {
+                        run.outcome = Some(outcome.clone());
+                        let reply = Reply::Done { id, outcome };
+                        for s in run.subscribers.drain(..) {
+                            let _ = s.try_send(reply.clone());
+                        }
+                    }
+                    self.check_done();
+                }
+                ActorMsg::Workstation(open, client, model, reply) => {
+                    let _ = reply.send(self.workstation(open, client, model));
+                }
+                ActorMsg::HostGone => {
+                    self.workstation = None;
+                    self.check_done();
+                }
+                ActorMsg::IdleCheck(period) => {
+                    if period == self.idle_period && self.idle() {
+                        tracing::info!("daemon idle: exiting");
+                        self.exit.notify_one();
+                    }
+                }
+                ActorMsg::Open(id) => {
+                    self.runs.insert(
+                        id,
+                        Run {
+                            task: "benchmark".into(),
+                            events: Vec::new(),
+                            outcome: None,
+                            stop: Arc::new(AtomicBool::new(false)),
+                            subscribers: Vec::new(),
+                        },
+                    );
+                }
+                ActorMsg::Shutdown(done) => {
+                    for run in self.runs.values() {
+                        run.stop.store(true, Ordering::SeqCst);
+                    }
+                    if let Some(w) = &self.workstation {
+                        let _ = w.inbox.send(HostIn::Stop);
+                    }
+                    if self.all_done() {
+                        let _ = done.send(());
+                    } else {
+                        self.shutdown = Some(done);
+                    }
+                }
+            }
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.workstation.is_none() && self.runs.values().all(|r| r.outcome.is_some())
+    }
+
+    /// Who has the engine, said so that the user knows how to get it back.
+    fn engine_holder(&self) -> String {
+        let id = match &self.workstation {
+            Some(w) => w.status.borrow().session.clone(),
+            None => self
+                .runs
+                .iter()
+                .find(|(_, r)| r.outcome.is_none())
+                .map(|(id, _)| id.clone()),
+        };
+        let what = if self.workstation.is_some() {
+            "the workstation's session"
+        } else {
+            "agent run"
+        };
+        match id {
+            Some(id) => format!(
+                "{what} {id} is using the model; `kiln attach {id}` shows it, `kiln stop {id}` ends it"
+            ),
+            None => format!("{what} is using the model; `kiln ps` shows it"),
+        }
+    }
+
+    /// No lease is held and no session is open.
+    fn idle(&self) -> bool {
+        self.all_done() && !self.engine.leased()
+    }
+
+    /// After a run or the workstation ended: finish a shutdown waiting on
+    /// it, or start the idle countdown.
+    fn check_done(&mut self) {
+        if !self.idle() {
+            return;
+        }
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(());
+            return;
+        }
+        if let Some(after) = self.idle_exit {
+            self.idle_period += 1;
+            let period = self.idle_period;
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = tx.send(ActorMsg::IdleCheck(period));
+            });
+        }
+    }
+
+    /// Attach a terminal to the workstation, opening one (it borrows the
+    /// engine) when none is open.
+    fn workstation(
+        &mut self,
+        open: Open,
+        client: Client,
+        wanted: Wanted,
+    ) -> Result<mpsc::UnboundedSender<HostIn>, String> {
+        if self.shutdown.is_some() {
+            return Err("the daemon is shutting down".into());
+        }
+        let Some(model) = &self.model else {
+            return Err("this daemon has no workstation".into());
+        };
+        if let Some(asked) = differs(&wanted, &model.common) {
+            return Err(format!(
+                "the daemon runs {} with other settings than {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
+                model.model_spec
+            ));
+        }
+        if let Some(w) = &self.workstation {
+            joins(w, &wanted)?;
+        }
+        let client_settings = wanted;
+        let wanted = match &open {
+            Open::Session { query } => {
+                Some(self.store.resolve(Some(query)).map_err(|e| e.to_string())?)
+            }
+            Open::Current | Open::Last => None,
+        };
+        self.idle_period += 1;
+        if let Some(w) = &self.workstation {
+            if let Some(dir) = wanted {
+                let showing = w.status.borrow().session.clone();
+                if dir.file_name().and_then(|n| n.to_str()) != showing.as_deref() {
+                    let _ = w.inbox.send(HostIn::Open(dir));
+                }
+            }
+            let _ = w.inbox.send(HostIn::Attach(client));
+            return Ok(w.inbox.clone());
+        }
+        let Some(lease) = self.engine.lease() else {
+            return Err(self.engine_holder());
+        };
+        let query = match (&open, wanted) {
+            (Open::Current, _) => None,
+            // Nothing saved yet: a new conversation.
+            (Open::Last, _) if self.store.list().is_empty() => None,
+            (Open::Last, _) => Some(None),
+            (Open::Session { .. }, dir) => dir.map(|d| Some(crate::store::id_of(&d))),
+        };
+        let resumed = match query.map(|q| Resumed::open(&self.store, q.as_deref())) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => return Err(e.to_string()),
+        };
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = tokio::sync::watch::channel(workstation::Status::default());
+        let mut config = model.config.clone();
+        config.agent = client_settings.agent.clone();
+        let started = launch::Started {
+            paths: model.paths.clone(),
+            config,
+            engine: lease,
+            shape: model.shape.clone(),
+            model_spec: model.model_spec.clone(),
+            fingerprint: model.fingerprint.clone(),
+        };
+        // The conversation's agents work where, and ask as, this client said.
+        let mut common = model.common.clone();
+        common.workspace = Some(client_settings.workspace().to_path_buf());
+        common.approval = client_settings.approval;
+        let keys = model.keys.clone();
+        let samples = self.samples.clone();
+        let tx = self.tx.clone();
+        let _ = inbox.send(HostIn::Attach(client));
+        tokio::spawn(async move {
+            let host = Host::new(common, started, keys, samples, resumed).await;
+            host.run(inbox_rx, status_tx).await;
+            let _ = tx.send(ActorMsg::HostGone);
+        });
+        self.workstation = Some(WorkstationLink {
+            inbox: inbox.clone(),
+            status,
+            workspace: client_settings.workspace().to_path_buf(),
+            approval: client_settings.approval,
+        });
+        Ok(inbox)
+    }
+
+    fn request(&mut self, req: Request) -> Reply {
+        match req {
+            Request::List => Reply::Runs {
+                runs: self
+                    .runs
+                    .iter()
+                    .map(|(id, r)| RunInfo {
+                        id: id.clone(),
+                        task: r.task.clone(),
+                        steps: r
+                            .events
+                            .iter()
+                            .filter(|e| matches!(e, Progress::Call { .. }))
+                            .count() as u32,
+                        outcome: r.outcome.clone(),
+                    })
+                    .collect(),
+                workstation: self.workstation.as_ref().map(|w| w.status.borrow().clone()),
+            },
+            Request::Stop { id } => {
+                if let Some(run) = self.runs.get(&id) {
+                    run.stop.store(true, Ordering::SeqCst);
+                    return Reply::Stopping { id };
+                }
+                match &self.workstation {
+                    Some(w) if w.status.borrow().session.as_ref() == Some(&id) => {
+                        let _ = w.inbox.send(HostIn::Stop);
+                        Reply::Stopping { id }
+                    }
+                    _ => Reply::Error {
+                        message: format!("no session or run '{id}' in the daemon (see `kiln ps`)"),
+                    },
+                }
+            }
+            Request::Shutdown => {
+                self.exit.notify_one();
+                Reply::ShuttingDown
+            }
+            Request::Attach { .. } | Request::Workstation { .. } | Request::Input { .. } => {
+                Reply::Error {
+                    message: "a terminal attaches with its first request".into(),
+                }
+            }
+            Request::StartAgent { task, wanted } => {
+                if let Some(asked) = self
+                    .model
+                    .as_ref()
+                    .and_then(|m| differs(&wanted, &m.common))
+                {
+                    return Reply::Error {
+                        message: format!(
+                            "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
+                        ),
+                    };
+                }
+                self.start(task, &wanted)
+            }
+        }
+    }
+
+    /// A detached run of `task`, as the client's settings say: its
+    /// workspace, approval policy and agent settings, on the daemon's model.
+    fn start(&mut self, task: String, wanted: &Wanted) -> Reply {
+        let sampler = self
+            .model
+            .as_ref()
+            .map(|m| m.config.sampling.clone())
+            .unwrap_or_default();
+        let spec = RunSpec::new(
+            task,
+            wanted.workspace().to_path_buf(),
+            wanted.approval,
+            &wanted.agent,
+            &sampler,
+        );
+        if let Err(e) = Workspace::new(&spec.workspace) {
+            return Reply::Error {
+                message: format!("{}: {e}", spec.workspace.display()),
+            };
+        }
+        let Some(lease) = self.engine.lease() else {
+            return Reply::Error {
+                message: self.engine_holder(),
+            };
+        };
+        let info = self.engine.info().clone();
+        let (journal, _reports) = match self.store.start(&info.name, None, info.context_limit, None)
+        {
+            Ok(j) => j,
+            Err(e) => {
+                return Reply::Error {
+                    message: format!("cannot journal the run: {e}"),
+                }
+            }
+        };
+        let id = journal.id.clone();
+        self.idle_period += 1;
+        let task = spec.task.clone();
+        let mut run = agent::spawn(
+            spec,
+            (*lease).clone(),
+            Some(journal.clone()),
+            Nobody,
+            Some(pressure(self.samples.clone())),
+        );
+        self.runs.insert(
+            id.clone(),
+            Run {
+                task,
+                events: Vec::new(),
+                outcome: None,
+                stop: run.stop.clone(),
+                subscribers: Vec::new(),
+            },
+        );
+        let tx = self.tx.clone();
+        let run_id = id.clone();
+        tokio::spawn(async move {
+            let outcome = loop {
+                match run.next().await {
+                    Some(RunEvent::Progress(p)) => {
+                        let _ = tx.send(ActorMsg::Progress(run_id.clone(), p));
+                    }
+                    Some(RunEvent::Done(outcome)) => break outcome,
+                    None => break Outcome::Failed("the run ended without an outcome".into()),
+                }
+            };
+            let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+            drop(lease);
+            let _ = tx.send(ActorMsg::Done(run_id, outcome));
+        });
+        Reply::Started { id }
+    }
+}
+
+/// A daemon for the benchmarks and tests: the real actor and socket, a
+/// scripted engine, and the workstation when `model` is given.
+pub fn bench_actor(
+    listener: UnixListener,
+    engine: crate::engine::fake::FakeEngine,
+    paths: &Paths,
+    model: Option<Model>,
+) -> BenchActor {
+    let engine = crate::engine::spawn(engine);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Actor::new(
+        tx.clone(),
+        engine,
+        SessionStore::new(paths),
+        telemetry::spawn(Duration::from_secs(3600)),
+        model,
+        None,
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    tokio::spawn(actor.run(rx));
+    tokio::spawn(super::serve::accept(listener, tx.clone()));
+    BenchActor(tx)
+}
+
+/// A benchmark's way into the actor: a run with no agent behind it, fed
+/// with events.
+pub struct BenchActor(mpsc::UnboundedSender<ActorMsg>);
+
+impl BenchActor {
+    pub fn open(&self, id: String) {
+        let _ = self.0.send(ActorMsg::Open(id));
+    }
+
+    pub fn progress(&self, id: String, event: Progress) {
+        let _ = self.0.send(ActorMsg::Progress(id, event));
+    }
+}

@@ -359,7 +359,7 @@ impl Runtime {
         target: Option<String>,
         history: Vec<crate::engine::Message>,
         system_prompt: Option<String>,
-    ) -> (Option<MovedTo>, String) {
+    ) -> (Option<Box<MovedTo>>, String) {
         let spec = match &target {
             Some(name) => format!("remote:{name}"),
             None => self
@@ -410,7 +410,7 @@ impl Runtime {
                     .to_string()
             }
         };
-        (Some(to), line)
+        (Some(Box::new(to)), line)
     }
 
     /// Run an agent as a task of its own on this conversation's engine: it

@@ -247,7 +247,9 @@ impl Host {
             let msg = tokio::select! {
                 input = inbox.recv() => match input {
                     Some(HostIn::Attach(client)) => {
-                        self.attach(client);
+                        if let Some(msg) = self.attach(client) {
+                            self.apply(msg).await;
+                        }
                         dirty = true;
                         continue;
                     }
@@ -264,8 +266,8 @@ impl Host {
                     }
                     Some(HostIn::Open(dir)) => {
                         if self.state.generating() || self.state.agent.is_some() {
-                            self.state.notice =
-                                Some("still working; another session opens when it is done".into());
+                            let line = "still working; another session opens when it is done";
+                            self.apply(Msg::Notice(line.into())).await;
                         } else {
                             for msg in self.runtime.switch(dir).await {
                                 self.apply(msg).await;
@@ -329,20 +331,19 @@ impl Host {
         }
     }
 
-    fn attach(&mut self, client: Client) {
+    /// A terminal joins; what the status bar says of it, if anything.
+    fn attach(&mut self, client: Client) -> Option<Msg> {
         let name = client.theme.unwrap_or_else(|| self.default_theme.clone());
         let (theme, warnings) = Theme::load(&name, self.themes_dir.as_deref(), client.no_color);
         for w in &warnings {
             tracing::warn!("{w}");
         }
-        if let Some(w) = warnings.into_iter().next() {
-            self.state.notice = Some(w);
-        }
+        let warning = warnings.into_iter().next().map(Msg::Notice);
         if self.clients.len() >= MAX_TERMINALS {
             let _ = client.out.try_send(Screen::Closed(format!(
                 "{MAX_TERMINALS} terminals are attached already"
             )));
-            return;
+            return warning;
         }
         let (w, h) = bounded(client.size);
         let terminal = Terminal::with_options(
@@ -361,8 +362,9 @@ impl Host {
             stale: false,
         });
         app::update(&mut self.state, Msg::Resize(w, h));
-        if self.clients.len() > 1 {
-            self.state.notice = Some(format!("{} terminals attached", self.clients.len()));
+        match self.clients.len() {
+            1 => warning,
+            n => Some(Msg::Notice(format!("{n} terminals attached"))),
         }
     }
 

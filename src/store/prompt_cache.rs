@@ -149,6 +149,16 @@ impl PromptCache {
     }
 }
 
+impl crate::chat::PrefixCache for PromptCache {
+    fn lookup(&self, fingerprint: &str, prefix: &str) -> Option<KvState> {
+        self.get(&PromptCache::key(fingerprint, prefix), fingerprint)
+    }
+
+    fn keep(&self, fingerprint: &str, prefix: &str, state: &KvState) -> std::io::Result<u64> {
+        self.put(&PromptCache::key(fingerprint, prefix), fingerprint, state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,15 +218,5 @@ mod tests {
             PromptCache::key("fp", "system"),
             PromptCache::key("fp2", "system")
         );
-    }
-}
-
-impl crate::chat::PrefixCache for PromptCache {
-    fn lookup(&self, fingerprint: &str, prefix: &str) -> Option<KvState> {
-        self.get(&PromptCache::key(fingerprint, prefix), fingerprint)
-    }
-
-    fn keep(&self, fingerprint: &str, prefix: &str, state: &KvState) -> std::io::Result<u64> {
-        self.put(&PromptCache::key(fingerprint, prefix), fingerprint, state)
     }
 }

@@ -1,0 +1,208 @@
+//! What arrives from elsewhere does: engine events, telemetry samples and
+//! their alarms, an agent's progress; and when a turn should move off
+//! this machine.
+
+use std::time::Instant;
+
+use super::*;
+
+pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
+    match msg {
+        AgentMsg::Progress(p) => {
+            let text = crate::agent::line(&p);
+            if let (Some(a), Progress::Call { step, .. }) = (&mut state.agent, &p) {
+                a.step = *step;
+            }
+            state.push_entry(Entry::new(EntryKind::Notice, text));
+            Vec::new()
+        }
+        AgentMsg::Approval(call) => {
+            if let Some(a) = &mut state.agent {
+                a.pending = Some(call);
+                a.approval_scroll = 0;
+            }
+            state.mode = Mode::Approve;
+            Vec::new()
+        }
+        AgentMsg::Done(outcome) => {
+            let text = match &outcome {
+                Outcome::Finished(summary) => format!("agent finished: {summary}"),
+                Outcome::Failed(why) => format!("agent failed: {why}"),
+                Outcome::BudgetExhausted(what) => format!("agent stopped: budget of {what} used"),
+                Outcome::Stopped => "agent stopped".to_string(),
+            };
+            state.agent = None;
+            if state.mode == Mode::Approve {
+                state.mode = Mode::Chat;
+            }
+            state.notice = Some(text.clone());
+            state.push_entry(Entry::new(EntryKind::Notice, text));
+            vec![Effect::RestoreChat {
+                system_prompt: state.system_prompt.clone(),
+                history: state.conversation(),
+            }]
+        }
+    }
+}
+
+pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> {
+    match event {
+        EngineEvent::TurnStarted { prompt_tokens, .. } => {
+            // A long prefill (a resumed session re-read from its transcript)
+            // would otherwise look like a hang.
+            if prompt_tokens >= 512 {
+                state.notice = Some(format!(
+                    "reading {} tokens of context…",
+                    crate::layout::count(prompt_tokens as u64)
+                ));
+            }
+            Vec::new()
+        }
+        EngineEvent::ContextTrimmed {
+            dropped_messages,
+            limit,
+            ..
+        } => {
+            let text = crate::record::trimmed_notice(dropped_messages, limit);
+            let entry = Entry::new(EntryKind::Notice, text.clone());
+            // Before the answer being generated, so the answer stays last.
+            match &mut state.generation {
+                Some(g) => {
+                    state.transcript.insert(g.entry, entry);
+                    g.entry += 1;
+                }
+                None => state.transcript.push(entry),
+            }
+            vec![Effect::Record(Event::Notice { text })]
+        }
+        EngineEvent::Token { text, .. } => {
+            let Some(g) = &mut state.generation else {
+                return Vec::new();
+            };
+            let first = *g.first_token_at.get_or_insert(at);
+            g.tokens += 1;
+            let secs = (at - first).as_secs_f64();
+            if g.tokens >= 2 && secs > 0.0 {
+                g.live_tok_s = Some((g.tokens - 1) as f64 / secs);
+            }
+            let entry = g.entry;
+            state.transcript[entry].text.push_str(&text);
+            if g.tokens == 1
+                && state
+                    .notice
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("reading "))
+            {
+                state.notice = None;
+            }
+            state.output_arrived();
+            vec![Effect::RecordChunk(text)]
+        }
+        EngineEvent::TurnFinished {
+            reply,
+            finish,
+            stats,
+            ..
+        } => {
+            let Some(g) = state.generation.take() else {
+                return Vec::new();
+            };
+            let entry = &mut state.transcript[g.entry];
+            entry.text = reply.clone();
+            entry.finish = Some(finish);
+            entry.stats = Some(stats.clone());
+            if let Some(d) = stats.decode_tok_s {
+                push_bounded(&mut state.decode_history, d);
+            }
+            state.context_tokens = stats.context_tokens;
+            state.last_energy = TurnEnergy::of(g.power, &stats);
+            if finish == FinishReason::Cancelled {
+                state.notice = Some("stopped".into());
+            } else if matches!(state.notice.as_deref(), Some("stopping…")) {
+                state.notice = None;
+            }
+            let mut effects = vec![Effect::Record(Event::Answer {
+                text: reply,
+                finish,
+                stats: stats.clone(),
+            })];
+            if let Some(event) = state.alarms.on_turn(&stats) {
+                effects.extend(on_alarm(state, event));
+            }
+            state.last_stats = Some(stats);
+            state.output_arrived();
+            effects
+        }
+        EngineEvent::TurnFailed { error, .. } => {
+            if let Some(g) = state.generation.take() {
+                if state.transcript[g.entry].text.is_empty() {
+                    state.transcript.remove(g.entry);
+                }
+            }
+            state.push_entry(Entry::new(EntryKind::Error, error.clone()));
+            vec![Effect::Record(Event::Error { text: error })]
+        }
+    }
+}
+
+pub(super) fn on_sample(state: &mut State, sample: Sample) -> Vec<Effect> {
+    if let (Some(g), Some(w)) = (state.generation.as_mut(), sample.power_w) {
+        g.power = (g.power.0 + w, g.power.1 + 1);
+    }
+    let rate = sample.swap_rate.map_or(0, |r| r.in_bytes_per_s as u64);
+    push_bounded(&mut state.swap_in_history, rate);
+    let generating = state.generating();
+    let effects = match state.alarms.on_sample(&sample, generating) {
+        Some(event) => on_alarm(state, event),
+        None => Vec::new(),
+    };
+    state.telemetry = sample;
+    effects
+}
+
+pub(super) fn on_alarm(state: &mut State, event: AlarmEvent) -> Vec<Effect> {
+    let (kind, raised, message) = match event {
+        AlarmEvent::Raised { kind, message } => {
+            state.active_alarms.retain(|(k, _)| *k != kind);
+            state.active_alarms.push((kind, message.clone()));
+            (kind, true, message)
+        }
+        AlarmEvent::Cleared { kind } => {
+            state.active_alarms.retain(|(k, _)| *k != kind);
+            let what = match kind {
+                AlarmKind::SwapStorm => "swap storm over",
+                AlarmKind::ThermalThrottling => "thermal throttling over",
+            };
+            (kind, false, what.to_string())
+        }
+    };
+    state.push_entry(Entry::new(EntryKind::Notice, message.clone()));
+    vec![Effect::Record(Event::Alarm {
+        kind,
+        raised,
+        message,
+    })]
+}
+
+/// Whether a turn of `message` with an answer of up to `answer_tokens`
+/// would outgrow this machine: the context window, or the memory the KV
+/// cache can still take. Used to offload to an endpoint before it happens.
+pub fn outgrows_local(state: &State, message: &str, answer_tokens: usize) -> bool {
+    if state.remote.is_some() {
+        return false;
+    }
+    // About four bytes of text a token; three errs towards moving early.
+    let needed = message.len() / 3 + answer_tokens;
+    let context = state.context_tokens;
+    if context + needed > state.model.context_limit {
+        return true;
+    }
+    match (&state.shape, state.telemetry.memory) {
+        (Some(shape), Some(mem)) => {
+            let left =
+                crate::budget::tokens_before_memory_runs_out(shape, context as u64, mem.available);
+            (left as usize) < needed
+        }
+        _ => false,
+    }
+}

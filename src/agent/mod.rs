@@ -113,7 +113,7 @@ pub enum GovernorMode {
     Ignore,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Budgets {
     pub max_steps: u32,
     pub max_time: Duration,
@@ -241,7 +241,7 @@ fn raw_line(p: &Progress) -> String {
 /// Everything that makes a run, built once from the settings (config file
 /// and flags) by whichever front end starts it: the workstation's `/agent`,
 /// the daemon's detached runs and headless `kiln agent` alike.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RunSpec {
     pub task: String,
     pub workspace: PathBuf,
@@ -565,11 +565,10 @@ impl<A: Approver> Agent<'_, A> {
         message: &str,
         pattern: Option<&str>,
     ) -> Result<(String, GenStats), TurnError> {
-        let turn = match pattern {
+        let mut turn = match pattern {
             Some(p) => self.engine.chat_constrained(message, p),
             None => self.engine.chat(message),
         };
-        let mut turn = turn;
         loop {
             let event = tokio::select! {
                 ev = turn.next() => ev,
@@ -578,23 +577,19 @@ impl<A: Approver> Agent<'_, A> {
                     return Err(TurnError::Stopped);
                 }
             };
+            let Some(event) = event else {
+                return Err(TurnError::Failed("the engine stopped".into()));
+            };
+            // A tool call's answer is kept; a compaction's summary is not
+            // part of the run.
+            let kept = pattern.is_some() && matches!(event, EngineEvent::TurnFinished { .. });
+            if let (true, Some(Record::Event(e))) = (kept, Record::of(&event)) {
+                self.record(e);
+            }
             match event {
-                Some(finished @ EngineEvent::TurnFinished { .. }) => {
-                    // A tool call's answer is kept; a compaction's summary
-                    // is not part of the run.
-                    if let (Some(_), Some(Record::Event(e))) = (pattern, Record::of(&finished)) {
-                        self.record(e);
-                    }
-                    let EngineEvent::TurnFinished { reply, stats, .. } = finished else {
-                        unreachable!("matched above")
-                    };
-                    return Ok((reply, stats));
-                }
-                Some(EngineEvent::TurnFailed { error, .. }) => {
-                    return Err(TurnError::Failed(error))
-                }
-                Some(_) => {}
-                None => return Err(TurnError::Failed("the engine stopped".into())),
+                EngineEvent::TurnFinished { reply, stats, .. } => return Ok((reply, stats)),
+                EngineEvent::TurnFailed { error, .. } => return Err(TurnError::Failed(error)),
+                _ => {}
             }
         }
     }

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::record::Record;
 
 pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
     match msg {
@@ -45,7 +46,20 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
     }
 }
 
+/// An engine event: the journal record it makes (`record::Record`), then
+/// whatever else it brings about. An answer's events that arrive with no
+/// answer being generated are ignored, record and all.
 pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> Vec<Effect> {
+    let record = Record::of(&event).map(Effect::from);
+    match show(state, event, at) {
+        Some(more) => record.into_iter().chain(more).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// What `event` changes on screen; the effects besides its record, or
+/// `None` when it is ignored.
+fn show(state: &mut State, event: EngineEvent, at: Instant) -> Option<Vec<Effect>> {
     match event {
         EngineEvent::TurnStarted { prompt_tokens, .. } => {
             // A long prefill (a resumed session re-read from its transcript)
@@ -56,7 +70,7 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
                     crate::layout::count(prompt_tokens as u64)
                 ));
             }
-            Vec::new()
+            Some(Vec::new())
         }
         EngineEvent::ContextTrimmed {
             dropped_messages,
@@ -73,12 +87,10 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
                 }
                 None => state.transcript.push(entry),
             }
-            vec![Effect::Record(Event::Notice { text })]
+            Some(Vec::new())
         }
         EngineEvent::Token { text, .. } => {
-            let Some(g) = &mut state.generation else {
-                return Vec::new();
-            };
+            let g = state.generation.as_mut()?;
             let first = *g.first_token_at.get_or_insert(at);
             g.tokens += 1;
             let secs = (at - first).as_secs_f64();
@@ -96,7 +108,7 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
                 state.notice = None;
             }
             state.output_arrived();
-            vec![Effect::RecordChunk(text)]
+            Some(Vec::new())
         }
         EngineEvent::TurnFinished {
             reply,
@@ -104,11 +116,9 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
             stats,
             ..
         } => {
-            let Some(g) = state.generation.take() else {
-                return Vec::new();
-            };
+            let g = state.generation.take()?;
             let entry = &mut state.transcript[g.entry];
-            entry.text = reply.clone();
+            entry.text = reply;
             entry.finish = Some(finish);
             entry.stats = Some(stats.clone());
             if let Some(d) = stats.decode_tok_s {
@@ -121,17 +131,11 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
             } else if matches!(state.notice.as_deref(), Some("stopping…")) {
                 state.notice = None;
             }
-            let mut effects = vec![Effect::Record(Event::Answer {
-                text: reply,
-                finish,
-                stats: stats.clone(),
-            })];
-            if let Some(event) = state.alarms.on_turn(&stats) {
-                effects.extend(on_alarm(state, event));
-            }
+            let alarm = state.alarms.on_turn(&stats);
+            let effects = alarm.map(|a| on_alarm(state, a)).unwrap_or_default();
             state.last_stats = Some(stats);
             state.output_arrived();
-            effects
+            Some(effects)
         }
         EngineEvent::TurnFailed { error, .. } => {
             if let Some(g) = state.generation.take() {
@@ -139,8 +143,8 @@ pub(super) fn on_engine(state: &mut State, event: EngineEvent, at: Instant) -> V
                     state.transcript.remove(g.entry);
                 }
             }
-            state.push_entry(Entry::new(EntryKind::Error, error.clone()));
-            vec![Effect::Record(Event::Error { text: error })]
+            state.push_entry(Entry::new(EntryKind::Error, error));
+            Some(Vec::new())
         }
     }
 }

@@ -197,6 +197,15 @@ pub enum Effect {
     Quit,
 }
 
+impl From<crate::record::Record> for Effect {
+    fn from(record: crate::record::Record) -> Effect {
+        match record {
+            crate::record::Record::Chunk(text) => Effect::RecordChunk(text),
+            crate::record::Record::Event(event) => Effect::Record(event),
+        }
+    }
+}
+
 /// Pasted text, cut to `MAX_PASTE_BYTES` where it arrives (so that a huge
 /// paste never travels further), with the size it had. A paste read from
 /// a client is cut again: the daemon does not take a terminal's word for it.

@@ -207,11 +207,7 @@ impl TurnStream {
             turn: self.turn,
             error: "the engine stopped unexpectedly".into(),
         });
-        self.ended = matches!(
-            event,
-            EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
-        );
-        Some(event)
+        Some(self.seen(event))
     }
 
     /// The next event if one is already here.
@@ -220,11 +216,16 @@ impl TurnStream {
             return None;
         }
         let event = self.events.try_recv().ok()?;
+        Some(self.seen(event))
+    }
+
+    /// Note the turn's end when `event` is its last.
+    fn seen(&mut self, event: EngineEvent) -> EngineEvent {
         self.ended = matches!(
             event,
             EngineEvent::TurnFinished { .. } | EngineEvent::TurnFailed { .. }
         );
-        Some(event)
+        event
     }
 }
 

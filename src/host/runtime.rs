@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::tools::ToolCall;
-use crate::agent::{self, Approval, Approver, Outcome, RunEvent, RunHandle, RunSpec};
+use crate::agent::{self, Approval, Approver, RunEvent, RunHandle, RunSpec};
 use crate::app::{AgentMsg, Effect, MovedTo, Msg, PickerItem, Resumed};
 use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle, Lease, TurnStream};
@@ -310,11 +310,7 @@ impl Runtime {
                 return vec![Msg::Sessions(items)];
             }
             Effect::OpenSession(dir) => return self.switch(dir).await,
-            Effect::StartAgent(task) => {
-                if let Err(outcome) = self.start_agent(task) {
-                    return vec![Msg::Agent(AgentMsg::Done(outcome))];
-                }
-            }
+            Effect::StartAgent(task) => self.start_agent(task),
             Effect::SwitchEngine {
                 target,
                 history,
@@ -414,8 +410,9 @@ impl Runtime {
     }
 
     /// Run an agent as a task of its own on this conversation's engine: it
-    /// journals to this session and asks the user through `AskTheUser`.
-    fn start_agent(&mut self, task: String) -> Result<(), Outcome> {
+    /// journals to this session and asks the user through `AskTheUser`. A
+    /// workspace it cannot open ends it at once, as its outcome says.
+    fn start_agent(&mut self, task: String) {
         let spec = RunSpec::new(
             task,
             self.common.workspace(),
@@ -438,7 +435,6 @@ impl Runtime {
             asking: None,
             questions,
         });
-        Ok(())
     }
 
     /// Leave the current session (its KV snapshot and journal saved) for
@@ -568,6 +564,7 @@ fn osc52(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::Outcome;
     use clap::Parser;
 
     /// A runtime on a scripted engine whose every reply lists the folder

@@ -19,7 +19,8 @@ pub struct Cli {
 }
 
 /// Options every command that runs a model shares.
-#[derive(Debug, Args, Clone, Default)]
+#[derive(Debug, Args, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Common {
     /// A local GGUF file or a preset name (see `kiln models`).
     #[arg(long, short, global = true, env = "KILN_MODEL")]
@@ -121,7 +122,8 @@ impl Common {
     }
 }
 
-#[derive(Debug, Args, Clone, Default)]
+#[derive(Debug, Args, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, global = true)]
@@ -180,6 +182,10 @@ pub enum Command {
         /// SIGTERM or `kiln stop --daemon`.
         #[arg(long, value_name = "SECONDS")]
         idle_exit: Option<u64>,
+        /// Read the settings to run with from stdin, as the client that
+        /// starts a daemon writes them.
+        #[arg(long, hide = true)]
+        settings_stdin: bool,
     },
     /// The daemon's open session and agent runs, with their state.
     Ps,

@@ -11,7 +11,24 @@ use kiln::{logging, models};
 fn main() {
     // Before any file or thread exists, so everything kiln makes is private.
     kiln::private::restrict();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // A daemon a client started runs with that client's settings, whole.
+    let daemon_settings = match &cli.command {
+        Some(Command::Daemon {
+            settings_stdin: true,
+            ..
+        }) => match daemon::settings_from_stdin() {
+            Ok(settings) => {
+                cli.common = settings.common.clone();
+                Some(settings)
+            }
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                std::process::exit(e.exit_code());
+            }
+        },
+        _ => None,
+    };
     logging::install_panic_hook();
     let paths = kiln::paths::Paths::resolve(cli.common.data_dir.as_deref());
     let unfixed = kiln::private::secure(&paths);
@@ -39,8 +56,10 @@ fn main() {
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
             Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
             Some(Command::Agent(args)) => agent::run(args, &cli.common).await,
-            Some(Command::Daemon { idle_exit }) => {
-                daemon::run(&cli.common, idle_exit.map(std::time::Duration::from_secs)).await
+            Some(Command::Daemon { idle_exit, .. }) => {
+                let settings = daemon_settings
+                    .unwrap_or_else(|| kiln::host::protocol::Settings::of(&cli.common));
+                daemon::run(settings, idle_exit.map(std::time::Duration::from_secs)).await
             }
             Some(Command::Ps) => runs_cmd::ps(&cli.common).await,
             Some(Command::Stop { id, daemon }) => {

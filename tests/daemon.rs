@@ -124,14 +124,17 @@ async fn an_agent_run_survives_its_terminal_hanging_up() {
     let daemon = Daemon::start(home.path()).await;
     let Reply::Started { id } = daemon.request(&Request::StartAgent {
         task: "List the folder, read every file in it, and search for the word glaze.".into(),
-        wanted: kiln::host::protocol::Wanted {
-            agent: kiln::agent::AgentSettings {
-                max_steps: 10,
-                max_minutes: 10,
+        settings: kiln::host::protocol::Settings {
+            common: kiln::cli::Common {
+                agent: kiln::cli::AgentFlags {
+                    max_steps: Some(10),
+                    max_minutes: Some(10),
+                    ..Default::default()
+                },
+                workspace: Some(ws.path().to_path_buf()),
+                approval: kiln::agent::Policy::AutoRead,
                 ..Default::default()
             },
-            workspace: Some(ws.path().to_path_buf()),
-            approval: kiln::agent::Policy::AutoRead,
             ..Default::default()
         },
     }) else {

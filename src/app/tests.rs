@@ -678,3 +678,186 @@ fn a_call_is_approved_only_after_all_of_it_was_shown() {
     assert_eq!(effects, vec![Effect::Approve(Approval::Yes)]);
     assert_eq!(s.mode, Mode::Chat);
 }
+
+/// With `auto_offload` set, a message that would outgrow this machine moves
+/// the conversation first: the endpoint gets the conversation before the
+/// question, then the question; the move is noted, not added to the
+/// transcript.
+#[test]
+fn a_message_that_outgrows_the_machine_moves_the_conversation_first() {
+    let mut s = state().with_offload(Some("box".into()), 512);
+    chat(&mut s, "first", "an answer");
+    s.context_tokens = 4000;
+    type_text(&mut s, "second");
+    let effects = acts_of(&mut s, key(KeyCode::Enter));
+    let history = vec![
+        crate::engine::Message::new(Role::User, "first"),
+        crate::engine::Message::new(Role::Assistant, "an answer"),
+    ];
+    assert_eq!(
+        effects,
+        vec![
+            Effect::SwitchEngine {
+                target: Some("box".into()),
+                history,
+                system_prompt: None,
+                offload: true,
+            },
+            Effect::Chat("second".into()),
+        ]
+    );
+    let entries = s.transcript.len();
+    let moved = MovedTo {
+        model: ModelInfo {
+            name: "big-model".into(),
+            ..info()
+        },
+        shape: None,
+        remote: Some("remote:box".into()),
+    };
+    let effects = update(
+        &mut s,
+        Msg::Moved {
+            to: Some(Box::new(moved)),
+            line: "moved to endpoint box".into(),
+            offload: true,
+        },
+    );
+    let line = "the next turn would outgrow this machine: moved to endpoint box";
+    assert_eq!(
+        effects,
+        vec![Effect::Record(Event::Notice { text: line.into() })]
+    );
+    assert_eq!(s.notice.as_deref(), Some(line));
+    assert_eq!(s.remote.as_deref(), Some("remote:box"));
+    assert_eq!(s.model.name, "big-model");
+    assert_eq!(
+        s.transcript.len(),
+        entries,
+        "the answer being made stays last"
+    );
+
+    // Without `auto_offload`, the same message is only sent.
+    let mut s = state();
+    s.context_tokens = 4000;
+    type_text(&mut s, "second");
+    assert_eq!(
+        acts_of(&mut s, key(KeyCode::Enter)),
+        vec![Effect::Chat("second".into())]
+    );
+}
+
+/// `/offload NAME` and `/local` move the conversation with its history;
+/// the move shows in the transcript, and a failed move changes nothing.
+#[test]
+fn offload_and_local_move_the_conversation_and_say_so() {
+    let mut s = state().with_system_prompt(Some("be brief".into()));
+    chat(&mut s, "hi", "hello");
+    type_text(&mut s, "/offload box");
+    let history = vec![
+        crate::engine::Message::new(Role::User, "hi"),
+        crate::engine::Message::new(Role::Assistant, "hello"),
+    ];
+    assert_eq!(
+        acts_of(&mut s, key(KeyCode::Enter)),
+        vec![Effect::SwitchEngine {
+            target: Some("box".into()),
+            history: history.clone(),
+            system_prompt: Some("be brief".into()),
+            offload: false,
+        }]
+    );
+    let to = MovedTo {
+        model: info(),
+        shape: None,
+        remote: Some("remote:box".into()),
+    };
+    update(
+        &mut s,
+        Msg::Moved {
+            to: Some(Box::new(to)),
+            line: "moved to endpoint box".into(),
+            offload: false,
+        },
+    );
+    assert_eq!(s.remote.as_deref(), Some("remote:box"));
+    assert_eq!(s.transcript.last().unwrap().text, "moved to endpoint box");
+
+    type_text(&mut s, "/local");
+    assert_eq!(
+        acts_of(&mut s, key(KeyCode::Enter)),
+        vec![Effect::SwitchEngine {
+            target: None,
+            history,
+            system_prompt: Some("be brief".into()),
+            offload: false,
+        }]
+    );
+    let effects = update(
+        &mut s,
+        Msg::Moved {
+            to: None,
+            line: "cannot move the session: no model".into(),
+            offload: false,
+        },
+    );
+    assert_eq!(effects.len(), 1, "the failure is journaled");
+    assert_eq!(
+        s.remote.as_deref(),
+        Some("remote:box"),
+        "still on the endpoint"
+    );
+    assert_eq!(
+        s.notice.as_deref(),
+        Some("cannot move the session: no model")
+    );
+}
+
+/// A session read back from disk replaces what is shown, with the context
+/// its KV snapshot holds when one loaded.
+#[test]
+fn a_resumed_session_replaces_the_screen() {
+    let mut s = state();
+    chat(&mut s, "old", "conversation");
+    let events = [
+        Event::User {
+            text: "saved question".into(),
+        },
+        Event::Answer {
+            text: "saved answer".into(),
+            finish: FinishReason::Stop,
+            stats: stats(2, 20.0, 321),
+        },
+    ];
+    let transcript = crate::store::transcript::Transcript::replay(&events);
+    let resumed = Resumed {
+        title: "kept".into(),
+        transcript,
+        kv_tokens: Some(300),
+        line: "resumed 2 messages; KV snapshot loaded (300 tokens)".into(),
+    };
+    assert!(update(&mut s, Msg::Resumed(Box::new(resumed))).is_empty());
+    assert_eq!(s.title.as_deref(), Some("kept"));
+    let texts: Vec<&str> = s.transcript.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(texts, ["saved question", "saved answer"]);
+    assert_eq!(
+        s.context_tokens, 300,
+        "the snapshot's tokens, not the journal's"
+    );
+    assert!(s
+        .notice
+        .as_deref()
+        .unwrap()
+        .starts_with("resumed 2 messages"));
+
+    // Without a snapshot the journal's last figure stands.
+    let transcript = crate::store::transcript::Transcript::replay(&events);
+    let resumed = Resumed {
+        title: "kept".into(),
+        transcript,
+        kv_tokens: None,
+        line: "resumed 2 messages".into(),
+    };
+    update(&mut s, Msg::Resumed(Box::new(resumed)));
+    assert_eq!(s.context_tokens, 321);
+}

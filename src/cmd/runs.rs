@@ -24,15 +24,14 @@ pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
     let workspace = root
         .canonicalize()
         .map_err(|e| KilnError::BadArgument(format!("{}: {e}", root.display())))?;
-    let (_, config) = crate::host::launch::paths_and_config(common)?;
-    let mut wanted = protocol::Wanted::of(common, config.agent);
-    wanted.workspace = Some(workspace);
+    let mut settings = protocol::Settings::of(common);
+    settings.common.workspace = Some(workspace);
     let mut stream = connect(common, true).await?;
     let reply = ask(
         &mut stream,
         &Request::StartAgent {
             task: args.task,
-            wanted,
+            settings,
         },
     )
     .await?;

@@ -5,10 +5,12 @@
 //! or one of another version is an error that closes that one client.
 
 use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent::{Outcome, Policy, Progress};
+use crate::agent::{Outcome, Progress};
 use crate::app::Pasted;
 
 /// 2: the workstation over the socket; 3: clients send their settings;
@@ -19,72 +21,107 @@ pub const MAX_FRAME: usize = 8 << 20;
 /// How long the rest of a frame may take once its length has arrived.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The settings a client's `kiln` was started with, checked against the
-/// daemon's. Model and engine settings are the daemon's, so one the client
-/// names that differs is refused, naming it (left out where it is the
-/// default, so a plain `kiln attach` takes whatever runs). Safety settings
-/// are the client's own: a conversation or run opened for this client gets
-/// its workspace and approval policy, and joining one that asks less than
-/// the client asked for is refused; approval is never downgraded.
+/// The command line as one value: what a client's `kiln` was started
+/// with. A client that starts the daemon hands it its `Settings` (on the
+/// daemon's stdin), and every client sends its own when it attaches, to be
+/// compared with the daemon's field by field. Model and engine settings
+/// are the daemon's, so one the client gave that differs is refused,
+/// naming it (one the client left at its default is not compared, so a
+/// plain `kiln attach` takes whatever runs). Safety settings are the
+/// client's own: a conversation or run opened for this client gets its
+/// workspace, approval policy and agent settings, and joining one that asks
+/// less than the client asked for is refused; approval is never downgraded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Wanted {
-    pub model: Option<String>,
-    pub engine: Option<String>,
-    pub kv_type: Option<String>,
-    /// Rope scaling, K/V types and flash attention, where not the defaults.
-    pub window: Option<crate::window::WindowArgs>,
-    pub ctx: Option<usize>,
-    pub system: Option<String>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub repeat_penalty: Option<f32>,
-    pub seed: Option<u64>,
-    pub max_tokens: Option<u32>,
-    /// `--think on|off`.
-    pub think: Option<bool>,
-    /// `--workspace` as given (made absolute); `None` where it was not.
-    pub workspace: Option<std::path::PathBuf>,
+pub struct Settings {
+    /// Every flag as given, `--workspace` made absolute.
+    pub common: crate::cli::Common,
     /// The client's folder: the workspace when none was given.
-    pub cwd: std::path::PathBuf,
-    pub approval: Policy,
-    /// The client's agent budgets and governor (its config and flags).
-    #[serde(default)]
-    pub agent: crate::agent::AgentSettings,
+    pub cwd: PathBuf,
 }
 
-impl Wanted {
-    /// The settings of a client started with `common`, whose config file
-    /// asks for `agent` (flags applied).
-    pub fn of(common: &crate::cli::Common, agent: crate::agent::AgentSettings) -> Wanted {
-        use crate::engine::local::Backend;
-        let default_engine = Backend::parse(&common.engine) == Some(Backend::LlamaCpp);
-        let absolute = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let s = &common.sampling;
-        Wanted {
-            model: common.model.clone(),
-            engine: (!default_engine).then(|| common.engine.clone()),
-            kv_type: (common.kv_type != crate::budget::KvType::default())
-                .then(|| common.kv_type.name().into()),
-            window: (common.window != crate::window::WindowArgs::default())
-                .then(|| common.window.clone()),
-            ctx: common.ctx,
-            system: common.system.clone(),
-            temperature: s.temperature,
-            top_p: s.top_p,
-            repeat_penalty: s.repeat_penalty,
-            seed: s.seed,
-            max_tokens: s.max_tokens,
-            think: s.think,
-            workspace: common.workspace.as_deref().map(absolute),
-            cwd: absolute(std::path::Path::new(".")),
-            approval: common.approval,
-            agent,
+impl Settings {
+    pub fn of(common: &crate::cli::Common) -> Settings {
+        let absolute = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let mut common = common.clone();
+        common.workspace = common.workspace.as_deref().map(absolute);
+        Settings {
+            common,
+            cwd: absolute(Path::new(".")),
         }
     }
 
     /// The workspace a conversation or run opened for this client uses.
-    pub fn workspace(&self) -> &std::path::Path {
-        self.workspace.as_deref().unwrap_or(&self.cwd)
+    pub fn workspace(&self) -> &Path {
+        self.common.workspace.as_deref().unwrap_or(&self.cwd)
+    }
+
+    /// The model and engine settings given, each as its flag and value;
+    /// those at their defaults are left out. Read from the settings' serde
+    /// form, so a flag added to `Common`'s model settings is compared
+    /// without being listed here.
+    pub fn model_flags(&self) -> Vec<(String, String)> {
+        let c = &self.common;
+        let backend = crate::engine::local::Backend::parse(&c.engine);
+        let view = ModelView {
+            model: c.model.as_deref(),
+            engine: (backend != Some(crate::engine::local::Backend::LlamaCpp))
+                .then_some(c.engine.as_str()),
+            kv_type: c.kv_type,
+            window: &c.window,
+            ctx: c.ctx,
+            system: c.system.as_deref(),
+            sampling: &c.sampling,
+        };
+        let defaults = ModelView {
+            model: None,
+            engine: None,
+            kv_type: Default::default(),
+            window: &Default::default(),
+            ctx: None,
+            system: None,
+            sampling: &Default::default(),
+        };
+        let (given, default) = (json_map(&view), json_map(&defaults));
+        given
+            .into_iter()
+            .filter(|(k, v)| !v.is_null() && default.get(k) != Some(v))
+            .map(|(k, v)| (format!("--{}", k.replace('_', "-")), flag_value(&v)))
+            .collect()
+    }
+}
+
+/// The model and engine settings, flat, keyed by their flags' names.
+#[derive(Serialize)]
+struct ModelView<'a> {
+    model: Option<&'a str>,
+    engine: Option<&'a str>,
+    kv_type: crate::budget::KvType,
+    #[serde(flatten)]
+    window: &'a crate::window::WindowArgs,
+    ctx: Option<usize>,
+    system: Option<&'a str>,
+    #[serde(flatten)]
+    sampling: &'a crate::cli::SamplingArgs,
+}
+
+/// Through JSON text rather than `to_value`, which widens an f32 to the
+/// f64 nearest it (0.9 would read 0.8999999761581421).
+fn json_map(view: &ModelView) -> serde_json::Map<String, serde_json::Value> {
+    let text = serde_json::to_string(view).expect("settings serialize");
+    serde_json::from_str(&text).expect("settings read back")
+}
+
+/// A setting's value as it is typed after its flag (`on`/`off` for
+/// switches; text quoted and made visible).
+fn flag_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Bool(true) => "on".into(),
+        serde_json::Value::Bool(false) => "off".into(),
+        serde_json::Value::String(s) if s.contains(char::is_whitespace) || s.is_empty() => {
+            format!("{:?}", crate::visible::visible_line(s))
+        }
+        serde_json::Value::String(s) => crate::visible::visible_line(s).into_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -95,7 +132,7 @@ pub enum Request {
         task: String,
         /// The client's settings; its workspace, policy and agent settings
         /// are the run's.
-        wanted: Wanted,
+        settings: Settings,
     },
     List,
     Stop {
@@ -114,7 +151,7 @@ pub enum Request {
         theme: Option<String>,
         no_color: bool,
         /// What the client was asked to run, checked against the daemon's.
-        wanted: Wanted,
+        settings: Settings,
     },
     Input {
         input: Input,
@@ -456,17 +493,68 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::Policy;
+    use clap::Parser;
     use rand::{Rng, SeedableRng};
 
     fn sample() -> Request {
         Request::StartAgent {
             task: "tidy the notes ✓".into(),
-            wanted: Wanted {
-                workspace: Some("/tmp/ws".into()),
-                approval: Policy::AutoRead,
-                ..Wanted::default()
+            settings: Settings {
+                common: crate::cli::Common {
+                    workspace: Some("/tmp/ws".into()),
+                    approval: Policy::AutoRead,
+                    ..Default::default()
+                },
+                cwd: "/tmp".into(),
             },
         }
+    }
+
+    /// The settings a client hands a daemon it starts come back whole, and
+    /// only the model and engine flags given count as given.
+    #[test]
+    fn settings_travel_whole_and_list_only_what_was_given() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "kiln",
+            "--model",
+            "m.gguf",
+            "--kv-type",
+            "q8_0",
+            "--flash-attn",
+            "on",
+            "--think",
+            "off",
+            "--temperature",
+            "0.3",
+            "--system",
+            "be brief",
+            "--max-steps",
+            "4",
+        ])
+        .unwrap();
+        let settings = Settings::of(&cli.common);
+        let back: Settings =
+            serde_json::from_slice(&serde_json::to_vec(&settings).unwrap()).unwrap();
+        assert_eq!(back, settings);
+        let flags: Vec<String> = settings
+            .model_flags()
+            .into_iter()
+            .map(|(f, v)| format!("{f} {v}"))
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                "--model m.gguf",
+                "--kv-type q8_0",
+                "--flash-attn on",
+                "--system \"be brief\"",
+                "--temperature 0.3",
+                "--think off"
+            ]
+        );
+        let plain = crate::cli::Cli::try_parse_from(["kiln"]).unwrap();
+        assert!(Settings::of(&plain.common).model_flags().is_empty());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::cli::Common;
 use crate::error::{KilnError, Result};
 use crate::host::daemon;
 use crate::host::launch;
-use crate::host::protocol::{self, Open, Reply, Request, Wanted};
+use crate::host::protocol::{self, Open, Reply, Request, Settings};
 use crate::host::workstation::{
     self, Client, Host, HostIn, Input, Resumed, Screen, Status, CLIENT_BUFFER,
 };
@@ -135,10 +135,7 @@ pub async fn attach(common: &Common, open: Open, size: (u16, u16)) -> Result<i32
         size,
         theme: common.theme.clone(),
         no_color: theme::no_color_requested(),
-        wanted: Wanted::of(
-            common,
-            crate::host::launch::paths_and_config(common)?.1.agent,
-        ),
+        settings: Settings::of(common),
     };
     protocol::write(&mut write, &hello)
         .await

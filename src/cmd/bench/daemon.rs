@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::agent::Progress;
 use crate::cli::Common;
 use crate::error::{KilnError, Result};
-use crate::host::protocol::{self, Open, Reply, Request, Wanted};
+use crate::host::protocol::{self, Open, Reply, Request, Settings};
 use crate::paths::Paths;
 
 use crate::host::daemon::{bench_actor, bind, Model};
@@ -69,7 +69,7 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
             size: (120, 40),
             theme: None,
             no_color: true,
-            wanted: Wanted::default(),
+            settings: Settings::default(),
         };
         protocol::write(&mut write, &hello)
             .await

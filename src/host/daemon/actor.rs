@@ -17,7 +17,7 @@ use crate::cli::Common;
 use crate::engine::EngineHandle;
 use crate::error::Result;
 use crate::host::launch;
-use crate::host::protocol::{Open, Reply, Request, RunInfo, Wanted};
+use crate::host::protocol::{Open, Reply, Request, RunInfo, Settings};
 use crate::host::workstation::{self, Client, Host, HostIn, Resumed};
 use crate::paths::Paths;
 use crate::store::SessionStore;
@@ -39,7 +39,7 @@ pub(super) enum ActorMsg {
         Open,
         Client,
         /// What the client was started with.
-        Wanted,
+        Settings,
         oneshot::Sender<Result<mpsc::UnboundedSender<HostIn>, String>>,
     ),
     /// The workstation closed and gave the engine back.
@@ -50,7 +50,8 @@ pub(super) enum ActorMsg {
 
 /// The model as loaded, for each user the engine is lent to.
 pub struct Model {
-    pub(super) common: Common,
+    /// What it was started with.
+    pub(super) settings: Settings,
     pub(super) keys: crate::keys::KeyMap,
     pub(super) paths: crate::paths::Paths,
     pub(super) config: crate::config::Config,
@@ -99,7 +100,10 @@ impl Model {
     /// benchmarks and tests.
     pub fn fake(common: Common, paths: &Paths) -> Model {
         Model {
-            common,
+            settings: Settings {
+                common,
+                ..Settings::default()
+            },
             keys: crate::keys::KeyMap::default(),
             paths: paths.clone(),
             config: crate::config::Config::default(),
@@ -286,8 +290,8 @@ impl Actor {
     fn workstation(
         &mut self,
         open: Open,
-        client: Client,
-        wanted: Wanted,
+        terminal: Client,
+        client: Settings,
     ) -> Result<mpsc::UnboundedSender<HostIn>, String> {
         if self.shutdown.is_some() {
             return Err("the daemon is shutting down".into());
@@ -295,16 +299,15 @@ impl Actor {
         let Some(model) = &self.model else {
             return Err("this daemon has no workstation".into());
         };
-        if let Some(asked) = differs(&wanted, &model.common) {
+        if let Some(asked) = differs(&client, &model.settings) {
             return Err(format!(
                 "the daemon runs {} with other settings than {asked}; `kiln stop --daemon` ends it, or use --no-daemon",
                 model.model_spec
             ));
         }
         if let Some(w) = &self.workstation {
-            joins(w, &wanted)?;
+            joins(w, &client)?;
         }
-        let client_settings = wanted;
         let wanted = match &open {
             Open::Session { query } => {
                 Some(self.store.resolve(Some(query)).map_err(|e| e.to_string())?)
@@ -319,7 +322,7 @@ impl Actor {
                     let _ = w.inbox.send(HostIn::Open(dir));
                 }
             }
-            let _ = w.inbox.send(HostIn::Attach(client));
+            let _ = w.inbox.send(HostIn::Attach(terminal));
             return Ok(w.inbox.clone());
         }
         let Some(lease) = self.engine.lease() else {
@@ -340,7 +343,7 @@ impl Actor {
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let (status_tx, status) = tokio::sync::watch::channel(workstation::Status::default());
         let mut config = model.config.clone();
-        config.agent = client_settings.agent.clone();
+        config.agent = client.common.agent.over(config.agent);
         let started = launch::Started {
             paths: model.paths.clone(),
             config,
@@ -350,13 +353,13 @@ impl Actor {
             fingerprint: model.fingerprint.clone(),
         };
         // The conversation's agents work where, and ask as, this client said.
-        let mut common = model.common.clone();
-        common.workspace = Some(client_settings.workspace().to_path_buf());
-        common.approval = client_settings.approval;
+        let mut common = model.settings.common.clone();
+        common.workspace = Some(client.workspace().to_path_buf());
+        common.approval = client.common.approval;
         let keys = model.keys.clone();
         let samples = self.samples.clone();
         let tx = self.tx.clone();
-        let _ = inbox.send(HostIn::Attach(client));
+        let _ = inbox.send(HostIn::Attach(terminal));
         tokio::spawn(async move {
             let host = Host::new(common, started, keys, samples, resumed).await;
             host.run(inbox_rx, status_tx).await;
@@ -365,8 +368,8 @@ impl Actor {
         self.workstation = Some(WorkstationLink {
             inbox: inbox.clone(),
             status,
-            workspace: client_settings.workspace().to_path_buf(),
-            approval: client_settings.approval,
+            workspace: client.workspace().to_path_buf(),
+            approval: client.common.approval,
         });
         Ok(inbox)
     }
@@ -414,11 +417,11 @@ impl Actor {
                     message: "a terminal attaches with its first request".into(),
                 }
             }
-            Request::StartAgent { task, wanted } => {
+            Request::StartAgent { task, settings } => {
                 if let Some(asked) = self
                     .model
                     .as_ref()
-                    .and_then(|m| differs(&wanted, &m.common))
+                    .and_then(|m| differs(&settings, &m.settings))
                 {
                     return Reply::Error {
                         message: format!(
@@ -426,25 +429,25 @@ impl Actor {
                         ),
                     };
                 }
-                self.start(task, &wanted)
+                self.start(task, &settings)
             }
         }
     }
 
     /// A detached run of `task`, as the client's settings say: its
     /// workspace, approval policy and agent settings, on the daemon's model.
-    fn start(&mut self, task: String, wanted: &Wanted) -> Reply {
-        let sampler = self
+    fn start(&mut self, task: String, client: &Settings) -> Reply {
+        let config = self
             .model
             .as_ref()
-            .map(|m| m.config.sampling.clone())
+            .map(|m| m.config.clone())
             .unwrap_or_default();
         let spec = RunSpec::new(
             task,
-            wanted.workspace().to_path_buf(),
-            wanted.approval,
-            &wanted.agent,
-            &sampler,
+            client.workspace().to_path_buf(),
+            client.common.approval,
+            &client.common.agent.over(config.agent),
+            &config.sampling,
         );
         if let Err(e) = Workspace::new(&spec.workspace) {
             return Reply::Error {

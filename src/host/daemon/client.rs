@@ -9,10 +9,9 @@ use tokio::net::UnixStream;
 use crate::cli::Common;
 use crate::error::{KilnError, Result};
 use crate::host::launch;
-use crate::host::protocol::{self, Reply, Request};
+use crate::host::protocol::{self, Reply, Request, Settings};
 use crate::paths::Paths;
 
-use super::settings::on_off;
 use super::socket::socket_path;
 
 /// Connect to the daemon, starting one in the background when none runs.
@@ -32,15 +31,16 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
     let mut cmd = std::process::Command::new(exe);
     // It exits a minute after its last conversation and run end, so a
     // model no one uses does not stay in memory.
-    cmd.args(["daemon", "--idle-exit", "60"]);
-    cmd.args(daemon_args(common));
+    // The client's settings, whole, on the daemon's stdin: the daemon
+    // runs as this client was asked to, with nothing rebuilt from flags.
+    cmd.args(["daemon", "--idle-exit", "60", "--settings-stdin"]);
     use std::os::unix::process::CommandExt;
     // Its one-line error (a bad model, a bad config) is kept for the client.
     let stderr = std::fs::create_dir_all(&paths.logs)
         .and_then(|_| crate::store::atomic::open_private(&startup_log(&paths), true))
         .map(std::process::Stdio::from)
         .unwrap_or_else(|_| std::process::Stdio::null());
-    cmd.stdin(std::process::Stdio::null())
+    cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(stderr);
     // A session of its own, so the terminal hanging up does not reach it.
@@ -52,6 +52,12 @@ pub async fn connect(common: &Common, start: bool) -> Result<UnixStream> {
         });
     }
     let mut child = cmd.spawn().map_err(|e| KilnError::io("kiln daemon", e))?;
+    let settings = serde_json::to_vec(&Settings::of(common)).expect("settings serialize");
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        // A daemon that died at once says why below.
+        let _ = stdin.write_all(&settings);
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(s) = UnixStream::connect(&path).await {
@@ -91,50 +97,6 @@ pub fn why_it_stopped(common: &Common) -> Option<String> {
         .map(|l| l.trim_start_matches("kiln: ").to_string())
 }
 
-fn daemon_args(common: &Common) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
-    let mut pair = |flag: &str, value: Option<std::ffi::OsString>| {
-        if let Some(v) = value {
-            args.push(flag.into());
-            args.push(v);
-        }
-    };
-    pair("--model", common.model.clone().map(Into::into));
-    pair("--data-dir", common.data_dir.clone().map(Into::into));
-    pair("--config", common.config.clone().map(Into::into));
-    pair("--ctx", common.ctx.map(|c| c.to_string().into()));
-    pair("--system", common.system.clone().map(Into::into));
-    pair("--engine", Some(common.engine.clone().into()));
-    pair("--kv-type", Some(common.kv_type.name().into()));
-    for (flag, value) in common.window.flags() {
-        pair(flag, Some(value.into()));
-    }
-    pair(
-        "--workspace",
-        common
-            .workspace
-            .as_ref()
-            .map(|w| w.canonicalize().unwrap_or_else(|_| w.clone()).into()),
-    );
-    let policy = clap::ValueEnum::to_possible_value(&common.approval)
-        .map(|v| v.get_name().to_string().into());
-    pair("--approval", policy);
-    let s = &common.sampling;
-    pair("--temperature", s.temperature.map(|v| v.to_string().into()));
-    pair("--top-p", s.top_p.map(|v| v.to_string().into()));
-    pair(
-        "--repeat-penalty",
-        s.repeat_penalty.map(|v| v.to_string().into()),
-    );
-    pair("--seed", s.seed.map(|v| v.to_string().into()));
-    pair("--max-tokens", s.max_tokens.map(|v| v.to_string().into()));
-    pair("--think", s.think.map(|v| on_off(v).into()));
-    if common.allow_swap {
-        args.push("--allow-swap".into());
-    }
-    args
-}
-
 /// One request, one reply.
 pub async fn ask(stream: &mut UnixStream, req: &Request) -> Result<Reply> {
     protocol::write(stream, req)
@@ -143,4 +105,22 @@ pub async fn ask(stream: &mut UnixStream, req: &Request) -> Result<Reply> {
     protocol::read(stream)
         .await
         .map_err(|e| KilnError::Store(format!("daemon: {e}")))
+}
+
+/// The settings a client that started this daemon wrote to its stdin.
+pub fn settings_from_stdin() -> Result<Settings> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::io::stdin()
+        .take(protocol::MAX_FRAME as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| KilnError::io("stdin", e))?;
+    if text.len() > protocol::MAX_FRAME {
+        return Err(KilnError::BadArgument(format!(
+            "stdin: the settings are over {} bytes",
+            protocol::MAX_FRAME
+        )));
+    }
+    serde_json::from_slice(&text)
+        .map_err(|e| KilnError::BadArgument(format!("stdin: the settings do not parse: {e}")))
 }

@@ -17,7 +17,7 @@ mod settings;
 mod socket;
 
 pub use actor::{bench_actor, BenchActor, Model};
-pub use client::{ask, connect, why_it_stopped};
+pub use client::{ask, connect, settings_from_stdin, why_it_stopped};
 pub use socket::{bind, socket_path};
 
 use actor::{Actor, ActorMsg};
@@ -28,16 +28,17 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cli::Common;
 use crate::error::{KilnError, Result};
 use crate::host::launch;
+use crate::host::protocol::Settings;
 use crate::host::workstation::{self};
 use crate::store::SessionStore;
 use crate::telemetry;
 
 /// `idle_exit`: exit this long after the last terminal's conversation and
 /// run end (a daemon a client started); `None` runs until SIGTERM.
-pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
+pub async fn run(settings: Settings, idle_exit: Option<Duration>) -> Result<i32> {
+    let common = &settings.common;
     let (paths, _) = launch::paths_and_config(common)?;
     let path = socket_path(&paths);
     let listener = bind(&path)?;
@@ -56,7 +57,7 @@ pub async fn run(common: &Common, idle_exit: Option<Duration>) -> Result<i32> {
         SessionStore::new(&started.paths),
         samples,
         Some(Model {
-            common: common.clone(),
+            settings: settings.clone(),
             keys,
             paths: started.paths,
             config: started.config,
@@ -95,32 +96,41 @@ mod tests {
     use super::actor::WorkstationLink;
     use super::settings::{differs, joins};
     use super::*;
-    use crate::host::protocol::{self, Open, Reply, Request, Wanted};
+    use crate::budget::KvType;
+    use crate::cli::Common;
+    use crate::host::protocol::{self, Open, Reply, Request};
     use crate::paths::Paths;
     use std::path::{Path, PathBuf};
     use tokio::net::UnixStream;
 
+    fn started_with(common: Common) -> Settings {
+        Settings {
+            common,
+            ..Settings::default()
+        }
+    }
+
     #[test]
     fn a_terminal_started_with_other_settings_is_told_what_differs() {
-        let daemon = Common {
+        let daemon = started_with(Common {
             engine: "llamacpp".into(),
             model: Some("a.gguf".into()),
             ..Default::default()
-        };
-        let same = Wanted {
+        });
+        let same = started_with(Common {
             model: Some("a.gguf".into()),
-            engine: Some("local".into()),
-            kv_type: Some("f16".into()),
-            ..Wanted::default()
-        };
+            engine: "local".into(),
+            kv_type: KvType::F16,
+            ..Default::default()
+        });
         assert_eq!(differs(&same, &daemon), None);
-        assert_eq!(differs(&Wanted::default(), &daemon), None);
-        let other = Wanted {
+        assert_eq!(differs(&Settings::default(), &daemon), None);
+        let other = started_with(Common {
             model: Some("b.gguf".into()),
-            engine: Some("kalosm".into()),
-            kv_type: Some("q8_0".into()),
-            ..Wanted::default()
-        };
+            engine: "kalosm".into(),
+            kv_type: KvType::Q8_0,
+            ..Default::default()
+        });
         assert_eq!(
             differs(&other, &daemon).unwrap(),
             "--model b.gguf --engine kalosm --kv-type q8_0"
@@ -161,11 +171,13 @@ mod tests {
             size: (80, 24),
             theme: None,
             no_color: true,
-            wanted: Wanted {
-                approval,
-                workspace: Some(workspace.into()),
+            settings: Settings {
+                common: Common {
+                    approval,
+                    workspace: Some(workspace.into()),
+                    ..Default::default()
+                },
                 cwd: "/".into(),
-                ..Wanted::default()
             },
         };
         let mut first = UnixStream::connect(&path).await.unwrap();
@@ -270,7 +282,7 @@ mod tests {
             size,
             theme: None,
             no_color: true,
-            wanted: Wanted::default(),
+            settings: Settings::default(),
         };
         // A terminal of 65535x65535, at attach and in a resize.
         for size in [(65535, 65535), (u16::MAX, 1), (1, u16::MAX)] {
@@ -329,7 +341,7 @@ mod tests {
         let templates = [
             Request::StartAgent {
                 task: "t".into(),
-                wanted: Wanted::default(),
+                settings: Settings::default(),
             },
             Request::List,
             Request::Stop { id: "x".into() },
@@ -385,11 +397,13 @@ mod tests {
             workspace: "/work/a".into(),
             approval,
         };
-        let client = |approval, workspace: Option<&str>| Wanted {
-            approval,
-            workspace: workspace.map(PathBuf::from),
+        let client = |approval, workspace: Option<&str>| Settings {
+            common: Common {
+                approval,
+                workspace: workspace.map(PathBuf::from),
+                ..Default::default()
+            },
             cwd: "/elsewhere".into(),
-            ..Wanted::default()
         };
         let auto = open(Policy::Auto);
         let e = joins(&auto, &client(Policy::Ask, None)).unwrap_err();
@@ -404,18 +418,21 @@ mod tests {
         assert!(e.contains("/work/b"), "{e}");
         assert!(joins(&ask, &client(Policy::Ask, Some("/work/a"))).is_ok());
         // Settings of the model the client names are refused by name.
-        let daemon = Common {
+        let daemon = started_with(Common {
             sampling: crate::cli::SamplingArgs {
                 temperature: Some(0.0),
                 ..Default::default()
             },
             ..Default::default()
-        };
-        let hot = Wanted {
-            temperature: Some(0.9),
+        });
+        let hot = started_with(Common {
+            sampling: crate::cli::SamplingArgs {
+                temperature: Some(0.9),
+                ..Default::default()
+            },
             ctx: Some(1024),
-            ..Wanted::default()
-        };
+            ..Default::default()
+        });
         assert_eq!(
             differs(&hot, &daemon).unwrap(),
             "--ctx 1024 --temperature 0.9"

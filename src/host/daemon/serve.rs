@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::host::protocol::{self, FrameError, Open, Reply, Request, Wanted};
+use crate::host::protocol::{self, FrameError, Open, Reply, Request, Settings};
 use crate::host::workstation::{self, Client, HostIn, Screen, CLIENT_BUFFER};
 
 use super::actor::ActorMsg;
@@ -85,32 +85,32 @@ pub(super) fn check(req: &Request) -> std::result::Result<(), String> {
         (n > max).then(|| format!("{what} of {n} bytes is over the {max}-byte limit"))
     };
     let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    let wanted_ok = |w: &Wanted| {
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or(0, |p| p.as_os_str().len());
+    let settings_ok = |s: &Settings| {
+        let c = &s.common;
         [
-            ("a model name", len(&w.model), MAX_NAME),
-            ("an engine name", len(&w.engine), MAX_NAME),
-            ("a KV type", len(&w.kv_type), MAX_NAME),
-            ("a system prompt", len(&w.system), MAX_TEXT),
-            (
-                "a workspace",
-                w.workspace.as_ref().map_or(0, |p| p.as_os_str().len()),
-                MAX_NAME,
-            ),
-            ("a folder", w.cwd.as_os_str().len(), MAX_NAME),
+            ("a model name", len(&c.model), MAX_NAME),
+            ("an engine name", c.engine.len(), MAX_NAME),
+            ("a system prompt", len(&c.system), MAX_TEXT),
+            ("a theme name", len(&c.theme), MAX_NAME),
+            ("a workspace", path(&c.workspace), MAX_NAME),
+            ("a data folder", path(&c.data_dir), MAX_NAME),
+            ("a config file", path(&c.config), MAX_NAME),
+            ("a folder", s.cwd.as_os_str().len(), MAX_NAME),
         ]
         .into_iter()
         .find_map(|(what, n, max)| long(what, n, max))
     };
     let problem = match req {
-        Request::StartAgent { task, wanted, .. } => {
-            long("a task", task.len(), MAX_TEXT).or_else(|| wanted_ok(wanted))
+        Request::StartAgent { task, settings, .. } => {
+            long("a task", task.len(), MAX_TEXT).or_else(|| settings_ok(settings))
         }
         Request::Stop { id } | Request::Attach { id } => long("an id", id.len(), MAX_NAME),
         Request::Workstation {
             open,
             size,
             theme,
-            wanted,
+            settings,
             ..
         } => workstation::check_size(*size)
             .err()
@@ -119,7 +119,7 @@ pub(super) fn check(req: &Request) -> std::result::Result<(), String> {
                 Open::Session { query } => long("a session id", query.len(), MAX_NAME),
                 _ => None,
             })
-            .or_else(|| wanted_ok(wanted)),
+            .or_else(|| settings_ok(settings)),
         Request::Input { input } => input.check().err(),
         Request::List | Request::Shutdown => None,
     };
@@ -169,9 +169,9 @@ async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
                 size,
                 theme,
                 no_color,
-                wanted,
+                settings,
             } => {
-                let client = (size, theme, no_color, wanted);
+                let client = (size, theme, no_color, settings);
                 terminal(&mut read, &mut write, &actor, open, client).await;
                 return;
             }
@@ -196,14 +196,14 @@ async fn terminal(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     actor: &mpsc::UnboundedSender<ActorMsg>,
     open: Open,
-    (size, theme, no_color, wanted): ((u16, u16), Option<String>, bool, Wanted),
+    (size, theme, no_color, settings): ((u16, u16), Option<String>, bool, Settings),
 ) {
     let refuse = |message: String| Reply::Error { message };
     let (out, mut screens) = mpsc::channel(CLIENT_BUFFER);
     let client = Client::new(size, theme, no_color, out);
     let id = client.id;
     let (reply_tx, reply_rx) = oneshot::channel();
-    let _ = actor.send(ActorMsg::Workstation(open, client, wanted, reply_tx));
+    let _ = actor.send(ActorMsg::Workstation(open, client, settings, reply_tx));
     let inbox = match reply_rx.await {
         Ok(Ok(inbox)) => inbox,
         Ok(Err(message)) => {

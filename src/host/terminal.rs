@@ -19,9 +19,9 @@ use crate::cli::Common;
 use crate::error::{KilnError, Result};
 use crate::host::daemon;
 use crate::host::launch;
-use crate::host::protocol::{self, Open, Reply, Request, Settings};
+use crate::host::protocol::{self, Input, Open, Reply, Request, Settings};
 use crate::host::workstation::{
-    self, Client, Host, HostIn, Input, Resumed, Screen, Status, CLIENT_BUFFER,
+    self, Client, Host, HostIn, Resumed, Screen, Status, CLIENT_BUFFER,
 };
 use crate::store::SessionStore;
 use crate::telemetry;

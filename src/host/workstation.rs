@@ -22,7 +22,7 @@ use crate::app::{self, Msg, State};
 use crate::cli::Common;
 use crate::error::{KilnError, Result};
 use crate::host::launch::Started;
-pub use crate::host::protocol::Input;
+use crate::host::protocol::Input;
 use crate::host::runtime::Runtime;
 use crate::keys::KeyMap;
 use crate::store::session::OpenSession;

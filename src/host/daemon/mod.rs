@@ -140,13 +140,77 @@ mod tests {
     /// A daemon with the workstation over a scripted engine, on a socket in
     /// `dir`, started with `common`.
     fn fake_daemon_with(dir: &Path, common: Common) -> PathBuf {
+        let engine = crate::engine::fake::FakeEngine::new(["hello there"]);
+        fake_daemon_on(dir, common, engine)
+    }
+
+    fn fake_daemon_on(
+        dir: &Path,
+        common: Common,
+        engine: crate::engine::fake::FakeEngine,
+    ) -> PathBuf {
         let path = dir.join("daemon.sock");
         let listener = bind(&path).unwrap();
         let paths = Paths::under(dir);
         let model = Model::fake(common, &paths);
-        let engine = crate::engine::fake::FakeEngine::new(["hello there"]);
         bench_actor(listener, engine, &paths, Some(model));
         path
+    }
+
+    /// `kiln agent --detach --max-steps 2`: the run in the daemon takes the
+    /// agent flags of the client that started it, over the daemon's own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_detached_run_honours_the_clients_agent_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        let listing = r#"{"tool": "list_dir", "path": "."}"#;
+        let engine = crate::engine::fake::FakeEngine::new(vec![listing; 40]);
+        let path = fake_daemon_on(dir.path(), Common::default(), engine);
+        let client = Settings {
+            common: Common {
+                agent: crate::cli::AgentFlags {
+                    max_steps: Some(2),
+                    ..Default::default()
+                },
+                approval: crate::agent::Policy::Auto,
+                workspace: Some(ws),
+                ..Default::default()
+            },
+            cwd: "/".into(),
+        };
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let start = Request::StartAgent {
+            task: "look around".into(),
+            settings: client,
+        };
+        protocol::write(&mut s, &start).await.unwrap();
+        let Reply::Started { id } = protocol::read::<Reply, _>(&mut s).await.unwrap() else {
+            panic!("the run starts");
+        };
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        protocol::write(&mut s, &Request::Attach { id })
+            .await
+            .unwrap();
+        let outcome = loop {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(10), protocol::read::<Reply, _>(&mut s))
+                    .await
+                    .expect("the run ends")
+                    .unwrap();
+            match reply {
+                Reply::Done { outcome, .. } => break outcome,
+                Reply::Snapshot {
+                    outcome: Some(outcome),
+                    ..
+                } => break outcome,
+                _ => {}
+            }
+        };
+        assert_eq!(
+            outcome,
+            crate::agent::Outcome::BudgetExhausted("2 steps".into())
+        );
     }
 
     fn fake_daemon(dir: &Path) -> PathBuf {

@@ -82,6 +82,9 @@ pub struct ModelShape {
     /// Bytes per tensor type, largest first (empty for built-in presets).
     pub tensor_types: Vec<(String, u64)>,
     pub kv_layout: KvLayout,
+    /// Conversations the llama.cpp context runs at once: its sliding-window
+    /// layers keep a window for each.
+    pub sequences: u64,
 }
 
 /// Tokens the llama.cpp engine prefills per forward pass.
@@ -195,6 +198,7 @@ impl ModelShape {
             expert_bytes: info.expert_bytes,
             tensor_types: info.tensor_types.clone(),
             kv_layout: KvLayout::KalosmF32,
+            sequences: 1,
         }
     }
 
@@ -242,14 +246,21 @@ impl ModelShape {
     }
 
     /// Cells the sliding-window layers hold when the rest holds `cells`:
-    /// the window and one batch, padded to 256 (`llama_kv_cache_iswa`).
+    /// a window for each sequence and one batch, padded to 256
+    /// (`llama_kv_cache_iswa` with one unified cache).
     pub fn swa_cells(&self, cells: u64) -> u64 {
         if self.layers.swa.layers == 0 {
             return 0;
         }
         cells
-            .min(self.layers.window + PREFILL_CHUNK)
+            .min(self.layers.window * self.sequences.max(1) + PREFILL_CHUNK)
             .next_multiple_of(256)
+    }
+
+    /// The same model run with `n` conversations at once.
+    pub fn with_sequences(mut self, n: u64) -> ModelShape {
+        self.sequences = n.max(1);
+        self
     }
 
     /// KV cache (and recurrent state) bytes the engine has allocated when
@@ -522,6 +533,23 @@ pub fn max_context(shape: &ModelShape, available: u64) -> u64 {
     .unwrap_or(0)
 }
 
+/// The KV cells all conversations on one llama.cpp context may hold
+/// together: as many as fit in `available` bytes beside the weights, at
+/// least one window (which the load guard checked) and at most one window
+/// per conversation. One window without memory figures.
+pub fn shared_kv_cells(
+    shape: &ModelShape,
+    window: u64,
+    conversations: u64,
+    available: Option<u64>,
+) -> u64 {
+    let most = window * conversations.max(1);
+    let Some(available) = available else {
+        return window;
+    };
+    max_context(&shape.clone().with_window_limit(most), available).clamp(window, most)
+}
+
 /// How many more tokens the conversation can take before the KV cache's
 /// growth no longer fits in `available` bytes, up to the trained context.
 /// When the cache grows it allocates the larger buffer while the old one is
@@ -625,6 +653,7 @@ mod tests {
             expert_bytes: 0,
             tensor_types: Vec::new(),
             kv_layout: KvLayout::KalosmF32,
+            sequences: 1,
         }
     }
 

@@ -164,6 +164,9 @@ pub enum Command {
     Models,
     /// Will a model fit this machine? Weights, KV cache, verdict, max context.
     Fit(FitArgs),
+    /// A new conversation in the workstation, beside any the daemon holds
+    /// open (plain `kiln` joins the open one).
+    New,
     /// Continue a saved session in the workstation (default: the latest).
     Resume {
         /// Session id (or a unique start of it), or a session folder.
@@ -324,6 +327,14 @@ pub struct BenchArgs {
     /// Measure daemon-to-client event latency and throughput instead.
     #[arg(long)]
     pub daemon: bool,
+    /// Measure this many conversations streaming at once on one loaded
+    /// model instead, for each count given (1,2,4,8).
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
+    pub parallel: Vec<usize>,
+    /// With --parallel, llama.cpp's `llama-server` to measure beside kiln
+    /// on the same GGUF and threads.
+    #[arg(long, value_name = "PATH")]
+    pub peer_server: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -47,7 +47,8 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            None => tui::run(&cli.common, tui::Start::New).await,
+            None => tui::run(&cli.common, tui::Start::Current).await,
+            Some(Command::New) => tui::run(&cli.common, tui::Start::New).await,
             Some(Command::Ask(args)) => ask::run(args, &cli.common).await,
             Some(Command::Bench(args)) => bench::run(args, &cli.common).await,
             Some(Command::Models) => list_models(&cli.common),

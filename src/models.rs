@@ -463,6 +463,7 @@ impl crate::budget::ModelShape {
             expert_bytes: 0,
             tensor_types: Vec::new(),
             kv_layout: crate::budget::KvLayout::KalosmF32,
+            sequences: 1,
         }
     }
 }

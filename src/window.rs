@@ -61,7 +61,7 @@ impl FlashAttn {
 }
 
 /// The flags that shape the window, as given.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct WindowArgs {
     /// Rope scaling past the trained window: none, linear or yarn
     /// (default: what the file says; the Qwen2.5 presets add YaRN only
@@ -86,6 +86,42 @@ pub struct WindowArgs {
     /// How V values are stored (default: --kv-type).
     #[arg(long, global = true, value_enum)]
     pub kv_type_v: Option<KvType>,
+    /// Conversations one loaded llama.cpp model runs at once (chat, agent
+    /// runs, scripts), batched together.
+    #[arg(long = "conversations", global = true, value_name = "N",
+          default_value_t = DEFAULT_PARALLEL,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[serde(default = "default_parallel")]
+    pub parallel: u32,
+    /// The most tokens all conversations hold in the KV cache together
+    /// (default: what fits in the memory free at load, at least one
+    /// window).
+    #[arg(long, global = true, value_name = "TOKENS")]
+    pub kv_budget: Option<u64>,
+}
+
+/// Conversations at once by default: a chat and three agent runs. Each
+/// costs a sliding window of KV cells on models with windowed layers
+/// (Gemma 3: a window of 1,024 tokens in 52 of its 62 layers).
+pub const DEFAULT_PARALLEL: u32 = 4;
+
+fn default_parallel() -> u32 {
+    DEFAULT_PARALLEL
+}
+
+impl Default for WindowArgs {
+    fn default() -> WindowArgs {
+        WindowArgs {
+            rope_scaling: None,
+            rope_scale: None,
+            yarn_orig_ctx: None,
+            flash_attn: FlashAttn::Auto,
+            kv_type_k: None,
+            kv_type_v: None,
+            parallel: DEFAULT_PARALLEL,
+            kv_budget: None,
+        }
+    }
 }
 
 impl WindowArgs {
@@ -118,6 +154,12 @@ impl WindowArgs {
         }
         if let Some(v) = self.kv_type_v {
             f.push(("--kv-type-v", v.name().to_string()));
+        }
+        if self.parallel != DEFAULT_PARALLEL {
+            f.push(("--conversations", self.parallel.to_string()));
+        }
+        if let Some(n) = self.kv_budget {
+            f.push(("--kv-budget", n.to_string()));
         }
         f
     }

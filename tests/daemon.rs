@@ -103,7 +103,7 @@ async fn the_socket_is_private_and_bad_frames_close_only_their_client() {
         daemon.request(&Request::List),
         Reply::Runs {
             runs: vec![],
-            workstation: None
+            workstations: vec![]
         }
     );
 
@@ -386,4 +386,230 @@ async fn out_of_file_descriptors_the_daemon_waits_instead_of_spinning() {
         std::thread::sleep(Duration::from_millis(200));
     }
     daemon.terminate();
+}
+
+/// The daemon serving `home`: the `kiln daemon` process whose KILN_HOME
+/// it is.
+fn daemon_pid(home: &Path) -> Option<i32> {
+    let wanted = format!("KILN_HOME={}", home.display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(p.path().join("environ")).ok()?;
+        let daemon = cmdline.split(|b| *b == 0).nth(1) == Some(&b"daemon"[..]);
+        let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
+        (daemon && ours).then_some(pid)
+    })
+}
+
+/// `kiln ps` as text.
+fn ps(home: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_HOME", home)
+        .arg("ps")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The TOK/S column of the `ps` row that starts with `id` (or holds it).
+fn speed_of(ps: &str, id: &str) -> Option<f64> {
+    let row = ps.lines().find(|l| l.contains(id))?;
+    row.split_whitespace().find_map(|w| {
+        w.contains('.')
+            .then(|| w.parse::<f64>().ok())
+            .flatten()
+            .filter(|v| *v > 0.0)
+    })
+}
+
+/// One model, two users at once: a detached agent run steps while a
+/// terminal's conversation streams an answer. `kiln ps` shows both with
+/// their speeds, and both journals are whole.
+#[tokio::test]
+async fn a_detached_run_steps_while_a_terminal_chats_with_the_same_model() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
+    let flags = format!(
+        "--model {} --temperature 0 --max-tokens 300",
+        model.path.display()
+    );
+    let kiln = format!(
+        "KILN_HOME={} {} {flags}",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_kiln")
+    );
+    let chat = common::Tmux::start("chat", 120, 40, &kiln);
+    chat.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
+    chat.send(&[
+        "Write a very long story about a dragon who runs a pottery kiln.",
+        "Enter",
+    ]);
+    chat.wait_for("the answer to stream", 60, |s| s.contains("live "));
+
+    let detach = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_HOME", home.path())
+        .args(flags.split(' '))
+        .args(["--max-steps", "6", "--approval", "auto-read", "--workspace"])
+        .arg(ws.path())
+        .args(["agent", "--detach", "--task"])
+        .arg("List the folder, read every file in it, and search for the word glaze.")
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&detach.stdout).trim().to_string();
+    assert!(
+        detach.status.success() && !id.is_empty(),
+        "the run starts while the chat streams: {}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+
+    // Both at once: the run steps (with a speed) while the answer is
+    // still streaming in the terminal.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let both = loop {
+        let listing = ps(home.path());
+        let answering = listing.contains("answering");
+        if answering && speed_of(&listing, &id).is_some() {
+            break listing;
+        }
+        assert!(
+            Instant::now() < deadline && (answering || speed_of(&listing, &id).is_none()),
+            "the run should step while the answer streams: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(both.contains(&id), "{both}");
+
+    // Each goes on to its end, and then both show a speed.
+    let screen = chat.wait_for("the finished answer", 240, |s| {
+        s.contains(" tok · ") && s.contains("idle")
+    });
+    assert!(screen.contains("dragon"), "{screen}");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let after = loop {
+        let listing = ps(home.path());
+        let run_row = listing
+            .lines()
+            .find(|l| l.contains(&id))
+            .unwrap_or_default();
+        if !run_row.contains("running") {
+            break listing;
+        }
+        assert!(Instant::now() < deadline, "the run ends: {listing}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let session_row = after.lines().nth(1).unwrap_or_default();
+    assert!(
+        session_row.contains("idle") && speed_of(session_row, "idle").is_some(),
+        "{after}"
+    );
+
+    use kiln::store::session::Event;
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    let run_dir = store.resolve(Some(&id)).unwrap();
+    let run = kiln::store::session::read_events(&run_dir.join("events.jsonl")).unwrap();
+    let steps: Vec<u32> = run
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ToolCall { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert!(!steps.is_empty());
+    assert_eq!(steps, (1..=steps.len() as u32).collect::<Vec<_>>());
+    let chat_dir = store
+        .list()
+        .into_iter()
+        .map(|s| s.dir)
+        .find(|d| *d != run_dir)
+        .expect("the chat's session");
+    let journal = kiln::store::session::read_events(&chat_dir.join("events.jsonl")).unwrap();
+    let answers: Vec<_> = journal
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Answer { text, finish, .. } => Some((text.len(), *finish)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].0 > 200, "{answers:?}");
+    assert_ne!(answers[0].1, kiln::engine::FinishReason::Cancelled);
+}
+
+/// `kill -9` of the daemon while two terminals' conversations stream on
+/// the one model: both sessions reopen with every committed message, and
+/// each cut answer is marked interrupted.
+#[tokio::test]
+async fn two_sessions_cut_by_kill_9_reopen_with_their_answers_marked() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let _daemon = common::DaemonGuard::new(home.path());
+    let kiln = |args: &str| {
+        format!(
+            "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 400 {args}",
+            home.path().display(),
+            env!("CARGO_BIN_EXE_kiln"),
+            model.path.display()
+        )
+    };
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    // The first terminal asks and gets its answer (a committed message),
+    // then asks again.
+    let first = common::Tmux::start("k1", 120, 40, &kiln(""));
+    first.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
+    first.send(&["Say hello.", "Enter"]);
+    first.wait_for("the first answer", 120, |s| s.contains(" tok · "));
+    let first_id = store.list()[0]
+        .dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    // A second terminal opens a new conversation of its own beside it.
+    let second = common::Tmux::start("k2", 120, 40, &kiln("new"));
+    second.wait_for("a second welcome screen", 60, |s| {
+        s.contains("Type a message")
+    });
+    first.send(&[
+        "Write a very long story about a dragon and a kiln.",
+        "Enter",
+    ]);
+    second.send(&["Write a very long poem about clay and fire.", "Enter"]);
+    first.wait_for("the story to stream", 60, |s| s.contains("live "));
+    second.wait_for("the poem to stream", 60, |s| s.contains("live "));
+    // Both are streaming: kill the daemon outright.
+    let listing = ps(home.path());
+    assert_eq!(listing.matches("answering").count(), 2, "{listing}");
+    let pid = daemon_pid(home.path()).expect("the daemon's process");
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    drop((first, second));
+
+    let sessions = store.list();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    for s in &sessions {
+        let loaded = store.load(&s.dir).expect("the session reopens");
+        let t = &loaded.transcript;
+        let users: Vec<_> = t
+            .entries
+            .iter()
+            .filter(|e| e.kind == kiln::store::transcript::EntryKind::User)
+            .collect();
+        let last = t.entries.last().expect("entries");
+        assert!(last.interrupted, "{:?}", t.entries);
+        let id = s.dir.file_name().unwrap().to_string_lossy().into_owned();
+        if id == first_id {
+            assert_eq!(users.len(), 2, "both questions kept: {:?}", t.entries);
+            assert!(!t.entries[1].interrupted, "the first answer was whole");
+        } else {
+            assert_eq!(users.len(), 1, "{:?}", t.entries);
+        }
+    }
 }

@@ -16,7 +16,7 @@ use kiln::budget::{grown_kv_cells, KvType};
 use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Turn};
 use kiln::engine::sampler::KilnSampler;
 use kiln::engine::template::ChatTemplate;
-use kiln::engine::CancelFlag;
+use kiln::engine::{CancelFlag, Priority};
 
 async fn load(window: usize) -> LlamaCpp {
     load_with(window, KvType::F16).await
@@ -40,6 +40,7 @@ fn greedy_turn(max_new: usize) -> Turn {
         max_new,
         cancel: CancelFlag::default(),
         turn: 1,
+        priority: Priority::Interactive,
     }
 }
 

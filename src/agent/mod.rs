@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{EngineCommand, EngineEvent, EngineHandle, GenStats, Message, SamplerSettings};
+use crate::engine::{
+    EngineCommand, EngineEvent, EngineHandle, GenStats, Message, Priority, SamplerSettings,
+};
 use crate::record::Record;
 use crate::store::journal::JournalHandle;
 use crate::store::session::Event;
@@ -149,6 +151,12 @@ pub enum Progress {
     Call {
         step: u32,
         call: ToolCall,
+        /// The decode speed of the turn that chose the call, and the tokens
+        /// the run's conversation then held (for `kiln ps`).
+        #[serde(default)]
+        tok_s: Option<f64>,
+        #[serde(default)]
+        context_tokens: usize,
     },
     Result {
         step: u32,
@@ -218,7 +226,7 @@ pub fn line(p: &Progress) -> String {
 fn raw_line(p: &Progress) -> String {
     let first = |s: &str| -> String { s.lines().next().unwrap_or("").chars().take(100).collect() };
     match p {
-        Progress::Call { step, call } => format!("step {step}: {}", call.describe()),
+        Progress::Call { step, call, .. } => format!("step {step}: {}", call.describe()),
         Progress::Result { step, ok, output } => {
             format!(
                 "step {step}: {} {}",
@@ -354,7 +362,9 @@ pub fn spawn<A: Approver + Send + 'static>(
             Err(e) => Outcome::Failed(format!("workspace {}: {e}", spec.workspace.display())),
             Ok(workspace) => {
                 engine.send(EngineCommand::SetSampler(spec.sampler.clone()));
-                Agent {
+                // A terminal's turns on the same model go before the steps.
+                engine.send(EngineCommand::SetPriority(Priority::Background));
+                let outcome = Agent {
                     engine: &engine,
                     workspace,
                     policy: spec.policy,
@@ -369,7 +379,9 @@ pub fn spawn<A: Approver + Send + 'static>(
                 .run(&spec.task, move |p| {
                     let _ = progress_tx.send(p);
                 })
-                .await
+                .await;
+                engine.send(EngineCommand::SetPriority(Priority::Interactive));
+                outcome
             }
         };
         let _ = outcome_tx.send(outcome);
@@ -466,6 +478,8 @@ impl<A: Approver> Agent<'_, A> {
             report(Progress::Call {
                 step,
                 call: call.clone(),
+                tok_s: stats.decode_tok_s,
+                context_tokens: stats.context_tokens,
             });
             if let ToolCall::Finish { summary } = &call {
                 self.record(Event::ToolResult {

@@ -67,7 +67,8 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     let context = window.tokens;
     let shape = shape
         .with_window_limit(window.tokens)
-        .with_kv_layout(backend.kv_layout(context as usize, common.kv_type, &common.window));
+        .with_kv_layout(backend.kv_layout(context as usize, common.kv_type, &common.window))
+        .with_sequences(backend.sequences(&common.window));
     let b = budget::budget(&shape, context, &mem);
     let decode = machine.map(|m| machines::decode_estimate(&shape, context, m.bandwidth_gbs));
     if args.json {

@@ -48,22 +48,33 @@ pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
 pub async fn ps(common: &Common) -> Result<i32> {
     let mut stream = connect(common, false).await?;
     match ask(&mut stream, &Request::List).await? {
-        Reply::Runs { runs, workstation } => {
+        Reply::Runs { runs, workstations } => {
             println!(
-                "{:<22} {:<8} {:<18}  TITLE",
-                "SESSION", "TERMINALS", "STATE"
+                "{:<22} {:<9} {:<18} {:>7} {:>8}  TITLE",
+                "SESSION", "TERMINALS", "STATE", "TOK/S", "KV TOK"
             );
-            match workstation {
-                Some(w) => {
+            if workstations.is_empty() {
+                println!("(none open)");
+            }
+            for w in workstations {
+                {
                     let id = w.session.unwrap_or_else(|| "(new, unsaved)".into());
                     let title: String = w.title.unwrap_or_default().chars().take(60).collect();
                     let title = visible_line(&title);
-                    println!("{id:<22} {:<10} {:<18}  {title}", w.clients, w.activity);
+                    println!(
+                        "{id:<22} {:<9} {:<18} {:>7} {:>8}  {title}",
+                        w.clients,
+                        w.activity,
+                        rate(w.tok_s),
+                        w.context_tokens
+                    );
                 }
-                None => println!("(none open)"),
             }
             println!();
-            println!("{:<22} {:>5}  {:<18}  TASK", "RUN", "STEPS", "STATE");
+            println!(
+                "{:<22} {:>5}  {:<18} {:>7} {:>8}  TASK",
+                "RUN", "STEPS", "STATE", "TOK/S", "KV TOK"
+            );
             for r in runs {
                 let state = match &r.outcome {
                     None => "running".to_string(),
@@ -74,12 +85,23 @@ pub async fn ps(common: &Common) -> Result<i32> {
                 };
                 let task: String = r.task.chars().take(60).collect();
                 let task = visible_line(&task);
-                println!("{:<22} {:>5}  {:<18}  {task}", r.id, r.steps, state);
+                println!(
+                    "{:<22} {:>5}  {:<18} {:>7} {:>8}  {task}",
+                    r.id,
+                    r.steps,
+                    state,
+                    rate(r.tok_s),
+                    r.context_tokens
+                );
             }
             Ok(0)
         }
         other => Err(unexpected(other)),
     }
+}
+
+fn rate(tok_s: Option<f64>) -> String {
+    tok_s.map_or("-".into(), |r| format!("{r:.1}"))
 }
 
 /// `kiln stop ID` (a session or a run) or `kiln stop --daemon`.

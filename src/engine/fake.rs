@@ -17,6 +17,8 @@ pub struct FakeEngine {
     max_tokens: u32,
     pub conversation: Conversation,
     kv_tokens: usize,
+    /// How many conversations it lets be open at once.
+    conversations: usize,
 }
 
 impl FakeEngine {
@@ -29,6 +31,7 @@ impl FakeEngine {
             max_tokens: SamplerSettings::default().max_tokens,
             conversation: Conversation::default(),
             kv_tokens: 0,
+            conversations: 1,
         }
     }
 
@@ -100,6 +103,13 @@ impl FakeEngine {
     /// A smaller context window, to make context pressure easy to reach.
     pub fn with_context_limit(mut self, tokens: usize) -> Self {
         self.context_limit = tokens;
+        self
+    }
+
+    /// Let `n` conversations be open at once, each starting from what is
+    /// left of the script.
+    pub fn with_conversations(mut self, n: usize) -> Self {
+        self.conversations = n;
         self
     }
 
@@ -199,6 +209,19 @@ impl Engine for FakeEngine {
     fn reset(&mut self) {
         self.conversation = Conversation::default();
         self.kv_tokens = 0;
+    }
+
+    fn open(&self) -> Option<Self> {
+        (self.conversations > 1).then(|| FakeEngine {
+            script: self.script.clone(),
+            conversation: Conversation::default(),
+            kv_tokens: 0,
+            ..*self
+        })
+    }
+
+    fn conversations(&self) -> usize {
+        self.conversations
     }
 }
 

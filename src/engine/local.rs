@@ -5,7 +5,7 @@
 use super::kalosm::{EngineOptions, KalosmEngine};
 use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
-use super::{CancelFlag, Engine, EventSink, Message, ModelInfo};
+use super::{CancelFlag, Engine, EventSink, Message, ModelInfo, Priority};
 use crate::budget::{KvLayout, KvType};
 use crate::chat::KvState;
 use crate::error::KilnError;
@@ -89,6 +89,14 @@ impl Backend {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Conversations this backend runs at once on one loaded model.
+    pub fn sequences(self, window: &WindowArgs) -> u64 {
+        match self {
+            Backend::LlamaCpp => window.parallel as u64,
+            Backend::Kalosm => 1,
         }
     }
 
@@ -187,5 +195,20 @@ impl Engine for LocalEngine {
 
     fn reset(&mut self) {
         each!(self, e => e.reset())
+    }
+
+    fn open(&self) -> Option<Self> {
+        match self {
+            LocalEngine::LlamaCpp(e) => e.open().map(LocalEngine::LlamaCpp),
+            LocalEngine::Kalosm(_) => None,
+        }
+    }
+
+    fn conversations(&self) -> usize {
+        each!(self, e => e.conversations())
+    }
+
+    fn set_priority(&mut self, priority: Priority) {
+        each!(self, e => e.set_priority(priority))
     }
 }

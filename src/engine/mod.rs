@@ -4,8 +4,12 @@
 //! each turn answers on a stream of its own (`TurnStream`), so nothing lends
 //! a shared receiver around. Cancellation takes a side path (an atomic turn
 //! number) because the command queue is not read while a turn is generating.
-//! Exclusive use of the model's one conversation is a `Lease`, which its
-//! holder drops.
+//!
+//! An engine task holds one conversation. Engines that can run several on
+//! one loaded model (`Engine::open`) give each holder its own: `lease` hands
+//! out the first conversation, then opens more (each its own task, sharing
+//! the model) up to `Engine::conversations`. A `Lease` is exclusive use of
+//! one conversation, given back by dropping it.
 
 pub mod context;
 pub mod fake;
@@ -109,6 +113,19 @@ pub enum EngineCommand {
     /// Load a KV state saved by `Snapshot` (with `SetHistory` for the
     /// conversation it belongs to).
     Restore(KvState, oneshot::Sender<Result<(), String>>),
+    /// Who waits on this conversation's turns.
+    SetPriority(Priority),
+}
+
+/// Whose turns go first when conversations share the model: a terminal's
+/// before background agent steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Someone is watching the answer stream in.
+    #[default]
+    Interactive,
+    Background,
 }
 
 /// Cancels turns up to a number. A number rather than a flag, so that a
@@ -175,6 +192,24 @@ pub trait Engine: Send + 'static {
     fn restore(&mut self, state: KvState) -> Result<(), String>;
     fn set_sampler(&mut self, settings: SamplerSettings);
     fn reset(&mut self);
+
+    /// Another conversation on the same loaded model, empty, with this
+    /// one's settings; `None` where the engine holds only one.
+    fn open(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
+
+    /// How many conversations can be open at once.
+    fn conversations(&self) -> usize {
+        1
+    }
+
+    fn set_priority(&mut self, priority: Priority) {
+        let _ = priority;
+    }
 }
 
 /// The front ends' side of a running engine.
@@ -184,8 +219,29 @@ pub struct EngineHandle {
     cancel: CancelFlag,
     next_turn: Arc<AtomicU64>,
     info: ModelInfo,
-    /// One permit: whoever holds it has the model's conversation.
+    /// One permit: whoever holds it has this conversation.
     exclusive: Arc<Semaphore>,
+    pool: Arc<Pool>,
+}
+
+/// The conversations of one loaded model.
+struct Pool {
+    /// A permit per conversation leased.
+    leases: Arc<Semaphore>,
+    limit: usize,
+    /// Spawns another conversation, where the engine can.
+    open: Option<OpenFn>,
+}
+
+type OpenFn = Box<dyn Fn(&Arc<Pool>) -> Option<EngineHandle> + Send + Sync>;
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("limit", &self.limit)
+            .field("leased", &(self.limit - self.leases.available_permits()))
+            .finish()
+    }
 }
 
 /// One turn's events, from `TurnStarted` to `TurnFinished` or `TurnFailed`.
@@ -229,12 +285,13 @@ impl TurnStream {
     }
 }
 
-/// Exclusive use of an engine's conversation, held by the workstation or
-/// an agent run and given back by dropping it.
+/// Exclusive use of one of an engine's conversations, held by the
+/// workstation or an agent run and given back by dropping it.
 #[derive(Debug)]
 pub struct Lease {
     engine: EngineHandle,
     _permit: OwnedSemaphorePermit,
+    _seat: OwnedSemaphorePermit,
 }
 
 impl std::ops::Deref for Lease {
@@ -249,19 +306,35 @@ impl EngineHandle {
         &self.info
     }
 
-    /// The conversation for this holder alone; `None` while another
-    /// holds it.
+    /// A conversation for this holder alone: this one while it is free,
+    /// else a new one on the same model; `None` when every conversation the
+    /// engine can hold is taken.
     pub fn lease(&self) -> Option<Lease> {
-        let permit = self.exclusive.clone().try_acquire_owned().ok()?;
+        let seat = self.pool.leases.clone().try_acquire_owned().ok()?;
+        let (engine, permit) = match self.exclusive.clone().try_acquire_owned() {
+            Ok(permit) => (self.clone(), permit),
+            Err(_) => {
+                let engine = (self.pool.open.as_ref()?)(&self.pool)?;
+                let permit = engine.exclusive.clone().try_acquire_owned().ok()?;
+                (engine, permit)
+            }
+        };
         Some(Lease {
-            engine: self.clone(),
+            engine,
             _permit: permit,
+            _seat: seat,
         })
     }
 
-    /// Whether someone holds the conversation.
+    /// Whether anyone holds a conversation of this model.
     pub fn leased(&self) -> bool {
-        self.exclusive.available_permits() == 0
+        self.pool.leases.available_permits() < self.pool.limit
+    }
+
+    /// Conversations leased now, and how many the model can hold.
+    pub fn seats(&self) -> (usize, usize) {
+        let limit = self.pool.limit;
+        (limit - self.pool.leases.available_permits(), limit)
     }
 
     fn turn(&self, command: impl FnOnce(u64, EventSink) -> EngineCommand) -> TurnStream {
@@ -315,7 +388,30 @@ impl EngineHandle {
 }
 
 /// Start `engine` as a background task.
-pub fn spawn<E: Engine>(mut engine: E) -> EngineHandle {
+pub fn spawn<E: Engine>(engine: E) -> EngineHandle {
+    let limit = engine.conversations().max(1);
+    // A blank conversation kept aside to open more from: the first may
+    // be mid-turn when another is wanted.
+    let open: Option<OpenFn> = match limit {
+        1 => None,
+        _ => engine.open().map(|blank| {
+            let blank = std::sync::Mutex::new(blank);
+            Box::new(move |pool: &Arc<Pool>| {
+                let engine = blank.lock().ok()?.open()?;
+                Some(run(engine, pool.clone()))
+            }) as OpenFn
+        }),
+    };
+    let pool = Arc::new(Pool {
+        leases: Arc::new(Semaphore::new(limit)),
+        limit,
+        open,
+    });
+    run(engine, pool)
+}
+
+/// Run one conversation of `pool` as a task, until its handles are gone.
+fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     let cancel = CancelFlag::default();
     let handle = EngineHandle {
@@ -324,6 +420,7 @@ pub fn spawn<E: Engine>(mut engine: E) -> EngineHandle {
         next_turn: Arc::new(AtomicU64::new(0)),
         info: engine.info(),
         exclusive: Arc::new(Semaphore::new(1)),
+        pool,
     };
     tokio::spawn(async move {
         while let Some(command) = cmd_rx.recv().await {
@@ -356,6 +453,7 @@ pub fn spawn<E: Engine>(mut engine: E) -> EngineHandle {
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
                 EngineCommand::SetHistory(m) => engine.set_history(m),
                 EngineCommand::SetSampler(s) => engine.set_sampler(s),
+                EngineCommand::SetPriority(p) => engine.set_priority(p),
                 EngineCommand::Reset => engine.reset(),
                 EngineCommand::Snapshot(reply) => {
                     let _ = reply.send(engine.snapshot());

@@ -119,6 +119,10 @@ fn shown_url(url: &str) -> String {
     }
 }
 
+/// Conversations kiln keeps open on one endpoint at once; the server
+/// queues or batches their requests as it is set up to.
+const REMOTE_CONVERSATIONS: usize = 8;
+
 pub struct RemoteEngine {
     redactor: Redactor,
     name: String,
@@ -471,6 +475,26 @@ impl Engine for RemoteEngine {
 
     fn reset(&mut self) {
         self.conv.messages.clear();
+    }
+
+    /// Another conversation over the same client: the endpoint keeps no
+    /// state between requests, so conversations are independent.
+    fn open(&self) -> Option<Self> {
+        Some(RemoteEngine {
+            redactor: self.redactor.clone(),
+            name: self.name.clone(),
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            conv: Conversation {
+                system: self.conv.system.clone(),
+                messages: Vec::new(),
+            },
+            sampler: self.sampler.clone(),
+        })
+    }
+
+    fn conversations(&self) -> usize {
+        REMOTE_CONVERSATIONS
     }
 }
 

@@ -32,6 +32,10 @@ pub struct Launched {
     pub window_args: WindowArgs,
     /// The context window the engine was made with.
     pub context: usize,
+    /// The KV cells all its conversations may hold together, and how many
+    /// run at once.
+    pub kv_budget: u64,
+    pub sequences: u64,
     pub window: Window,
     pub load_seconds: f64,
     /// What KV states of this model and context depend on.
@@ -43,10 +47,12 @@ impl Launched {
     pub fn shape(&self) -> ModelShape {
         ModelShape::from_gguf(&self.model.info)
             .with_window_limit(self.window.tokens)
-            .with_kv_layout(
-                self.backend
-                    .kv_layout(self.context, self.kv_type, &self.window_args),
-            )
+            .with_kv_layout(self.backend.kv_layout(
+                self.kv_budget as usize,
+                self.kv_type,
+                &self.window_args,
+            ))
+            .with_sequences(self.sequences)
     }
 
     /// How the model is named in a session, so resume can load it again:
@@ -114,12 +120,31 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     adjust(&mut options);
     let window = model.window(options.context, &common.window)?;
     let context = window.tokens as usize;
+    let sequences = backend.sequences(&options.window);
     guard(
         &model.info,
         &window,
         common.allow_swap,
         backend.kv_layout(context, common.kv_type, &common.window),
+        sequences,
     )?;
+    let kv_budget = match backend {
+        Backend::LlamaCpp => {
+            let layout = backend.kv_layout(context, common.kv_type, &common.window);
+            let shape = ModelShape::from_gguf(&model.info)
+                .with_window_limit(window.tokens)
+                .with_kv_layout(layout)
+                .with_sequences(sequences);
+            let given = options.window.kv_budget;
+            let available = MemorySnapshot::read().map(|m| m.available);
+            let parallel = options.window.parallel as u64;
+            given.unwrap_or_else(|| {
+                budget::shared_kv_cells(&shape, window.tokens, parallel, available)
+            })
+        }
+        Backend::Kalosm => context as u64,
+    };
+    options.window.kv_budget = Some(kv_budget);
     let show = std::io::stderr().is_terminal();
     let name = model.info.display_name();
     let started = Instant::now();
@@ -144,6 +169,8 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         kv_type: common.kv_type,
         window_args: common.window.clone(),
         context,
+        kv_budget,
+        sequences,
         window,
         load_seconds: started.elapsed().as_secs_f64(),
         fingerprint,
@@ -227,6 +254,7 @@ pub fn guard(
     window: &crate::window::Window,
     allow_swap: bool,
     layout: crate::budget::KvLayout,
+    sequences: u64,
 ) -> Result<()> {
     let Some(mem) = MemorySnapshot::read() else {
         tracing::warn!("no memory figures; skipping the budget check");
@@ -235,7 +263,8 @@ pub fn guard(
     let context = window.tokens;
     let shape = ModelShape::from_gguf(info)
         .with_window_limit(window.tokens)
-        .with_kv_layout(layout);
+        .with_kv_layout(layout)
+        .with_sequences(sequences);
     let b = budget::budget(&shape, context, &mem);
     if let Some(what) = &b.unmodelled {
         tracing::warn!("budget check skipped: kiln does not model {what}");

@@ -14,10 +14,16 @@ use crate::agent::{Outcome, Progress};
 use crate::app::Pasted;
 
 /// 2: the workstation over the socket; 3: clients send their settings;
-/// 6: kiln's own input types, agent settings with the client's settings.
-pub const VERSION: u32 = 6;
+/// 6: kiln's own input types, agent settings with the client's settings;
+/// 7: several workstations, speed and KV tokens in `kiln ps`, `kiln ask`
+/// through the daemon.
+pub const VERSION: u32 = 7;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
+/// The largest question `kiln ask` sends the daemon (one that JSON
+/// escapes whole still fits a frame); a larger one is answered by a model
+/// the client loads itself.
+pub const MAX_QUESTION: usize = MAX_FRAME / 8;
 /// How long the rest of a frame may take once its length has arrived.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -142,6 +148,15 @@ pub enum Request {
     Attach {
         id: String,
     },
+    /// One question for the loaded model, on a conversation of its own:
+    /// `Asked`, then the turn's events as `Turn` replies to its end. The
+    /// client closing its side cancels the answer.
+    Ask {
+        question: String,
+        /// Answer without keeping the exchange as a session.
+        ephemeral: bool,
+        settings: Settings,
+    },
     /// Attach a terminal to the workstation: `Screen` replies follow, and
     /// the client sends `Input` until it goes.
     Workstation {
@@ -166,6 +181,8 @@ pub enum Request {
 pub enum Open {
     /// The one open in the daemon, else a new one (`kiln`).
     Current,
+    /// A new one beside any open (`kiln new`).
+    New,
     /// The one open in the daemon, else the most recent (`kiln attach`).
     Last,
     /// This session (`kiln attach ID`, `kiln resume ID`).
@@ -179,6 +196,12 @@ pub struct RunInfo {
     pub steps: u32,
     /// `None` while running.
     pub outcome: Option<Outcome>,
+    /// The last step's decode speed, and the tokens its conversation held
+    /// in the model's KV cache.
+    #[serde(default)]
+    pub tok_s: Option<f64>,
+    #[serde(default)]
+    pub context_tokens: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -187,11 +210,20 @@ pub enum Reply {
     Started {
         id: String,
     },
+    /// The question's conversation is leased; the session that keeps it.
+    Asked {
+        session: Option<String>,
+        model: crate::engine::ModelInfo,
+    },
+    /// One of the asked question's turn events.
+    Turn {
+        event: crate::engine::EngineEvent,
+    },
     Runs {
         runs: Vec<RunInfo>,
-        /// The conversation open in the workstation.
+        /// The conversations open in workstations, oldest first.
         #[serde(default)]
-        workstation: Option<crate::host::workstation::Status>,
+        workstations: Vec<crate::host::workstation::Status>,
     },
     Stopping {
         id: String,

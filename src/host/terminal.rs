@@ -29,6 +29,9 @@ use crate::theme;
 
 /// What the workstation opens with.
 pub enum Start {
+    /// The conversation the daemon has open, else a new one.
+    Current,
+    /// A new conversation, beside any open.
     New,
     /// A session by id, id prefix or folder; `None` is the most recent.
     Resume(Option<String>),
@@ -55,7 +58,8 @@ pub async fn run(common: &Common, start: Start) -> Result<i32> {
         return in_process(common, start, size).await;
     }
     let open = match resume_id(common, start)? {
-        Start::New => Open::Current,
+        Start::Current => Open::Current,
+        Start::New => Open::New,
         Start::Resume(None) => Open::Last,
         Start::Resume(Some(query)) => Open::Session { query },
     };
@@ -85,7 +89,7 @@ async fn in_process(common: &Common, start: Start, size: (u16, u16)) -> Result<i
     let store = SessionStore::new(&paths);
     let mut common = common.clone();
     let resumed = match start {
-        Start::New => None,
+        Start::Current | Start::New => None,
         Start::Resume(query) => {
             let resumed = Resumed::open(&store, query.as_deref())?;
             // The session's model, unless the user names another.

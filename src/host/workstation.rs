@@ -121,6 +121,12 @@ pub struct Status {
     /// "idle", "answering", "agent step N".
     pub activity: String,
     pub clients: usize,
+    /// The last answer's decode speed, and the tokens the conversation
+    /// holds in the model's KV cache.
+    #[serde(default)]
+    pub tok_s: Option<f64>,
+    #[serde(default)]
+    pub context_tokens: usize,
 }
 
 /// A saved session to show, read and locked before a model loads so a bad
@@ -438,6 +444,12 @@ impl Host {
             title: self.state.title.clone(),
             activity,
             clients: self.clients.len(),
+            tok_s: self.state.last_stats.as_ref().and_then(|s| s.decode_tok_s),
+            context_tokens: self
+                .state
+                .last_stats
+                .as_ref()
+                .map_or(0, |s| s.context_tokens),
         };
         status.send_if_modified(|s| {
             if *s == now {

@@ -218,6 +218,30 @@ impl SessionStore {
         Ok((journal, reports))
     }
 
+    /// A new session that starts with `question`, on disk before anyone
+    /// answers it. When the question cannot be kept (a full disk), no
+    /// half-made session is left behind; the error says why.
+    pub fn start_with_question(
+        &self,
+        model: &str,
+        fingerprint: Option<String>,
+        context_limit: usize,
+        system_prompt: Option<&str>,
+        question: &str,
+    ) -> std::result::Result<journal::JournalHandle, String> {
+        let (journal, _reports) = self
+            .start(model, fingerprint, context_limit, system_prompt)
+            .map_err(|e| e.to_string())?;
+        if let Err(why) = journal.commit(session::Event::User {
+            text: question.to_string(),
+        }) {
+            journal.close();
+            let _ = std::fs::remove_dir_all(&journal.dir);
+            return Err(why);
+        }
+        Ok(journal)
+    }
+
     /// Open a session of this store to continue it.
     pub fn open_for_resume(&self, dir: &Path) -> Result<OpenSession> {
         OpenSession::open(dir.to_path_buf())

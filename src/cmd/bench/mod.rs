@@ -7,6 +7,7 @@
 
 mod cache;
 mod daemon;
+mod parallel;
 mod render;
 mod sampler;
 
@@ -137,6 +138,15 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     }
     if args.cache {
         return cache::run(args.runs, args.json, common).await;
+    }
+    if !args.parallel.is_empty() {
+        return parallel::run(
+            &args.parallel,
+            args.peer_server.as_deref(),
+            args.json,
+            common,
+        )
+        .await;
     }
     if args.runs == 0 || args.gen_tokens < 2 || args.prompt_tokens == 0 {
         return Err(KilnError::BadArgument(

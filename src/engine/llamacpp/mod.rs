@@ -12,12 +12,14 @@
 
 mod log;
 mod model;
+mod sequence;
+mod tokens;
 mod worker;
 
 pub use model::{
     LlamaCpp, LlamaCppChatSession, LlamaCppError, LlamaCppSession, LlamaCppSettings, Turn,
 };
-pub use worker::{Ended, RunReport};
+pub use sequence::{Ended, RunReport};
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -34,7 +36,7 @@ use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
 use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
-    Trace,
+    Priority, Trace,
 };
 use crate::chat::KvState;
 use crate::chat::PREFIX_CACHE_MIN_TOKENS;
@@ -50,6 +52,7 @@ pub struct LlamaCppEngine {
     info: ModelInfo,
     options: EngineOptions,
     conv: Conversation,
+    priority: Priority,
 }
 
 impl LlamaCppEngine {
@@ -72,6 +75,8 @@ impl LlamaCppEngine {
             rope: window.rope,
             flash_attn: options.window.flash_attn,
             sliding_window: info.layers.window,
+            sequences: options.window.parallel as usize,
+            kv_budget: options.window.kv_budget.map(|n| n as usize),
             ..LlamaCppSettings::new(context_limit, Some(template.clone()))
         };
         let llm = LlamaCpp::load(&model.path, settings)
@@ -104,6 +109,7 @@ impl LlamaCppEngine {
                 messages: Vec::new(),
             },
             options,
+            priority: Priority::default(),
         })
     }
 
@@ -235,6 +241,7 @@ impl LocalTurns for LlamaCppEngine {
             max_new,
             cancel: cancel.clone(),
             turn,
+            priority: self.priority,
         };
         let trace = Arc::new(Mutex::new(Trace::for_prompt(
             &prompt,
@@ -377,5 +384,31 @@ impl Engine for LlamaCppEngine {
         self.conv.messages.clear();
         self.session = LlamaCppSession::default();
         self.llm.clear_cache();
+    }
+
+    /// A conversation of its own on the same model and worker: its turns
+    /// run on another of the context's sequences, batched with this one's.
+    fn open(&self) -> Option<Self> {
+        Some(LlamaCppEngine {
+            llm: self.llm.clone(),
+            session: LlamaCppSession::default(),
+            template: self.template.clone(),
+            end_tokens: self.end_tokens.clone(),
+            info: self.info.clone(),
+            options: self.options.clone(),
+            conv: Conversation {
+                system: self.options.system_prompt.clone(),
+                messages: Vec::new(),
+            },
+            priority: Priority::default(),
+        })
+    }
+
+    fn conversations(&self) -> usize {
+        self.llm.sequences()
+    }
+
+    fn set_priority(&mut self, priority: Priority) {
+        self.priority = priority;
     }
 }

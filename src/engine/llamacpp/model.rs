@@ -28,12 +28,14 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llm_samplers::prelude::{HasSamplerResources, Logits, Sampler};
 
-use super::worker::{self, Constraint, Job, OnToken, Run, RunReport, SavedState, Tokens};
+use super::sequence::{Constraint, MakeConstraint, OnToken, Run, RunReport};
+use super::tokens::{SavedState, Tokens};
+use super::worker::{self, Job};
 use crate::budget::KvType;
 use crate::engine::context::{Message, Role};
 use crate::engine::sampler::KilnSampler;
 use crate::engine::template::ChatTemplate;
-use crate::engine::CancelFlag;
+use crate::engine::{CancelFlag, Priority};
 use crate::window::{FlashAttn, Rope};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,9 @@ pub(super) fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
     model.vocab().tokenize(text.as_bytes(), false, true)
 }
 
+/// llama.cpp's own limit on sequences in a context (`LLAMA_MAX_SEQ`).
+pub const MAX_SEQUENCES: usize = 256;
+
 pub struct LlamaCppSettings {
     /// The context window: the KV cache grows up to this many tokens.
     pub window: usize,
@@ -96,6 +101,11 @@ pub struct LlamaCppSettings {
     pub sliding_window: u64,
     /// The chat template chat sessions render with.
     pub template: Option<ChatTemplate>,
+    /// Sessions that can run at once, each on a sequence of its own.
+    pub sequences: usize,
+    /// The most KV cells all sequences hold together; the window when
+    /// `None`.
+    pub kv_budget: Option<usize>,
 }
 
 impl LlamaCppSettings {
@@ -110,6 +120,8 @@ impl LlamaCppSettings {
             flash_attn: FlashAttn::Auto,
             sliding_window: 0,
             template,
+            sequences: 1,
+            kv_budget: None,
         }
     }
 }
@@ -125,6 +137,7 @@ struct Inner {
     jobs: std_mpsc::Sender<Job>,
     template: Option<ChatTemplate>,
     window: usize,
+    sequences: usize,
     /// What llama.cpp said as it made the context.
     report: Vec<String>,
 }
@@ -147,6 +160,7 @@ impl LlamaCpp {
         let threads = settings
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let sequences = settings.sequences.clamp(1, MAX_SEQUENCES);
         let (jobs, rx) = std_mpsc::channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let worker_model = model.clone();
@@ -158,6 +172,11 @@ impl LlamaCpp {
             flash_attn: settings.flash_attn,
             n_swa: settings.sliding_window.min(u32::MAX as u64) as u32,
             threads: threads as i32,
+            sequences,
+            kv_budget: settings
+                .kv_budget
+                .unwrap_or(settings.window)
+                .max(settings.window),
         };
         std::thread::Builder::new()
             .name("kiln-llamacpp".into())
@@ -180,6 +199,7 @@ impl LlamaCpp {
                 jobs,
                 template: settings.template,
                 window: settings.window,
+                sequences,
                 report,
             }),
         })
@@ -193,6 +213,11 @@ impl LlamaCpp {
         self.inner.window
     }
 
+    /// Runs the worker steps at once, each on a sequence of its own.
+    pub fn sequences(&self) -> usize {
+        self.inner.sequences
+    }
+
     /// A value llama.cpp reported as it made the context (`n_ctx`,
     /// `freq_scale`, `flash_attn`, …): what it applied, read back rather
     /// than trusted from the settings.
@@ -200,7 +225,8 @@ impl LlamaCpp {
         super::log::reported(&self.inner.report, name).map(str::to_string)
     }
 
-    /// Empty the KV cache: the next run of any session prefills it whole.
+    /// Empty the KV cache of the sequences no run is on: the next run of
+    /// any session they held prefills it whole.
     pub fn clear_cache(&self) {
         let _ = self.inner.jobs.send(Job::Clear);
     }
@@ -223,20 +249,21 @@ impl LlamaCpp {
         session: &LlamaCppSession,
         text: &str,
         sampler: S,
-        constraint: Option<worker::MakeConstraint>,
+        constraint: Option<MakeConstraint>,
         on_token: OnToken,
     ) -> Run {
         let any = &sampler as &dyn Any;
-        let (max_new, stop_on, seed, interrupted) =
+        let (max_new, stop_on, seed, interrupted, priority) =
             if let Some(p) = any.downcast_ref::<GenerationParameters>() {
                 let stop = p.stop_on().map(str::to_string);
-                (p.max_length() as usize, stop, p.seed(), None)
+                let priority = Priority::default();
+                (p.max_length() as usize, stop, p.seed(), None, priority)
             } else if let Some(turn) = any.downcast_ref::<Turn>() {
                 let (cancel, n) = (turn.cancel.clone(), turn.turn);
                 let check: Box<dyn Fn() -> bool + Send> = Box::new(move || cancel.is_cancelled(n));
-                (turn.max_new, None, None, Some(check))
+                (turn.max_new, None, None, Some(check), turn.priority)
             } else {
-                (usize::MAX, None, None, None)
+                (usize::MAX, None, None, None, Priority::default())
             };
         Run {
             session: session.tokens.clone(),
@@ -249,6 +276,7 @@ impl LlamaCpp {
             interrupted,
             constraint,
             on_token,
+            priority,
         }
     }
 
@@ -315,6 +343,7 @@ pub struct Turn {
     pub max_new: usize,
     pub cancel: CancelFlag,
     pub turn: u64,
+    pub priority: Priority,
 }
 
 impl Sampler for Turn {
@@ -535,14 +564,14 @@ impl<P: Parser> Constraint for ParserConstraint<P> {
 
 /// A constraint made on the worker thread from `parser`, and where its
 /// result will be.
-fn constraint_for<P>(parser: P) -> (worker::MakeConstraint, Arc<Mutex<Option<P::Output>>>)
+fn constraint_for<P>(parser: P) -> (MakeConstraint, Arc<Mutex<Option<P::Output>>>)
 where
     P: CreateParserState + Send + 'static,
     P::Output: Send + 'static,
 {
     let output = Arc::new(Mutex::new(None));
     let out = output.clone();
-    let make: worker::MakeConstraint = Box::new(move || {
+    let make: MakeConstraint = Box::new(move || {
         let state = parser.create_parser_state();
         Box::new(ParserConstraint {
             parser,
@@ -647,7 +676,7 @@ impl LlamaCpp {
         session: &'a mut LlamaCppChatSession,
         messages: &[ChatMessage],
         sampler: S,
-        constraint: Option<worker::MakeConstraint>,
+        constraint: Option<MakeConstraint>,
         mut on_token: impl FnMut(String) -> Result<(), LlamaCppError> + Send + Sync + 'static,
     ) -> impl Future<Output = Result<RunReport, LlamaCppError>> + Send + 'a {
         let delta = self.chat_delta(session, messages);

@@ -1,21 +1,32 @@
 //! The llama.cpp context on a thread of its own: a forward pass blocks for
-//! as long as it takes, and the context is not `Send`. The thread owns the
-//! KV cache of sequence 0 and knows which tokens are in it; a caller hands
-//! it a whole run (the session it continues, the text to add, how to sample,
-//! a token callback) and gets the cache's tokens back.
+//! as long as it takes, and the context is not `Send`. The thread owns one
+//! context with several sequences, knows which tokens each holds, and steps
+//! every run in flight together: each step is one batch holding every
+//! decoding sequence's next token and bounded prefill chunks of the others,
+//! so the weights are read once for all of them.
 //!
-//! The cache is kept with the tokens in it and the text byte each token
-//! ended at. A run reuses the longest prefix of that text its prompt starts
-//! with, at a token boundary, and cuts the rest (`llama_memory_seq_rm`):
-//! regenerating, continuing a cut answer, a trimmed conversation or another
-//! session with the same system prompt recompute only what differs. Prompts
-//! are prefilled in chunks of `BATCH` tokens.
+//! A run goes to an idle sequence, the one holding the longest prefix of its
+//! prompt. It reuses that prefix at a token and character boundary and cuts
+//! the rest (`llama_memory_seq_rm`); when another sequence holds a longer
+//! one (a shared system prompt, the same conversation gone on elsewhere)
+//! those cells are copied across (`llama_memory_seq_cp`) rather than
+//! computed again.
 //!
-//! The cache starts at `KV_CHUNK` cells and grows (doubling, up to the
-//! window) when a run needs more: the sequence's state is copied out, the
-//! old context freed, a bigger one made and the state copied in. A short
-//! chat on a 128k-token window so holds 4k cells, not 128k.
+//! Scheduling: a sequence a terminal waits on (`Priority::Interactive`) is
+//! placed in the batch, and given memory, before background ones, and while
+//! one decodes the background prefill per step is held to `MIXED_PREFILL`
+//! tokens so its tokens keep coming.
+//!
+//! Memory: every sequence's cells come from one unified cache, allocated
+//! in `KV_CHUNK` cells and grown (doubling) up to `kv_budget` cells. A run
+//! starts only when the most it can come to hold (its prompt and its
+//! longest answer, within the window) fits beside what the runs in flight
+//! may hold; else it waits in the queue. Past the budget, idle sequences'
+//! cached tokens are dropped oldest first; when every run in flight still
+//! waits for cells (one admitted alone, past its share), the youngest
+//! fails with the numbers.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -27,151 +38,31 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use llm_samplers::prelude::{HasSamplerResources, Logit, Logits, Sampler};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use tokio::sync::oneshot;
 
 use super::model::LlamaCppError;
+use super::sequence::{piece, Ended, Next, Phase, Prefill, Ran, Run, RunReport, Sequence};
+use super::tokens::{starts_char, SavedState, Tokens};
 use crate::budget::{grown_kv_cells, KvType};
-use crate::engine::sampler::Resources;
+use crate::engine::Priority;
 use crate::window::{FlashAttn, Rope, RopeScaling};
 
-/// Tokens per prefill chunk (and llama.cpp's physical batch).
+/// Tokens per step (llama.cpp's logical and physical batch).
 pub(super) const BATCH: usize = crate::budget::PREFILL_CHUNK as usize;
-/// With a constraint, the most likely tokens checked against it per step
-/// before the whole vocabulary is.
-const CONSTRAINED_TOP_K: usize = 64;
-/// Recent tokens the sampler sees (for its repetition penalty).
-const RECENT_TOKENS: usize = 256;
-
-/// Tokens with the text they spell: the content of a session, and of the
-/// KV cache.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(super) struct Tokens {
-    pub(super) ids: Vec<LlamaToken>,
-    /// For each token, the byte of `text` its text ends at (the end of a
-    /// whole tokenized block where its pieces do not spell the text).
-    pub(super) ends: Vec<usize>,
-    pub(super) text: Vec<u8>,
-}
-
-impl Tokens {
-    pub(super) fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub(super) fn push(&mut self, token: LlamaToken, piece: &[u8]) {
-        self.text.extend_from_slice(piece);
-        self.ids.push(token);
-        self.ends.push(self.text.len());
-    }
-
-    pub(super) fn truncate(&mut self, keep: usize) {
-        self.ids.truncate(keep);
-        self.ends.truncate(keep);
-        self.text.truncate(self.ends.last().copied().unwrap_or(0));
-    }
-
-    /// How many leading tokens spell a prefix of `text` (ending where
-    /// `boundary` allows).
-    pub(super) fn shared_with(&self, text: &[u8], boundary: impl Fn(usize) -> bool) -> usize {
-        let common = self
-            .text
-            .iter()
-            .zip(text)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let mut keep = self.ends.partition_point(|&end| end <= common);
-        while keep > 0 && !boundary(self.ends[keep - 1]) {
-            keep -= 1;
-        }
-        keep
-    }
-}
-
-/// llama.cpp's state of a session's first `tokens` tokens (the last token
-/// a run chose is only computed when the next run needs it).
-#[derive(Clone, Debug)]
-pub(super) struct SavedState {
-    pub(super) bytes: Arc<Vec<u8>>,
-    pub(super) tokens: usize,
-}
-
-/// Which tokens a constrained run may produce next.
-pub(super) trait Constraint {
-    /// Whether `piece` may come next, and if so whether it completes the
-    /// format.
-    fn check(&self, piece: &[u8]) -> Option<bool>;
-    /// Take `piece` (which `check` allowed).
-    fn accept(&mut self, piece: &[u8]);
-}
-
-/// Made on the worker thread, where the parser's state lives.
-pub(super) type MakeConstraint = Box<dyn FnOnce() -> Box<dyn Constraint> + Send>;
-pub(super) type OnToken = Box<dyn FnMut(String) -> Result<(), LlamaCppError> + Send>;
-
-/// One call of the model, with everything type-erased for the thread.
-pub(super) struct Run {
-    /// The session this run continues.
-    pub(super) session: Tokens,
-    /// llama.cpp's saved state for the start of `session`, when it was
-    /// loaded from bytes and the worker may not hold it.
-    pub(super) state: Option<SavedState>,
-    pub(super) text: String,
-    pub(super) sampler: Box<dyn Sampler>,
-    pub(super) seed: Option<u64>,
-    /// Tokens to generate at most; 0 only prefills.
-    pub(super) max_new: usize,
-    pub(super) stop_on: Option<String>,
-    /// Asked between prefill chunks and tokens.
-    pub(super) interrupted: Option<Box<dyn Fn() -> bool + Send>>,
-    pub(super) constraint: Option<MakeConstraint>,
-    pub(super) on_token: OnToken,
-}
-
-/// How a run ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Ended {
-    /// An end-of-generation token, or the stop text.
-    #[default]
-    Stop,
-    /// The constraint's format is complete.
-    Complete,
-    /// `max_new` tokens.
-    Limit,
-    Interrupted,
-}
-
-/// What a run did.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct RunReport {
-    /// Tokens of the prompt found in the KV cache (or loaded from the
-    /// session's saved state).
-    pub reused: usize,
-    pub prefilled: usize,
-    pub generated: usize,
-    pub ended: Ended,
-    /// When the first token was chosen.
-    pub first_token: Option<Instant>,
-    /// KV cells allocated after the run.
-    pub kv_cells: usize,
-    /// Tokens in the KV cache after the run (the session may hold one
-    /// more: the last token chosen, computed when the next run needs it).
-    pub in_cache: usize,
-}
-
-pub(super) struct Ran {
-    /// The session's new content: the cache after the run, and the last
-    /// token chosen when it is not in the cache yet.
-    pub(super) tokens: Tokens,
-    pub(super) result: Result<RunReport, LlamaCppError>,
-}
+/// Background prefill tokens per step while an interactive sequence
+/// decodes: a 512-token chunk would hold its next token back for the time
+/// of a whole prefill chunk.
+const MIXED_PREFILL: usize = 64;
+/// Tokens another sequence must share beyond a sequence's own before its
+/// cells are copied over instead of computed.
+const MIN_COPY: usize = 32;
 
 pub(super) enum Job {
-    Run(Box<Run>, tokio::sync::oneshot::Sender<Ran>),
-    /// Empty the cache.
+    Run(Box<Run>, oneshot::Sender<Ran>),
+    /// Forget what the idle sequences hold.
     Clear,
-    /// llama.cpp's state of the cache, when these tokens start with it.
+    /// llama.cpp's state of the sequence that holds the longest start of
+    /// these tokens, if one does.
     State(
         Vec<LlamaToken>,
         std_mpsc::Sender<Result<Option<SavedState>, String>>,
@@ -179,6 +70,7 @@ pub(super) enum Job {
 }
 
 pub(super) struct Settings {
+    /// The most tokens one sequence holds.
     pub(super) window: usize,
     pub(super) threads: i32,
     pub(super) type_k: KvType,
@@ -188,6 +80,10 @@ pub(super) struct Settings {
     /// The model's sliding window (0 without one): a cut cache must still
     /// hold this many tokens before the cut.
     pub(super) n_swa: u32,
+    /// Sequences in the context: runs in flight at once.
+    pub(super) sequences: usize,
+    /// The most KV cells all sequences hold together.
+    pub(super) kv_budget: usize,
 }
 
 fn cache_type(kv: KvType) -> KvCacheType {
@@ -216,7 +112,11 @@ fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
         .with_n_batch(BATCH as u32)
         .with_n_ubatch(BATCH as u32)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        .with_n_seq_max(settings.sequences as u32)
+        // One pool of cells for every sequence, so a conversation can use
+        // what the others leave rather than a fixed 1/N of the window.
+        .with_kv_unified(true);
     if let Some(rope) = settings.rope {
         params = match rope.scaling {
             RopeScaling::None => params.with_rope_scaling_type(RopeScalingType::None),
@@ -234,14 +134,14 @@ fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
 }
 
 /// The thread: makes the first context, says whether that worked, then
-/// serves jobs until every sender is gone.
+/// serves jobs until every sender is gone and every run has ended.
 pub(super) fn serve(
     model: Arc<LlamaModel>,
     settings: Settings,
     jobs: std_mpsc::Receiver<Job>,
-    ready: tokio::sync::oneshot::Sender<Result<Vec<String>, String>>,
+    ready: oneshot::Sender<Result<Vec<String>, String>>,
 ) {
-    let cells = grown_kv_cells(0, settings.window as u64) as usize;
+    let cells = grown_kv_cells(0, settings.kv_budget as u64) as usize;
     super::log::mark();
     let ctx = match super::model::backend().and_then(|b| {
         model
@@ -260,44 +160,38 @@ pub(super) fn serve(
     let _ = ready.send(Ok(super::log::lines()));
     let mut w = Worker {
         model: &model,
+        slots: (0..settings.sequences).map(|_| Slot::default()).collect(),
         settings,
         ctx: Some(ctx),
         batch: LlamaBatch::new(BATCH, 1),
-        cache: Tokens::default(),
+        running: Vec::new(),
+        queue: VecDeque::new(),
+        tick: 0,
+        waiting_said: false,
     };
-    for job in jobs {
-        match job {
-            Job::Run(run, reply) => {
-                let mut pending = None;
-                let result = w.run(*run, &mut pending);
-                if result.is_err() {
-                    // After a failed decode the cache's state is unknown.
-                    w.reset();
-                    pending = None;
-                }
-                let mut tokens = w.cache.clone();
-                if let Some((token, piece)) = pending {
-                    tokens.push(token, &piece);
-                }
-                let _ = reply.send(Ran { tokens, result });
-            }
-            Job::Clear => w.reset(),
-            Job::State(tokens, reply) => {
-                let held = w.cache.len();
-                let state = if held == 0 || !tokens.starts_with(&w.cache.ids) {
-                    Ok(None)
-                } else {
-                    w.save_state().map(|bytes| {
-                        Some(SavedState {
-                            bytes: Arc::new(bytes),
-                            tokens: held,
-                        })
-                    })
-                };
-                let _ = reply.send(state);
+    loop {
+        if w.running.is_empty() && w.queue.is_empty() {
+            match jobs.recv() {
+                Ok(job) => w.take(job),
+                Err(_) => return,
             }
         }
+        while let Ok(job) = jobs.try_recv() {
+            w.take(job);
+        }
+        w.admit();
+        w.step();
     }
+}
+
+/// One of the context's sequences.
+#[derive(Default)]
+struct Slot {
+    cache: Tokens,
+    /// A run is on it.
+    busy: bool,
+    /// When its last run ended, for dropping the oldest first.
+    used: u64,
 }
 
 struct Worker<'m> {
@@ -307,7 +201,21 @@ struct Worker<'m> {
     /// one (the old one is freed first).
     ctx: Option<LlamaContext<'m>>,
     batch: LlamaBatch<'static>,
-    cache: Tokens,
+    slots: Vec<Slot>,
+    running: Vec<Sequence>,
+    /// Runs waiting for a sequence, with their arrival order.
+    queue: VecDeque<(Box<Run>, oneshot::Sender<Ran>, u64)>,
+    tick: u64,
+    /// Whether the wait for memory has been logged since runs last fit.
+    waiting_said: bool,
+}
+
+/// A sequence's share of a step's batch.
+struct Entry {
+    seq: usize,
+    tokens: usize,
+    /// Where its logits are in the batch, when it wants them.
+    logits: Option<i32>,
 }
 
 impl<'m> Worker<'m> {
@@ -319,42 +227,523 @@ impl<'m> Worker<'m> {
         self.ctx.as_ref().map_or(0, |c| c.n_ctx() as usize)
     }
 
-    fn decode(&mut self) -> Result<(), String> {
-        let ctx = self.ctx.as_mut().expect("the llama.cpp context");
-        ctx.decode(&mut self.batch)
-            .map_err(|e| format!("llama.cpp decode: {e}"))
+    /// Cells the sequences hold (cells copied between sequences count
+    /// once for each, so this never undercounts).
+    fn held(&self) -> usize {
+        self.slots.iter().map(|s| s.cache.len()).sum()
     }
 
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Run(run, reply) => {
+                self.tick += 1;
+                self.queue.push_back((run, reply, self.tick));
+            }
+            Job::Clear => {
+                for slot in 0..self.slots.len() {
+                    if !self.slots[slot].busy {
+                        self.forget(slot);
+                    }
+                }
+            }
+            Job::State(tokens, reply) => {
+                let holder = (0..self.slots.len())
+                    .filter(|&s| {
+                        let ids = &self.slots[s].cache.ids;
+                        !ids.is_empty() && tokens.starts_with(ids)
+                    })
+                    .max_by_key(|&s| self.slots[s].cache.len());
+                let state = match holder {
+                    None => Ok(None),
+                    Some(slot) => self.save_state(slot).map(|bytes| {
+                        Some(SavedState {
+                            bytes: Arc::new(bytes),
+                            tokens: self.slots[slot].cache.len(),
+                        })
+                    }),
+                };
+                let _ = reply.send(state);
+            }
+        }
+    }
+
+    fn forget(&mut self, slot: usize) {
+        if let Some(ctx) = &mut self.ctx {
+            let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
+        self.slots[slot].cache = Tokens::default();
+    }
+
+    /// Empty every sequence (after a failed decode their state is unknown).
     fn reset(&mut self) {
         if let Some(ctx) = &mut self.ctx {
             ctx.clear_kv_cache();
         }
-        self.cache = Tokens::default();
+        for slot in &mut self.slots {
+            slot.cache = Tokens::default();
+        }
     }
 
-    /// Make room for `needed` tokens, growing the cache when it has fewer
-    /// cells.
-    fn ensure_room(&mut self, needed: usize) -> Result<(), String> {
+    /// Start queued runs on idle sequences, interactive ones first.
+    fn admit(&mut self) {
+        loop {
+            let next = self
+                .queue
+                .iter()
+                .position(|(run, ..)| run.priority == Priority::Interactive)
+                .or((!self.queue.is_empty()).then_some(0));
+            let Some(at) = next else { return };
+            let (run, _, _) = &self.queue[at];
+            let mut prompt = run.session.text.clone();
+            prompt.extend_from_slice(run.text.as_bytes());
+            let Some(slot) = self.idle_slot(&prompt) else {
+                return;
+            };
+            // The most the run can come to hold, against what the runs in
+            // flight may: a run that could push the cache past its budget
+            // waits for one to end rather than starve them all later.
+            let reserve = (run.session.len() + super::model::tokenize(self.model, &run.text).len())
+                .saturating_add(run.max_new)
+                .min(self.settings.window);
+            let reserved: usize = self.running.iter().map(|s| s.reserve).sum();
+            let budget = self.settings.kv_budget;
+            if !self.running.is_empty() && reserved + reserve > budget {
+                if !self.waiting_said {
+                    tracing::info!(
+                        "a run waits for KV memory: it may need {reserve} tokens, and the {} running may need {reserved} of {budget}",
+                        self.running.len()
+                    );
+                    self.waiting_said = true;
+                }
+                return;
+            }
+            let (run, reply, order) = self.queue.remove(at).expect("queued");
+            match self.start(*run, prompt, slot) {
+                Ok((run, reused, prefill)) => {
+                    self.slots[slot].busy = true;
+                    let mut seq = Sequence::new(run, order, slot, reused, prefill, reply);
+                    seq.reserve = reserve;
+                    self.running.push(seq);
+                }
+                Err((session, e)) => {
+                    let _ = reply.send(Ran {
+                        tokens: session,
+                        result: Err(LlamaCppError::Engine(e)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The idle sequence for `prompt`: the one holding most of it, else an
+    /// empty one, else the one idle longest.
+    fn idle_slot(&self, prompt: &[u8]) -> Option<usize> {
+        (0..self.slots.len())
+            .filter(|&s| !self.slots[s].busy)
+            .max_by_key(|&s| {
+                let slot = &self.slots[s];
+                let shared = slot.cache.shared_with(prompt, |at| starts_char(prompt, at));
+                (shared, slot.cache.len() == 0, std::cmp::Reverse(slot.used))
+            })
+    }
+
+    /// Bring sequence `slot` to the start of `prompt`: load the session's
+    /// saved state, or copy a longer shared prefix from another sequence,
+    /// cut what differs, and tokenize the rest. Returns the run, the tokens
+    /// reused and the prefill to do.
+    fn start(
+        &mut self,
+        mut run: Run,
+        prompt: Vec<u8>,
+        slot: usize,
+    ) -> Result<(Run, usize, Prefill), (Tokens, String)> {
+        if let Some(state) = run.state.take() {
+            self.adopt(slot, &run.session, &state);
+        }
+        self.borrow_prefix(slot, &prompt);
+        let want_logits = run.max_new > 0;
+        let keep = match self.cut(slot, &prompt, want_logits) {
+            Ok(keep) => keep,
+            Err(e) => return Err((run.session, e)),
+        };
+        let cache = &self.slots[slot].cache;
+        let delta = prompt[cache.text.len()..].to_vec();
+        let text = String::from_utf8_lossy(&delta);
+        let tokens = super::model::tokenize(self.model, &text);
+        // Token pieces spell the text for BPE vocabularies; where they do
+        // not (a leading space an SPM vocabulary adds), the block is reused
+        // only whole.
+        let pieces: Vec<Vec<u8>> = tokens.iter().map(|t| piece(self.model, *t, true)).collect();
+        let exact = pieces.concat() == delta;
+        let needed = cache.len() + tokens.len();
         let window = self.settings.window;
         if needed > window {
-            return Err(format!(
-                "{needed} tokens do not fit the {window}-token context"
+            return Err((
+                run.session,
+                format!("{needed} tokens do not fit the {window}-token context"),
             ));
         }
+        Ok((
+            run,
+            keep,
+            Prefill {
+                tokens,
+                pieces: exact.then_some(pieces),
+                delta,
+                fed: 0,
+            },
+        ))
+    }
+
+    /// Keep the longest prefix of `prompt` that sequence `slot` holds,
+    /// ending on a token and character boundary (and short of the whole
+    /// prompt when its last token must be decoded again for its logits),
+    /// and cut the rest. Returns the tokens kept.
+    fn cut(&mut self, slot: usize, prompt: &[u8], want_logits: bool) -> Result<usize, String> {
+        let starts_char = |end: usize| starts_char(prompt, end);
+        let cache = &self.slots[slot].cache;
+        let mut keep = cache.shared_with(prompt, starts_char);
+        if want_logits && keep > 0 && cache.ends[keep - 1] == prompt.len() {
+            keep -= 1;
+            while keep > 0 && !starts_char(cache.ends[keep - 1]) {
+                keep -= 1;
+            }
+        }
+        if keep < cache.len() {
+            let seq = slot as i32;
+            let ctx = self.ctx();
+            let cut = ctx
+                .clear_kv_cache_seq(Some(slot as u32), Some(keep as u32), None)
+                .map_err(|e| e.to_string())?;
+            // A sliding-window cache drops tokens that left its window: it
+            // can go back only as far as it still holds the window before
+            // the cut (llama.cpp's server checks the same).
+            let n_swa = self.settings.n_swa as i64;
+            let held_from = self.ctx().kv_cache_seq_pos_min(seq) as i64;
+            let whole = n_swa == 0 || keep == 0 || held_from <= (keep as i64 - n_swa).max(0);
+            if cut && whole {
+                self.slots[slot].cache.truncate(keep);
+            } else {
+                // llama.cpp could not cut this sequence: start it over.
+                self.forget(slot);
+                keep = 0;
+            }
+        }
+        Ok(keep)
+    }
+
+    /// When another sequence holds a longer start of `prompt` than `slot`
+    /// does, copy those cells into `slot`: they are shared, not computed
+    /// or stored again.
+    fn borrow_prefix(&mut self, slot: usize, prompt: &[u8]) {
+        // A sliding-window cache may no longer hold the start it would copy.
+        if self.settings.n_swa > 0 {
+            return;
+        }
+        let shared = |cache: &Tokens| cache.shared_with(prompt, |at| starts_char(prompt, at));
+        let own = shared(&self.slots[slot].cache);
+        let Some((source, count)) = (0..self.slots.len())
+            .filter(|&s| s != slot)
+            .map(|s| (s, shared(&self.slots[s].cache)))
+            .max_by_key(|&(_, n)| n)
+            .filter(|&(_, n)| n >= own + MIN_COPY)
+        else {
+            return;
+        };
+        self.forget(slot);
+        let ctx = self.ctx();
+        let copied = ctx
+            .copy_kv_cache_seq(source as i32, slot as i32, None, Some(count as u32))
+            .is_ok()
+            && ctx.kv_cache_seq_pos_max(slot as i32) + 1 == count as i32;
+        if copied {
+            let mut cache = self.slots[source].cache.clone();
+            cache.truncate(count);
+            self.slots[slot].cache = cache;
+        } else {
+            // Memory that cannot copy part of a sequence (recurrent state).
+            self.forget(slot);
+        }
+    }
+
+    /// Load the session's saved state into `slot` when the sequence holds
+    /// less of the session than the state does.
+    fn adopt(&mut self, slot: usize, session: &Tokens, state: &SavedState) {
+        let mut saved = session.clone();
+        saved.truncate(state.tokens.min(session.len()));
+        if self.slots[slot].cache.shared_with(&saved.text, |_| true) >= saved.len() {
+            return;
+        }
+        if let Err(e) = self.load_state(slot, &saved, &state.bytes) {
+            tracing::warn!("the session's KV state does not load ({e}); prefilling it instead");
+            self.forget(slot);
+        }
+    }
+
+    /// One batch for every running sequence, decoded, and what it gave.
+    fn step(&mut self) {
+        let mut done: Vec<(usize, Result<Ended, LlamaCppError>)> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.interrupted() {
+                done.push((i, Ok(Ended::Interrupted)));
+            }
+        }
+        self.finish(done);
+        if self.running.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        let entries = self.plan(&mut done);
+        if entries.is_empty() {
+            self.finish(done);
+            return;
+        }
+        let decoded = self
+            .ensure_room(self.held() + self.batch.n_tokens() as usize)
+            .and_then(|()| self.decode());
+        if let Err(e) = decoded {
+            // The cache's state is unknown after a failed decode.
+            self.reset();
+            let all = (0..self.running.len())
+                .map(|i| (i, Err(LlamaCppError::Engine(e.clone()))))
+                .collect();
+            self.finish(all);
+            return;
+        }
+        for entry in entries {
+            let seq = &mut self.running[entry.seq];
+            let cache = &mut self.slots[seq.slot].cache;
+            let prefilled = match &mut seq.phase {
+                Phase::Prefill(p) => {
+                    p.commit(entry.tokens, cache);
+                    p.left() == 0
+                }
+                Phase::Decode => {
+                    let (token, bytes) = seq.pending.take().expect("a token to decode");
+                    cache.push(token, &bytes);
+                    false
+                }
+            };
+            if prefilled {
+                seq.phase = Phase::Decode;
+                if !seq.want_logits {
+                    done.push((entry.seq, Ok(Ended::Stop)));
+                    continue;
+                }
+            }
+            let Some(at) = entry.logits else { continue };
+            let ctx = self.ctx.as_ref().expect("the llama.cpp context");
+            let logits = ctx.get_logits_ith(at);
+            match seq.sample(self.model, logits, cache) {
+                Ok(Next::More) => {}
+                Ok(Next::Done(ended)) => done.push((entry.seq, Ok(ended))),
+                Err(e) => done.push((entry.seq, Err(e))),
+            }
+        }
+        self.finish(done);
+    }
+
+    /// Fill the batch: interactive sequences before background ones,
+    /// decoding before prefilling, each within the memory budget. A
+    /// sequence past the window goes to `done`; when nothing fits, the
+    /// youngest waiting run fails, so the others can go on.
+    fn plan(&mut self, done: &mut Vec<(usize, Result<Ended, LlamaCppError>)>) -> Vec<Entry> {
+        self.batch.clear();
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        let prefilling = |s: &Sequence| matches!(s.phase, Phase::Prefill(_));
+        order.sort_by_key(|&i| {
+            let s = &self.running[i];
+            (s.priority, prefilling(s), s.order)
+        });
+        let interactive_decodes = self
+            .running
+            .iter()
+            .any(|s| s.priority == Priority::Interactive && !prefilling(s));
+        let decodes = self.running.iter().filter(|s| !prefilling(s)).count();
+        let mut prefill_room = BATCH.saturating_sub(decodes);
+        let mut held = self.held();
+        let budget = self.settings.kv_budget;
+        let window = self.settings.window;
+        let mut entries = Vec::new();
+        let mut waiting = Vec::new();
+        for i in order {
+            let seq = &self.running[i];
+            let in_cache = self.slots[seq.slot].cache.len();
+            if let Phase::Prefill(p) = &seq.phase {
+                if p.left() == 0 {
+                    // Nothing to prefill: the prompt was in the cache whole.
+                    let result = match seq.want_logits {
+                        false => Ok(Ended::Stop),
+                        true => Err(LlamaCppError::Engine("the prompt is empty".into())),
+                    };
+                    done.push((i, result));
+                    continue;
+                }
+            }
+            let wanted = match &seq.phase {
+                Phase::Decode => 1,
+                Phase::Prefill(p) => {
+                    let cap = match (seq.priority, interactive_decodes) {
+                        (Priority::Background, true) => MIXED_PREFILL.min(prefill_room),
+                        _ => prefill_room,
+                    };
+                    p.left().min(cap)
+                }
+            };
+            if wanted == 0 {
+                continue;
+            }
+            if in_cache + wanted > window {
+                let e = format!(
+                    "{} tokens do not fit the {window}-token context",
+                    in_cache + wanted
+                );
+                done.push((i, Err(LlamaCppError::Engine(e))));
+                continue;
+            }
+            if held + wanted > budget {
+                // What this batch adds stays counted.
+                let added = held - self.held();
+                held = self.drop_idle(held + wanted - budget) + added;
+            }
+            let tokens = wanted.min(budget.saturating_sub(held));
+            if tokens == 0 {
+                waiting.push(i);
+                continue;
+            }
+            let seq = &self.running[i];
+            let slot = seq.slot as i32;
+            let logits = match &seq.phase {
+                Phase::Decode => {
+                    let (token, _) = seq.pending.as_ref().expect("a token to decode");
+                    let at = self.batch.n_tokens();
+                    let pos = in_cache as i32;
+                    if let Err(e) = self.batch.add(*token, pos, &[slot], true) {
+                        done.push((i, Err(LlamaCppError::Engine(e.to_string()))));
+                        continue;
+                    }
+                    Some(at)
+                }
+                Phase::Prefill(p) => {
+                    let last = p.fed + tokens == p.tokens.len() && seq.want_logits;
+                    let mut added = Ok(());
+                    for (k, t) in p.tokens[p.fed..p.fed + tokens].iter().enumerate() {
+                        let pos = (in_cache + k) as i32;
+                        let logits = last && k + 1 == tokens;
+                        added = added.and_then(|()| self.batch.add(*t, pos, &[slot], logits));
+                    }
+                    if let Err(e) = added {
+                        done.push((i, Err(LlamaCppError::Engine(e.to_string()))));
+                        continue;
+                    }
+                    prefill_room -= tokens;
+                    last.then(|| self.batch.n_tokens() - 1)
+                }
+            };
+            held += tokens;
+            entries.push(Entry {
+                seq: i,
+                tokens,
+                logits,
+            });
+        }
+        if !waiting.is_empty() && !self.waiting_said {
+            tracing::info!(
+                "{} run(s) wait for KV memory: the sequences hold {held} of {budget} cells",
+                waiting.len()
+            );
+        }
+        self.waiting_said = !waiting.is_empty();
+        if entries.is_empty() && done.is_empty() {
+            if let Some(&youngest) = waiting.iter().max_by_key(|&&i| self.running[i].order) {
+                let busy = self.running.len();
+                let e = format!(
+                    "the KV cache is full: {busy} conversation(s) hold {held} of the {budget} tokens it may use; end one, or give it more with --kv-budget"
+                );
+                done.push((youngest, Err(LlamaCppError::Engine(e))));
+            }
+        }
+        entries
+    }
+
+    /// Drop idle sequences' cached tokens, oldest first, until `wanted`
+    /// cells are free or none are left to drop; returns the cells held.
+    fn drop_idle(&mut self, wanted: usize) -> usize {
+        let mut idle: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| !self.slots[s].busy && self.slots[s].cache.len() > 0)
+            .collect();
+        idle.sort_by_key(|&s| self.slots[s].used);
+        let mut freed = 0;
+        for slot in idle {
+            if freed >= wanted {
+                break;
+            }
+            freed += self.slots[slot].cache.len();
+            self.forget(slot);
+        }
+        self.held()
+    }
+
+    /// End the runs at these indices of `running`, each with its result.
+    fn finish(&mut self, mut done: Vec<(usize, Result<Ended, LlamaCppError>)>) {
+        done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        done.dedup_by_key(|(i, _)| *i);
+        let cells = self.cells();
+        for (i, result) in done {
+            let mut seq = self.running.swap_remove(i);
+            let result = result.and_then(|ended| {
+                seq.flush()?;
+                Ok(ended)
+            });
+            self.tick += 1;
+            let slot = &mut self.slots[seq.slot];
+            slot.busy = false;
+            slot.used = self.tick;
+            let mut tokens = slot.cache.clone();
+            if let Some((token, piece)) = &seq.pending {
+                tokens.push(*token, piece);
+            }
+            let result = result.map(|ended| RunReport {
+                ended,
+                kv_cells: cells,
+                in_cache: slot.cache.len(),
+                ..seq.report
+            });
+            let _ = seq.reply_to.send(Ran { tokens, result });
+        }
+    }
+
+    fn decode(&mut self) -> Result<(), String> {
+        let (held, cells) = (self.held(), self.cells());
+        let ctx = self.ctx.as_mut().expect("the llama.cpp context");
+        ctx.decode(&mut self.batch).map_err(|e| {
+            format!(
+                "llama.cpp decode: {e} ({} tokens into {held} held of {cells} cells)",
+                self.batch.n_tokens()
+            )
+        })
+    }
+
+    /// Make room for `needed` cells in all, growing the context when it has
+    /// fewer: every sequence's state is copied out, the old context freed,
+    /// a bigger one made and the states copied back.
+    fn ensure_room(&mut self, needed: usize) -> Result<(), String> {
         let had = self.cells();
         if needed <= had {
             return Ok(());
         }
-        let cells = grown_kv_cells(needed as u64, window as u64) as usize;
+        let cells = grown_kv_cells(needed as u64, self.settings.kv_budget as u64) as usize;
         let started = Instant::now();
-        let saved = match self.cache.len() {
-            0 => None,
-            _ => Some(
-                self.ctx()
-                    .state_seq_get(0, LlamaStateSeqFlags::empty())
-                    .map_err(|e| format!("cannot copy the KV cache to grow it: {e}"))?,
-            ),
-        };
+        let mut saved = Vec::new();
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].cache.len() > 0 {
+                let state = self
+                    .ctx()
+                    .state_seq_get(slot as i32, LlamaStateSeqFlags::empty())
+                    .map_err(|e| format!("cannot copy the KV cache to grow it: {e}"))?;
+                saved.push((slot, state));
+            }
+        }
         // The old context goes first: both at once would need the memory
         // of the old cache twice over at the worst moment.
         self.ctx = None;
@@ -368,13 +757,13 @@ impl<'m> Worker<'m> {
                     .model
                     .new_context(backend, context_params(had, &self.settings))
                     .ok();
-                self.cache = Tokens::default();
+                self.reset();
                 return Err(format!("cannot grow the KV cache to {cells} tokens: {e}"));
             }
         };
         self.ctx = Some(ctx);
-        if let Some(state) = saved {
-            if let Err(e) = self.ctx().state_seq_set(&state, 0) {
+        for (slot, state) in saved {
+            if let Err(e) = self.ctx().state_seq_set(&state, slot as i32) {
                 self.reset();
                 return Err(format!("cannot copy the KV cache back after growing: {e}"));
             }
@@ -382,397 +771,55 @@ impl<'m> Worker<'m> {
         tracing::info!(
             "KV cache grown from {had} to {} cells ({} tokens kept) in {:.0} ms",
             self.cells(),
-            self.cache.len(),
+            self.held(),
             started.elapsed().as_secs_f64() * 1000.0
         );
         Ok(())
     }
 
-    /// Bring the cache to `prompt`: keep the longest prefix whose text
-    /// starts it (ending on a token boundary, and short of the whole prompt
-    /// when the last token must be decoded again for its logits), cut the
-    /// rest, prefill what remains in chunks. Returns (tokens reused, tokens
-    /// prefilled), or `None` when interrupted.
-    fn feed(
-        &mut self,
-        prompt: &[u8],
-        want_logits: bool,
-        interrupted: &dyn Fn() -> bool,
-    ) -> Result<Option<(usize, usize)>, String> {
-        // The rest is tokenized as text, so it must start on a character.
-        let starts_char = |end: usize| starts_char(prompt, end);
-        let mut keep = self.cache.shared_with(prompt, starts_char);
-        if want_logits && keep > 0 && self.cache.ends[keep - 1] == prompt.len() {
-            keep -= 1;
-            while keep > 0 && !starts_char(self.cache.ends[keep - 1]) {
-                keep -= 1;
-            }
-        }
-        if keep < self.cache.len() {
-            let cut = self
-                .ctx()
-                .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
-                .map_err(|e| e.to_string())?;
-            // A sliding-window cache drops tokens that left its window: it
-            // can go back only as far as it still holds the window before
-            // the cut (llama.cpp's server checks the same).
-            let n_swa = self.settings.n_swa as i64;
-            let held_from = self.ctx().kv_cache_seq_pos_min(0) as i64;
-            let whole = n_swa == 0 || keep == 0 || held_from <= (keep as i64 - n_swa).max(0);
-            if cut && whole {
-                self.cache.truncate(keep);
-            } else {
-                // llama.cpp could not cut this cache: start over.
-                self.reset();
-                keep = 0;
-            }
-        }
-        let delta = &prompt[self.cache.text.len()..];
-        let text = String::from_utf8_lossy(delta);
-        let tokens = super::model::tokenize(self.model, &text);
-        // Token pieces spell the text for BPE vocabularies; where they do
-        // not (a leading space an SPM vocabulary adds), the block is reused
-        // only whole.
-        let pieces: Vec<Vec<u8>> = tokens.iter().map(|t| piece(self.model, *t, true)).collect();
-        let exact = pieces.concat() == delta;
-        let start = self.cache.text.len();
-        let total = tokens.len();
-        for (chunk_at, chunk) in tokens.chunks(BATCH).enumerate() {
-            if interrupted() {
-                return Ok(None);
-            }
-            self.ensure_room(self.cache.len() + chunk.len())?;
-            self.batch.clear();
-            for (i, t) in chunk.iter().enumerate() {
-                let last = chunk_at * BATCH + i + 1 == total;
-                let pos = (self.cache.len() + i) as i32;
-                self.batch
-                    .add(*t, pos, &[0], last && want_logits)
-                    .map_err(|e| e.to_string())?;
-            }
-            self.decode()?;
-            for (i, t) in chunk.iter().enumerate() {
-                if exact {
-                    self.cache.push(*t, &pieces[chunk_at * BATCH + i]);
-                } else {
-                    self.cache.ids.push(*t);
-                    self.cache.ends.push(start + delta.len());
-                }
-            }
-        }
-        if !exact {
-            self.cache.text.extend_from_slice(delta);
-        }
-        Ok(Some((keep, total)))
-    }
-
-    /// Load the session's saved state when the cache holds less of the
-    /// session than the state does.
-    fn adopt(&mut self, session: &Tokens, state: &SavedState) {
-        let mut saved = session.clone();
-        saved.truncate(state.tokens.min(session.len()));
-        if self.cache.shared_with(&saved.text, |_| true) >= saved.len() {
-            return;
-        }
-        if let Err(e) = self.load_state(&saved, &state.bytes) {
-            tracing::warn!("the session's KV state does not load ({e}); prefilling it instead");
-            self.reset();
-        }
-    }
-
-    /// Carry out `run`; `pending` gets the last token chosen when it is not
-    /// decoded into the cache.
-    fn run(
-        &mut self,
-        run: Run,
-        pending: &mut Option<(LlamaToken, Vec<u8>)>,
-    ) -> Result<RunReport, LlamaCppError> {
-        let Run {
-            session,
-            state,
-            text,
-            mut sampler,
-            seed,
-            max_new,
-            stop_on,
-            interrupted,
-            constraint,
-            mut on_token,
-        } = run;
-        let engine = LlamaCppError::Engine;
-        if let Some(state) = &state {
-            self.adopt(&session, state);
-        }
-        let never = || false;
-        let interrupted: &dyn Fn() -> bool = match &interrupted {
-            Some(f) => f.as_ref(),
-            None => &never,
-        };
-        let mut prompt = session.text;
-        prompt.extend_from_slice(text.as_bytes());
-        let want_logits = max_new > 0;
-        let Some((reused, prefilled)) = self
-            .feed(&prompt, want_logits, interrupted)
-            .map_err(engine)?
-        else {
-            return Ok(self.report(0, 0, 0, Ended::Interrupted, None));
-        };
-        if !want_logits {
-            return Ok(self.report(reused, prefilled, 0, Ended::Stop, None));
-        }
-        let mut constraint = constraint.map(|make| make());
-        let mut rng = match seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_entropy(),
-        };
-        let vocab = self.model.vocab();
-        let mut logits_at = self.batch.n_tokens() - 1;
-        let mut reply: Vec<u8> = Vec::new();
-        let mut emitted = 0usize;
-        let mut first_token = None;
-        let mut generated = 0usize;
-        let ended = loop {
-            let recent = self.cache.ids[self.cache.len().saturating_sub(RECENT_TOKENS)..]
-                .iter()
-                .map(|t| t.0 as u32)
-                .collect();
-            let mut resources = Resources {
-                rng: &mut rng,
-                last_tokens: recent,
-            };
-            let ctx = self.ctx.as_ref().expect("the llama.cpp context");
-            let logits = ctx.get_logits_ith(logits_at);
-            let (token, complete) = match &mut constraint {
-                Some(c) => {
-                    let (token, complete) = constrained_pick(
-                        self.model,
-                        c.as_ref(),
-                        logits,
-                        &mut *sampler,
-                        &mut resources,
-                    )
-                    .map_err(engine)?;
-                    (token, complete)
-                }
-                None => {
-                    let mut candidates = Logits::try_from_iter(logits.iter().copied())
-                        .map_err(|e| engine(e.to_string()))?;
-                    let id = sampler
-                        .sample_token(&mut resources, &mut candidates)
-                        .map_err(|e| engine(e.to_string()))?
-                        .ok_or_else(|| engine("the sampler chose no token".into()))?;
-                    (LlamaToken(id as i32), false)
-                }
-            };
-            first_token.get_or_insert_with(Instant::now);
-            if vocab.is_eog(token) {
-                break Ended::Stop;
-            }
-            let bytes = piece(self.model, token, false);
-            if let Some(c) = &mut constraint {
-                c.accept(&bytes);
-            }
-            *pending = Some((token, bytes.clone()));
-            reply.extend_from_slice(&bytes);
-            generated += 1;
-            let valid = match std::str::from_utf8(&reply[emitted..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            if valid > 0 {
-                let text = String::from_utf8_lossy(&reply[emitted..emitted + valid]).into_owned();
-                emitted += valid;
-                // The callback's error ends the run, as kalosm's models do.
-                on_token(text)?;
-            }
-            if complete {
-                break Ended::Complete;
-            }
-            if stop_on
-                .as_deref()
-                .is_some_and(|s| String::from_utf8_lossy(&reply).contains(s))
-            {
-                break Ended::Stop;
-            }
-            if generated >= max_new {
-                break Ended::Limit;
-            }
-            if interrupted() {
-                break Ended::Interrupted;
-            }
-            // The chosen token goes into the cache for the next logits.
-            self.ensure_room(self.cache.len() + 1).map_err(engine)?;
-            self.batch.clear();
-            let pos = self.cache.len() as i32;
-            self.batch
-                .add(token, pos, &[0], true)
-                .map_err(|e| engine(e.to_string()))?;
-            self.decode().map_err(engine)?;
-            self.cache.push(token, &bytes);
-            *pending = None;
-            logits_at = 0;
-        };
-        if emitted < reply.len() {
-            on_token(String::from_utf8_lossy(&reply[emitted..]).into_owned())?;
-        }
-        Ok(self.report(reused, prefilled, generated, ended, first_token))
-    }
-
-    fn report(
-        &self,
-        reused: usize,
-        prefilled: usize,
-        generated: usize,
-        ended: Ended,
-        first_token: Option<Instant>,
-    ) -> RunReport {
-        RunReport {
-            reused,
-            prefilled,
-            generated,
-            ended,
-            first_token,
-            kv_cells: self.cells(),
-            in_cache: self.cache.len(),
-        }
-    }
-
-    /// llama.cpp's state of sequence 0 (its KV rows and their positions),
-    /// copied straight into memory: the crate's file route wrote it to a
-    /// temporary file first, which on a tmpfs `/tmp` is as much RAM again
-    /// (gigabytes for a long context on a big model).
-    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+    /// llama.cpp's state of sequence `slot` (its KV rows and their
+    /// positions), copied straight into memory: the crate's file route
+    /// wrote it to a temporary file first, which on a tmpfs `/tmp` is as
+    /// much RAM again (gigabytes for a long context on a big model).
+    fn save_state(&mut self, slot: usize) -> Result<Vec<u8>, String> {
         let ctx = self.ctx();
         let flags = LlamaStateSeqFlags::empty();
-        let size = ctx.state_seq_get_size_ext(0, flags);
+        let seq = slot as i32;
+        let size = ctx.state_seq_get_size_ext(seq, flags);
         let mut bytes = vec![0u8; size];
         // SAFETY: `bytes` is the size llama.cpp just reported for this
         // sequence, and nothing runs on the context in between (this thread
         // owns it).
-        let written = unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), 0, flags) };
+        let written = unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags) };
         if written != size {
             return Err(format!("llama.cpp wrote {written} of {size} state bytes"));
         }
         Ok(bytes)
     }
 
-    fn load_state(&mut self, session: &Tokens, state: &[u8]) -> Result<(), String> {
-        self.reset();
-        self.ensure_room(session.len())?;
+    fn load_state(&mut self, slot: usize, session: &Tokens, state: &[u8]) -> Result<(), String> {
+        self.forget(slot);
+        let needed = self.held() + session.len();
+        if needed > self.settings.kv_budget {
+            self.drop_idle(needed - self.settings.kv_budget);
+        }
+        self.ensure_room(self.held() + session.len())?;
+        let seq = slot as i32;
         let ctx = self.ctx();
         // SAFETY: llama.cpp reads the buffer through its own bounds-checked
         // reader (the one its file loader uses on a file's bytes) and
         // refuses a state whose sizes or shapes do not match this context;
         // the bytes came from `save_state` through a checksummed file.
-        let loaded = unsafe { ctx.state_seq_set_data_ext(state, 0, LlamaStateSeqFlags::empty()) };
-        let held = ctx.kv_cache_seq_pos_max(0) + 1;
+        let loaded = unsafe { ctx.state_seq_set_data_ext(state, seq, LlamaStateSeqFlags::empty()) };
+        let held = ctx.kv_cache_seq_pos_max(seq) + 1;
         if !loaded || held != session.len() as i32 {
-            self.reset();
+            self.forget(slot);
             return Err(format!(
                 "llama.cpp took {held} of the session's {} tokens",
                 session.len()
             ));
         }
-        self.cache = session.clone();
+        self.slots[slot].cache = session.clone();
         Ok(())
-    }
-}
-
-/// Whether a character of UTF-8 `text` starts at byte `at` (or the text
-/// ends there).
-fn starts_char(text: &[u8], at: usize) -> bool {
-    // Continuation bytes are 0b10xxxxxx.
-    text.get(at).is_none_or(|b| (*b as i8) >= -0x40)
-}
-
-fn piece(model: &LlamaModel, token: LlamaToken, special: bool) -> Vec<u8> {
-    model.vocab().token_to_piece(token, special, None)
-}
-
-/// Pick the next token among those the constraint accepts: the most likely
-/// few are checked first, the whole vocabulary only if none of them fits.
-/// Returns the token and whether it completes the format.
-fn constrained_pick(
-    model: &LlamaModel,
-    constraint: &dyn Constraint,
-    logits: &[f32],
-    sampler: &mut dyn Sampler,
-    resources: &mut dyn HasSamplerResources,
-) -> Result<(LlamaToken, bool), String> {
-    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    let top = CONSTRAINED_TOP_K.min(order.len());
-    if top == 0 {
-        return Err("the model has no tokens".into());
-    }
-    order.select_nth_unstable_by(top - 1, by_logit);
-    order[..top].sort_unstable_by(by_logit);
-    let vocab = model.vocab();
-    let check = |id: usize| {
-        let token = LlamaToken(id as i32);
-        if vocab.is_eog(token) {
-            return None;
-        }
-        let bytes = piece(model, token, false);
-        if bytes.is_empty() {
-            return None;
-        }
-        constraint.check(&bytes).map(|complete| (id, complete))
-    };
-    let mut allowed: Vec<(usize, bool)> = order[..top].iter().filter_map(|&id| check(id)).collect();
-    if allowed.is_empty() {
-        let rest = &mut order[top..];
-        rest.sort_unstable_by(by_logit);
-        allowed = rest.iter().filter_map(|&id| check(id)).take(1).collect();
-    }
-    if allowed.is_empty() {
-        return Err("no token can continue the required answer format".into());
-    }
-    // Only the allowed tokens, under their own ids (the repetition penalty
-    // looks them up).
-    let mut candidates = Logits::default();
-    candidates.extend(allowed.iter().map(|(id, _)| Logit {
-        token_id: *id as u32,
-        logit: logits[*id],
-        prob: 0.0,
-    }));
-    let chosen = sampler
-        .sample_token(resources, &mut candidates)
-        .map_err(|e| e.to_string())?
-        .ok_or("the sampler chose no token")? as usize;
-    let (id, complete) = allowed
-        .into_iter()
-        .find(|(id, _)| *id == chosen)
-        .ok_or("the sampler chose a token outside the answer format")?;
-    Ok((LlamaToken(id as i32), complete))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// "abécd" in tokens that split the é between two byte tokens.
-    fn tokens() -> Tokens {
-        let mut t = Tokens::default();
-        for (id, piece) in [(1, &b"ab"[..]), (2, &[0xC3]), (3, &[0xA9]), (4, b"cd")] {
-            t.push(LlamaToken(id), piece);
-        }
-        t
-    }
-
-    #[test]
-    fn the_shared_prefix_ends_between_tokens_and_characters() {
-        let t = tokens();
-        // "abéx": the three tokens that spell "abé".
-        let text = "abéx".as_bytes();
-        assert_eq!(t.shared_with(text, |at| starts_char(text, at)), 3);
-        // "abêx" shares "ab" and the first byte of the character; a cut
-        // there would leave half a character to tokenize.
-        let text = "abêx".as_bytes();
-        assert_eq!(t.shared_with(text, |_| true), 2);
-        assert_eq!(t.shared_with(text, |at| starts_char(text, at)), 1);
-        let mut cut = t.clone();
-        cut.truncate(1);
-        assert_eq!((cut.ids.len(), cut.text.as_slice()), (1, &b"ab"[..]));
     }
 }

@@ -1,5 +1,5 @@
 //! The actor: one task that owns the runs and the workstation link and
-//! lends the model, one lease at a time. Connections, runs and the
+//! lends the model's conversations, a lease each. Connections, runs and the
 //! workstation talk to it over channels.
 
 use std::collections::BTreeMap;
@@ -14,12 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::agent::tools::Workspace;
 use crate::agent::{self, pressure, Nobody, Outcome, Progress, RunEvent, RunSpec};
 use crate::cli::Common;
-use crate::engine::EngineHandle;
+use crate::engine::{EngineCommand, EngineHandle, Lease};
 use crate::error::Result;
 use crate::host::launch;
 use crate::host::protocol::{Open, Reply, Request, RunInfo, Settings};
 use crate::host::workstation::{self, Client, Host, HostIn, Resumed};
 use crate::paths::Paths;
+use crate::store::journal::JournalHandle;
 use crate::store::SessionStore;
 use crate::telemetry;
 
@@ -42,10 +43,21 @@ pub(super) enum ActorMsg {
         Settings,
         oneshot::Sender<Result<mpsc::UnboundedSender<HostIn>, String>>,
     ),
-    /// The workstation closed and gave the engine back.
-    HostGone,
+    /// A workstation closed and gave its conversation back.
+    HostGone(u64),
     /// Exit if still idle since this many idle periods began.
     IdleCheck(u64),
+    /// `kiln ask`'s question, its `ephemeral` flag and client's settings:
+    /// answered with a conversation to ask it on, and the journal it goes
+    /// into.
+    Ask(
+        String,
+        bool,
+        Settings,
+        oneshot::Sender<std::result::Result<(Lease, Option<JournalHandle>), String>>,
+    ),
+    /// A conversation lent outside a run or workstation was given back.
+    Released,
 }
 
 /// The model as loaded, for each user the engine is lent to.
@@ -60,8 +72,11 @@ pub struct Model {
     pub(super) fingerprint: Option<String>,
 }
 
-/// The workstation as the actor sees it.
+/// A workstation (one conversation and its terminals) as the actor sees
+/// it.
 pub(super) struct WorkstationLink {
+    /// Which one, for its `HostGone`.
+    pub(super) number: u64,
     pub(super) inbox: mpsc::UnboundedSender<HostIn>,
     pub(super) status: tokio::sync::watch::Receiver<workstation::Status>,
     /// The safety settings of the client that opened it.
@@ -79,7 +94,8 @@ struct Run {
 
 pub(super) struct Actor {
     tx: mpsc::UnboundedSender<ActorMsg>,
-    /// The model, leased to the workstation or one agent run at a time.
+    /// The model: each of the workstation and the agent runs leases a
+    /// conversation of its own.
     engine: EngineHandle,
     store: SessionStore,
     samples: tokio::sync::watch::Receiver<telemetry::Sample>,
@@ -87,7 +103,10 @@ pub(super) struct Actor {
     shutdown: Option<oneshot::Sender<()>>,
     /// `None` in the benchmark, which has no workstation.
     model: Option<Model>,
-    workstation: Option<WorkstationLink>,
+    /// The open workstations, oldest first: each holds its own session
+    /// on a conversation of its own.
+    workstations: Vec<WorkstationLink>,
+    opened: u64,
     /// Exit this long after the last run and the workstation end (a daemon
     /// a client started); `None` keeps it running.
     idle_exit: Option<Duration>,
@@ -134,7 +153,8 @@ impl Actor {
             runs: BTreeMap::new(),
             shutdown: None,
             model,
-            workstation: None,
+            workstations: Vec::new(),
+            opened: 0,
             idle_exit,
             idle_period: 0,
             exit,
@@ -193,8 +213,12 @@ impl Actor {
                 ActorMsg::Workstation(open, client, model, reply) => {
                     let _ = reply.send(self.workstation(open, client, model));
                 }
-                ActorMsg::HostGone => {
-                    self.workstation = None;
+                ActorMsg::Ask(question, ephemeral, client, reply) => {
+                    let _ = reply.send(self.ask(&question, ephemeral, &client));
+                }
+                ActorMsg::Released => self.check_done(),
+                ActorMsg::HostGone(number) => {
+                    self.workstations.retain(|w| w.number != number);
                     self.check_done();
                 }
                 ActorMsg::IdleCheck(period) => {
@@ -219,7 +243,7 @@ impl Actor {
                     for run in self.runs.values() {
                         run.stop.store(true, Ordering::SeqCst);
                     }
-                    if let Some(w) = &self.workstation {
+                    for w in &self.workstations {
                         let _ = w.inbox.send(HostIn::Stop);
                     }
                     if self.all_done() {
@@ -233,29 +257,34 @@ impl Actor {
     }
 
     fn all_done(&self) -> bool {
-        self.workstation.is_none() && self.runs.values().all(|r| r.outcome.is_some())
+        self.workstations.is_empty() && self.runs.values().all(|r| r.outcome.is_some())
     }
 
-    /// Who has the engine, said so that the user knows how to get it back.
+    /// Who has the model's conversations, said so that the user knows how
+    /// to get one back.
     fn engine_holder(&self) -> String {
-        let id = match &self.workstation {
-            Some(w) => w.status.borrow().session.clone(),
-            None => self
-                .runs
-                .iter()
-                .find(|(_, r)| r.outcome.is_none())
-                .map(|(id, _)| id.clone()),
+        let (held, limit) = self.engine.seats();
+        let mut holders: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| r.outcome.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let sessions = self
+            .workstations
+            .iter()
+            .filter_map(|w| w.status.borrow().session.clone());
+        holders.splice(0..0, sessions);
+        let conversations = match limit {
+            1 => "the model's one conversation is in use".to_string(),
+            _ => format!("all {held} conversations the model runs at once are in use (--conversations {limit})"),
         };
-        let what = if self.workstation.is_some() {
-            "the workstation's session"
-        } else {
-            "agent run"
-        };
-        match id {
+        match holders.first() {
             Some(id) => format!(
-                "{what} {id} is using the model; `kiln attach {id}` shows it, `kiln stop {id}` ends it"
+                "{conversations}, by {}; `kiln attach {id}` shows one, `kiln stop {id}` ends it",
+                holders.join(", ")
             ),
-            None => format!("{what} is using the model; `kiln ps` shows it"),
+            None => format!("{conversations}; `kiln ps` shows by whom"),
         }
     }
 
@@ -285,8 +314,11 @@ impl Actor {
         }
     }
 
-    /// Attach a terminal to the workstation, opening one (it borrows the
-    /// engine) when none is open.
+    /// Attach a terminal to a workstation: the one showing the session it
+    /// asks for, or the newest for no session in particular. A session no
+    /// workstation shows gets a workstation of its own, on a conversation
+    /// of its own, where the model has one free; where it has none, the
+    /// newest workstation moves to that session.
     fn workstation(
         &mut self,
         open: Open,
@@ -305,31 +337,38 @@ impl Actor {
                 model.model_spec
             ));
         }
-        if let Some(w) = &self.workstation {
-            joins(w, &client)?;
-        }
         let wanted = match &open {
             Open::Session { query } => {
                 Some(self.store.resolve(Some(query)).map_err(|e| e.to_string())?)
             }
-            Open::Current | Open::Last => None,
+            Open::Current | Open::New | Open::Last => None,
         };
         self.idle_period += 1;
-        if let Some(w) = &self.workstation {
-            if let Some(dir) = wanted {
-                let showing = w.status.borrow().session.clone();
-                if dir.file_name().and_then(|n| n.to_str()) != showing.as_deref() {
-                    let _ = w.inbox.send(HostIn::Open(dir));
-                }
-            }
+        let shows = |w: &WorkstationLink, dir: &std::path::Path| {
+            dir.file_name().and_then(|n| n.to_str()) == w.status.borrow().session.as_deref()
+        };
+        let showing = match (&open, &wanted) {
+            (Open::New, _) => None,
+            (_, Some(dir)) => self.workstations.iter().find(|w| shows(w, dir)),
+            (_, None) => self.workstations.last(),
+        };
+        if let Some(w) = showing {
+            joins(w, &client)?;
             let _ = w.inbox.send(HostIn::Attach(terminal));
             return Ok(w.inbox.clone());
         }
         let Some(lease) = self.engine.lease() else {
-            return Err(self.engine_holder());
+            // No conversation free: the newest workstation changes session.
+            let (Some(w), Some(dir)) = (self.workstations.last(), wanted) else {
+                return Err(self.engine_holder());
+            };
+            joins(w, &client)?;
+            let _ = w.inbox.send(HostIn::Open(dir));
+            let _ = w.inbox.send(HostIn::Attach(terminal));
+            return Ok(w.inbox.clone());
         };
         let query = match (&open, wanted) {
-            (Open::Current, _) => None,
+            (Open::Current | Open::New, _) => None,
             // Nothing saved yet: a new conversation.
             (Open::Last, _) if self.store.list().is_empty() => None,
             (Open::Last, _) => Some(None),
@@ -359,13 +398,16 @@ impl Actor {
         let keys = model.keys.clone();
         let samples = self.samples.clone();
         let tx = self.tx.clone();
+        self.opened += 1;
+        let number = self.opened;
         let _ = inbox.send(HostIn::Attach(terminal));
         tokio::spawn(async move {
             let host = Host::new(common, started, keys, samples, resumed).await;
             host.run(inbox_rx, status_tx).await;
-            let _ = tx.send(ActorMsg::HostGone);
+            let _ = tx.send(ActorMsg::HostGone(number));
         });
-        self.workstation = Some(WorkstationLink {
+        self.workstations.push(WorkstationLink {
+            number,
             inbox: inbox.clone(),
             status,
             workspace: client.workspace().to_path_buf(),
@@ -374,36 +416,99 @@ impl Actor {
         Ok(inbox)
     }
 
+    /// A conversation for one `kiln ask`, set up as the client's settings
+    /// say over the daemon's config, and its question journaled first
+    /// unless it is ephemeral.
+    fn ask(
+        &mut self,
+        question: &str,
+        ephemeral: bool,
+        client: &Settings,
+    ) -> std::result::Result<(Lease, Option<JournalHandle>), String> {
+        if self.shutdown.is_some() {
+            return Err("the daemon is shutting down".into());
+        }
+        let Some(model) = &self.model else {
+            return Err("this daemon answers no questions".into());
+        };
+        if let Some(asked) = differs(client, &model.settings) {
+            return Err(format!(
+                "the daemon runs {} with other settings than {asked}",
+                model.model_spec
+            ));
+        }
+        let lease = self.engine.lease().ok_or_else(|| self.engine_holder())?;
+        let config = model.config.clone().merge(&client.common);
+        lease.send(EngineCommand::Reset);
+        lease.send(EngineCommand::SetSampler(config.sampling.clone()));
+        lease.send(EngineCommand::SetSystemPrompt(config.system_prompt.clone()));
+        self.idle_period += 1;
+        if ephemeral {
+            return Ok((lease, None));
+        }
+        let journal = self
+            .store
+            .start_with_question(
+                &model.model_spec,
+                model.fingerprint.clone(),
+                lease.info().context_limit,
+                config.system_prompt.as_deref(),
+                question,
+            )
+            .map_err(|why| {
+                format!("{why}: the question could not be saved, so it was not answered (--ephemeral answers without saving)")
+            })?;
+        Ok((lease, Some(journal)))
+    }
+
     fn request(&mut self, req: Request) -> Reply {
         match req {
             Request::List => Reply::Runs {
                 runs: self
                     .runs
                     .iter()
-                    .map(|(id, r)| RunInfo {
-                        id: id.clone(),
-                        task: r.task.clone(),
-                        steps: r
-                            .events
-                            .iter()
-                            .filter(|e| matches!(e, Progress::Call { .. }))
-                            .count() as u32,
-                        outcome: r.outcome.clone(),
+                    .map(|(id, r)| {
+                        let mut calls = r.events.iter().filter_map(|e| match e {
+                            Progress::Call {
+                                tok_s,
+                                context_tokens,
+                                ..
+                            } => Some((*tok_s, *context_tokens)),
+                            _ => None,
+                        });
+                        let steps = calls.clone().count() as u32;
+                        let (tok_s, context_tokens) = calls.next_back().unwrap_or_default();
+                        RunInfo {
+                            id: id.clone(),
+                            task: r.task.clone(),
+                            steps,
+                            outcome: r.outcome.clone(),
+                            tok_s,
+                            context_tokens,
+                        }
                     })
                     .collect(),
-                workstation: self.workstation.as_ref().map(|w| w.status.borrow().clone()),
+                workstations: self
+                    .workstations
+                    .iter()
+                    .map(|w| w.status.borrow().clone())
+                    .collect(),
             },
             Request::Stop { id } => {
                 if let Some(run) = self.runs.get(&id) {
                     run.stop.store(true, Ordering::SeqCst);
                     return Reply::Stopping { id };
                 }
-                match &self.workstation {
-                    Some(w) if w.status.borrow().session.as_ref() == Some(&id) => {
+                let showing = self
+                    .workstations
+                    .iter()
+                    .find(|w| w.status.borrow().session.as_ref() == Some(&id));
+                match showing {
+                    Some(w) => {
                         let _ = w.inbox.send(HostIn::Stop);
                         Reply::Stopping { id }
                     }
-                    _ => Reply::Error {
+                    None => Reply::Error {
                         message: format!("no session or run '{id}' in the daemon (see `kiln ps`)"),
                     },
                 }
@@ -412,11 +517,12 @@ impl Actor {
                 self.exit.notify_one();
                 Reply::ShuttingDown
             }
-            Request::Attach { .. } | Request::Workstation { .. } | Request::Input { .. } => {
-                Reply::Error {
-                    message: "a terminal attaches with its first request".into(),
-                }
-            }
+            Request::Attach { .. }
+            | Request::Workstation { .. }
+            | Request::Input { .. }
+            | Request::Ask { .. } => Reply::Error {
+                message: "a terminal attaches with its first request".into(),
+            },
             Request::StartAgent { task, settings } => {
                 if let Some(asked) = self
                     .model

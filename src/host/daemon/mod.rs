@@ -1,13 +1,14 @@
 //! `kiln daemon`: the workstation and agent runs, outliving the terminals
 //! that started them.
 //!
-//! The daemon owns the model, hosts the workstation's conversation (any
-//! number of terminals attached) and runs agents headless. Clients (`kiln`,
+//! The daemon owns the model, hosts workstations (a session each, any
+//! number of terminals attached to each) and runs agents headless, all on
+//! the one loaded model, batched together. Clients (`kiln`,
 //! `kiln attach`, `kiln agent --detach`, `kiln ps`, `kiln stop`) reach it
 //! over a Unix socket private to the user (a 0700 folder, a 0600 socket,
 //! and a peer-credential check). No TCP listener. One actor task owns the
-//! runs and lends the engine to one user at a time (the workstation or an
-//! agent run); connections, runs and the workstation talk to it over
+//! runs and lends each user (a workstation, an agent run) a conversation of
+//! the model's own; connections, runs and workstations talk to it over
 //! channels.
 
 mod actor;
@@ -74,7 +75,7 @@ pub async fn run(settings: Settings, idle_exit: Option<Duration>) -> Result<i32>
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| KilnError::io("signal handler", e))?;
     // A daemon no one asked for yet counts as idle from the start.
-    let _ = tx.send(ActorMsg::HostGone);
+    let _ = tx.send(ActorMsg::HostGone(0));
     tokio::select! {
         _ = accept(listener, tx.clone()) => {}
         _ = term.recv() => {}
@@ -456,6 +457,7 @@ mod tests {
         let (inbox, _) = mpsc::unbounded_channel();
         let (_, status) = tokio::sync::watch::channel(workstation::Status::default());
         let open = |approval| WorkstationLink {
+            number: 1,
             inbox: inbox.clone(),
             status: status.clone(),
             workspace: "/work/a".into(),

@@ -106,6 +106,10 @@ pub(super) fn check(req: &Request) -> std::result::Result<(), String> {
             long("a task", task.len(), MAX_TEXT).or_else(|| settings_ok(settings))
         }
         Request::Stop { id } | Request::Attach { id } => long("an id", id.len(), MAX_NAME),
+        Request::Ask {
+            question, settings, ..
+        } => long("a question", question.len(), protocol::MAX_QUESTION)
+            .or_else(|| settings_ok(settings)),
         Request::Workstation {
             open,
             size,
@@ -162,6 +166,14 @@ async fn serve(stream: UnixStream, actor: mpsc::UnboundedSender<ActorMsg>) {
         match req {
             Request::Attach { id } => {
                 follow(&mut write, &actor, id).await;
+                return;
+            }
+            Request::Ask {
+                question,
+                ephemeral,
+                settings,
+            } => {
+                answer(&mut read, &mut write, &actor, question, ephemeral, settings).await;
                 return;
             }
             Request::Workstation {
@@ -288,4 +300,79 @@ async fn follow(
             }
         }
     }
+}
+
+/// Answer one question for `kiln ask` on a conversation the actor leases:
+/// the turn's events go to the client as they come and into the session's
+/// journal; the client going away cancels the answer, which still ends and
+/// is kept.
+async fn answer(
+    read: &mut tokio::net::unix::OwnedReadHalf,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    actor: &mpsc::UnboundedSender<ActorMsg>,
+    question: String,
+    ephemeral: bool,
+    settings: Settings,
+) {
+    let (tx, rx) = oneshot::channel();
+    if actor
+        .send(ActorMsg::Ask(question.clone(), ephemeral, settings, tx))
+        .is_err()
+    {
+        return;
+    }
+    let (lease, journal) = match rx.await {
+        Ok(Ok(leased)) => leased,
+        Ok(Err(message)) => {
+            let _ = protocol::write(write, &Reply::Error { message }).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let session = journal.as_ref().map(|j| j.id.clone());
+    let model = lease.info().clone();
+    let mut listening = protocol::write(write, &Reply::Asked { session, model })
+        .await
+        .is_ok();
+    let mut turn = lease.chat(question);
+    if !listening {
+        lease.cancel();
+    }
+    loop {
+        let event = tokio::select! {
+            event = turn.next() => event,
+            // The client sends nothing more: whatever arrives, or its end,
+            // means it is gone.
+            _ = protocol::read::<Request, _>(read), if listening => {
+                listening = false;
+                lease.cancel();
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        if let (Some(j), Some(record)) = (&journal, crate::record::Record::of(&event)) {
+            record.write(j);
+        }
+        let end = matches!(
+            event,
+            crate::engine::EngineEvent::TurnFinished { .. }
+                | crate::engine::EngineEvent::TurnFailed { .. }
+        );
+        if listening
+            && protocol::write(write, &Reply::Turn { event })
+                .await
+                .is_err()
+        {
+            listening = false;
+            lease.cancel();
+        }
+        if end {
+            break;
+        }
+    }
+    if let Some(j) = journal {
+        let _ = tokio::task::spawn_blocking(move || j.close()).await;
+    }
+    drop(lease);
+    let _ = actor.send(ActorMsg::Released);
 }

@@ -1,0 +1,364 @@
+//! One run on one of the worker's sequences: what the caller handed over
+//! (`Run`), and its state while the scheduler steps it (`Sequence`): the
+//! prompt left to prefill, the token waiting to be decoded, its sampler,
+//! constraint, stop conditions and the text it has streamed.
+
+use std::time::Instant;
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llm_samplers::prelude::{HasSamplerResources, Logit, Logits, Sampler};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::model::LlamaCppError;
+use super::tokens::{SavedState, Tokens};
+use crate::engine::sampler::Resources;
+use crate::engine::Priority;
+
+/// With a constraint, the most likely tokens checked against it per step
+/// before the whole vocabulary is.
+const CONSTRAINED_TOP_K: usize = 64;
+/// Recent tokens the sampler sees (for its repetition penalty).
+const RECENT_TOKENS: usize = 256;
+
+/// Which tokens a constrained run may produce next.
+pub(super) trait Constraint {
+    /// Whether `piece` may come next, and if so whether it completes the
+    /// format.
+    fn check(&self, piece: &[u8]) -> Option<bool>;
+    /// Take `piece` (which `check` allowed).
+    fn accept(&mut self, piece: &[u8]);
+}
+
+/// Made on the worker thread, where the parser's state lives.
+pub(super) type MakeConstraint = Box<dyn FnOnce() -> Box<dyn Constraint> + Send>;
+pub(super) type OnToken = Box<dyn FnMut(String) -> Result<(), LlamaCppError> + Send>;
+
+/// One call of the model, with everything type-erased for the thread.
+pub(super) struct Run {
+    /// The session this run continues.
+    pub(super) session: Tokens,
+    /// llama.cpp's saved state for the start of `session`, when it was
+    /// loaded from bytes and the worker may not hold it.
+    pub(super) state: Option<SavedState>,
+    pub(super) text: String,
+    pub(super) sampler: Box<dyn Sampler>,
+    pub(super) seed: Option<u64>,
+    /// Tokens to generate at most; 0 only prefills.
+    pub(super) max_new: usize,
+    pub(super) stop_on: Option<String>,
+    /// Asked between prefill chunks and tokens.
+    pub(super) interrupted: Option<Box<dyn Fn() -> bool + Send>>,
+    pub(super) constraint: Option<MakeConstraint>,
+    pub(super) on_token: OnToken,
+    pub(super) priority: Priority,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ended {
+    /// An end-of-generation token, or the stop text.
+    #[default]
+    Stop,
+    /// The constraint's format is complete.
+    Complete,
+    /// `max_new` tokens.
+    Limit,
+    Interrupted,
+}
+
+/// What a run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunReport {
+    /// Tokens of the prompt found in the KV cache (or loaded from the
+    /// session's saved state, or copied from another sequence).
+    pub reused: usize,
+    pub prefilled: usize,
+    pub generated: usize,
+    pub ended: Ended,
+    /// When the first token was chosen.
+    pub first_token: Option<Instant>,
+    /// KV cells allocated after the run, for all sequences.
+    pub kv_cells: usize,
+    /// Tokens in this sequence's cache after the run (the session may hold
+    /// one more: the last token chosen, computed when the next run needs
+    /// it).
+    pub in_cache: usize,
+}
+
+pub(super) struct Ran {
+    /// The session's new content: the cache after the run, and the last
+    /// token chosen when it is not in the cache yet.
+    pub(super) tokens: Tokens,
+    pub(super) result: Result<RunReport, LlamaCppError>,
+}
+
+/// The prompt's tokens still to prefill.
+pub(super) struct Prefill {
+    pub(super) tokens: Vec<LlamaToken>,
+    /// Each token's text, when the pieces spell the prompt exactly.
+    pub(super) pieces: Option<Vec<Vec<u8>>>,
+    /// The prompt's text after what the cache held.
+    pub(super) delta: Vec<u8>,
+    /// Tokens fed so far.
+    pub(super) fed: usize,
+}
+
+impl Prefill {
+    pub(super) fn left(&self) -> usize {
+        self.tokens.len() - self.fed
+    }
+
+    /// Put `n` more fed tokens into `cache`; the whole delta's text once
+    /// the last is in, where the pieces do not spell it.
+    pub(super) fn commit(&mut self, n: usize, cache: &mut Tokens) {
+        let start = cache.text.len();
+        for i in self.fed..self.fed + n {
+            match &self.pieces {
+                Some(pieces) => cache.push(self.tokens[i], &pieces[i]),
+                None => {
+                    cache.ids.push(self.tokens[i]);
+                    cache.ends.push(start + self.delta.len());
+                }
+            }
+        }
+        self.fed += n;
+        if self.pieces.is_none() && self.left() == 0 {
+            cache.text.extend_from_slice(&self.delta);
+        }
+    }
+}
+
+/// Where a sequence is between steps.
+pub(super) enum Phase {
+    Prefill(Prefill),
+    /// The last token chosen waits to be decoded for the next logits.
+    Decode,
+}
+
+/// What sampling one step's logits led to.
+pub(super) enum Next {
+    /// Go on: decode the chosen token next step.
+    More,
+    Done(Ended),
+}
+
+/// A run being stepped on the worker's sequence `slot`.
+pub(super) struct Sequence {
+    /// Arrival order: the youngest gives way when memory runs out.
+    pub(super) order: u64,
+    pub(super) slot: usize,
+    /// The most cells it may come to hold, counted against the budget
+    /// when others start.
+    pub(super) reserve: usize,
+    pub(super) priority: Priority,
+    pub(super) phase: Phase,
+    pub(super) want_logits: bool,
+    sampler: Box<dyn Sampler>,
+    rng: StdRng,
+    max_new: usize,
+    stop_on: Option<String>,
+    interrupted: Option<Box<dyn Fn() -> bool + Send>>,
+    constraint: Option<Box<dyn Constraint>>,
+    on_token: OnToken,
+    /// The chosen token and its text, until it is decoded into the cache.
+    pub(super) pending: Option<(LlamaToken, Vec<u8>)>,
+    reply: Vec<u8>,
+    emitted: usize,
+    pub(super) report: RunReport,
+    pub(super) reply_to: tokio::sync::oneshot::Sender<Ran>,
+}
+
+impl Sequence {
+    /// `run` on `slot`, its prompt tokenized to `prefill`; the constraint is
+    /// made here, on the worker thread.
+    pub(super) fn new(
+        run: Run,
+        order: u64,
+        slot: usize,
+        reused: usize,
+        prefill: Prefill,
+        reply_to: tokio::sync::oneshot::Sender<Ran>,
+    ) -> Sequence {
+        let rng = match run.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        Sequence {
+            order,
+            slot,
+            reserve: 0,
+            priority: run.priority,
+            want_logits: run.max_new > 0,
+            report: RunReport {
+                reused,
+                prefilled: prefill.tokens.len(),
+                ..RunReport::default()
+            },
+            phase: Phase::Prefill(prefill),
+            sampler: run.sampler,
+            rng,
+            max_new: run.max_new,
+            stop_on: run.stop_on,
+            interrupted: run.interrupted,
+            constraint: run.constraint.map(|make| make()),
+            on_token: run.on_token,
+            pending: None,
+            reply: Vec::new(),
+            emitted: 0,
+            reply_to,
+        }
+    }
+
+    pub(super) fn interrupted(&self) -> bool {
+        self.interrupted.as_ref().is_some_and(|f| f())
+    }
+
+    /// Choose the next token from `logits`, given the tokens in the
+    /// sequence's cache, and stream its text.
+    pub(super) fn sample(
+        &mut self,
+        model: &LlamaModel,
+        logits: &[f32],
+        cache: &Tokens,
+    ) -> Result<Next, LlamaCppError> {
+        let engine = LlamaCppError::Engine;
+        let recent = cache.ids[cache.len().saturating_sub(RECENT_TOKENS)..]
+            .iter()
+            .map(|t| t.0 as u32)
+            .collect();
+        let mut resources = Resources {
+            rng: &mut self.rng,
+            last_tokens: recent,
+        };
+        let (token, complete) = match &self.constraint {
+            Some(c) => constrained_pick(
+                model,
+                c.as_ref(),
+                logits,
+                &mut *self.sampler,
+                &mut resources,
+            )
+            .map_err(engine)?,
+            None => {
+                let mut candidates = Logits::try_from_iter(logits.iter().copied())
+                    .map_err(|e| engine(e.to_string()))?;
+                let id = self
+                    .sampler
+                    .sample_token(&mut resources, &mut candidates)
+                    .map_err(|e| engine(e.to_string()))?
+                    .ok_or_else(|| engine("the sampler chose no token".into()))?;
+                (LlamaToken(id as i32), false)
+            }
+        };
+        self.report.first_token.get_or_insert_with(Instant::now);
+        if model.vocab().is_eog(token) {
+            return Ok(Next::Done(Ended::Stop));
+        }
+        let bytes = piece(model, token, false);
+        if let Some(c) = &mut self.constraint {
+            c.accept(&bytes);
+        }
+        self.reply.extend_from_slice(&bytes);
+        self.pending = Some((token, bytes));
+        self.report.generated += 1;
+        let valid = match std::str::from_utf8(&self.reply[self.emitted..]) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        if valid > 0 {
+            let text = String::from_utf8_lossy(&self.reply[self.emitted..self.emitted + valid])
+                .into_owned();
+            self.emitted += valid;
+            // The callback's error ends the run, as kalosm's models do.
+            (self.on_token)(text)?;
+        }
+        if complete {
+            return Ok(Next::Done(Ended::Complete));
+        }
+        if self
+            .stop_on
+            .as_deref()
+            .is_some_and(|s| String::from_utf8_lossy(&self.reply).contains(s))
+        {
+            return Ok(Next::Done(Ended::Stop));
+        }
+        if self.report.generated >= self.max_new {
+            return Ok(Next::Done(Ended::Limit));
+        }
+        Ok(Next::More)
+    }
+
+    /// Stream whatever is left of the reply (a character cut at the end).
+    pub(super) fn flush(&mut self) -> Result<(), LlamaCppError> {
+        if self.emitted < self.reply.len() {
+            let rest = String::from_utf8_lossy(&self.reply[self.emitted..]).into_owned();
+            self.emitted = self.reply.len();
+            (self.on_token)(rest)?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn piece(model: &LlamaModel, token: LlamaToken, special: bool) -> Vec<u8> {
+    model.vocab().token_to_piece(token, special, None)
+}
+
+/// Pick the next token among those the constraint accepts: the most likely
+/// few are checked first, the whole vocabulary only if none of them fits.
+/// Returns the token and whether it completes the format.
+fn constrained_pick(
+    model: &LlamaModel,
+    constraint: &dyn Constraint,
+    logits: &[f32],
+    sampler: &mut dyn Sampler,
+    resources: &mut dyn HasSamplerResources,
+) -> Result<(LlamaToken, bool), String> {
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let top = CONSTRAINED_TOP_K.min(order.len());
+    if top == 0 {
+        return Err("the model has no tokens".into());
+    }
+    order.select_nth_unstable_by(top - 1, by_logit);
+    order[..top].sort_unstable_by(by_logit);
+    let vocab = model.vocab();
+    let check = |id: usize| {
+        let token = LlamaToken(id as i32);
+        if vocab.is_eog(token) {
+            return None;
+        }
+        let bytes = piece(model, token, false);
+        if bytes.is_empty() {
+            return None;
+        }
+        constraint.check(&bytes).map(|complete| (id, complete))
+    };
+    let mut allowed: Vec<(usize, bool)> = order[..top].iter().filter_map(|&id| check(id)).collect();
+    if allowed.is_empty() {
+        let rest = &mut order[top..];
+        rest.sort_unstable_by(by_logit);
+        allowed = rest.iter().filter_map(|&id| check(id)).take(1).collect();
+    }
+    if allowed.is_empty() {
+        return Err("no token can continue the required answer format".into());
+    }
+    // Only the allowed tokens, under their own ids (the repetition penalty
+    // looks them up).
+    let mut candidates = Logits::default();
+    candidates.extend(allowed.iter().map(|(id, _)| Logit {
+        token_id: *id as u32,
+        logit: logits[*id],
+        prob: 0.0,
+    }));
+    let chosen = sampler
+        .sample_token(resources, &mut candidates)
+        .map_err(|e| e.to_string())?
+        .ok_or("the sampler chose no token")? as usize;
+    let (id, complete) = allowed
+        .into_iter()
+        .find(|(id, _)| *id == chosen)
+        .ok_or("the sampler chose a token outside the answer format")?;
+    Ok((LlamaToken(id as i32), complete))
+}

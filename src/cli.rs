@@ -370,3 +370,31 @@ pub struct FitArgs {
     #[arg(long)]
     pub list_machines: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every subcommand's arguments and the global ones are told apart
+    /// (two with one id only fail when that subcommand parses).
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+        for sub in ["ask", "bench", "agent", "fit", "daemon", "new"] {
+            let parsed = super::Cli::try_parse_from(["kiln", sub, "--help"]);
+            assert!(
+                parsed.is_err_and(|e| e.kind() == clap::error::ErrorKind::DisplayHelp),
+                "{sub}"
+            );
+        }
+        let bench = super::Cli::try_parse_from([
+            "kiln",
+            "--conversations",
+            "2",
+            "bench",
+            "--parallel",
+            "1,2",
+        ]);
+        assert!(bench.is_ok(), "{bench:?}");
+    }
+}

@@ -88,11 +88,11 @@ pub struct WindowArgs {
     pub kv_type_v: Option<KvType>,
     /// Conversations one loaded llama.cpp model runs at once (chat, agent
     /// runs, scripts), batched together.
-    #[arg(long = "conversations", global = true, value_name = "N",
-          default_value_t = DEFAULT_PARALLEL,
+    #[arg(long, global = true, value_name = "N",
+          default_value_t = DEFAULT_CONVERSATIONS,
           value_parser = clap::value_parser!(u32).range(1..=256))]
-    #[serde(default = "default_parallel")]
-    pub parallel: u32,
+    #[serde(default = "default_conversations")]
+    pub conversations: u32,
     /// The most tokens all conversations hold in the KV cache together
     /// (default: what fits in the memory free at load, at least one
     /// window).
@@ -103,10 +103,10 @@ pub struct WindowArgs {
 /// Conversations at once by default: a chat and three agent runs. Each
 /// costs a sliding window of KV cells on models with windowed layers
 /// (Gemma 3: a window of 1,024 tokens in 52 of its 62 layers).
-pub const DEFAULT_PARALLEL: u32 = 4;
+pub const DEFAULT_CONVERSATIONS: u32 = 4;
 
-fn default_parallel() -> u32 {
-    DEFAULT_PARALLEL
+fn default_conversations() -> u32 {
+    DEFAULT_CONVERSATIONS
 }
 
 impl Default for WindowArgs {
@@ -118,7 +118,7 @@ impl Default for WindowArgs {
             flash_attn: FlashAttn::Auto,
             kv_type_k: None,
             kv_type_v: None,
-            parallel: DEFAULT_PARALLEL,
+            conversations: DEFAULT_CONVERSATIONS,
             kv_budget: None,
         }
     }
@@ -155,8 +155,8 @@ impl WindowArgs {
         if let Some(v) = self.kv_type_v {
             f.push(("--kv-type-v", v.name().to_string()));
         }
-        if self.parallel != DEFAULT_PARALLEL {
-            f.push(("--conversations", self.parallel.to_string()));
+        if self.conversations != DEFAULT_CONVERSATIONS {
+            f.push(("--conversations", self.conversations.to_string()));
         }
         if let Some(n) = self.kv_budget {
             f.push(("--kv-budget", n.to_string()));

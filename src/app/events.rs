@@ -25,6 +25,15 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
             state.mode = Mode::Approve;
             Vec::new()
         }
+        AgentMsg::Apart(session) => {
+            if let Some(a) = &mut state.agent {
+                state.notice = Some(format!(
+                    "the agent runs beside this chat, journaled as session {session}; chat on"
+                ));
+                a.apart = Some(session);
+            }
+            Vec::new()
+        }
         AgentMsg::Done(outcome) => {
             let text = match &outcome {
                 Outcome::Finished(summary) => format!("agent finished: {summary}"),
@@ -32,12 +41,16 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
                 Outcome::BudgetExhausted(what) => format!("agent stopped: budget of {what} used"),
                 Outcome::Stopped => "agent stopped".to_string(),
             };
-            state.agent = None;
+            let apart = state.agent.take().and_then(|a| a.apart).is_some();
             if state.mode == Mode::Approve {
                 state.mode = Mode::Chat;
             }
             state.notice = Some(text.clone());
             state.push_entry(Entry::new(EntryKind::Notice, text));
+            if apart {
+                // The chat's conversation was never the agent's.
+                return Vec::new();
+            }
             vec![Effect::RestoreChat {
                 system_prompt: state.system_prompt.clone(),
                 history: state.conversation(),

@@ -312,14 +312,15 @@ pub(super) fn send(state: &mut State) -> Vec<Effect> {
     if text.trim().is_empty() {
         return Vec::new();
     }
-    if state.agent.is_some() {
+    let command = text.trim();
+    let beside = state.agent.as_ref().is_some_and(|a| a.apart.is_some());
+    if state.agent.is_some() && (!beside || command.starts_with('/')) {
         state.notice = Some(format!(
             "the agent is running; {} stops it",
             state.keys.hint(Action::Cancel)
         ));
         return Vec::new();
     }
-    let command = text.trim();
     if command == "/local" || command.starts_with("/offload") {
         if state.generating() {
             state.notice = Some("still answering".into());
@@ -362,6 +363,7 @@ pub(super) fn send(state: &mut State) -> Vec<Effect> {
             pending: None,
             approval_scroll: 0,
             stopping: false,
+            apart: None,
         });
         state.scroll = Scroll::Follow;
         return vec![Effect::StartAgent(task.to_string())];
@@ -436,7 +438,8 @@ pub(super) fn stop_agent(state: &mut State, first: Option<Effect>) -> Vec<Effect
 }
 
 pub(super) fn cancel(state: &mut State) -> Vec<Effect> {
-    if state.agent.is_some() {
+    // An answer streaming beside an agent is stopped first.
+    if state.agent.is_some() && !state.generating() {
         return stop_agent(state, None);
     }
     match &mut state.generation {

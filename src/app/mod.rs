@@ -53,6 +53,9 @@ pub enum AgentMsg {
     Progress(Progress),
     /// A tool call needs a yes or no (answered with `Effect::Approve`).
     Approval(ToolCall),
+    /// The run has a conversation and a session of its own (this one):
+    /// the chat goes on beside it.
+    Apart(String),
     Done(Outcome),
 }
 
@@ -65,6 +68,9 @@ pub struct AgentView {
     /// How far the approval question is scrolled.
     pub approval_scroll: usize,
     pub stopping: bool,
+    /// The run's own session, when it runs on a conversation of its own
+    /// beside the chat (else it drives the chat's conversation).
+    pub apart: Option<String>,
 }
 
 /// A saved session as the picker lists it.

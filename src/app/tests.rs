@@ -861,3 +861,42 @@ fn a_resumed_session_replaces_the_screen() {
     update(&mut s, Msg::Resumed(Box::new(resumed)));
     assert_eq!(s.context_tokens, 321);
 }
+
+/// `/agent` on a conversation of its own: the chat goes on beside it, Esc
+/// stops a streaming answer before the agent, and the agent's end leaves
+/// the chat's conversation as it is.
+#[test]
+fn an_agent_beside_the_chat_lets_the_chat_go_on() {
+    let mut s = state();
+    type_text(&mut s, "/agent tidy up");
+    assert_eq!(
+        acts_of(&mut s, key(KeyCode::Enter)),
+        vec![Effect::StartAgent("tidy up".into())]
+    );
+    // Until the run says it has a conversation of its own, it is the chat's.
+    type_text(&mut s, "hello");
+    assert!(acts_of(&mut s, key(KeyCode::Enter)).is_empty());
+    assert!(s
+        .notice
+        .as_deref()
+        .unwrap_or("")
+        .contains("the agent is running"));
+    update(&mut s, Msg::Agent(AgentMsg::Apart("run-1".into())));
+    assert!(s.notice.as_deref().unwrap_or("").contains("run-1"));
+    let effects = acts_of(&mut s, key(KeyCode::Enter));
+    assert_eq!(effects.last(), Some(&Effect::Chat("hello".into())));
+    assert!(s.generating());
+    // Esc stops the answer first, then (once it ended) the agent.
+    assert_eq!(acts_of(&mut s, key(KeyCode::Esc)), vec![Effect::Cancel]);
+    answer(&mut s, "hi");
+    assert_eq!(acts_of(&mut s, key(KeyCode::Esc)), vec![Effect::StopAgent]);
+    // Another command waits for the agent.
+    type_text(&mut s, "/agent more");
+    assert!(acts_of(&mut s, key(KeyCode::Enter)).is_empty());
+    let done = acts_of(
+        &mut s,
+        Msg::Agent(AgentMsg::Done(crate::agent::Outcome::Stopped)),
+    );
+    assert!(done.is_empty(), "no RestoreChat: {done:?}");
+    assert!(s.agent.is_none());
+}

@@ -95,7 +95,7 @@ impl Backend {
     /// Conversations this backend runs at once on one loaded model.
     pub fn sequences(self, window: &WindowArgs) -> u64 {
         match self {
-            Backend::LlamaCpp => window.parallel as u64,
+            Backend::LlamaCpp => window.conversations as u64,
             Backend::Kalosm => 1,
         }
     }

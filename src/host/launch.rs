@@ -137,7 +137,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
                 .with_sequences(sequences);
             let given = options.window.kv_budget;
             let available = MemorySnapshot::read().map(|m| m.available);
-            let parallel = options.window.parallel as u64;
+            let parallel = options.window.conversations as u64;
             given.unwrap_or_else(|| {
                 budget::shared_kv_cells(&shape, window.tokens, parallel, available)
             })

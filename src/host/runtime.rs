@@ -60,6 +60,9 @@ pub struct Runtime {
 /// questions come back.
 struct AgentLink {
     run: RunHandle,
+    /// A run beside the chat: its own conversation of the model, and its
+    /// own session's journal.
+    apart: Option<(Lease, JournalHandle)>,
     /// The approval question waiting for the user's answer.
     asking: Option<oneshot::Sender<Approval>>,
     questions: mpsc::UnboundedReceiver<(ToolCall, oneshot::Sender<Approval>)>,
@@ -135,7 +138,13 @@ impl Runtime {
                 },
                 from_agent = next_from_agent(&mut self.agent) => match from_agent {
                     Some(msg) => return Msg::Agent(msg),
-                    None => self.agent = None,
+                    None => {
+                        let apart = self.agent.take().and_then(|a| a.apart);
+                        if let Some((lease, journal)) = apart {
+                            let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+                            drop(lease);
+                        }
+                    }
                 },
                 report = next_report(&mut self.reports) => match report {
                     Some(report) => return Msg::Journal(report),
@@ -310,7 +319,7 @@ impl Runtime {
                 return vec![Msg::Sessions(items)];
             }
             Effect::OpenSession(dir) => return self.switch(dir).await,
-            Effect::StartAgent(task) => self.start_agent(task),
+            Effect::StartAgent(task) => return self.start_agent(task),
             Effect::SwitchEngine {
                 target,
                 history,
@@ -412,7 +421,10 @@ impl Runtime {
     /// Run an agent as a task of its own on this conversation's engine: it
     /// journals to this session and asks the user through `AskTheUser`. A
     /// workspace it cannot open ends it at once, as its outcome says.
-    fn start_agent(&mut self, task: String) {
+    /// Start `/agent TASK`: on a conversation of its own beside the chat,
+    /// journaled as a session of its own, where the model has one free;
+    /// else on the chat's conversation, in the chat's session.
+    fn start_agent(&mut self, task: String) -> Vec<Msg> {
         let spec = RunSpec::new(
             task,
             self.common.workspace(),
@@ -420,21 +432,49 @@ impl Runtime {
             &self.config.agent,
             &self.config.sampling,
         );
-        let journal = self.journal().ok().cloned();
+        let info = self.engine.info().clone();
+        let apart = self.engine.lease().and_then(|lease| {
+            let started = self.store.start(
+                &self.model_spec,
+                self.fingerprint.clone(),
+                info.context_limit,
+                None,
+            );
+            match started {
+                Ok((journal, _reports)) => Some((lease, journal)),
+                Err(e) => {
+                    tracing::warn!(
+                        "the agent runs in the chat's session: its own cannot start: {e}"
+                    );
+                    None
+                }
+            }
+        });
+        let (engine, journal) = match &apart {
+            Some((lease, journal)) => ((**lease).clone(), Some(journal.clone())),
+            None => (self.engine.clone(), self.journal().ok().cloned()),
+        };
         let (questions_tx, questions) = mpsc::unbounded_channel();
         let pressure = agent::pressure(self.samples.clone());
         let run = agent::spawn(
             spec,
-            self.engine.clone(),
+            engine,
             journal,
             AskTheUser(questions_tx),
             Some(pressure),
         );
+        let msgs = apart
+            .as_ref()
+            .map(|(_, journal)| Msg::Agent(AgentMsg::Apart(journal.id.clone())))
+            .into_iter()
+            .collect();
         self.agent = Some(AgentLink {
             run,
+            apart,
             asking: None,
             questions,
         });
+        msgs
     }
 
     /// Leave the current session (its KV snapshot and journal saved) for

@@ -98,7 +98,7 @@ pub async fn run(
         ));
     }
     let mut common = common.clone();
-    common.window.parallel = common.window.parallel.max(most as u32);
+    common.window.conversations = common.window.conversations.max(most as u32);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let launched = launch(&common, |o| {
         o.context = Some(CONTEXT_PER_STREAM);

@@ -75,7 +75,7 @@ impl LlamaCppEngine {
             rope: window.rope,
             flash_attn: options.window.flash_attn,
             sliding_window: info.layers.window,
-            sequences: options.window.parallel as usize,
+            sequences: options.window.conversations as usize,
             kv_budget: options.window.kv_budget.map(|n| n as usize),
             ..LlamaCppSettings::new(context_limit, Some(template.clone()))
         };

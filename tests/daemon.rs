@@ -196,14 +196,7 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
-    let kiln = |args: &str| {
-        format!(
-            "KILN_HOME={} {} --model {} {args}",
-            home.path().display(),
-            env!("CARGO_BIN_EXE_kiln"),
-            model.path.display()
-        )
-    };
+    let kiln = |args: &str| kiln_line(home.path(), &model.path, args);
     let first = common::Tmux::start("ws1", 120, 40, &kiln("--temperature 0 --max-tokens 300"));
     first.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
     first.send(&[
@@ -402,6 +395,16 @@ fn daemon_pid(home: &Path) -> Option<i32> {
     })
 }
 
+/// A shell line that runs kiln on `model` with `args` in `home`.
+fn kiln_line(home: &Path, model: &Path, args: &str) -> String {
+    format!(
+        "KILN_HOME={} {} --model {} {args}",
+        home.display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        model.display()
+    )
+}
+
 /// `kiln ps` as text.
 fn ps(home: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -438,11 +441,7 @@ async fn a_detached_run_steps_while_a_terminal_chats_with_the_same_model() {
         "--model {} --temperature 0 --max-tokens 300",
         model.path.display()
     );
-    let kiln = format!(
-        "KILN_HOME={} {} {flags}",
-        home.path().display(),
-        env!("CARGO_BIN_EXE_kiln")
-    );
+    let kiln = kiln_line(home.path(), &model.path, "--temperature 0 --max-tokens 300");
     let chat = common::Tmux::start("chat", 120, 40, &kiln);
     chat.wait_for("the welcome screen", 120, |s| s.contains("Type a message"));
     chat.send(&[
@@ -552,12 +551,8 @@ async fn two_sessions_cut_by_kill_9_reopen_with_their_answers_marked() {
     let home = tempfile::tempdir().unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
     let kiln = |args: &str| {
-        format!(
-            "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 400 {args}",
-            home.path().display(),
-            env!("CARGO_BIN_EXE_kiln"),
-            model.path.display()
-        )
+        let args = format!("--temperature 0 --max-tokens 400 {args}");
+        kiln_line(home.path(), &model.path, &args)
     };
     let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
     // The first terminal asks and gets its answer (a committed message),

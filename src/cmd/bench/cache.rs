@@ -103,15 +103,7 @@ pub async fn run(runs: usize, json: bool, common: &Common) -> Result<i32> {
         io,
         resume_1000_messages_ms: resume_time(scratch.path())?,
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializes")
-        );
-    } else {
-        print_report(&report);
-    }
-    Ok(0)
+    super::emit(&report, json, print_report)
 }
 
 fn prefix_figures(tokens: usize, cold: &GenStats, hits: &[GenStats]) -> PrefixFigures {

@@ -237,13 +237,18 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
         joules_per_token: Figure::of(energy.iter().map(|e| e.0).collect()),
         watts: Figure::of(energy.iter().map(|e| e.1).collect()),
     };
-    if args.json {
+    emit(&report, args.json, print_table)
+}
+
+/// A benchmark's report as JSON, or as its table for people.
+fn emit<T: Serialize>(report: &T, json: bool, table: fn(&T)) -> Result<i32> {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
+            serde_json::to_string_pretty(report).expect("reports serialize")
         );
     } else {
-        print_table(&report);
+        table(report);
     }
     Ok(0)
 }

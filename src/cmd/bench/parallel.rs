@@ -142,15 +142,7 @@ pub async fn run(
         kiln: rounds,
         peer: peer_rounds,
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
-        );
-    } else {
-        print_table(&report);
-    }
-    Ok(0)
+    super::emit(&report, json, print_table)
 }
 
 /// A question per stream, each starting differently so no stream reuses

@@ -608,3 +608,60 @@ async fn two_sessions_cut_by_kill_9_reopen_with_their_answers_marked() {
         }
     }
 }
+
+/// `kiln ask` with a daemon holding the same model: the answer comes from
+/// the daemon's loaded model on a conversation of its own (no second copy
+/// loaded), the daemon journals the exchange, and `--no-daemon` still
+/// loads the model here.
+#[tokio::test]
+async fn kiln_ask_uses_the_daemons_model() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(home.path()).await;
+    let ask = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_HOME", home.path())
+            .args(["--temperature", "0", "--model"])
+            .arg(&model.path)
+            .args(extra)
+            .args([
+                "ask",
+                "--json",
+                "--max-tokens",
+                "24",
+                "Name a glaze colour.",
+            ])
+            .output()
+            .unwrap()
+    };
+    let through = ask(&[]);
+    let (out, err) = (
+        String::from_utf8_lossy(&through.stdout).into_owned(),
+        String::from_utf8_lossy(&through.stderr).into_owned(),
+    );
+    assert!(through.status.success(), "{err}");
+    assert!(!err.contains("loading the model here"), "{err}");
+    assert!(out.contains("\"event\":\"turn_finished\""), "{out}");
+    let store = kiln::store::SessionStore::new(&kiln::paths::Paths::under(home.path()));
+    let sessions = store.list();
+    assert_eq!(sessions.len(), 1, "the daemon journaled it: {sessions:?}");
+    let journal = kiln::store::session::read_events(&sessions[0].dir.join("events.jsonl")).unwrap();
+    use kiln::store::session::Event;
+    let kinds: Vec<&str> = journal
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::User { .. } => Some("user"),
+            Event::Answer { .. } => Some("answer"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["user", "answer"]);
+    // Another model setting: the daemon says no, and this process answers.
+    let other = ask(&["--ctx", "1024"]);
+    let err = String::from_utf8_lossy(&other.stderr).into_owned();
+    assert!(other.status.success(), "{err}");
+    assert!(err.contains("loading the model here"), "{err}");
+    drop(daemon);
+}

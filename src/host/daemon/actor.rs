@@ -24,7 +24,7 @@ use crate::store::journal::JournalHandle;
 use crate::store::SessionStore;
 use crate::telemetry;
 
-use super::settings::{differs, joins};
+use super::settings::{differs, joins, loads_differently};
 
 pub(super) enum ActorMsg {
     Request(Request, oneshot::Sender<Reply>),
@@ -431,7 +431,7 @@ impl Actor {
         let Some(model) = &self.model else {
             return Err("this daemon answers no questions".into());
         };
-        if let Some(asked) = differs(client, &model.settings) {
+        if let Some(asked) = loads_differently(client, &model.settings) {
             return Err(format!(
                 "the daemon runs {} with other settings than {asked}",
                 model.model_spec

@@ -503,5 +503,26 @@ mod tests {
             differs(&hot, &daemon).unwrap(),
             "--ctx 1024 --temperature 0.9"
         );
+        // A question brings its own sampling and system prompt; only what
+        // the load decides must match.
+        assert_eq!(
+            super::settings::loads_differently(&hot, &daemon).unwrap(),
+            "--ctx 1024"
+        );
+        let own_sampling = started_with(Common {
+            system: Some("Be brief.".into()),
+            ..hot.common.clone()
+        });
+        let own_sampling = Settings {
+            common: Common {
+                ctx: daemon.common.ctx,
+                ..own_sampling.common
+            },
+            ..own_sampling
+        };
+        assert_eq!(
+            super::settings::loads_differently(&own_sampling, &daemon),
+            None
+        );
     }
 }

@@ -27,6 +27,19 @@ pub(super) fn differs(client: &Settings, daemon: &Settings) -> Option<String> {
     (!asked.is_empty()).then(|| asked.join(" "))
 }
 
+/// What a client wants of the loaded model itself that the daemon's is
+/// not: its sampling and system prompt are its own conversation's (a
+/// `kiln ask` question takes them), so only what the load decides counts.
+pub(super) fn loads_differently(client: &Settings, daemon: &Settings) -> Option<String> {
+    let load_only = |s: &Settings| {
+        let mut s = s.clone();
+        s.common.sampling = Default::default();
+        s.common.system = None;
+        s
+    };
+    differs(&load_only(client), &load_only(daemon))
+}
+
 /// Whether a client may join the open conversation: its agents must work
 /// where the client said (when it said) and ask at least what it asked.
 pub(super) fn joins(w: &WorkstationLink, client: &Settings) -> std::result::Result<(), String> {

@@ -65,7 +65,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                         "{id:<22} {:<9} {:<18} {:>7} {:>8}  {title}",
                         w.clients,
                         w.activity,
-                        rate(w.tok_s),
+                        crate::layout::rate(w.tok_s),
                         w.context_tokens
                     );
                 }
@@ -90,7 +90,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                     r.id,
                     r.steps,
                     state,
-                    rate(r.tok_s),
+                    crate::layout::rate(r.tok_s),
                     r.context_tokens
                 );
             }
@@ -98,10 +98,6 @@ pub async fn ps(common: &Common) -> Result<i32> {
         }
         other => Err(unexpected(other)),
     }
-}
-
-fn rate(tok_s: Option<f64>) -> String {
-    tok_s.map_or("-".into(), |r| format!("{r:.1}"))
 }
 
 /// `kiln stop ID` (a session or a run) or `kiln stop --daemon`.

@@ -203,11 +203,22 @@ struct Worker<'m> {
     batch: LlamaBatch<'static>,
     slots: Vec<Slot>,
     running: Vec<Sequence>,
-    /// Runs waiting for a sequence, with their arrival order.
-    queue: VecDeque<(Box<Run>, oneshot::Sender<Ran>, u64)>,
+    /// Runs waiting for a sequence or for memory.
+    queue: VecDeque<Queued>,
     tick: u64,
     /// Whether the wait for memory has been logged since runs last fit.
     waiting_said: bool,
+}
+
+/// A run waiting to start.
+struct Queued {
+    run: Box<Run>,
+    reply: oneshot::Sender<Ran>,
+    /// Arrival order.
+    order: u64,
+    /// The most cells it can come to hold: its session, its text and its
+    /// longest answer, within the window (reckoned once, on arrival).
+    reserve: usize,
 }
 
 /// A sequence's share of a step's batch.
@@ -237,7 +248,16 @@ impl<'m> Worker<'m> {
         match job {
             Job::Run(run, reply) => {
                 self.tick += 1;
-                self.queue.push_back((run, reply, self.tick));
+                let reserve = (run.session.len()
+                    + super::model::tokenize(self.model, &run.text).len())
+                .saturating_add(run.max_new)
+                .min(self.settings.window);
+                self.queue.push_back(Queued {
+                    run,
+                    reply,
+                    order: self.tick,
+                    reserve,
+                });
             }
             Job::Clear => {
                 for slot in 0..self.slots.len() {
@@ -290,10 +310,11 @@ impl<'m> Worker<'m> {
             let next = self
                 .queue
                 .iter()
-                .position(|(run, ..)| run.priority == Priority::Interactive)
+                .position(|q| q.run.priority == Priority::Interactive)
                 .or((!self.queue.is_empty()).then_some(0));
             let Some(at) = next else { return };
-            let (run, _, _) = &self.queue[at];
+            let Queued { run, reserve, .. } = &self.queue[at];
+            let reserve = *reserve;
             let mut prompt = run.session.text.clone();
             prompt.extend_from_slice(run.text.as_bytes());
             let Some(slot) = self.idle_slot(&prompt) else {
@@ -302,9 +323,6 @@ impl<'m> Worker<'m> {
             // The most the run can come to hold, against what the runs in
             // flight may: a run that could push the cache past its budget
             // waits for one to end rather than starve them all later.
-            let reserve = (run.session.len() + super::model::tokenize(self.model, &run.text).len())
-                .saturating_add(run.max_new)
-                .min(self.settings.window);
             let reserved: usize = self.running.iter().map(|s| s.reserve).sum();
             let budget = self.settings.kv_budget;
             if !self.running.is_empty() && reserved + reserve > budget {
@@ -317,7 +335,9 @@ impl<'m> Worker<'m> {
                 }
                 return;
             }
-            let (run, reply, order) = self.queue.remove(at).expect("queued");
+            let Queued {
+                run, reply, order, ..
+            } = self.queue.remove(at).expect("queued");
             match self.start(*run, prompt, slot) {
                 Ok((run, reused, prefill)) => {
                     self.slots[slot].busy = true;

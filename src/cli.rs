@@ -131,6 +131,12 @@ pub struct SamplingArgs {
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, global = true)]
     pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens (default 40); 0 keeps all.
+    #[arg(long, global = true, value_name = "K")]
+    pub top_k: Option<u32>,
+    /// Drop tokens less likely than P times the most likely one (default 0.05).
+    #[arg(long, global = true, value_name = "P")]
+    pub min_p: Option<f32>,
     /// Repetition penalty over the last 64 tokens; 1 turns it off.
     #[arg(long, global = true)]
     pub repeat_penalty: Option<f32>,

@@ -80,6 +80,12 @@ impl Config {
         if let Some(v) = s.top_p {
             t.top_p = v;
         }
+        if let Some(v) = s.top_k {
+            t.top_k = v;
+        }
+        if let Some(v) = s.min_p {
+            t.min_p = v;
+        }
         if let Some(v) = s.repeat_penalty {
             t.repeat_penalty = v;
         }

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use kalosm_language_model::{CreateTextCompletionSession, TextCompletionModel};
-use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, RunReport, Turn};
-use kiln::engine::sampler::KilnSampler;
+use kiln::engine::llamacpp::{
+    Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, RunReport, Sampling, Turn,
+};
 use kiln::engine::template::ChatTemplate;
 use kiln::engine::{CancelFlag, EngineEvent, Priority};
 
@@ -42,7 +43,10 @@ fn prompt(question: &str) -> String {
 
 fn turn(max_new: usize, cancel: &CancelFlag, banned: Vec<u32>) -> Turn {
     Turn {
-        sampler: KilnSampler::new(&greedy(max_new as u32), banned),
+        sampling: Sampling {
+            settings: greedy(max_new as u32),
+            banned,
+        },
         max_new,
         cancel: cancel.clone(),
         turn: 1,

@@ -13,8 +13,8 @@ use kalosm_language_model::{
     TextCompletionSession,
 };
 use kiln::budget::{grown_kv_cells, KvType};
-use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Turn};
-use kiln::engine::sampler::KilnSampler;
+use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Sampling, Turn};
+use kiln::engine::sampler::SamplerSettings;
 use kiln::engine::template::ChatTemplate;
 use kiln::engine::{CancelFlag, Priority};
 
@@ -36,7 +36,10 @@ async fn load_with(window: usize, kv_type: KvType) -> LlamaCpp {
 
 fn greedy_turn(max_new: usize) -> Turn {
     Turn {
-        sampler: KilnSampler::new(&greedy(max_new as u32), vec![]),
+        sampling: Sampling {
+            settings: greedy(max_new as u32),
+            banned: vec![],
+        },
         max_new,
         cancel: CancelFlag::default(),
         turn: 1,
@@ -266,4 +269,68 @@ async fn a_q8_0_cache_takes_about_half_the_bytes() {
     }
     let ratio = sizes[1] / sizes[0];
     assert!((0.5..0.6).contains(&ratio), "{sizes:?}");
+}
+
+/// llama.cpp's sampler chain on the real model: a seed draws the same
+/// answer again (and another seed another one), and top-k 1 at any
+/// temperature is the greedy answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn native_sampling_is_seeded_and_top_k_one_is_greedy() {
+    let _turn = one_engine_at_a_time().await;
+    let llm = load(2048).await;
+    let prompt =
+        "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n";
+    let answer = |settings: SamplerSettings| {
+        let llm = &llm;
+        async move {
+            let mut session = llm.new_session().unwrap();
+            let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = out.clone();
+            let turn = Turn {
+                sampling: Sampling {
+                    settings,
+                    banned: vec![],
+                },
+                ..greedy_turn(40)
+            };
+            llm.stream_text_with_callback(&mut session, prompt, turn, move |t| {
+                sink.lock().unwrap().push_str(&t);
+                Ok(())
+            })
+            .await
+            .unwrap();
+            let text = out.lock().unwrap().clone();
+            text
+        }
+    };
+    let hot = |seed| SamplerSettings {
+        temperature: 1.2,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: Some(seed),
+        ..SamplerSettings::default()
+    };
+    let a = answer(hot(11)).await;
+    assert_eq!(a, answer(hot(11)).await, "one seed, one answer");
+    let others = [answer(hot(12)).await, answer(hot(13)).await];
+    assert!(
+        others.iter().any(|o| *o != a),
+        "other seeds: {a:?} {others:?}"
+    );
+
+    let greedy = answer(SamplerSettings {
+        temperature: 0.0,
+        ..SamplerSettings::default()
+    })
+    .await;
+    let k1 = answer(SamplerSettings {
+        temperature: 1.5,
+        top_k: 1,
+        seed: Some(5),
+        ..SamplerSettings::default()
+    })
+    .await;
+    assert!(!greedy.trim().is_empty());
+    assert_eq!(k1, greedy);
 }

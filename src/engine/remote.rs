@@ -178,6 +178,14 @@ impl RemoteEngine {
             "top_p": s.top_p,
             "max_tokens": s.max_tokens,
         });
+        // Only OpenAI's own fields: its API refuses others (top-k, min-p and
+        // the repeat penalty are the server's to set).
+        if s.frequency_penalty != 0.0 {
+            body["frequency_penalty"] = s.frequency_penalty.into();
+        }
+        if s.presence_penalty != 0.0 {
+            body["presence_penalty"] = s.presence_penalty.into();
+        }
         if let Some(seed) = s.seed {
             body["seed"] = seed.into();
         }

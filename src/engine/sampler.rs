@@ -1,10 +1,15 @@
 //! Token sampling with the user's settings.
 //!
+//! The settings are llama.cpp's (and its defaults for top-k and min-p); the
+//! llama.cpp engine samples them in llama.cpp's own chain
+//! (`engine::llamacpp::sampling`).
+//!
 //! kalosm's own `GenerationParameters` ignore top-p locally and reseed the RNG
-//! at every token, so kiln hands kalosm its own sampler: repetition penalty,
-//! temperature, top-p, then a draw from one RNG seeded once per turn (greedy
-//! when the temperature is 0). Token bans let `kiln bench` decode a fixed
-//! number of tokens past the end-of-turn token, as llama-bench does.
+//! at every token, so kiln hands the kalosm engine its own sampler, in
+//! llama.cpp's order: penalties, top-k, top-p, min-p, temperature, then a
+//! draw from one RNG seeded once per turn (greedy when the temperature is
+//! 0). Token bans let `kiln bench` decode a fixed number of tokens past the
+//! end-of-turn token, as llama-bench does.
 
 use llm_samplers::prelude::*;
 use llm_samplers::types::{HasSamplerResources, Logits, SamplerError, TID};
@@ -17,8 +22,16 @@ use serde::{Deserialize, Serialize};
 pub struct SamplerSettings {
     pub temperature: f32,
     pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Drop tokens less likely than this share of the most likely one.
+    pub min_p: f32,
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// Subtracted from a recent token's logit once per time it occurs.
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of any recent token.
+    pub presence_penalty: f32,
     pub seed: Option<u64>,
     pub max_tokens: u32,
     /// Whether a reasoning model thinks before it answers, for templates
@@ -31,8 +44,12 @@ impl Default for SamplerSettings {
         SamplerSettings {
             temperature: 0.7,
             top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: None,
             max_tokens: 512,
             thinking: None,
@@ -50,6 +67,17 @@ impl SamplerSettings {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             return Err(format!(
@@ -77,13 +105,26 @@ pub struct KilnSampler {
 impl KilnSampler {
     pub fn new(settings: &SamplerSettings, banned: Vec<TID>) -> Self {
         let mut chain = SamplerChain::new();
+        if settings.frequency_penalty != 0.0 || settings.presence_penalty != 0.0 {
+            chain += SampleFreqPresence::new(
+                settings.frequency_penalty,
+                settings.presence_penalty,
+                settings.repeat_last_n,
+            );
+        }
         if settings.temperature == 0.0 {
             chain += SampleGreedy::default();
         } else {
-            chain += SampleTemperature::default().temperature(settings.temperature);
+            if settings.top_k > 0 {
+                chain += SampleTopK::new(settings.top_k as usize, 1);
+            }
             if settings.top_p < 1.0 {
                 chain += SampleTopP::default().p(settings.top_p).min_keep(1);
             }
+            if settings.min_p > 0.0 {
+                chain += SampleMinP::new(settings.min_p, 1);
+            }
+            chain += SampleTemperature::default().temperature(settings.temperature);
             chain += SampleRandDistrib::default();
         }
         let rng = match settings.seed {

@@ -12,13 +12,16 @@
 
 mod log;
 mod model;
+mod sampling;
 mod sequence;
 mod tokens;
 mod worker;
 
 pub use model::{
-    LlamaCpp, LlamaCppChatSession, LlamaCppError, LlamaCppSession, LlamaCppSettings, Turn,
+    LlamaCpp, LlamaCppChatSession, LlamaCppError, LlamaCppSession, LlamaCppSettings, NativeSampler,
+    Plan, Turn,
 };
+pub use sampling::Sampling;
 pub use sequence::{Ended, RunReport};
 
 use std::sync::{Arc, Mutex};
@@ -32,7 +35,7 @@ use kalosm_language_model::{
 
 use super::context::{Conversation, LocalTurns, Message, Role};
 use super::kalosm::EngineOptions;
-use super::sampler::{KilnSampler, SamplerSettings};
+use super::sampler::SamplerSettings;
 use super::template::ChatTemplate;
 use super::{
     end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
@@ -237,7 +240,10 @@ impl LocalTurns for LlamaCppEngine {
             false => Vec::new(),
         };
         let sampler = Turn {
-            sampler: KilnSampler::new(&self.options.sampler, banned),
+            sampling: Sampling {
+                settings: self.options.sampler.clone(),
+                banned,
+            },
             max_new,
             cancel: cancel.clone(),
             turn,

@@ -10,7 +10,6 @@
 //! a session it already holds: going back to a session, or to another one
 //! with the same start, recomputes only the part that differs.
 
-use std::any::Any;
 use std::future::Future;
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -26,14 +25,14 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use llm_samplers::prelude::{HasSamplerResources, Logits, Sampler};
 
+use super::sampling::Sampling;
 use super::sequence::{Constraint, MakeConstraint, OnToken, Run, RunReport};
 use super::tokens::{SavedState, Tokens};
 use super::worker::{self, Job};
 use crate::budget::KvType;
 use crate::engine::context::{Message, Role};
-use crate::engine::sampler::KilnSampler;
+use crate::engine::sampler::SamplerSettings;
 use crate::engine::template::ChatTemplate;
 use crate::engine::{CancelFlag, Priority};
 use crate::window::{FlashAttn, Rope};
@@ -240,11 +239,8 @@ impl LlamaCpp {
             .collect()
     }
 
-    /// Everything a run needs from the caller's sampler type:
-    /// `GenerationParameters` brings a length, stop text and seed; kiln's
-    /// `Turn` a length and a cancel flag; any other sampler runs to the end
-    /// of the window or the model's end token.
-    fn run<S: Sampler + 'static>(
+    /// A run of `text` after `session`, sampled as `sampler` says.
+    fn run<S: NativeSampler>(
         &self,
         session: &LlamaCppSession,
         text: &str,
@@ -252,31 +248,18 @@ impl LlamaCpp {
         constraint: Option<MakeConstraint>,
         on_token: OnToken,
     ) -> Run {
-        let any = &sampler as &dyn Any;
-        let (max_new, stop_on, seed, interrupted, priority) =
-            if let Some(p) = any.downcast_ref::<GenerationParameters>() {
-                let stop = p.stop_on().map(str::to_string);
-                let priority = Priority::default();
-                (p.max_length() as usize, stop, p.seed(), None, priority)
-            } else if let Some(turn) = any.downcast_ref::<Turn>() {
-                let (cancel, n) = (turn.cancel.clone(), turn.turn);
-                let check: Box<dyn Fn() -> bool + Send> = Box::new(move || cancel.is_cancelled(n));
-                (turn.max_new, None, None, Some(check), turn.priority)
-            } else {
-                (usize::MAX, None, None, None, Priority::default())
-            };
+        let plan = sampler.into_plan();
         Run {
             session: session.tokens.clone(),
             state: session.state.clone(),
             text: text.to_string(),
-            sampler: Box::new(sampler),
-            seed,
-            max_new,
-            stop_on,
-            interrupted,
+            sampling: plan.sampling,
+            max_new: plan.max_new,
+            stop_on: plan.stop_on,
+            interrupted: plan.interrupted,
             constraint,
             on_token,
-            priority,
+            priority: plan.priority,
         }
     }
 
@@ -333,30 +316,74 @@ impl LlamaCpp {
     }
 }
 
+/// A sampler type a caller of the kalosm traits may pass: llama.cpp's own
+/// chain samples its settings, and it brings the rest of a run's limits.
+pub trait NativeSampler: Send + 'static {
+    fn into_plan(self) -> Plan;
+}
+
+/// What a sampler type asks of a run.
+pub struct Plan {
+    pub(super) sampling: Sampling,
+    /// Tokens to generate at most; 0 only prefills.
+    pub(super) max_new: usize,
+    pub(super) stop_on: Option<String>,
+    pub(super) interrupted: Option<Box<dyn Fn() -> bool + Send>>,
+    pub(super) priority: Priority,
+}
+
+/// kalosm's parameters, as far as llama.cpp's chain has them: temperature,
+/// repetition penalty and its range, seed, length and stop text (its
+/// mirostat settings have no place in the chain, and kalosm keeps top-p and
+/// top-k private).
+impl NativeSampler for GenerationParameters {
+    fn into_plan(self) -> Plan {
+        let settings = SamplerSettings {
+            temperature: self.temperature(),
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repeat_penalty: self.repetition_penalty(),
+            repeat_last_n: self.repetition_penalty_range() as usize,
+            seed: self.seed(),
+            ..SamplerSettings::default()
+        };
+        Plan {
+            sampling: Sampling {
+                settings,
+                banned: Vec::new(),
+            },
+            max_new: self.max_length() as usize,
+            stop_on: self.stop_on().map(str::to_string),
+            interrupted: None,
+            priority: Priority::default(),
+        }
+    }
+}
+
 /// kiln's settings for one turn, passed as the model's sampler: how to
 /// sample, how many tokens at most, and the cancel flag, which the model
 /// checks between prefill chunks too (a token callback runs only once
 /// tokens come out, and a long prompt takes minutes on a big model).
 #[derive(Debug)]
 pub struct Turn {
-    pub sampler: KilnSampler,
+    pub sampling: Sampling,
     pub max_new: usize,
     pub cancel: CancelFlag,
     pub turn: u64,
     pub priority: Priority,
 }
 
-impl Sampler for Turn {
-    fn sample<'a>(
-        &mut self,
-        res: &mut dyn HasSamplerResources,
-        logits: &'a mut Logits,
-    ) -> anyhow::Result<&'a mut Logits> {
-        self.sampler.sample(res, logits)
-    }
-
-    fn sampled_token_id(&self) -> Option<llm_samplers::types::TID> {
-        self.sampler.sampled_token_id()
+impl NativeSampler for Turn {
+    fn into_plan(self) -> Plan {
+        let (cancel, n) = (self.cancel, self.turn);
+        Plan {
+            sampling: self.sampling,
+            max_new: self.max_new,
+            stop_on: None,
+            interrupted: Some(Box::new(move || cancel.is_cancelled(n))),
+            priority: self.priority,
+        }
     }
 }
 
@@ -521,7 +548,7 @@ impl CreateTextCompletionSession for LlamaCpp {
     }
 }
 
-impl<S: Sampler + 'static> TextCompletionModel<S> for LlamaCpp {
+impl<S: NativeSampler> TextCompletionModel<S> for LlamaCpp {
     fn stream_text_with_callback<'a>(
         &'a self,
         session: &'a mut Self::Session,
@@ -594,7 +621,7 @@ impl<S, P> StructuredTextCompletionModel<P, S> for LlamaCpp
 where
     P: CreateParserState + Send + 'static,
     P::Output: Send + 'static,
-    S: Sampler + 'static,
+    S: NativeSampler,
 {
     fn stream_text_with_callback_and_parser<'a>(
         &'a self,
@@ -671,7 +698,7 @@ impl LlamaCpp {
     /// A chat turn: `messages` join the history, the model answers (held to
     /// `constraint` if any), and the answer joins the history too, however
     /// the run ends.
-    fn chat_turn<'a, S: Sampler + 'static>(
+    fn chat_turn<'a, S: NativeSampler>(
         &'a self,
         session: &'a mut LlamaCppChatSession,
         messages: &[ChatMessage],
@@ -698,7 +725,7 @@ impl LlamaCpp {
     }
 }
 
-impl<S: Sampler + 'static> ChatModel<S> for LlamaCpp {
+impl<S: NativeSampler> ChatModel<S> for LlamaCpp {
     fn add_messages_with_callback<'a>(
         &'a self,
         session: &'a mut Self::ChatSession,
@@ -715,7 +742,7 @@ impl<S, P> StructuredChatModel<P, S> for LlamaCpp
 where
     P: CreateParserState + Send + 'static,
     P::Output: Send + 'static,
-    S: Sampler + 'static,
+    S: NativeSampler,
 {
     fn add_message_with_callback_and_constraints<'a>(
         &'a self,

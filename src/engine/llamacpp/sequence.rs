@@ -3,24 +3,15 @@
 //! prompt left to prefill, the token waiting to be decoded, its sampler,
 //! constraint, stop conditions and the text it has streamed.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use llm_samplers::prelude::{HasSamplerResources, Logit, Logits, Sampler};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 use super::model::LlamaCppError;
+use super::sampling::{Chain, Sampling};
 use super::tokens::{SavedState, Tokens};
-use crate::engine::sampler::Resources;
 use crate::engine::Priority;
-
-/// With a constraint, the most likely tokens checked against it per step
-/// before the whole vocabulary is.
-const CONSTRAINED_TOP_K: usize = 64;
-/// Recent tokens the sampler sees (for its repetition penalty).
-const RECENT_TOKENS: usize = 256;
 
 /// Which tokens a constrained run may produce next.
 pub(super) trait Constraint {
@@ -43,8 +34,7 @@ pub(super) struct Run {
     /// loaded from bytes and the worker may not hold it.
     pub(super) state: Option<SavedState>,
     pub(super) text: String,
-    pub(super) sampler: Box<dyn Sampler>,
-    pub(super) seed: Option<u64>,
+    pub(super) sampling: Sampling,
     /// Tokens to generate at most; 0 only prefills.
     pub(super) max_new: usize,
     pub(super) stop_on: Option<String>,
@@ -85,6 +75,11 @@ pub struct RunReport {
     /// one more: the last token chosen, computed when the next run needs
     /// it).
     pub in_cache: usize,
+    /// Time in llama.cpp's decode of the batches this run was in (shared
+    /// with the other sequences in them).
+    pub decoding: Duration,
+    /// Time choosing tokens in the sampler chain.
+    pub sampling: Duration,
 }
 
 pub(super) struct Ran {
@@ -155,8 +150,9 @@ pub(super) struct Sequence {
     pub(super) priority: Priority,
     pub(super) phase: Phase,
     pub(super) want_logits: bool,
-    sampler: Box<dyn Sampler>,
-    rng: StdRng,
+    sampling: Sampling,
+    /// Made at the first token, when the prompt is in the cache.
+    chain: Option<Chain>,
     max_new: usize,
     stop_on: Option<String>,
     interrupted: Option<Box<dyn Fn() -> bool + Send>>,
@@ -181,10 +177,6 @@ impl Sequence {
         prefill: Prefill,
         reply_to: tokio::sync::oneshot::Sender<Ran>,
     ) -> Sequence {
-        let rng = match run.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_entropy(),
-        };
         Sequence {
             order,
             slot,
@@ -197,8 +189,8 @@ impl Sequence {
                 ..RunReport::default()
             },
             phase: Phase::Prefill(prefill),
-            sampler: run.sampler,
-            rng,
+            sampling: run.sampling,
+            chain: None,
             max_new: run.max_new,
             stop_on: run.stop_on,
             interrupted: run.interrupted,
@@ -223,35 +215,38 @@ impl Sequence {
         logits: &[f32],
         cache: &Tokens,
     ) -> Result<Next, LlamaCppError> {
-        let engine = LlamaCppError::Engine;
-        let recent = cache.ids[cache.len().saturating_sub(RECENT_TOKENS)..]
-            .iter()
-            .map(|t| t.0 as u32)
-            .collect();
-        let mut resources = Resources {
-            rng: &mut self.rng,
-            last_tokens: recent,
-        };
-        let (token, complete) = match &self.constraint {
-            Some(c) => constrained_pick(
-                model,
-                c.as_ref(),
-                logits,
-                &mut *self.sampler,
-                &mut resources,
+        let started = Instant::now();
+        let chain = self.chain.get_or_insert_with(|| {
+            let recent = cache
+                .len()
+                .saturating_sub(self.sampling.settings.repeat_last_n);
+            let constrained = self.constraint.is_some();
+            Chain::new(
+                &self.sampling,
+                model.n_vocab(),
+                &cache.ids[recent..],
+                constrained,
             )
-            .map_err(engine)?,
-            None => {
-                let mut candidates = Logits::try_from_iter(logits.iter().copied())
-                    .map_err(|e| engine(e.to_string()))?;
-                let id = self
-                    .sampler
-                    .sample_token(&mut resources, &mut candidates)
-                    .map_err(|e| engine(e.to_string()))?
-                    .ok_or_else(|| engine("the sampler chose no token".into()))?;
-                (LlamaToken(id as i32), false)
+        });
+        let picked = match &self.constraint {
+            Some(c) => {
+                let vocab = model.vocab();
+                let check = |token: LlamaToken| {
+                    if vocab.is_eog(token) {
+                        return None;
+                    }
+                    let bytes = piece(model, token, false);
+                    if bytes.is_empty() {
+                        return None;
+                    }
+                    c.check(&bytes)
+                };
+                chain.pick(logits, Some(&check))
             }
+            None => chain.pick(logits, None),
         };
+        let (token, complete) = picked.map_err(LlamaCppError::Engine)?;
+        self.report.sampling += started.elapsed();
         self.report.first_token.get_or_insert_with(Instant::now);
         if model.vocab().is_eog(token) {
             return Ok(Next::Done(Ended::Stop));
@@ -303,62 +298,4 @@ impl Sequence {
 
 pub(super) fn piece(model: &LlamaModel, token: LlamaToken, special: bool) -> Vec<u8> {
     model.vocab().token_to_piece(token, special, None)
-}
-
-/// Pick the next token among those the constraint accepts: the most likely
-/// few are checked first, the whole vocabulary only if none of them fits.
-/// Returns the token and whether it completes the format.
-fn constrained_pick(
-    model: &LlamaModel,
-    constraint: &dyn Constraint,
-    logits: &[f32],
-    sampler: &mut dyn Sampler,
-    resources: &mut dyn HasSamplerResources,
-) -> Result<(LlamaToken, bool), String> {
-    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    let top = CONSTRAINED_TOP_K.min(order.len());
-    if top == 0 {
-        return Err("the model has no tokens".into());
-    }
-    order.select_nth_unstable_by(top - 1, by_logit);
-    order[..top].sort_unstable_by(by_logit);
-    let vocab = model.vocab();
-    let check = |id: usize| {
-        let token = LlamaToken(id as i32);
-        if vocab.is_eog(token) {
-            return None;
-        }
-        let bytes = piece(model, token, false);
-        if bytes.is_empty() {
-            return None;
-        }
-        constraint.check(&bytes).map(|complete| (id, complete))
-    };
-    let mut allowed: Vec<(usize, bool)> = order[..top].iter().filter_map(|&id| check(id)).collect();
-    if allowed.is_empty() {
-        let rest = &mut order[top..];
-        rest.sort_unstable_by(by_logit);
-        allowed = rest.iter().filter_map(|&id| check(id)).take(1).collect();
-    }
-    if allowed.is_empty() {
-        return Err("no token can continue the required answer format".into());
-    }
-    // Only the allowed tokens, under their own ids (the repetition penalty
-    // looks them up).
-    let mut candidates = Logits::default();
-    candidates.extend(allowed.iter().map(|(id, _)| Logit {
-        token_id: *id as u32,
-        logit: logits[*id],
-        prob: 0.0,
-    }));
-    let chosen = sampler
-        .sample_token(resources, &mut candidates)
-        .map_err(|e| e.to_string())?
-        .ok_or("the sampler chose no token")? as usize;
-    let (id, complete) = allowed
-        .into_iter()
-        .find(|(id, _)| *id == chosen)
-        .ok_or("the sampler chose a token outside the answer format")?;
-    Ok((LlamaToken(id as i32), complete))
 }

@@ -518,9 +518,11 @@ impl<'m> Worker<'m> {
             self.finish(done);
             return;
         }
+        let started = Instant::now();
         let decoded = self
             .ensure_room(self.held() + self.batch.n_tokens() as usize)
             .and_then(|()| self.decode());
+        let decoding = started.elapsed();
         if let Err(e) = decoded {
             // The cache's state is unknown after a failed decode.
             self.reset();
@@ -532,6 +534,7 @@ impl<'m> Worker<'m> {
         }
         for entry in entries {
             let seq = &mut self.running[entry.seq];
+            seq.report.decoding += decoding;
             let cache = &mut self.slots[seq.slot].cache;
             let prefilled = match &mut seq.phase {
                 Phase::Prefill(p) => {

@@ -72,6 +72,13 @@ pub struct GenStats {
     /// prefilled (included in `reused_tokens`).
     #[serde(default)]
     pub cached_tokens: usize,
+    /// Time in the engine's decode calls and in its sampler, where the
+    /// engine measures them (llama.cpp's does): what is left of the turn is
+    /// kiln's own work per token.
+    #[serde(default)]
+    pub decode_ms: Option<f64>,
+    #[serde(default)]
+    pub sample_ms: Option<f64>,
 }
 
 impl GenStats {

@@ -337,8 +337,12 @@ pub struct BenchArgs {
     /// model instead, for each count given (1,2,4,8).
     #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
     pub parallel: Vec<usize>,
-    /// With --parallel, llama.cpp's `llama-server` to measure beside kiln
-    /// on the same GGUF and threads.
+    /// Measure a chat turn as users run it instead: the configured
+    /// sampling, streamed, after a --prompt-tokens conversation.
+    #[arg(long)]
+    pub turn: bool,
+    /// With --parallel or --turn, llama.cpp's `llama-server` to measure
+    /// beside kiln on the same GGUF and threads.
     #[arg(long, value_name = "PATH")]
     pub peer_server: Option<std::path::PathBuf>,
 }

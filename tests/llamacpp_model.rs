@@ -189,7 +189,7 @@ async fn a_session_from_bytes_goes_on_where_it_was() {
 
     // A state cut short is refused by llama.cpp: the session is prefilled
     // instead and goes on the same.
-    other.clear_cache();
+    other.forget(&restored);
     let mut damaged = LlamaCppSession::from_bytes(&bytes[..bytes.len() - 1000]).unwrap();
     assert_eq!(continue_greedy(&other, &mut damaged, "").await, original);
     assert_eq!(damaged.last_run().unwrap().reused, 0);

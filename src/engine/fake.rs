@@ -89,6 +89,7 @@ impl FakeEngine {
             total_ms: total_s * 1000.0,
             context_tokens: self.kv_tokens + prompt_tokens + completion_tokens,
             cached_tokens: 0,
+            ..GenStats::default()
         };
         self.kv_tokens = stats.context_tokens;
         let _ = out.send(EngineEvent::TurnFinished {

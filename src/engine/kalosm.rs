@@ -436,6 +436,7 @@ impl LocalTurns for KalosmEngine {
             total_ms: total_s * 1000.0,
             context_tokens: self.kv_tokens,
             cached_tokens,
+            ..GenStats::default()
         };
         tracing::info!("turn {turn}: {}", stats.summary(finish));
         let _ = out.send(EngineEvent::TurnFinished {

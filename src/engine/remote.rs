@@ -349,6 +349,7 @@ impl RemoteEngine {
             total_ms: total_s * 1000.0,
             context_tokens: prompt_tokens + completion_tokens,
             cached_tokens: 0,
+            ..GenStats::default()
         };
         tracing::info!("remote {name} turn {turn}: {}", stats.summary(finish));
         let _ = out.send(EngineEvent::TurnFinished {

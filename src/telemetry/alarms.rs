@@ -169,6 +169,7 @@ mod tests {
             total_ms: 1000.0,
             context_tokens: context,
             cached_tokens: 0,
+            ..GenStats::default()
         }
     }
 

@@ -78,6 +78,7 @@ fn stats(tokens: usize, decode: f64, context: usize) -> GenStats {
         total_ms: 3000.0,
         context_tokens: context,
         cached_tokens: 0,
+        ..GenStats::default()
     }
 }
 

@@ -2,14 +2,16 @@
 //! decode speed over a fixed number of tokens, and peak memory.
 //!
 //! Each run starts from an empty KV cache, decodes greedily and ignores the
-//! end-of-turn token so every run decodes the same number of tokens. One
-//! warm-up run is made and not counted.
+//! end-of-turn token so every run decodes the same number of tokens: a
+//! kernel comparison with llama-bench. One warm-up run is made and not
+//! counted. `--turn` measures the path users take instead.
 
 mod cache;
 mod daemon;
 mod parallel;
 mod render;
 mod sampler;
+mod turn;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -142,6 +144,17 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     if !args.parallel.is_empty() {
         return parallel::run(
             &args.parallel,
+            args.peer_server.as_deref(),
+            args.json,
+            common,
+        )
+        .await;
+    }
+    if args.turn {
+        return turn::run(
+            args.runs,
+            args.prompt_tokens,
+            args.gen_tokens,
             args.peer_server.as_deref(),
             args.json,
             common,

@@ -26,7 +26,9 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use crate::cli::Common;
-use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle, Priority, SamplerSettings};
+use crate::engine::{
+    self, EngineCommand, EngineEvent, EngineHandle, GenStats, Priority, SamplerSettings,
+};
 use crate::error::{KilnError, Result};
 use crate::host::launch::launch;
 
@@ -62,27 +64,33 @@ pub struct ParallelReport {
 }
 
 /// One stream as a client saw it.
-struct Sample {
-    sent: Instant,
-    first: Option<Instant>,
-    end: Instant,
-    tokens: usize,
+pub(super) struct Sample {
+    pub(super) sent: Instant,
+    pub(super) first: Option<Instant>,
+    pub(super) end: Instant,
+    pub(super) tokens: usize,
     /// Tokens the stream's conversation held in the KV cache at its end.
-    context: usize,
+    pub(super) context: usize,
+    /// kiln's own figures for the turn.
+    pub(super) stats: Option<GenStats>,
+    pub(super) reply: String,
 }
 
-struct Job {
-    prompt: String,
-    max_tokens: u32,
-    background: bool,
+pub(super) struct Job {
+    /// The conversation's earlier questions and answers: empty for a new
+    /// conversation, else the stream goes on with the one it had.
+    pub(super) earlier: Vec<(String, String)>,
+    pub(super) prompt: String,
+    pub(super) max_tokens: u32,
+    pub(super) background: bool,
     /// Told when the first text arrives.
-    first: Option<oneshot::Sender<()>>,
+    pub(super) first: Option<oneshot::Sender<()>>,
     /// Stop early when this turns true.
-    stop: watch::Receiver<bool>,
+    pub(super) stop: watch::Receiver<bool>,
 }
 
 /// Starts one streaming request on a side of the benchmark.
-type Start =
+pub(super) type Start =
     Arc<dyn Fn(Job) -> BoxFuture<'static, std::result::Result<Sample, String>> + Send + Sync>;
 
 pub async fn run(
@@ -128,7 +136,7 @@ pub async fn run(
                 if !json {
                     eprintln!("bench: llama-server --parallel {n}");
                 }
-                let server = Server::start(server, &path, n, threads).await?;
+                let server = Server::start(server, &path, n, threads, CONTEXT_PER_STREAM).await?;
                 let side = server_side(server.url.clone(), sampler.clone());
                 peer_rounds.push(round(&side, n, None).await?);
             }
@@ -170,6 +178,7 @@ async fn round(side: &Start, n: usize, kv_per_token: Option<u64>) -> Result<Roun
     let (_stop_tx, stop) = watch::channel(false);
     let jobs = (0..n).map(|i| {
         side(Job {
+            earlier: Vec::new(),
             prompt: prompt(n, i),
             max_tokens: GEN_TOKENS,
             background: false,
@@ -197,6 +206,7 @@ async fn round(side: &Start, n: usize, kv_per_token: Option<u64>) -> Result<Roun
         let (first, started) = oneshot::channel();
         decoding.push(started);
         background.push(tokio::spawn(side(Job {
+            earlier: Vec::new(),
             prompt: prompt(n + 100, i),
             max_tokens: GEN_TOKENS * BACKGROUND_FACTOR,
             background: true,
@@ -208,6 +218,7 @@ async fn round(side: &Start, n: usize, kv_per_token: Option<u64>) -> Result<Roun
         let _ = started.await;
     }
     let interactive = side(Job {
+        earlier: Vec::new(),
         prompt: prompt(n + 200, 0),
         max_tokens: GEN_TOKENS,
         background: false,
@@ -233,14 +244,14 @@ async fn round(side: &Start, n: usize, kv_per_token: Option<u64>) -> Result<Roun
     })
 }
 
-fn decode_rate(s: &Sample) -> Option<f64> {
+pub(super) fn decode_rate(s: &Sample) -> Option<f64> {
     let first = s.first?;
     let secs = (s.end - first).as_secs_f64();
     (s.tokens >= 2 && secs > 0.0).then(|| (s.tokens - 1) as f64 / secs)
 }
 
 /// kiln's side: each stream leases a conversation of the loaded model.
-fn kiln_side(handle: EngineHandle, sampler: SamplerSettings) -> Start {
+pub(super) fn kiln_side(handle: EngineHandle, sampler: SamplerSettings) -> Start {
     Arc::new(move |job: Job| {
         let (handle, sampler) = (handle.clone(), sampler.clone());
         Box::pin(async move {
@@ -251,7 +262,9 @@ fn kiln_side(handle: EngineHandle, sampler: SamplerSettings) -> Start {
                 true => Priority::Background,
                 false => Priority::Interactive,
             };
-            lease.send(EngineCommand::Reset);
+            if job.earlier.is_empty() {
+                lease.send(EngineCommand::Reset);
+            }
             lease.send(EngineCommand::SetPriority(priority));
             lease.send(EngineCommand::SetSampler(SamplerSettings {
                 max_tokens: job.max_tokens,
@@ -277,13 +290,15 @@ fn kiln_side(handle: EngineHandle, sampler: SamplerSettings) -> Start {
                             let _ = tx.send(());
                         }
                     }
-                    Some(EngineEvent::TurnFinished { stats, .. }) => {
+                    Some(EngineEvent::TurnFinished { stats, reply, .. }) => {
                         return Ok(Sample {
                             sent,
                             first,
                             end: Instant::now(),
                             tokens: stats.completion_tokens,
                             context: stats.context_tokens,
+                            stats: Some(stats),
+                            reply,
                         });
                     }
                     Some(EngineEvent::TurnFailed { error, .. }) => return Err(error),
@@ -297,23 +312,36 @@ fn kiln_side(handle: EngineHandle, sampler: SamplerSettings) -> Start {
 
 /// llama-server's side: a streaming chat completion per stream, with the
 /// same sampling, through its OpenAI-compatible API.
-fn server_side(url: String, sampler: SamplerSettings) -> Start {
-    let client = reqwest::Client::new();
+pub(super) fn server_side(url: String, sampler: SamplerSettings) -> Start {
+    // A fresh connection per request: llama-server closes one after a
+    // streamed answer, and a pooled one can be reused as it closes.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("a plain HTTP client builds");
     Arc::new(move |job: Job| {
         let (client, url, s) = (client.clone(), url.clone(), sampler.clone());
         Box::pin(async move {
+            let mut messages = Vec::new();
+            for (question, answer) in &job.earlier {
+                messages.push(serde_json::json!({ "role": "user", "content": question }));
+                messages.push(serde_json::json!({ "role": "assistant", "content": answer }));
+            }
+            messages.push(serde_json::json!({ "role": "user", "content": job.prompt }));
             let body = serde_json::json!({
-                "messages": [{ "role": "user", "content": job.prompt }],
+                "messages": messages,
                 "stream": true,
                 "stream_options": { "include_usage": true },
                 "max_tokens": job.max_tokens,
                 "ignore_eos": true,
                 "temperature": s.temperature,
                 "top_p": s.top_p,
-                "top_k": 0,
-                "min_p": 0.0,
+                "top_k": s.top_k,
+                "min_p": s.min_p,
                 "repeat_penalty": s.repeat_penalty,
                 "repeat_last_n": s.repeat_last_n,
+                "frequency_penalty": s.frequency_penalty,
+                "presence_penalty": s.presence_penalty,
                 "cache_prompt": true,
             });
             let sent = Instant::now();
@@ -329,6 +357,7 @@ fn server_side(url: String, sampler: SamplerSettings) -> Start {
             let mut bytes = response.bytes_stream();
             let (mut stop, mut first_tx) = (job.stop, job.first);
             let (mut first, mut chunks, mut usage) = (None, 0usize, None);
+            let mut reply = String::new();
             let mut pending = Vec::new();
             'read: loop {
                 let chunk = tokio::select! {
@@ -346,7 +375,8 @@ fn server_side(url: String, sampler: SamplerSettings) -> Start {
                         continue;
                     };
                     let text = event["choices"][0]["delta"]["content"].as_str();
-                    if text.is_some_and(|t| !t.is_empty()) {
+                    if let Some(text) = text.filter(|t| !t.is_empty()) {
+                        reply.push_str(text);
                         chunks += 1;
                         first.get_or_insert_with(Instant::now);
                         if let Some(tx) = first_tx.take() {
@@ -368,19 +398,29 @@ fn server_side(url: String, sampler: SamplerSettings) -> Start {
                 end: Instant::now(),
                 tokens,
                 context: prompt + tokens,
+                stats: None,
+                reply,
             })
         })
     })
 }
 
 /// A `llama-server` the benchmark started, stopped when dropped.
-struct Server {
+pub(super) struct Server {
     child: tokio::process::Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl Server {
-    async fn start(binary: &Path, model: &Path, parallel: usize, threads: usize) -> Result<Server> {
+    /// `binary` serving `model` to `parallel` streams of `context` tokens
+    /// each.
+    pub(super) async fn start(
+        binary: &Path,
+        model: &Path,
+        parallel: usize,
+        threads: usize,
+        context: usize,
+    ) -> Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| KilnError::Engine(format!("no free port for llama-server: {e}")))?
@@ -390,7 +430,7 @@ impl Server {
             .env("LD_LIBRARY_PATH", &dir)
             .args(["-m", &model.display().to_string()])
             .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
-            .args(["-c", &(CONTEXT_PER_STREAM * parallel).to_string()])
+            .args(["-c", &(context * parallel).to_string()])
             .args(["-np", &parallel.to_string(), "-b", "512", "-ub", "512"])
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .stdout(std::process::Stdio::null())

@@ -311,6 +311,8 @@ impl LocalTurns for LlamaCppEngine {
             // A cached state llama.cpp refused was prefilled instead: only
             // what the run really reused counts as a hit.
             cached_tokens: cached_tokens.min(report.reused),
+            decode_ms: Some(report.decoding.as_secs_f64() * 1000.0),
+            sample_ms: Some(report.sampling.as_secs_f64() * 1000.0),
         };
         tracing::info!(
             "turn {turn}: {} · KV cells {}",
@@ -388,8 +390,8 @@ impl Engine for LlamaCppEngine {
 
     fn reset(&mut self) {
         self.conv.messages.clear();
+        self.llm.forget(&self.session);
         self.session = LlamaCppSession::default();
-        self.llm.clear_cache();
     }
 
     /// A conversation of its own on the same model and worker: its turns

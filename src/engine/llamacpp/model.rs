@@ -224,10 +224,13 @@ impl LlamaCpp {
         super::log::reported(&self.inner.report, name).map(str::to_string)
     }
 
-    /// Empty the KV cache of the sequences no run is on: the next run of
-    /// any session they held prefills it whole.
-    pub fn clear_cache(&self) {
-        let _ = self.inner.jobs.send(Job::Clear);
+    /// Free the cells that hold `session` (where no run is on them); the
+    /// other sessions' stay.
+    pub fn forget(&self, session: &LlamaCppSession) {
+        let _ = self
+            .inner
+            .jobs
+            .send(Job::Forget(session.tokens.ids.clone()));
     }
 
     /// The tokens that end a generation (end of turn, end of text).

@@ -59,8 +59,9 @@ const MIN_COPY: usize = 32;
 
 pub(super) enum Job {
     Run(Box<Run>, oneshot::Sender<Ran>),
-    /// Forget what the idle sequences hold.
-    Clear,
+    /// Forget what the idle sequences holding a start of these tokens
+    /// hold: a conversation's own cells, not the others'.
+    Forget(Vec<LlamaToken>),
     /// llama.cpp's state of the sequence that holds the longest start of
     /// these tokens, if one does.
     State(
@@ -259,9 +260,10 @@ impl<'m> Worker<'m> {
                     reserve,
                 });
             }
-            Job::Clear => {
+            Job::Forget(tokens) => {
                 for slot in 0..self.slots.len() {
-                    if !self.slots[slot].busy {
+                    let s = &self.slots[slot];
+                    if !s.busy && !s.cache.ids.is_empty() && tokens.starts_with(&s.cache.ids) {
                         self.forget(slot);
                     }
                 }

@@ -352,7 +352,13 @@ pub(super) fn server_side(url: String, sampler: SamplerSettings) -> Start {
                 .await
                 .map_err(|e| format!("llama-server: {e}"))?;
             if !response.status().is_success() {
-                return Err(format!("llama-server answered {}", response.status()));
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                let body: String = crate::visible::visible_line(&body)
+                    .chars()
+                    .take(200)
+                    .collect();
+                return Err(format!("llama-server answered {status}: {body}"));
             }
             let mut bytes = response.bytes_stream();
             let (mut stop, mut first_tx) = (job.stop, job.first);

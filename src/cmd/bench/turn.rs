@@ -105,7 +105,9 @@ pub async fn run(
             if !json {
                 eprintln!("bench --turn: llama-server, {runs} runs after a warm-up");
             }
-            let server = Server::start(binary, &path, 1, threads, context).await?;
+            // Answers sent back as text can take more tokens than they were
+            // (a random model's noise splits into bytes).
+            let server = Server::start(binary, &path, 1, threads, context * 2).await?;
             let server_side = server_side(server.url.clone(), sampler);
             Some(side(&turns(&server_side, &notes, runs, gen_tokens).await?)?)
         }

@@ -79,6 +79,14 @@ pub struct GenStats {
     pub decode_ms: Option<f64>,
     #[serde(default)]
     pub sample_ms: Option<f64>,
+    /// Tokens drafted by prompt lookup (`--lookup`), how many of them the
+    /// model chose too, and how often drafting rested for not paying.
+    #[serde(default)]
+    pub drafted: usize,
+    #[serde(default)]
+    pub accepted_drafts: usize,
+    #[serde(default)]
+    pub drafting_rested: usize,
 }
 
 impl GenStats {

@@ -143,6 +143,12 @@ pub struct SamplingArgs {
     /// Seed for reproducible sampling.
     #[arg(long, global = true)]
     pub seed: Option<u64>,
+    /// Draft up to N tokens a step from the context itself (prompt lookup)
+    /// and verify them in one decode; the output does not change. Pays when
+    /// answers quote their context; rests when it does not pay. N defaults
+    /// to 8.
+    #[arg(long, global = true, value_name = "N", num_args = 0..=1, default_missing_value = "8")]
+    pub lookup: Option<u32>,
     /// Most tokens in one answer.
     #[arg(long, global = true)]
     pub max_tokens: Option<u32>,

@@ -80,6 +80,9 @@ impl Config {
         if let Some(v) = s.top_p {
             t.top_p = v;
         }
+        if let Some(v) = s.lookup {
+            t.lookup = v;
+        }
         if let Some(v) = s.top_k {
             t.top_k = v;
         }

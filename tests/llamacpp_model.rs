@@ -334,3 +334,105 @@ async fn native_sampling_is_seeded_and_top_k_one_is_greedy() {
     assert!(!greedy.trim().is_empty());
     assert_eq!(k1, greedy);
 }
+
+/// Prompt lookup drafts from the context and verifies in one decode; what
+/// the model writes is the same token for token as without it (greedy), on
+/// prompts that quote their context and ones that do not. A session that
+/// went on through rejected drafts then continues as the plain one does
+/// (its cache and tokens agree), and a cancel lands within a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompt_lookup_changes_nothing_but_the_decodes() {
+    let _turn = one_engine_at_a_time().await;
+    let llm = load(4096).await;
+    let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+    let prompts = [
+        chat("Repeat this text exactly: the kiln fires stoneware at 1280 degrees, and the glaze melts into glass as it cools slowly overnight."),
+        chat("Copy this list: apple, banana, cherry, apple, banana, cherry, apple, banana, cherry."),
+        chat("Rewrite this code with better names: fn f(a: i32, b: i32) -> i32 { let c = a + b; c * c }"),
+        chat("Write a short poem about the sea."),
+        chat("What is the capital of France?"),
+    ];
+    let run = |settings: SamplerSettings, text: String, session: LlamaCppSession| {
+        let llm = &llm;
+        async move {
+            let mut session = session;
+            let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = out.clone();
+            let turn = Turn {
+                sampling: Sampling {
+                    settings,
+                    banned: vec![],
+                },
+                ..greedy_turn(48)
+            };
+            llm.stream_text_with_callback(&mut session, &text, turn, move |t| {
+                sink.lock().unwrap().push_str(&t);
+                Ok(())
+            })
+            .await
+            .unwrap();
+            let text = out.lock().unwrap().clone();
+            (text, session)
+        }
+    };
+    let plain = greedy(48);
+    let lookup = SamplerSettings {
+        lookup: 8,
+        ..greedy(48)
+    };
+    let (mut drafted, mut accepted) = (0, 0);
+    let more = "<|im_end|>\n<|im_start|>user\nSay it again.<|im_end|>\n<|im_start|>assistant\n";
+    for prompt in &prompts {
+        // Plain first, its cells then dropped, so the lookup runs prefill
+        // and go on from their own cells.
+        let (a, plain_session) =
+            run(plain.clone(), prompt.clone(), llm.new_session().unwrap()).await;
+        let plain_text = plain_session.text();
+        let (c, plain_session) = run(plain.clone(), more.into(), plain_session).await;
+        llm.forget(&plain_session);
+        let (b, lookup_session) =
+            run(lookup.clone(), prompt.clone(), llm.new_session().unwrap()).await;
+        assert_eq!(a, b, "{prompt:?}");
+        assert_eq!(plain_text, lookup_session.text());
+        let report = lookup_session.last_run().unwrap();
+        drafted += report.drafted;
+        accepted += report.accepted;
+        // The next turn starts from the cells the drafts left.
+        let (d, lookup_session) = run(lookup.clone(), more.into(), lookup_session).await;
+        assert_eq!(c, d, "the turn after {prompt:?}");
+        llm.forget(&lookup_session);
+    }
+    assert!(
+        drafted > 0 && accepted > 0,
+        "{drafted} drafted, {accepted} kept"
+    );
+
+    // Cancelled after the first streamed text: a token or two more at most.
+    let cancel = CancelFlag::default();
+    let (flag, streamed) = (
+        cancel.clone(),
+        std::sync::Arc::new(std::sync::Mutex::new(0usize)),
+    );
+    let count = streamed.clone();
+    let turn = Turn {
+        sampling: Sampling {
+            settings: SamplerSettings {
+                lookup: 8,
+                ..greedy(200)
+            },
+            banned: vec![],
+        },
+        cancel: cancel.clone(),
+        ..greedy_turn(200)
+    };
+    let mut session = llm.new_session().unwrap();
+    let _ = llm
+        .stream_text_with_callback(&mut session, &prompts[1], turn, move |_| {
+            *count.lock().unwrap() += 1;
+            flag.cancel_through(1);
+            Ok(())
+        })
+        .await;
+    let n = *streamed.lock().unwrap();
+    assert!((1..=2).contains(&n), "{n} pieces streamed after the cancel");
+}

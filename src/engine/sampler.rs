@@ -34,6 +34,9 @@ pub struct SamplerSettings {
     pub presence_penalty: f32,
     pub seed: Option<u64>,
     pub max_tokens: u32,
+    /// Tokens drafted by prompt lookup per step (llama.cpp engine); 0 is
+    /// off. Output is the same as without it.
+    pub lookup: u32,
     /// Whether a reasoning model thinks before it answers, for templates
     /// that take `enable_thinking` (Qwen3); `None` is the template's default.
     pub thinking: Option<bool>,
@@ -52,6 +55,7 @@ impl Default for SamplerSettings {
             presence_penalty: 0.0,
             seed: None,
             max_tokens: 512,
+            lookup: 0,
             thinking: None,
         }
     }

@@ -34,7 +34,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
                 text,
             ));
             lines.push(Line::styled(
-                format!("decode {} tok/s", rate(s.decode_tok_s)),
+                format!("decode {} tok/s{}", rate(s.decode_tok_s), lookup(s)),
                 text,
             ));
         }
@@ -71,6 +71,23 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
             .style(theme.fg(Slot::Sparkline)),
         spark,
     );
+}
+
+/// Prompt lookup's share of drafts the model kept and the tokens each
+/// decode gave (or that drafting rested for not paying); empty without it.
+fn lookup(s: &crate::engine::GenStats) -> String {
+    if s.drafted == 0 {
+        return String::new();
+    }
+    let kept = s.accepted_drafts as f64 * 100.0 / s.drafted as f64;
+    if s.drafting_rested > 0 {
+        return format!(" · draft {kept:.0}% rests");
+    }
+    let steps = s.completion_tokens.saturating_sub(s.accepted_drafts).max(1);
+    format!(
+        " · draft {kept:.0}% ×{:.1}",
+        s.completion_tokens as f64 / steps as f64
+    )
 }
 
 /// The last decode as a share of the memory-bandwidth bound: the bytes a

@@ -396,6 +396,27 @@ fn speed_panel_shows_a_prompt_cache_hit() {
     );
 }
 
+/// Prompt lookup's kept share and tokens per decode fit the panel's
+/// decode line, and say when drafting rested.
+#[test]
+fn speed_panel_shows_prompt_lookup() {
+    let mut s = base(160, 48);
+    send(&mut s, "hi");
+    let mut st = stats(100, 30.0, 1050);
+    (st.drafted, st.accepted_drafts) = (80, 60);
+    finish(&mut s, "hello", st.clone());
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(
+        screen.contains("decode 30.0 tok/s · draft 75% ×2.5"),
+        "{screen}"
+    );
+    send(&mut s, "again");
+    st.drafting_rested = 1;
+    finish(&mut s, "hello", st);
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("draft 75% rests"), "{screen}");
+}
+
 #[test]
 fn thermal_panel_states() {
     let mut s = base(160, 48);

@@ -11,6 +11,7 @@
 //! KV cache per KV head (23,053 B/token). See the README's engine table.
 
 mod log;
+mod lookup;
 mod model;
 mod sampling;
 mod sequence;
@@ -313,6 +314,9 @@ impl LocalTurns for LlamaCppEngine {
             cached_tokens: cached_tokens.min(report.reused),
             decode_ms: Some(report.decoding.as_secs_f64() * 1000.0),
             sample_ms: Some(report.sampling.as_secs_f64() * 1000.0),
+            drafted: report.drafted,
+            accepted_drafts: report.accepted,
+            drafting_rested: report.rested,
         };
         tracing::info!(
             "turn {turn}: {} · KV cells {}",

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::lookup::{self, Governor};
 use super::model::LlamaCppError;
 use super::sampling::{Chain, Sampling};
 use super::tokens::{SavedState, Tokens};
@@ -80,6 +81,11 @@ pub struct RunReport {
     pub decoding: Duration,
     /// Time choosing tokens in the sampler chain.
     pub sampling: Duration,
+    /// Tokens drafted by prompt lookup, those the model chose too, and
+    /// times drafting was rested for not paying.
+    pub drafted: usize,
+    pub accepted: usize,
+    pub rested: usize,
 }
 
 pub(super) struct Ran {
@@ -153,6 +159,7 @@ pub(super) struct Sequence {
     sampling: Sampling,
     /// Made at the first token, when the prompt is in the cache.
     chain: Option<Chain>,
+    pub(super) governor: Governor,
     max_new: usize,
     stop_on: Option<String>,
     interrupted: Option<Box<dyn Fn() -> bool + Send>>,
@@ -191,6 +198,7 @@ impl Sequence {
             phase: Phase::Prefill(prefill),
             sampling: run.sampling,
             chain: None,
+            governor: Governor::default(),
             max_new: run.max_new,
             stop_on: run.stop_on,
             interrupted: run.interrupted,
@@ -201,6 +209,25 @@ impl Sequence {
             emitted: 0,
             reply_to,
         }
+    }
+
+    /// Tokens to verify after the pending one, at most `room`: a prompt
+    /// lookup in the sequence's context, when the run drafts and drafting
+    /// pays.
+    pub(super) fn draft(&mut self, cache: &[LlamaToken], room: usize) -> Vec<LlamaToken> {
+        let max = (self.sampling.settings.lookup as usize)
+            .min(room)
+            .min(self.max_new.saturating_sub(self.report.generated + 1));
+        // A constraint checks each token as it is chosen, one at a time.
+        if max == 0 || self.constraint.is_some() || !self.governor.allows() {
+            return Vec::new();
+        }
+        let Some((pending, _)) = &self.pending else {
+            return Vec::new();
+        };
+        let mut context = cache[cache.len().saturating_sub(lookup::WINDOW)..].to_vec();
+        context.push(*pending);
+        lookup::draft(&context, max)
     }
 
     pub(super) fn interrupted(&self) -> bool {

@@ -226,8 +226,11 @@ struct Queued {
 struct Entry {
     seq: usize,
     tokens: usize,
-    /// Where its logits are in the batch, when it wants them.
+    /// Where its logits are in the batch, when it wants them (a drafted
+    /// token's follow on).
     logits: Option<i32>,
+    /// Tokens drafted after the one decoded, to verify.
+    drafts: Vec<LlamaToken>,
 }
 
 impl<'m> Worker<'m> {
@@ -537,6 +540,7 @@ impl<'m> Worker<'m> {
         for entry in entries {
             let seq = &mut self.running[entry.seq];
             seq.report.decoding += decoding;
+            let decoded = matches!(seq.phase, Phase::Decode);
             let cache = &mut self.slots[seq.slot].cache;
             let prefilled = match &mut seq.phase {
                 Phase::Prefill(p) => {
@@ -557,12 +561,47 @@ impl<'m> Worker<'m> {
                 }
             }
             let Some(at) = entry.logits else { continue };
-            let ctx = self.ctx.as_ref().expect("the llama.cpp context");
-            let logits = ctx.get_logits_ith(at);
-            match seq.sample(self.model, logits, cache) {
-                Ok(Next::More) => {}
-                Ok(Next::Done(ended)) => done.push((entry.seq, Ok(ended))),
-                Err(e) => done.push((entry.seq, Err(e))),
+            let ctx = self.ctx.as_mut().expect("the llama.cpp context");
+            // The token decoded, then each drafted one while the model
+            // chose it too: the cell of a draft is kept once its token is.
+            let mut given = 0;
+            let mut accepted = 0;
+            for k in 0..=entry.drafts.len() {
+                let next = seq.sample(self.model, ctx.get_logits_ith(at + k as i32), cache);
+                given += 1;
+                match next {
+                    Ok(Next::More) => {}
+                    Ok(Next::Done(ended)) => {
+                        done.push((entry.seq, Ok(ended)));
+                        break;
+                    }
+                    Err(e) => {
+                        done.push((entry.seq, Err(e)));
+                        break;
+                    }
+                }
+                let chosen = seq.pending.as_ref().map(|(t, _)| *t);
+                if k == entry.drafts.len() || chosen != Some(entry.drafts[k]) {
+                    break;
+                }
+                let (token, bytes) = seq.pending.take().expect("the token chosen");
+                cache.push(token, &bytes);
+                accepted += 1;
+                // A cancel lands between drafted tokens too, not a whole
+                // draft later.
+                if seq.interrupted() {
+                    done.push((entry.seq, Ok(Ended::Interrupted)));
+                    break;
+                }
+            }
+            if !entry.drafts.is_empty() {
+                // The drafts after the last one kept.
+                let _ =
+                    ctx.clear_kv_cache_seq(Some(seq.slot as u32), Some(cache.len() as u32), None);
+            }
+            if decoded {
+                let ms = decoding.as_secs_f64() * 1000.0;
+                seq.governor.record(ms, given, entry.drafts.len(), accepted);
             }
         }
         self.finish(done);
@@ -605,8 +644,22 @@ impl<'m> Worker<'m> {
                     continue;
                 }
             }
+            let drafts = match &seq.phase {
+                Phase::Decode => {
+                    // Room for a draft within the window, the budget and the
+                    // batch.
+                    let room = window
+                        .saturating_sub(in_cache + 1)
+                        .min(budget.saturating_sub(held + 1))
+                        .min(BATCH.saturating_sub(self.batch.n_tokens() as usize + 1));
+                    let cache = &self.slots[seq.slot].cache;
+                    self.running[i].draft(&cache.ids, room)
+                }
+                Phase::Prefill(_) => Vec::new(),
+            };
+            let seq = &self.running[i];
             let wanted = match &seq.phase {
-                Phase::Decode => 1,
+                Phase::Decode => 1 + drafts.len(),
                 Phase::Prefill(p) => {
                     let cap = match (seq.priority, interactive_decodes) {
                         (Priority::Background, true) => MIXED_PREFILL.min(prefill_room),
@@ -642,8 +695,13 @@ impl<'m> Worker<'m> {
                 Phase::Decode => {
                     let (token, _) = seq.pending.as_ref().expect("a token to decode");
                     let at = self.batch.n_tokens();
-                    let pos = in_cache as i32;
-                    if let Err(e) = self.batch.add(*token, pos, &[slot], true) {
+                    let added = std::iter::once(token)
+                        .chain(&drafts)
+                        .enumerate()
+                        .try_for_each(|(k, t)| {
+                            self.batch.add(*t, (in_cache + k) as i32, &[slot], true)
+                        });
+                    if let Err(e) = added {
                         done.push((i, Err(LlamaCppError::Engine(e.to_string()))));
                         continue;
                     }
@@ -670,6 +728,7 @@ impl<'m> Worker<'m> {
                 seq: i,
                 tokens,
                 logits,
+                drafts,
             });
         }
         if !waiting.is_empty() && !self.waiting_said {
@@ -732,6 +791,9 @@ impl<'m> Worker<'m> {
                 ended,
                 kv_cells: cells,
                 in_cache: slot.cache.len(),
+                drafted: seq.governor.proposed,
+                accepted: seq.governor.accepted,
+                rested: seq.governor.rested,
                 ..seq.report
             });
             let _ = seq.reply_to.send(Ran { tokens, result });

@@ -1,0 +1,172 @@
+//! Prompt-lookup drafting (`--lookup`): the tokens that followed the last
+//! earlier place the context's newest few tokens appeared are guessed to
+//! follow again, and verified in one batch with the token being decoded.
+//! It needs no second model, and pays when an answer quotes its context
+//! (an agent rewriting a file, code edited in place).
+//!
+//! The model's own choice is sampled at every drafted position, and a
+//! draft is kept only while it matches: each token is still drawn from the
+//! model's distribution (greedy output is the same token for token), and
+//! a draft changes only how many tokens one decode yields.
+//!
+//! Verifying a draft makes a decode bigger. On a compute-bound machine
+//! (a few CPU cores) that costs nearly as much as decoding the drafted
+//! tokens one by one, so a draft that is often wrong makes a turn slower.
+//! The governor measures both as it goes and rests drafting while it does
+//! not pay.
+
+use llama_cpp_2::token::LlamaToken;
+
+/// The longest and shortest run of tokens matched to find a draft.
+const NGRAM_MAX: usize = 4;
+const NGRAM_MIN: usize = 2;
+/// How far back a match is looked for, in tokens.
+pub(super) const WINDOW: usize = 16_384;
+
+/// Up to `max` tokens guessed to follow `context`, from the most recent
+/// earlier place its last few tokens appeared (the longest match first).
+pub(super) fn draft(context: &[LlamaToken], max: usize) -> Vec<LlamaToken> {
+    let n = context.len();
+    if max == 0 {
+        return Vec::new();
+    }
+    let start = n.saturating_sub(WINDOW);
+    for len in (NGRAM_MIN..=NGRAM_MAX.min(n.saturating_sub(1))).rev() {
+        let tail = &context[n - len..];
+        // The newest earlier occurrence that has tokens after it.
+        let found = (start..n - len)
+            .rev()
+            .find(|&at| &context[at..at + len] == tail);
+        if let Some(at) = found {
+            let from = at + len;
+            return context[from..(from + max).min(n)].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// Decode steps between tries once drafting is resting.
+const REST_STEPS: usize = 64;
+/// Drafted steps measured before drafting is judged.
+const JUDGE_AFTER: usize = 8;
+/// Plain steps measured before drafting starts.
+const BASELINE_STEPS: usize = 4;
+/// Weight of the newest step in the running means.
+const WEIGHT: f64 = 0.2;
+
+/// Whether drafting pays: the running time per token of steps with a
+/// draft and of steps without one.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Governor {
+    plain_ms: Option<f64>,
+    plain_steps: usize,
+    drafted_ms: Option<f64>,
+    drafted_steps: usize,
+    /// Steps left before drafting is tried again.
+    rest: usize,
+    /// Drafted tokens proposed and accepted over the run.
+    pub(super) proposed: usize,
+    pub(super) accepted: usize,
+    /// Times drafting was rested for not paying.
+    pub(super) rested: usize,
+}
+
+fn mean(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |m| m + WEIGHT * (new - m))
+}
+
+impl Governor {
+    /// Whether this step may draft.
+    pub(super) fn allows(&mut self) -> bool {
+        if self.rest > 0 {
+            self.rest -= 1;
+            return false;
+        }
+        self.plain_steps >= BASELINE_STEPS
+    }
+
+    /// A decode step of `ms` that gave the sequence `tokens`, of which
+    /// `accepted` were drafted, out of `proposed`.
+    pub(super) fn record(&mut self, ms: f64, tokens: usize, proposed: usize, accepted: usize) {
+        let per_token = ms / tokens.max(1) as f64;
+        if proposed == 0 {
+            self.plain_ms = Some(mean(self.plain_ms, per_token));
+            self.plain_steps += 1;
+            return;
+        }
+        self.proposed += proposed;
+        self.accepted += accepted;
+        self.drafted_ms = Some(mean(self.drafted_ms, per_token));
+        self.drafted_steps += 1;
+        if self.drafted_steps >= JUDGE_AFTER && !self.pays() {
+            self.rest = REST_STEPS;
+            self.rested += 1;
+            self.drafted_ms = None;
+            self.drafted_steps = 0;
+        }
+    }
+
+    /// Whether a drafted step's token costs less than a plain one's.
+    fn pays(&self) -> bool {
+        match (self.drafted_ms, self.plain_ms) {
+            (Some(d), Some(p)) => d < p,
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(ids: &[i32]) -> Vec<LlamaToken> {
+        ids.iter().copied().map(LlamaToken).collect()
+    }
+
+    #[test]
+    fn a_draft_is_what_followed_the_newest_earlier_match() {
+        // "1 2 3" appeared twice before; the newest is followed by 9 8.
+        let context = tokens(&[1, 2, 3, 4, 5, 1, 2, 3, 9, 8, 7, 1, 2, 3]);
+        assert_eq!(draft(&context, 2), tokens(&[9, 8]));
+        assert_eq!(draft(&context, 10), tokens(&[9, 8, 7, 1, 2, 3]));
+        assert!(draft(&context, 0).is_empty());
+        // No repeated pair: nothing to draft.
+        assert!(draft(&tokens(&[1, 2, 3, 4, 5]), 4).is_empty());
+        assert!(draft(&tokens(&[7]), 4).is_empty());
+        assert!(draft(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn the_longest_match_wins() {
+        // The pair "5 6" last came before 1, but "4 5 6" before 2.
+        let context = tokens(&[4, 5, 6, 2, 0, 5, 6, 1, 4, 5, 6]);
+        assert_eq!(draft(&context, 1), tokens(&[2]));
+    }
+
+    #[test]
+    fn drafting_that_does_not_pay_rests_and_is_tried_again() {
+        let mut g = Governor::default();
+        // No baseline yet: plain steps first.
+        assert!(!g.allows());
+        for _ in 0..BASELINE_STEPS {
+            g.record(10.0, 1, 0, 0);
+        }
+        assert!(g.allows());
+        // Drafts that are never accepted cost more per token.
+        for _ in 0..JUDGE_AFTER {
+            g.record(14.0, 1, 4, 0);
+        }
+        assert!(g.rest > 0);
+        assert_eq!(g.rested, 1);
+        for _ in 0..REST_STEPS {
+            assert!(!g.allows());
+        }
+        assert!(g.allows());
+        // Drafts that are mostly accepted pay and go on.
+        for _ in 0..JUDGE_AFTER * 2 {
+            g.record(14.0, 4, 4, 3);
+        }
+        assert_eq!(g.rest, 0);
+        assert_eq!((g.proposed, g.accepted), (4 * 8 + 4 * 16, 3 * 16));
+    }
+}

@@ -47,6 +47,11 @@ pub struct PerToken {
     pub sampling_ms: f64,
     /// Everything outside llama.cpp's decode, sampling included.
     pub outside_decode_ms: f64,
+    /// With --lookup: tokens drafted over the runs, those kept, and times
+    /// drafting rested for not paying.
+    pub drafted: usize,
+    pub accepted_drafts: usize,
+    pub drafting_rested: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,6 +209,9 @@ fn per_token(samples: &[Sample]) -> Option<PerToken> {
         )?,
         sampling_ms: per(&|s| s.sample_ms)?,
         outside_decode_ms: per(&|s| s.decode_ms.map(|d| (s.total_ms - d).max(0.0)))?,
+        drafted: stats.iter().map(|s| s.drafted).sum(),
+        accepted_drafts: stats.iter().map(|s| s.accepted_drafts).sum(),
+        drafting_rested: stats.iter().map(|s| s.drafting_rested).sum(),
     })
 }
 
@@ -243,5 +251,14 @@ fn print_table(r: &TurnReport) {
             p.outside_decode_ms,
             share(p.outside_decode_ms)
         );
+        if p.drafted > 0 {
+            println!(
+                "prompt lookup: {} drafted, {} kept ({:.0}%), rested {} time(s) for not paying",
+                p.drafted,
+                p.accepted_drafts,
+                p.accepted_drafts as f64 * 100.0 / p.drafted as f64,
+                p.drafting_rested
+            );
+        }
     }
 }

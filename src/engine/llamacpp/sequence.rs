@@ -159,7 +159,11 @@ pub(super) struct Sequence {
     sampling: Sampling,
     /// Made at the first token, when the prompt is in the cache.
     chain: Option<Chain>,
-    pub(super) governor: Governor,
+    /// Drafted tokens this run verified, and those the model chose too.
+    pub(super) proposed: usize,
+    pub(super) accepted: usize,
+    /// The worker's count of rests when the run started.
+    rests_before: Option<usize>,
     max_new: usize,
     stop_on: Option<String>,
     interrupted: Option<Box<dyn Fn() -> bool + Send>>,
@@ -198,7 +202,9 @@ impl Sequence {
             phase: Phase::Prefill(prefill),
             sampling: run.sampling,
             chain: None,
-            governor: Governor::default(),
+            proposed: 0,
+            accepted: 0,
+            rests_before: None,
             max_new: run.max_new,
             stop_on: run.stop_on,
             interrupted: run.interrupted,
@@ -214,12 +220,21 @@ impl Sequence {
     /// Tokens to verify after the pending one, at most `room`: a prompt
     /// lookup in the sequence's context, when the run drafts and drafting
     /// pays.
-    pub(super) fn draft(&mut self, cache: &[LlamaToken], room: usize) -> Vec<LlamaToken> {
+    pub(super) fn draft(
+        &mut self,
+        cache: &[LlamaToken],
+        room: usize,
+        governor: &mut Governor,
+    ) -> Vec<LlamaToken> {
         let max = (self.sampling.settings.lookup as usize)
             .min(room)
             .min(self.max_new.saturating_sub(self.report.generated + 1));
         // A constraint checks each token as it is chosen, one at a time.
-        if max == 0 || self.constraint.is_some() || !self.governor.allows() {
+        if max == 0 || self.constraint.is_some() {
+            return Vec::new();
+        }
+        self.rests_before.get_or_insert(governor.rested);
+        if !governor.allows() {
             return Vec::new();
         }
         let Some((pending, _)) = &self.pending else {
@@ -228,6 +243,12 @@ impl Sequence {
         let mut context = cache[cache.len().saturating_sub(lookup::WINDOW)..].to_vec();
         context.push(*pending);
         lookup::draft(&context, max)
+    }
+
+    /// Times drafting rested during this run.
+    pub(super) fn rests(&self, governor: &Governor) -> usize {
+        self.rests_before
+            .map_or(0, |before| governor.rested.saturating_sub(before))
     }
 
     pub(super) fn interrupted(&self) -> bool {

@@ -40,6 +40,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
+use super::lookup::Governor;
 use super::model::LlamaCppError;
 use super::sequence::{piece, Ended, Next, Phase, Prefill, Ran, Run, RunReport, Sequence};
 use super::tokens::{starts_char, SavedState, Tokens};
@@ -169,6 +170,7 @@ pub(super) fn serve(
         queue: VecDeque::new(),
         tick: 0,
         waiting_said: false,
+        governor: Governor::default(),
     };
     loop {
         if w.running.is_empty() && w.queue.is_empty() {
@@ -209,6 +211,8 @@ struct Worker<'m> {
     tick: u64,
     /// Whether the wait for memory has been logged since runs last fit.
     waiting_said: bool,
+    /// Whether prompt lookup's drafts pay here.
+    governor: Governor,
 }
 
 /// A run waiting to start.
@@ -601,7 +605,9 @@ impl<'m> Worker<'m> {
             }
             if decoded {
                 let ms = decoding.as_secs_f64() * 1000.0;
-                seq.governor.record(ms, given, entry.drafts.len(), accepted);
+                self.governor.record(ms, given, entry.drafts.len());
+                seq.proposed += entry.drafts.len();
+                seq.accepted += accepted;
             }
         }
         self.finish(done);
@@ -653,7 +659,7 @@ impl<'m> Worker<'m> {
                         .min(budget.saturating_sub(held + 1))
                         .min(BATCH.saturating_sub(self.batch.n_tokens() as usize + 1));
                     let cache = &self.slots[seq.slot].cache;
-                    self.running[i].draft(&cache.ids, room)
+                    self.running[i].draft(&cache.ids, room, &mut self.governor)
                 }
                 Phase::Prefill(_) => Vec::new(),
             };
@@ -791,9 +797,9 @@ impl<'m> Worker<'m> {
                 ended,
                 kv_cells: cells,
                 in_cache: slot.cache.len(),
-                drafted: seq.governor.proposed,
-                accepted: seq.governor.accepted,
-                rested: seq.governor.rested,
+                drafted: seq.proposed,
+                accepted: seq.accepted,
+                rested: seq.rests(&self.governor),
                 ..seq.report
             });
             let _ = seq.reply_to.send(Ran { tokens, result });

@@ -61,6 +61,34 @@ async fn continue_greedy(llm: &LlamaCpp, session: &mut LlamaCppSession, text: &s
     tokens
 }
 
+/// What `session` answers to `text`, sampled as `settings` say, at most
+/// `max_new` tokens; and the session after it.
+async fn answered(
+    llm: &LlamaCpp,
+    mut session: LlamaCppSession,
+    text: &str,
+    settings: SamplerSettings,
+    max_new: usize,
+) -> (String, LlamaCppSession) {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = out.clone();
+    let turn = Turn {
+        sampling: Sampling {
+            settings,
+            banned: vec![],
+        },
+        ..greedy_turn(max_new)
+    };
+    llm.stream_text_with_callback(&mut session, text, turn, move |t| {
+        sink.lock().unwrap().push_str(&t);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let text = out.lock().unwrap().clone();
+    (text, session)
+}
+
 /// kalosm 0.4.1's completion builder never polls its task when awaited
 /// as a future (its `IntoFuture` sets `result` and then only runs the task
 /// when `result` is unset), so completions are read as the stream it also
@@ -283,24 +311,8 @@ async fn native_sampling_is_seeded_and_top_k_one_is_greedy() {
     let answer = |settings: SamplerSettings| {
         let llm = &llm;
         async move {
-            let mut session = llm.new_session().unwrap();
-            let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-            let sink = out.clone();
-            let turn = Turn {
-                sampling: Sampling {
-                    settings,
-                    banned: vec![],
-                },
-                ..greedy_turn(40)
-            };
-            llm.stream_text_with_callback(&mut session, prompt, turn, move |t| {
-                sink.lock().unwrap().push_str(&t);
-                Ok(())
-            })
-            .await
-            .unwrap();
-            let text = out.lock().unwrap().clone();
-            text
+            let session = llm.new_session().unwrap();
+            answered(llm, session, prompt, settings, 40).await.0
         }
     };
     let hot = |seed| SamplerSettings {
@@ -354,26 +366,7 @@ async fn prompt_lookup_changes_nothing_but_the_decodes() {
     ];
     let run = |settings: SamplerSettings, text: String, session: LlamaCppSession| {
         let llm = &llm;
-        async move {
-            let mut session = session;
-            let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-            let sink = out.clone();
-            let turn = Turn {
-                sampling: Sampling {
-                    settings,
-                    banned: vec![],
-                },
-                ..greedy_turn(48)
-            };
-            llm.stream_text_with_callback(&mut session, &text, turn, move |t| {
-                sink.lock().unwrap().push_str(&t);
-                Ok(())
-            })
-            .await
-            .unwrap();
-            let text = out.lock().unwrap().clone();
-            (text, session)
-        }
+        async move { answered(llm, session, &text, settings, 48).await }
     };
     let plain = greedy(48);
     let lookup = SamplerSettings {

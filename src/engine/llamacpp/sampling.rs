@@ -294,6 +294,15 @@ mod tests {
         }
     }
 
+    /// A draw at temperature 1 with every cut off but what `f` sets.
+    fn plain_draw(seed: u64, f: impl FnOnce(&mut SamplerSettings)) -> Sampling {
+        settings(|s| {
+            (s.top_k, s.top_p, s.min_p, s.temperature) = (0, 1.0, 0.0, 1.0);
+            s.seed = Some(seed);
+            f(s);
+        })
+    }
+
     /// Logits whose probabilities are (about) the given ones.
     fn logits_for(probs: &[f32]) -> Vec<f32> {
         probs.iter().map(|p| p.ln()).collect()
@@ -316,17 +325,7 @@ mod tests {
     fn top_p_keeps_the_smallest_set_past_its_mass() {
         // 0.5 + 0.3 = 0.8 < 0.85, so the third token is needed too.
         let logits = logits_for(&[0.5, 0.3, 0.15, 0.05]);
-        let top_p = |p| {
-            move |seed| {
-                settings(|s| {
-                    s.top_p = p;
-                    s.top_k = 0;
-                    s.min_p = 0.0;
-                    s.temperature = 1.0;
-                    s.seed = Some(seed);
-                })
-            }
-        };
+        let top_p = |p| move |seed| plain_draw(seed, |s| s.top_p = p);
         assert_eq!(drawn(top_p(0.85), &logits), vec![0, 1, 2]);
         assert_eq!(drawn(top_p(0.75), &logits), vec![0, 1]);
         assert_eq!(drawn(top_p(1.0), &logits), vec![0, 1, 2, 3]);
@@ -336,17 +335,7 @@ mod tests {
     fn min_p_cuts_below_its_share_of_the_top_token() {
         // 0.05 of the top token's 0.6 is 0.03: the 0.02 token goes.
         let logits = logits_for(&[0.6, 0.3, 0.08, 0.02]);
-        let min_p = |p| {
-            move |seed| {
-                settings(|s| {
-                    s.min_p = p;
-                    s.top_p = 1.0;
-                    s.top_k = 0;
-                    s.temperature = 1.0;
-                    s.seed = Some(seed);
-                })
-            }
-        };
+        let min_p = |p| move |seed| plain_draw(seed, |s| s.min_p = p);
         assert_eq!(drawn(min_p(0.05), &logits), vec![0, 1, 2]);
         assert_eq!(drawn(min_p(0.4), &logits), vec![0, 1]);
     }

@@ -9,12 +9,7 @@
 #
 #   scripts/bench-engines.sh [MODEL.gguf]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln-target}"
-cargo build -q
-kiln="$CARGO_TARGET_DIR/debug/kiln"
-model="${1:-$("$kiln" models | grep -o '/[^ ]*\.gguf' | head -1)}"
-[ -f "$model" ] || { "$kiln" fetch; model="$("$kiln" models | grep -o '/[^ ]*\.gguf' | head -1)"; }
+. "$(dirname "$0")/bench-kiln.sh" "${1:-}"
 threads="$(nproc)"
 
 python="${KILN_LLAMA_PYTHON:-}"

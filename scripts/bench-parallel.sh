@@ -8,12 +8,7 @@
 #
 #   scripts/bench-parallel.sh [COUNTS] [MODEL.gguf]     (COUNTS: 1,2,4,8)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln-target}"
-cargo build -q
-kiln="$CARGO_TARGET_DIR/debug/kiln"
 counts="${1:-1,2,4,8}"
-model="${2:-$("$kiln" models | grep -o '/[^ ]*\.gguf' | head -1)}"
-[ -f "$model" ] || { "$kiln" fetch; model="$("$kiln" models | grep -o '/[^ ]*\.gguf' | head -1)"; }
+. "$(dirname "$0")/bench-kiln.sh" "${2:-}"
 tools="$(../shared/peers/llama-cpp-tools)"
 exec "$kiln" bench --model "$model" --parallel "$counts" --peer-server "$tools/llama-server"

@@ -21,25 +21,29 @@ use llama_cpp_2::token::LlamaToken;
 const NGRAM_MAX: usize = 4;
 const NGRAM_MIN: usize = 2;
 /// How far back a match is looked for, in tokens.
-pub(super) const WINDOW: usize = 16_384;
+const WINDOW: usize = 16_384;
 
-/// Up to `max` tokens guessed to follow `context`, from the most recent
-/// earlier place its last few tokens appeared (the longest match first).
-pub(super) fn draft(context: &[LlamaToken], max: usize) -> Vec<LlamaToken> {
-    let n = context.len();
+/// Up to `max` tokens guessed to follow `cache` and then `last` (the
+/// token chosen, not yet decoded), from the most recent earlier place the
+/// last few of them appeared (the longest match first). Read in place: the
+/// context is not copied, this runs every decode step.
+pub(super) fn draft(cache: &[LlamaToken], last: LlamaToken, max: usize) -> Vec<LlamaToken> {
+    let n = cache.len() + 1;
+    let token = |i: usize| cache.get(i).copied().unwrap_or(last);
     if max == 0 {
         return Vec::new();
     }
     let start = n.saturating_sub(WINDOW);
-    for len in (NGRAM_MIN..=NGRAM_MAX.min(n.saturating_sub(1))).rev() {
-        let tail = &context[n - len..];
-        // The newest earlier occurrence that has tokens after it.
+    for len in (NGRAM_MIN..=NGRAM_MAX.min(n - 1)).rev() {
+        let tail: Vec<LlamaToken> = (n - len..n).map(token).collect();
+        // The newest earlier occurrence that has tokens after it; it ends
+        // before `last`, so it lies in `cache`.
         let found = (start..n - len)
             .rev()
-            .find(|&at| &context[at..at + len] == tail);
+            .find(|&at| cache[at..at + len] == tail[..]);
         if let Some(at) = found {
             let from = at + len;
-            return context[from..(from + max).min(n)].to_vec();
+            return (from..(from + max).min(n)).map(token).collect();
         }
     }
     Vec::new()
@@ -127,6 +131,14 @@ mod tests {
 
     fn tokens(ids: &[i32]) -> Vec<LlamaToken> {
         ids.iter().copied().map(LlamaToken).collect()
+    }
+
+    /// `draft` on a whole context, its last token the one chosen.
+    fn draft(context: &[LlamaToken], max: usize) -> Vec<LlamaToken> {
+        match context.split_last() {
+            Some((last, cache)) => super::draft(cache, *last, max),
+            None => Vec::new(),
+        }
     }
 
     #[test]

@@ -240,9 +240,7 @@ impl Sequence {
         let Some((pending, _)) = &self.pending else {
             return Vec::new();
         };
-        let mut context = cache[cache.len().saturating_sub(lookup::WINDOW)..].to_vec();
-        context.push(*pending);
-        lookup::draft(&context, max)
+        lookup::draft(cache, *pending, max)
     }
 
     /// Times drafting rested during this run.

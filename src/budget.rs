@@ -85,6 +85,10 @@ pub struct ModelShape {
     /// Conversations the llama.cpp context runs at once: its sliding-window
     /// layers keep a window for each.
     pub sequences: u64,
+    /// The draft model (`--draft`), whose weights and KV cache (a cell for
+    /// each of this model's) come with this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft: Option<Box<ModelShape>>,
 }
 
 /// Tokens the llama.cpp engine prefills per forward pass.
@@ -199,7 +203,17 @@ impl ModelShape {
             tensor_types: info.tensor_types.clone(),
             kv_layout: KvLayout::KalosmF32,
             sequences: 1,
+            draft: None,
         }
+    }
+
+    /// This model with `draft` drafting for it.
+    pub fn with_draft(mut self, draft: ModelShape) -> ModelShape {
+        let draft = draft
+            .with_kv_layout(self.kv_layout)
+            .with_sequences(self.sequences);
+        self.draft = Some(Box::new(draft));
+        self
     }
 
     /// The same model able to run up to `tokens` (rope scaling).
@@ -210,6 +224,12 @@ impl ModelShape {
 
     /// The same model with its window set to `n` tokens.
     fn sized_for(&self, n: u64) -> ModelShape {
+        let mut sized = self.own_sized_for(n);
+        sized.draft = self.draft.as_ref().map(|d| Box::new(d.own_sized_for(n)));
+        sized
+    }
+
+    fn own_sized_for(&self, n: u64) -> ModelShape {
         match self.kv_layout {
             KvLayout::Gqa { k, v, flash, .. } => self.clone().with_kv_layout(KvLayout::Gqa {
                 window: n,
@@ -224,6 +244,9 @@ impl ModelShape {
     /// The same model as an engine storing its KV cache this way.
     pub fn with_kv_layout(mut self, layout: KvLayout) -> ModelShape {
         self.kv_layout = layout;
+        if let Some(d) = &mut self.draft {
+            d.kv_layout = layout;
+        }
         self
     }
 
@@ -231,6 +254,11 @@ impl ModelShape {
     /// cache grows with the context (sliding-window layers stop growing at
     /// their window; see `kv_bytes`).
     pub fn kv_per_token_engine(&self) -> u64 {
+        self.own_kv_per_token() + self.draft.as_ref().map_or(0, |d| d.own_kv_per_token())
+    }
+
+    /// `kv_per_token_engine` without the draft model's.
+    pub fn own_kv_per_token(&self) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => self.n_layer * self.n_head * self.head_dim * 2 * 4,
             KvLayout::Gqa { k, v, .. } => k.bytes(self.layers.full.k) + v.bytes(self.layers.full.v),
@@ -260,17 +288,25 @@ impl ModelShape {
     /// The same model run with `n` conversations at once.
     pub fn with_sequences(mut self, n: u64) -> ModelShape {
         self.sequences = n.max(1);
+        if let Some(d) = &mut self.draft {
+            d.sequences = self.sequences;
+        }
         self
     }
 
     /// KV cache (and recurrent state) bytes the engine has allocated when
-    /// it holds `tokens`.
+    /// it holds `tokens`, the draft model's included.
     pub fn kv_bytes(&self, tokens: u64) -> u64 {
+        self.own_kv_bytes(tokens) + self.draft.as_ref().map_or(0, |d| d.own_kv_bytes(tokens))
+    }
+
+    /// `kv_bytes` without the draft model's.
+    pub fn own_kv_bytes(&self, tokens: u64) -> u64 {
         let cells = self.kv_allocated_tokens(tokens);
         match self.kv_layout {
-            KvLayout::KalosmF32 => cells * self.kv_per_token_engine(),
+            KvLayout::KalosmF32 => cells * self.own_kv_per_token(),
             KvLayout::Gqa { .. } => {
-                cells * self.kv_per_token_engine()
+                cells * self.own_kv_per_token()
                     + self.swa_cells(cells) * self.swa_per_cell()
                     + self.layers.recurrent_bytes
             }
@@ -287,6 +323,11 @@ impl ModelShape {
     /// Weights in memory: the file's tensors, plus (kalosm) the f32
     /// embedding table.
     pub fn weight_bytes(&self) -> u64 {
+        self.own_weight_bytes() + self.draft.as_ref().map_or(0, |d| d.own_weight_bytes())
+    }
+
+    /// `weight_bytes` without the draft model's.
+    pub fn own_weight_bytes(&self) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => self.tensor_bytes + self.vocab * self.hidden * 4,
             KvLayout::Gqa { .. } => self.tensor_bytes,
@@ -359,6 +400,14 @@ impl ModelShape {
     /// batch token and one column per cell (and one more mask over the
     /// window's cells), and with flash attention off a batch's scores.
     fn retained_activation_bytes(&self, tokens: u64, prefilled: u64) -> u64 {
+        self.own_activation_bytes(tokens, prefilled)
+            + self
+                .draft
+                .as_ref()
+                .map_or(0, |d| d.own_activation_bytes(tokens, prefilled))
+    }
+
+    fn own_activation_bytes(&self, tokens: u64, prefilled: u64) -> u64 {
         match self.kv_layout {
             KvLayout::KalosmF32 => prefilled * self.hidden * RETAINED_PER_TOKEN_PER_WIDTH,
             KvLayout::Gqa { .. } => {
@@ -654,7 +703,17 @@ mod tests {
             tensor_types: Vec::new(),
             kv_layout: KvLayout::KalosmF32,
             sequences: 1,
+            draft: None,
         }
+    }
+
+    /// This model with `draft` drafting for it.
+    pub fn with_draft(mut self, draft: ModelShape) -> ModelShape {
+        let draft = draft
+            .with_kv_layout(self.kv_layout)
+            .with_sequences(self.sequences);
+        self.draft = Some(Box::new(draft));
+        self
     }
 
     /// llama.cpp's layout: 256 KiB a token for Qwen2.5-32B, allocated 4k

@@ -135,7 +135,7 @@ pub struct DecodeEstimate {
 }
 
 pub fn decode_estimate(shape: &ModelShape, context: u64, bandwidth_gbs: f64) -> DecodeEstimate {
-    let bytes = shape.active_weight_bytes() + shape.kv_bytes(context);
+    let bytes = shape.active_weight_bytes() + shape.own_kv_bytes(context);
     let bound = bandwidth_gbs * 1e9 / bytes.max(1) as f64;
     DecodeEstimate {
         bytes_per_token: bytes,

@@ -464,6 +464,7 @@ impl crate::budget::ModelShape {
             tensor_types: Vec::new(),
             kv_layout: crate::budget::KvLayout::KalosmF32,
             sequences: 1,
+            draft: None,
         }
     }
 }

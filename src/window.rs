@@ -98,6 +98,50 @@ pub struct WindowArgs {
     /// window).
     #[arg(long, global = true, value_name = "TOKENS")]
     pub kv_budget: Option<u64>,
+    /// A small model with the model's vocabulary that drafts tokens for it
+    /// to verify, several a decode (speculative decoding): a GGUF file or
+    /// a preset name. llama.cpp engine only.
+    #[arg(long, global = true, value_name = "MODEL|PRESET")]
+    pub draft: Option<String>,
+    /// The most tokens the draft model drafts a step.
+    #[arg(long, global = true, value_name = "N",
+          default_value_t = DRAFT.max as u32,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[serde(default = "default_draft_max")]
+    pub draft_max: u32,
+    /// A shorter draft is not verified.
+    #[arg(long, global = true, value_name = "N", default_value_t = DRAFT.min as u32)]
+    #[serde(default)]
+    pub draft_min: u32,
+    /// Drafting stops at a token the draft model gives less than this
+    /// probability.
+    #[arg(long, global = true, value_name = "P",
+          default_value_t = DRAFT.p_min, value_parser = probability)]
+    #[serde(default = "default_draft_p_min")]
+    pub draft_p_min: f32,
+    /// Draft every step (--draft, --lookup), even while drafting does not
+    /// pay, as llama.cpp's own tools do: for comparing with them.
+    #[arg(long, global = true)]
+    #[serde(default)]
+    pub draft_always: bool,
+}
+
+/// llama.cpp's drafting defaults.
+const DRAFT: crate::engine::llamacpp::DraftSettings = crate::engine::llamacpp::DraftSettings::LLAMA_CPP;
+
+fn default_draft_max() -> u32 {
+    DRAFT.max as u32
+}
+
+fn default_draft_p_min() -> f32 {
+    DRAFT.p_min
+}
+
+fn probability(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{text} is not a probability from 0 to 1")),
+    }
 }
 
 /// Conversations at once by default: a chat and three agent runs. Each
@@ -120,6 +164,11 @@ impl Default for WindowArgs {
             kv_type_v: None,
             conversations: DEFAULT_CONVERSATIONS,
             kv_budget: None,
+            draft: None,
+            draft_max: default_draft_max(),
+            draft_min: DRAFT.min as u32,
+            draft_p_min: DRAFT.p_min,
+            draft_always: false,
         }
     }
 }
@@ -161,7 +210,32 @@ impl WindowArgs {
         if let Some(n) = self.kv_budget {
             f.push(("--kv-budget", n.to_string()));
         }
+        if let Some(d) = &self.draft {
+            f.push(("--draft", d.clone()));
+        }
+        if self.draft_max != DRAFT.max as u32 {
+            f.push(("--draft-max", self.draft_max.to_string()));
+        }
+        if self.draft_min != DRAFT.min as u32 {
+            f.push(("--draft-min", self.draft_min.to_string()));
+        }
+        if self.draft_p_min != DRAFT.p_min {
+            f.push(("--draft-p-min", self.draft_p_min.to_string()));
+        }
+        if self.draft_always {
+            f.push(("--draft-always", "on".into()));
+        }
         f
+    }
+
+    /// How the draft model drafts, as the flags say.
+    pub fn drafting(&self) -> crate::engine::llamacpp::DraftSettings {
+        crate::engine::llamacpp::DraftSettings {
+            max: self.draft_max as usize,
+            min: (self.draft_min as usize).min(self.draft_max as usize),
+            p_min: self.draft_p_min,
+            always: self.draft_always,
+        }
     }
 
     /// Whether any rope flag was given.

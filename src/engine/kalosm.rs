@@ -47,6 +47,8 @@ pub struct EngineOptions {
     pub kv_type: crate::budget::KvType,
     /// Rope scaling, K/V types and flash attention as the flags gave them.
     pub window: crate::window::WindowArgs,
+    /// The draft model `--draft` named, found (llama.cpp engine).
+    pub draft: Option<ResolvedModel>,
 }
 
 pub struct KalosmEngine {

@@ -80,6 +80,9 @@ impl Backend {
             Backend::Kalosm if window.flash_attn == FlashAttn::On => Err(KilnError::BadArgument(
                 "--flash-attn on: kalosm has no flash attention; use --engine llamacpp".into(),
             )),
+            Backend::Kalosm if window.draft.is_some() => Err(KilnError::BadArgument(
+                "--draft: kalosm has no speculative decoding; use --engine llamacpp".into(),
+            )),
             // llama.cpp transposes a V cache that flash attention does not
             // read, and cannot transpose quantized blocks.
             Backend::LlamaCpp if v.is_quantized() && window.flash_attn == FlashAttn::Off => {

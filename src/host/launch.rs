@@ -26,6 +26,8 @@ pub struct Launched {
     pub paths: Paths,
     pub config: Config,
     pub model: ResolvedModel,
+    /// The draft model `--draft` named.
+    pub draft: Option<ResolvedModel>,
     pub engine: LocalEngine,
     pub backend: Backend,
     pub kv_type: crate::budget::KvType,
@@ -45,14 +47,17 @@ pub struct Launched {
 impl Launched {
     /// The model's dimensions with the engine's KV layout, for budgets.
     pub fn shape(&self) -> ModelShape {
-        ModelShape::from_gguf(&self.model.info)
-            .with_window_limit(self.window.tokens)
-            .with_kv_layout(self.backend.kv_layout(
-                self.kv_budget as usize,
-                self.kv_type,
-                &self.window_args,
-            ))
-            .with_sequences(self.sequences)
+        with_draft(
+            ModelShape::from_gguf(&self.model.info),
+            self.draft.as_ref(),
+        )
+        .with_window_limit(self.window.tokens)
+        .with_kv_layout(self.backend.kv_layout(
+            self.kv_budget as usize,
+            self.kv_type,
+            &self.window_args,
+        ))
+        .with_sequences(self.sequences)
     }
 
     /// How the model is named in a session, so resume can load it again:
@@ -92,6 +97,10 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     if backend == Backend::Kalosm {
         crate::engine::kalosm::check_model(&model.info)?;
     }
+    let draft = match &common.window.draft {
+        Some(name) => Some(models::resolve(&ModelSpec::parse(Some(name)), &paths).await?),
+        None => None,
+    };
     let planned = model.window(config.context, &common.window)?;
     let context = planned.tokens as usize;
     let label = backend.label(common.kv_type, &common.window, planned.rope);
@@ -116,6 +125,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         prompt_cache,
         kv_type: common.kv_type,
         window: common.window.clone(),
+        draft: draft.clone(),
     };
     adjust(&mut options);
     let window = model.window(options.context, &common.window)?;
@@ -123,6 +133,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     let sequences = backend.sequences(&options.window);
     guard(
         &model.info,
+        draft.as_ref(),
         &window,
         common.allow_swap,
         backend.kv_layout(context, common.kv_type, &common.window),
@@ -131,7 +142,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     let kv_budget = match backend {
         Backend::LlamaCpp => {
             let layout = backend.kv_layout(context, common.kv_type, &common.window);
-            let shape = ModelShape::from_gguf(&model.info)
+            let shape = with_draft(ModelShape::from_gguf(&model.info), draft.as_ref())
                 .with_window_limit(window.tokens)
                 .with_kv_layout(layout)
                 .with_sequences(sequences);
@@ -164,6 +175,7 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
         paths,
         config,
         model,
+        draft,
         engine,
         backend,
         kv_type: common.kv_type,
@@ -249,8 +261,17 @@ pub fn leased(engine: engine::EngineHandle) -> Lease {
 
 /// Refuse to load a model whose budget at `context` will swap or does not
 /// fit, unless the user said `--allow-swap`.
+/// `shape` with the draft model's weights and KV cache, when it has one.
+pub fn with_draft(shape: ModelShape, draft: Option<&ResolvedModel>) -> ModelShape {
+    match draft {
+        Some(d) => shape.with_draft(ModelShape::from_gguf(&d.info)),
+        None => shape,
+    }
+}
+
 pub fn guard(
     info: &gguf::GgufInfo,
+    draft: Option<&ResolvedModel>,
     window: &crate::window::Window,
     allow_swap: bool,
     layout: crate::budget::KvLayout,
@@ -261,7 +282,7 @@ pub fn guard(
         return Ok(());
     };
     let context = window.tokens;
-    let shape = ModelShape::from_gguf(info)
+    let shape = with_draft(ModelShape::from_gguf(info), draft)
         .with_window_limit(window.tokens)
         .with_kv_layout(layout)
         .with_sequences(sequences);

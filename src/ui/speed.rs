@@ -98,7 +98,7 @@ fn bound_line(state: &State) -> Option<String> {
     let tok_s = state.last_stats.as_ref()?.decode_tok_s?;
     let bandwidth = state.telemetry.memory_bandwidth?;
     let bytes =
-        shape.active_weight_bytes() + shape.kv_per_token_engine() * state.context_tokens as u64;
+        shape.active_weight_bytes() + shape.own_kv_per_token() * state.context_tokens as u64;
     let share = crate::bandwidth::share_of_bound(bytes, tok_s, bandwidth)?;
     Some(format!(
         "bandwidth {:.0}% of {:.0} GB/s",

@@ -242,7 +242,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
                 // The cache cells in use, not those allocated: attention
                 // reads only the tokens held.
                 shape.active_weight_bytes()
-                    + shape.kv_per_token_engine() * last.context_tokens as u64,
+                    + shape.own_kv_per_token() * last.context_tokens as u64,
                 tok_s,
                 bandwidth,
             )

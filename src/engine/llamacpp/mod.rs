@@ -10,6 +10,7 @@
 //! prototype prefilled 413 tok/s and decoded 82 tok/s at 177 MB with an f16
 //! KV cache per KV head (23,053 B/token). See the README's engine table.
 
+mod draft;
 mod log;
 mod lookup;
 mod model;
@@ -22,6 +23,7 @@ pub use model::{
     LlamaCpp, LlamaCppChatSession, LlamaCppError, LlamaCppSession, LlamaCppSettings, NativeSampler,
     Plan, Turn,
 };
+pub use draft::DraftSettings;
 pub use sampling::Sampling;
 pub use sequence::{Ended, RunReport};
 
@@ -81,6 +83,8 @@ impl LlamaCppEngine {
             sliding_window: info.layers.window,
             sequences: options.window.conversations as usize,
             kv_budget: options.window.kv_budget.map(|n| n as usize),
+            draft: options.draft.as_ref().map(|d| d.path.clone()),
+            drafting: options.window.drafting(),
             ..LlamaCppSettings::new(context_limit, Some(template.clone()))
         };
         let llm = LlamaCpp::load(&model.path, settings)
@@ -91,6 +95,7 @@ impl LlamaCppEngine {
                     crate::visible::visible_line(&reason).into_owned(),
                 )
                 .into(),
+                LlamaCppError::Draft(line) => KilnError::BadArgument(line),
                 e => load_error(e.to_string()),
             })?;
         let session = llm.new_session().map_err(|e| load_error(e.to_string()))?;

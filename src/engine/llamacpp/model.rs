@@ -11,7 +11,7 @@
 //! with the same start, recomputes only the part that differs.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -26,6 +26,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::draft::{self, DraftSettings};
 use super::sampling::Sampling;
 use super::sequence::{Constraint, MakeConstraint, OnToken, Run, RunReport};
 use super::tokens::{SavedState, Tokens};
@@ -46,6 +47,9 @@ pub enum LlamaCppError {
     Refused(String),
     #[error("{0}")]
     Engine(String),
+    /// The draft model cannot draft for this one (the line names both).
+    #[error("{0}")]
+    Draft(String),
     #[error("the engine thread stopped")]
     Stopped,
     /// What a token callback returns to end a run early.
@@ -70,6 +74,22 @@ pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// The GGUF at `path`, on a blocking thread.
+async fn load_model(path: &Path) -> Result<LlamaModel, LlamaCppError> {
+    let backend = backend().map_err(LlamaCppError::Load)?;
+    let file = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        super::log::mark();
+        LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default()).map_err(|e| {
+            // llama.cpp's own reason, from its log, says more than the
+            // binding's "null result".
+            LlamaCppError::Refused(super::log::last_error().unwrap_or_else(|| e.to_string()))
+        })
+    })
+    .await
+    .map_err(|e| LlamaCppError::Load(e.to_string()))?
 }
 
 /// Tokens `text` becomes, special tokens (`<|im_start|>`) included.
@@ -105,6 +125,10 @@ pub struct LlamaCppSettings {
     /// The most KV cells all sequences hold together; the window when
     /// `None`.
     pub kv_budget: Option<usize>,
+    /// A draft model for speculative decoding.
+    pub draft: Option<PathBuf>,
+    /// How drafts are made and when they are given up.
+    pub drafting: DraftSettings,
 }
 
 impl LlamaCppSettings {
@@ -121,6 +145,8 @@ impl LlamaCppSettings {
             template,
             sequences: 1,
             kv_budget: None,
+            draft: None,
+            drafting: DraftSettings::LLAMA_CPP,
         }
     }
 }
@@ -143,18 +169,24 @@ struct Inner {
 
 impl LlamaCpp {
     pub async fn load(path: &Path, settings: LlamaCppSettings) -> Result<LlamaCpp, LlamaCppError> {
-        let backend = backend().map_err(LlamaCppError::Load)?;
-        let file = path.to_path_buf();
-        let model = tokio::task::spawn_blocking(move || {
-            super::log::mark();
-            LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default()).map_err(|e| {
-                // llama.cpp's own reason, from its log, says more than the
-                // binding's "null result".
-                LlamaCppError::Refused(super::log::last_error().unwrap_or_else(|| e.to_string()))
-            })
-        })
-        .await
-        .map_err(|e| LlamaCppError::Load(e.to_string()))??;
+        let model = load_model(path).await?;
+        let draft = match &settings.draft {
+            Some(file) => {
+                let draft = load_model(file).await.map_err(|e| match e {
+                    LlamaCppError::Refused(reason) => LlamaCppError::Draft(format!(
+                        "the draft model {}: llama.cpp cannot load it: {}",
+                        file.display(),
+                        crate::visible::visible_line(&reason)
+                    )),
+                    e => e,
+                })?;
+                if let Some(why) = draft::incompatible(&model, &draft) {
+                    return Err(LlamaCppError::Draft(draft::refusal(file, path, &why)));
+                }
+                Some(Arc::new(draft))
+            }
+            None => None,
+        };
         let model = Arc::new(model);
         let threads = settings
             .threads
@@ -172,6 +204,7 @@ impl LlamaCpp {
             n_swa: settings.sliding_window.min(u32::MAX as u64) as u32,
             threads: threads as i32,
             sequences,
+            drafting: settings.drafting,
             kv_budget: settings
                 .kv_budget
                 .unwrap_or(settings.window)
@@ -179,7 +212,7 @@ impl LlamaCpp {
         };
         std::thread::Builder::new()
             .name("kiln-llamacpp".into())
-            .spawn(move || worker::serve(worker_model, worker_settings, rx, ready_tx))
+            .spawn(move || worker::serve(worker_model, draft, worker_settings, rx, ready_tx))
             .map_err(|e| LlamaCppError::Load(e.to_string()))?;
         let report = ready
             .await

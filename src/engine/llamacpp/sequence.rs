@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::draft::{Draft, Drafter};
 use super::lookup::{self, Governor};
 use super::model::LlamaCppError;
 use super::sampling::{Chain, Sampling};
@@ -81,8 +82,8 @@ pub struct RunReport {
     pub decoding: Duration,
     /// Time choosing tokens in the sampler chain.
     pub sampling: Duration,
-    /// Tokens drafted by prompt lookup, those the model chose too, and
-    /// times drafting was rested for not paying.
+    /// Tokens drafted (by prompt lookup or the draft model), those the
+    /// model chose too, and times drafting was rested for not paying.
     pub drafted: usize,
     pub accepted: usize,
     pub rested: usize,
@@ -217,30 +218,49 @@ impl Sequence {
         }
     }
 
-    /// Tokens to verify after the pending one, at most `room`: a prompt
-    /// lookup in the sequence's context, when the run drafts and drafting
-    /// pays.
+    /// Tokens to verify after the pending one, at most `room`, when the
+    /// run drafts and drafting pays: a prompt lookup in the sequence's
+    /// context (`--lookup`), else the draft model's guess (`--draft`).
     pub(super) fn draft(
         &mut self,
         cache: &[LlamaToken],
         room: usize,
         governor: &mut Governor,
-    ) -> Vec<LlamaToken> {
-        let max = (self.sampling.settings.lookup as usize)
+        drafter: Option<&mut Drafter>,
+    ) -> Draft {
+        let none = Draft {
+            tokens: Vec::new(),
+            spent: Duration::ZERO,
+        };
+        let lookup = self.sampling.settings.lookup as usize;
+        let most = lookup.max(drafter.as_ref().map_or(0, |d| d.max()));
+        let max = most
             .min(room)
             .min(self.max_new.saturating_sub(self.report.generated + 1));
         // A constraint checks each token as it is chosen, one at a time.
         if max == 0 || self.constraint.is_some() {
-            return Vec::new();
+            return none;
         }
         self.rests_before.get_or_insert(governor.rested);
         if !governor.allows() {
-            return Vec::new();
+            return none;
         }
         let Some((pending, _)) = &self.pending else {
-            return Vec::new();
+            return none;
         };
-        lookup::draft(cache, *pending, max)
+        let pending = *pending;
+        let found = lookup::draft(cache, pending, lookup.min(max));
+        match drafter {
+            Some(d) if found.is_empty() => {
+                let interrupted = &self.interrupted;
+                let stop = || interrupted.as_ref().is_some_and(|f| f());
+                d.propose(self.slot, cache, pending, max, &stop)
+            }
+            _ => Draft {
+                tokens: found,
+                ..none
+            },
+        }
     }
 
     /// Times drafting rested during this run.

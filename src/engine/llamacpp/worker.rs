@@ -40,6 +40,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
+use super::draft::{DraftSettings, Drafter};
 use super::lookup::Governor;
 use super::model::LlamaCppError;
 use super::sequence::{piece, Ended, Next, Phase, Prefill, Ran, Run, RunReport, Sequence};
@@ -71,6 +72,7 @@ pub(super) enum Job {
     ),
 }
 
+#[derive(Clone)]
 pub(super) struct Settings {
     /// The most tokens one sequence holds.
     pub(super) window: usize,
@@ -86,6 +88,7 @@ pub(super) struct Settings {
     pub(super) sequences: usize,
     /// The most KV cells all sequences hold together.
     pub(super) kv_budget: usize,
+    pub(super) drafting: DraftSettings,
 }
 
 fn cache_type(kv: KvType) -> KvCacheType {
@@ -96,7 +99,7 @@ fn cache_type(kv: KvType) -> KvCacheType {
     }
 }
 
-fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
+pub(super) fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
     let threads = settings.threads;
     let flash = match settings.flash_attn {
         FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -139,6 +142,7 @@ fn context_params(cells: usize, settings: &Settings) -> LlamaContextParams {
 /// serves jobs until every sender is gone and every run has ended.
 pub(super) fn serve(
     model: Arc<LlamaModel>,
+    draft: Option<Arc<LlamaModel>>,
     settings: Settings,
     jobs: std_mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<Vec<String>, String>>,
@@ -159,8 +163,20 @@ pub(super) fn serve(
             return;
         }
     };
+    let drafter = match &draft {
+        Some(draft) => match Drafter::new(draft, settings.clone()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        },
+        None => None,
+    };
     let _ = ready.send(Ok(super::log::lines()));
+    let always = settings.drafting.always;
     let mut w = Worker {
+        drafter,
         model: &model,
         slots: (0..settings.sequences).map(|_| Slot::default()).collect(),
         settings,
@@ -170,7 +186,7 @@ pub(super) fn serve(
         queue: VecDeque::new(),
         tick: 0,
         waiting_said: false,
-        governor: Governor::default(),
+        governor: Governor::new(always),
     };
     loop {
         if w.running.is_empty() && w.queue.is_empty() {
@@ -211,8 +227,10 @@ struct Worker<'m> {
     tick: u64,
     /// Whether the wait for memory has been logged since runs last fit.
     waiting_said: bool,
-    /// Whether prompt lookup's drafts pay here.
+    /// Whether drafts pay here.
     governor: Governor,
+    /// The draft model, with `--draft`.
+    drafter: Option<Drafter<'m>>,
 }
 
 /// A run waiting to start.
@@ -233,8 +251,10 @@ struct Entry {
     /// Where its logits are in the batch, when it wants them (a drafted
     /// token's follow on).
     logits: Option<i32>,
-    /// Tokens drafted after the one decoded, to verify.
+    /// Tokens drafted after the one decoded, to verify, and the time the
+    /// draft model took to draft them.
     drafts: Vec<LlamaToken>,
+    drafting: std::time::Duration,
 }
 
 impl<'m> Worker<'m> {
@@ -300,6 +320,9 @@ impl<'m> Worker<'m> {
         if let Some(ctx) = &mut self.ctx {
             let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
         }
+        if let Some(d) = &mut self.drafter {
+            d.forget(slot);
+        }
         self.slots[slot].cache = Tokens::default();
     }
 
@@ -307,6 +330,9 @@ impl<'m> Worker<'m> {
     fn reset(&mut self) {
         if let Some(ctx) = &mut self.ctx {
             ctx.clear_kv_cache();
+        }
+        if let Some(d) = &mut self.drafter {
+            d.reset();
         }
         for slot in &mut self.slots {
             slot.cache = Tokens::default();
@@ -604,7 +630,8 @@ impl<'m> Worker<'m> {
                     ctx.clear_kv_cache_seq(Some(seq.slot as u32), Some(cache.len() as u32), None);
             }
             if decoded {
-                let ms = decoding.as_secs_f64() * 1000.0;
+                // A draft costs its drafting too.
+                let ms = (decoding + entry.drafting).as_secs_f64() * 1000.0;
                 self.governor.record(ms, given, entry.drafts.len());
                 seq.proposed += entry.drafts.len();
                 seq.accepted += accepted;
@@ -650,7 +677,7 @@ impl<'m> Worker<'m> {
                     continue;
                 }
             }
-            let drafts = match &seq.phase {
+            let (drafts, drafting) = match &seq.phase {
                 Phase::Decode => {
                     // Room for a draft within the window, the budget and the
                     // batch.
@@ -659,9 +686,15 @@ impl<'m> Worker<'m> {
                         .min(budget.saturating_sub(held + 1))
                         .min(BATCH.saturating_sub(self.batch.n_tokens() as usize + 1));
                     let cache = &self.slots[seq.slot].cache;
-                    self.running[i].draft(&cache.ids, room, &mut self.governor)
+                    let draft = self.running[i].draft(
+                        &cache.ids,
+                        room,
+                        &mut self.governor,
+                        self.drafter.as_mut(),
+                    );
+                    (draft.tokens, draft.spent)
                 }
-                Phase::Prefill(_) => Vec::new(),
+                Phase::Prefill(_) => Default::default(),
             };
             let seq = &self.running[i];
             let wanted = match &seq.phase {
@@ -735,6 +768,7 @@ impl<'m> Worker<'m> {
                 tokens,
                 logits,
                 drafts,
+                drafting,
             });
         }
         if !waiting.is_empty() && !self.waiting_said {

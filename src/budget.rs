@@ -707,15 +707,6 @@ mod tests {
         }
     }
 
-    /// This model with `draft` drafting for it.
-    pub fn with_draft(mut self, draft: ModelShape) -> ModelShape {
-        let draft = draft
-            .with_kv_layout(self.kv_layout)
-            .with_sequences(self.sequences);
-        self.draft = Some(Box::new(draft));
-        self
-    }
-
     /// llama.cpp's layout: 256 KiB a token for Qwen2.5-32B, allocated 4k
     /// tokens at a time and doubled up to the window.
     #[test]

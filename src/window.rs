@@ -127,7 +127,8 @@ pub struct WindowArgs {
 }
 
 /// llama.cpp's drafting defaults.
-const DRAFT: crate::engine::llamacpp::DraftSettings = crate::engine::llamacpp::DraftSettings::LLAMA_CPP;
+const DRAFT: crate::engine::llamacpp::DraftSettings =
+    crate::engine::llamacpp::DraftSettings::LLAMA_CPP;
 
 fn default_draft_max() -> u32 {
     DRAFT.max as u32

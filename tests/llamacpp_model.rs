@@ -13,7 +13,9 @@ use kalosm_language_model::{
     TextCompletionSession,
 };
 use kiln::budget::{grown_kv_cells, KvType};
-use kiln::engine::llamacpp::{Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Sampling, Turn};
+use kiln::engine::llamacpp::{
+    DraftSettings, Ended, LlamaCpp, LlamaCppSession, LlamaCppSettings, Sampling, Turn,
+};
 use kiln::engine::sampler::SamplerSettings;
 use kiln::engine::template::ChatTemplate;
 use kiln::engine::{CancelFlag, Priority};
@@ -356,6 +358,63 @@ async fn native_sampling_is_seeded_and_top_k_one_is_greedy() {
 async fn prompt_lookup_changes_nothing_but_the_decodes() {
     let _turn = one_engine_at_a_time().await;
     let llm = load(4096).await;
+    let lookup = SamplerSettings {
+        lookup: 8,
+        ..greedy(48)
+    };
+    drafts_change_nothing_but_the_decodes(&llm, &llm, lookup).await;
+}
+
+#[tokio::test]
+async fn a_draft_model_changes_nothing_but_the_decodes() {
+    let _turn = one_engine_at_a_time().await;
+    let plain = load(4096).await;
+    let model = model().await;
+    let template = ChatTemplate::for_file(&model.info, None).unwrap();
+    // The model as its own draft: its drafts are mostly kept, and the
+    // verify still decides every token.
+    let settings = LlamaCppSettings {
+        draft: Some(model.path.clone()),
+        drafting: DraftSettings {
+            max: 6,
+            min: 0,
+            p_min: 0.0,
+            always: true,
+        },
+        ..LlamaCppSettings::new(4096, Some(template))
+    };
+    let speculative = LlamaCpp::load(&model.path, settings).await.unwrap();
+    drafts_change_nothing_but_the_decodes(&plain, &speculative, greedy(48)).await;
+}
+
+#[tokio::test]
+async fn a_draft_model_with_another_vocabulary_is_refused_in_one_line() {
+    let _turn = one_engine_at_a_time().await;
+    let model = model().await;
+    let other = synthetic_gguf("llama", "spm").await;
+    let settings = LlamaCppSettings {
+        draft: Some(other.clone()),
+        ..LlamaCppSettings::new(2048, None)
+    };
+    let e = LlamaCpp::load(&model.path, settings)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(e.contains(&other.display().to_string()), "{e}");
+    assert!(e.contains(&model.path.display().to_string()), "{e}");
+    assert!(e.contains("vocabulary"), "{e}");
+}
+
+/// Greedy answers with drafts (`spec`, drafting with `drafting`) are the
+/// plain ones token for token, on five prompts and the turn after each,
+/// some drafts are kept, and a cancel still lands within two tokens.
+async fn drafts_change_nothing_but_the_decodes(
+    plain_llm: &LlamaCpp,
+    spec: &LlamaCpp,
+    drafting: SamplerSettings,
+) {
     let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
     let prompts = [
         chat("Repeat this text exactly: the kiln fires stoneware at 1280 degrees, and the glaze melts into glass as it cools slowly overnight."),
@@ -364,36 +423,43 @@ async fn prompt_lookup_changes_nothing_but_the_decodes() {
         chat("Write a short poem about the sea."),
         chat("What is the capital of France?"),
     ];
-    let run = |settings: SamplerSettings, text: String, session: LlamaCppSession| {
-        let llm = &llm;
-        async move { answered(llm, session, &text, settings, 48).await }
-    };
+    let run =
+        |llm: &LlamaCpp, settings: SamplerSettings, text: String, session: LlamaCppSession| {
+            let llm = llm.clone();
+            async move { answered(&llm, session, &text, settings, 48).await }
+        };
     let plain = greedy(48);
-    let lookup = SamplerSettings {
-        lookup: 8,
-        ..greedy(48)
-    };
     let (mut drafted, mut accepted) = (0, 0);
     let more = "<|im_end|>\n<|im_start|>user\nSay it again.<|im_end|>\n<|im_start|>assistant\n";
     for prompt in &prompts {
-        // Plain first, its cells then dropped, so the lookup runs prefill
+        // Plain first, its cells then dropped, so the drafted runs prefill
         // and go on from their own cells.
-        let (a, plain_session) =
-            run(plain.clone(), prompt.clone(), llm.new_session().unwrap()).await;
+        let (a, plain_session) = run(
+            plain_llm,
+            plain.clone(),
+            prompt.clone(),
+            plain_llm.new_session().unwrap(),
+        )
+        .await;
         let plain_text = plain_session.text();
-        let (c, plain_session) = run(plain.clone(), more.into(), plain_session).await;
-        llm.forget(&plain_session);
-        let (b, lookup_session) =
-            run(lookup.clone(), prompt.clone(), llm.new_session().unwrap()).await;
+        let (c, plain_session) = run(plain_llm, plain.clone(), more.into(), plain_session).await;
+        plain_llm.forget(&plain_session);
+        let (b, spec_session) = run(
+            spec,
+            drafting.clone(),
+            prompt.clone(),
+            spec.new_session().unwrap(),
+        )
+        .await;
         assert_eq!(a, b, "{prompt:?}");
-        assert_eq!(plain_text, lookup_session.text());
-        let report = lookup_session.last_run().unwrap();
+        assert_eq!(plain_text, spec_session.text());
+        let report = spec_session.last_run().unwrap();
         drafted += report.drafted;
         accepted += report.accepted;
         // The next turn starts from the cells the drafts left.
-        let (d, lookup_session) = run(lookup.clone(), more.into(), lookup_session).await;
+        let (d, spec_session) = run(spec, drafting.clone(), more.into(), spec_session).await;
         assert_eq!(c, d, "the turn after {prompt:?}");
-        llm.forget(&lookup_session);
+        spec.forget(&spec_session);
     }
     assert!(
         drafted > 0 && accepted > 0,
@@ -410,16 +476,16 @@ async fn prompt_lookup_changes_nothing_but_the_decodes() {
     let turn = Turn {
         sampling: Sampling {
             settings: SamplerSettings {
-                lookup: 8,
-                ..greedy(200)
+                max_tokens: 200,
+                ..drafting
             },
             banned: vec![],
         },
         cancel: cancel.clone(),
         ..greedy_turn(200)
     };
-    let mut session = llm.new_session().unwrap();
-    let _ = llm
+    let mut session = spec.new_session().unwrap();
+    let _ = spec
         .stream_text_with_callback(&mut session, &prompts[1], turn, move |_| {
             *count.lock().unwrap() += 1;
             flag.cancel_through(1);

@@ -47,17 +47,14 @@ pub struct Launched {
 impl Launched {
     /// The model's dimensions with the engine's KV layout, for budgets.
     pub fn shape(&self) -> ModelShape {
-        with_draft(
-            ModelShape::from_gguf(&self.model.info),
-            self.draft.as_ref(),
-        )
-        .with_window_limit(self.window.tokens)
-        .with_kv_layout(self.backend.kv_layout(
-            self.kv_budget as usize,
-            self.kv_type,
-            &self.window_args,
-        ))
-        .with_sequences(self.sequences)
+        with_draft(ModelShape::from_gguf(&self.model.info), self.draft.as_ref())
+            .with_window_limit(self.window.tokens)
+            .with_kv_layout(self.backend.kv_layout(
+                self.kv_budget as usize,
+                self.kv_type,
+                &self.window_args,
+            ))
+            .with_sequences(self.sequences)
     }
 
     /// How the model is named in a session, so resume can load it again:

@@ -241,8 +241,7 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
             crate::bandwidth::share_of_bound(
                 // The cache cells in use, not those allocated: attention
                 // reads only the tokens held.
-                shape.active_weight_bytes()
-                    + shape.own_kv_per_token() * last.context_tokens as u64,
+                shape.active_weight_bytes() + shape.own_kv_per_token() * last.context_tokens as u64,
                 tok_s,
                 bandwidth,
             )

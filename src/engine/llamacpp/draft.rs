@@ -300,7 +300,9 @@ impl<'m> Drafter<'m> {
         }
         let most = self.context.kv_budget + self.settings.max + 1;
         if wanted > most {
-            return Err(format!("{wanted} tokens do not fit its {most}-token context"));
+            return Err(format!(
+                "{wanted} tokens do not fit its {most}-token context"
+            ));
         }
         let cells = grown_kv_cells(wanted as u64, most as u64) as usize;
         self.ctx = None;
@@ -326,17 +328,18 @@ fn make<'m>(
 
 /// The likeliest token and its probability.
 fn likeliest(logits: &[f32]) -> (usize, f32) {
-    let (best, top) = logits
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        });
+    let (best, top) =
+        logits
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
     let sum: f32 = logits.iter().map(|l| (l - top).exp()).sum();
     (best, 1.0 / sum)
 }

@@ -19,11 +19,11 @@ mod sequence;
 mod tokens;
 mod worker;
 
+pub use draft::DraftSettings;
 pub use model::{
     LlamaCpp, LlamaCppChatSession, LlamaCppError, LlamaCppSession, LlamaCppSettings, NativeSampler,
     Plan, Turn,
 };
-pub use draft::DraftSettings;
 pub use sampling::Sampling;
 pub use sequence::{Ended, RunReport};
 

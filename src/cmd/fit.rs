@@ -32,23 +32,30 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
             info.rope,
         ))
     };
-    let (shape, source, rope, recipe) = match &spec {
-        ModelSpec::Local(path) => {
-            let (shape, source, rope) = from_file(path)?;
-            (shape, source, rope, None)
-        }
-        ModelSpec::Preset(name) => {
-            let p = models::preset(name).expect("parsed presets exist");
-            let (shape, source, rope) = match models::cached_path(p, &paths) {
-                Some(path) => from_file(&path)?,
-                None => (
-                    ModelShape::from_preset(p),
-                    format!("preset {} (built-in dimensions)", p.name),
-                    Default::default(),
-                ),
-            };
-            (shape, source, rope, p.yarn)
-        }
+    let of = |spec: &ModelSpec| -> Result<_> {
+        Ok(match spec {
+            ModelSpec::Local(path) => {
+                let (shape, source, rope) = from_file(path)?;
+                (shape, source, rope, None)
+            }
+            ModelSpec::Preset(name) => {
+                let p = models::preset(name).expect("parsed presets exist");
+                let (shape, source, rope) = match models::cached_path(p, &paths) {
+                    Some(path) => from_file(&path)?,
+                    None => (
+                        ModelShape::from_preset(p),
+                        format!("preset {} (built-in dimensions)", p.name),
+                        Default::default(),
+                    ),
+                };
+                (shape, source, rope, p.yarn)
+            }
+        })
+    };
+    let (shape, source, rope, recipe) = of(&spec)?;
+    let draft = match &common.window.draft {
+        Some(name) => Some(of(&ModelSpec::parse(Some(name)))?),
+        None => None,
     };
     // For the engine `--engine` names (llama.cpp unless it says kalosm).
     let backend = crate::engine::local::Backend::parse(&common.engine)
@@ -65,6 +72,10 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
     .map_err(KilnError::BadArgument)?;
     let (mem, machine) = memory(&args)?;
     let context = window.tokens;
+    let shape = match &draft {
+        Some((d, ..)) => shape.with_draft(d.clone()),
+        None => shape,
+    };
     let shape = shape
         .with_window_limit(window.tokens)
         .with_kv_layout(backend.kv_layout(context as usize, common.kv_type, &common.window))
@@ -100,6 +111,9 @@ pub fn run(args: FitArgs, common: &Common) -> Result<i32> {
         print_table(&shape, &source, &mem, &b, &window, (metal, limit));
         if let (Some(m), Some(d)) = (machine, decode) {
             print_machine(m, &d);
+        }
+        if let Some((_, source, ..)) = &draft {
+            print_draft(&shape, source, common.window.draft_max as usize);
         }
     }
     Ok(0)
@@ -176,6 +190,41 @@ fn print_machine(m: &machines::Machine, d: &machines::DecodeEstimate) {
         ),
     );
     row("decode speed", machines::describe(d, m.bandwidth_gbs));
+}
+
+/// The draft model's share of the budget, and what it buys where decoding
+/// is bound by memory bandwidth.
+fn print_draft(shape: &ModelShape, source: &str, k: usize) {
+    let Some(d) = &shape.draft else { return };
+    let row = |k: &str, v: String| println!("  {k:<26}{v}");
+    println!("draft model {} · {source}", d.name);
+    row(
+        "its share",
+        format!(
+            "weights {} and KV cache {:.1} KiB a token (counted above)",
+            gib(d.own_weight_bytes()),
+            d.own_kv_per_token() as f64 / 1024.0
+        ),
+    );
+    let (model, draft) = (shape.active_weight_bytes(), d.active_weight_bytes());
+    let at = |a: f64| format!("×{:.2}", machines::draft_speedup(model, draft, k, a));
+    row(
+        "bandwidth-bound speed-up",
+        format!(
+            "{} at 60% of drafts kept, {} at 80%, {} at 90% ({k} a step); it pays from {}",
+            at(0.6),
+            at(0.8),
+            at(0.9),
+            machines::draft_break_even(model, draft, k).map_or(
+                "no acceptance rate".into(),
+                |a| format!("{:.0}% kept", a * 100.0)
+            )
+        ),
+    );
+    row(
+        "on a few CPU cores",
+        "verifying costs nearly what decoding the drafted tokens does; kiln measures and rests drafting that does not pay".into(),
+    );
 }
 
 /// `metal` when the plan is for a Mac, where the model lives under the GPU

@@ -17,8 +17,9 @@ use crate::app::Pasted;
 /// 6: kiln's own input types, agent settings with the client's settings;
 /// 7: several workstations, speed and KV tokens in `kiln ps`, `kiln ask`
 /// through the daemon; 8: top-k, min-p, penalties and prompt lookup in the
-/// client's sampling settings, decode and draft figures in turn stats.
-pub const VERSION: u32 = 8;
+/// client's sampling settings, decode and draft figures in turn stats;
+/// 9: the draft model and its settings among the window flags.
+pub const VERSION: u32 = 9;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest question `kiln ask` sends the daemon (one that JSON

@@ -326,21 +326,27 @@ fn make<'m>(
     })
 }
 
-/// The likeliest token and its probability.
+/// Candidates the draft model's probability is taken over, as llama.cpp's
+/// drafting sampler (top-k 10) does: `--draft-p-min` means what it means
+/// there.
+const DRAFT_TOP_K: usize = 10;
+
+/// The likeliest token and its probability among the `DRAFT_TOP_K`
+/// likeliest.
 fn likeliest(logits: &[f32]) -> (usize, f32) {
-    let (best, top) =
-        logits
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            });
-    let sum: f32 = logits.iter().map(|l| (l - top).exp()).sum();
+    let mut top: Vec<(usize, f32)> = Vec::with_capacity(DRAFT_TOP_K + 1);
+    for (i, &v) in logits.iter().enumerate() {
+        if top.len() == DRAFT_TOP_K && v <= top[DRAFT_TOP_K - 1].1 {
+            continue;
+        }
+        let at = top.partition_point(|&(_, t)| t >= v);
+        top.insert(at, (i, v));
+        top.truncate(DRAFT_TOP_K);
+    }
+    let Some(&(best, max)) = top.first() else {
+        return (0, 0.0);
+    };
+    let sum: f32 = top.iter().map(|&(_, l)| (l - max).exp()).sum();
     (best, 1.0 / sum)
 }
 
@@ -349,12 +355,20 @@ mod tests {
     use super::likeliest;
 
     #[test]
-    fn the_likeliest_token_and_its_softmax_probability() {
+    fn the_likeliest_token_and_its_probability_among_the_ten_likeliest() {
         let (best, p) = likeliest(&[0.0, 2.0_f32.ln(), 0.0]);
         assert_eq!(best, 1);
         // 2 / (1 + 2 + 1)
         assert!((p - 0.5).abs() < 1e-6, "{p}");
         let (best, p) = likeliest(&[5.0]);
         assert_eq!((best, p), (0, 1.0));
+        // Over the ten likeliest only: the long tail does not count.
+        let mut logits = vec![-100.0; 1000];
+        logits[7] = 3.0_f32.ln();
+        (20..29).for_each(|i| logits[i] = 0.0);
+        let (best, p) = likeliest(&logits);
+        assert_eq!(best, 7);
+        // 3 / (3 + 9)
+        assert!((p - 0.25).abs() < 1e-6, "{p}");
     }
 }

@@ -126,9 +126,33 @@ pub struct WindowArgs {
     pub draft_always: bool,
 }
 
+/// How the draft model drafts (`--draft-max`, `--draft-min`, `--draft-p-min`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DraftSettings {
+    /// The most tokens drafted a step.
+    pub max: usize,
+    /// A shorter draft is not verified at all.
+    pub min: usize,
+    /// Drafting stops at a token the draft model itself gives less than
+    /// this probability (llama.cpp's `--draft-p-min`).
+    pub p_min: f32,
+    /// Draft every step, even while drafting does not pay (`--draft-always`;
+    /// prompt lookup too).
+    pub always: bool,
+}
+
+impl DraftSettings {
+    /// llama.cpp's defaults.
+    pub const LLAMA_CPP: DraftSettings = DraftSettings {
+        max: 16,
+        min: 0,
+        p_min: 0.75,
+        always: false,
+    };
+}
+
 /// llama.cpp's drafting defaults.
-const DRAFT: crate::engine::llamacpp::DraftSettings =
-    crate::engine::llamacpp::DraftSettings::LLAMA_CPP;
+const DRAFT: DraftSettings = DraftSettings::LLAMA_CPP;
 
 fn default_draft_max() -> u32 {
     DRAFT.max as u32
@@ -230,8 +254,8 @@ impl WindowArgs {
     }
 
     /// How the draft model drafts, as the flags say.
-    pub fn drafting(&self) -> crate::engine::llamacpp::DraftSettings {
-        crate::engine::llamacpp::DraftSettings {
+    pub fn drafting(&self) -> DraftSettings {
+        DraftSettings {
             max: self.draft_max as usize,
             min: (self.draft_min as usize).min(self.draft_max as usize),
             p_min: self.draft_p_min,

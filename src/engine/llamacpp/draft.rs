@@ -28,31 +28,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::worker::{context_params, Settings, BATCH};
 use crate::budget::grown_kv_cells;
-
-/// How the draft model drafts (`--draft-max`, `--draft-min`, `--draft-p-min`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DraftSettings {
-    /// The most tokens drafted a step.
-    pub max: usize,
-    /// A shorter draft is not verified at all.
-    pub min: usize,
-    /// Drafting stops at a token the draft model itself gives less than
-    /// this probability (llama.cpp's `--draft-p-min`).
-    pub p_min: f32,
-    /// Draft every step, even while drafting does not pay (`--draft-always`;
-    /// prompt lookup too).
-    pub always: bool,
-}
-
-impl DraftSettings {
-    /// llama.cpp's defaults.
-    pub const LLAMA_CPP: DraftSettings = DraftSettings {
-        max: 16,
-        min: 0,
-        p_min: 0.75,
-        always: false,
-    };
-}
+pub use crate::window::DraftSettings;
 
 /// Vocabulary sizes may differ by this many tokens (padding, a few added
 /// special tokens), as llama.cpp's own check allows.

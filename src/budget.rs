@@ -254,7 +254,12 @@ impl ModelShape {
     /// cache grows with the context (sliding-window layers stop growing at
     /// their window; see `kv_bytes`).
     pub fn kv_per_token_engine(&self) -> u64 {
-        self.own_kv_per_token() + self.draft.as_ref().map_or(0, |d| d.own_kv_per_token())
+        self.and_draft(Self::own_kv_per_token)
+    }
+
+    /// `own` of this model plus, with a draft model, of that one.
+    fn and_draft(&self, own: impl Fn(&ModelShape) -> u64) -> u64 {
+        own(self) + self.draft.as_deref().map_or(0, own)
     }
 
     /// `kv_per_token_engine` without the draft model's.
@@ -297,7 +302,7 @@ impl ModelShape {
     /// KV cache (and recurrent state) bytes the engine has allocated when
     /// it holds `tokens`, the draft model's included.
     pub fn kv_bytes(&self, tokens: u64) -> u64 {
-        self.own_kv_bytes(tokens) + self.draft.as_ref().map_or(0, |d| d.own_kv_bytes(tokens))
+        self.and_draft(|m| m.own_kv_bytes(tokens))
     }
 
     /// `kv_bytes` without the draft model's.
@@ -323,7 +328,7 @@ impl ModelShape {
     /// Weights in memory: the file's tensors, plus (kalosm) the f32
     /// embedding table.
     pub fn weight_bytes(&self) -> u64 {
-        self.own_weight_bytes() + self.draft.as_ref().map_or(0, |d| d.own_weight_bytes())
+        self.and_draft(Self::own_weight_bytes)
     }
 
     /// `weight_bytes` without the draft model's.
@@ -400,11 +405,7 @@ impl ModelShape {
     /// batch token and one column per cell (and one more mask over the
     /// window's cells), and with flash attention off a batch's scores.
     fn retained_activation_bytes(&self, tokens: u64, prefilled: u64) -> u64 {
-        self.own_activation_bytes(tokens, prefilled)
-            + self
-                .draft
-                .as_ref()
-                .map_or(0, |d| d.own_activation_bytes(tokens, prefilled))
+        self.and_draft(|m| m.own_activation_bytes(tokens, prefilled))
     }
 
     fn own_activation_bytes(&self, tokens: u64, prefilled: u64) -> u64 {

@@ -79,8 +79,8 @@ pub struct GenStats {
     pub decode_ms: Option<f64>,
     #[serde(default)]
     pub sample_ms: Option<f64>,
-    /// Tokens drafted by prompt lookup (`--lookup`), how many of them the
-    /// model chose too, and how often drafting rested for not paying.
+    /// Tokens drafted (prompt lookup, `--lookup`, or a draft model,
+    /// `--draft`), how many of them the model chose too, and how often drafting rested for not paying.
     #[serde(default)]
     pub drafted: usize,
     #[serde(default)]
@@ -105,6 +105,20 @@ impl GenStats {
         );
         if self.cached_tokens > 0 {
             line.push_str(&format!(" · prompt cache hit ({} tok)", self.cached_tokens));
+        }
+        if self.drafted > 0 {
+            line.push_str(&format!(
+                " · drafts kept {} of {} ({:.0}%)",
+                self.accepted_drafts,
+                self.drafted,
+                self.accepted_drafts as f64 * 100.0 / self.drafted as f64
+            ));
+        }
+        if self.drafting_rested > 0 {
+            line.push_str(&format!(
+                " · drafting rested {} time(s): it did not pay",
+                self.drafting_rested
+            ));
         }
         if finish != FinishReason::Stop {
             line.push_str(&format!(" · stopped: {finish:?}"));

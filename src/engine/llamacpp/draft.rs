@@ -89,7 +89,6 @@ pub(super) fn refusal(draft: &Path, model: &Path, why: &str) -> String {
 /// The draft model's context and what each of its sequences holds.
 pub(super) struct Drafter<'m> {
     model: &'m LlamaModel,
-    settings: DraftSettings,
     context: Settings,
     /// Always `Some` but while it is made again, bigger.
     ctx: Option<LlamaContext<'m>>,
@@ -102,7 +101,8 @@ pub(super) struct Drafter<'m> {
 pub(super) struct Draft {
     pub(super) tokens: Vec<LlamaToken>,
     /// The draft model's decodes for the drafted tokens, and for catching
-    /// up with the tokens the last verify kept.
+    /// up with the tokens the last verify kept (not for a prompt: that is
+    /// its prefill).
     pub(super) spent: Duration,
 }
 
@@ -116,7 +116,6 @@ impl<'m> Drafter<'m> {
         let ctx = make(model, cells, &context)?;
         Ok(Drafter {
             model,
-            settings: context.drafting,
             held: vec![Vec::new(); context.sequences],
             context,
             ctx: Some(ctx),
@@ -125,7 +124,7 @@ impl<'m> Drafter<'m> {
     }
 
     pub(super) fn max(&self) -> usize {
-        self.settings.max
+        self.context.drafting.max
     }
 
     fn cells(&self) -> usize {
@@ -159,18 +158,18 @@ impl<'m> Drafter<'m> {
         stop: &dyn Fn() -> bool,
     ) -> Draft {
         let started = Instant::now();
-        let tokens = match self.draft(slot, cache, last, max, stop) {
-            Ok(tokens) if tokens.len() >= self.settings.min => tokens,
-            Ok(_) => Vec::new(),
+        let (tokens, prefill) = match self.draft(slot, cache, last, max, stop) {
+            Ok((tokens, prefill)) if tokens.len() >= self.context.drafting.min => (tokens, prefill),
+            Ok((_, prefill)) => (Vec::new(), prefill),
             Err(e) => {
                 tracing::warn!("the draft model failed ({e}); drafting again from the start");
                 self.reset();
-                Vec::new()
+                (Vec::new(), Duration::ZERO)
             }
         };
         Draft {
             tokens,
-            spent: started.elapsed(),
+            spent: started.elapsed().saturating_sub(prefill),
         }
     }
 
@@ -181,9 +180,9 @@ impl<'m> Drafter<'m> {
         last: LlamaToken,
         max: usize,
         stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<LlamaToken>, String> {
+    ) -> Result<(Vec<LlamaToken>, Duration), String> {
         if max == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Duration::ZERO));
         }
         let context_len = cache.len() + 1;
         let token = |i: usize| cache.get(i).copied().unwrap_or(last);
@@ -211,6 +210,7 @@ impl<'m> Drafter<'m> {
             self.held[slot].truncate(common);
         }
         // Catch up, a batch at a time; logits for the last token only.
+        let caught_up = Instant::now();
         let mut at = common;
         while at < context_len {
             let end = (at + BATCH).min(context_len);
@@ -218,12 +218,19 @@ impl<'m> Drafter<'m> {
             self.decode(slot, at, &batch)?;
             at = end;
         }
+        // More than a verify can keep is a prompt (a new turn's, or one
+        // dropped for room): the draft model's prefill, paid once a turn as
+        // the model's own is, and not what a drafted step costs.
+        let prefill = match context_len - common > self.max() + 1 {
+            true => caught_up.elapsed(),
+            false => Duration::ZERO,
+        };
         let mut drafted = Vec::with_capacity(max);
         loop {
             let ctx = self.ctx.as_ref().expect("the draft context");
             let logits = ctx.get_logits_ith(self.batch.n_tokens() - 1);
             let (best, p) = likeliest(logits);
-            if p < self.settings.p_min {
+            if p < self.context.drafting.p_min {
                 break;
             }
             drafted.push(LlamaToken(best as i32));
@@ -233,7 +240,7 @@ impl<'m> Drafter<'m> {
             let pos = context_len + drafted.len() - 1;
             self.decode(slot, pos, &[LlamaToken(best as i32)])?;
         }
-        Ok(drafted)
+        Ok((drafted, prefill))
     }
 
     /// Decode `tokens` at `pos` on sequence `slot`, logits for the last.
@@ -274,7 +281,7 @@ impl<'m> Drafter<'m> {
         if wanted <= self.cells() {
             return Ok(());
         }
-        let most = self.context.kv_budget + self.settings.max + 1;
+        let most = self.context.kv_budget + self.context.drafting.max + 1;
         if wanted > most {
             return Err(format!(
                 "{wanted} tokens do not fit its {most}-token context"

@@ -103,11 +103,12 @@ impl Governor {
         self.plain_steps >= BASELINE_STEPS
     }
 
-    /// A decode step of `ms` that gave a sequence `tokens`, after a draft
-    /// of `proposed` tokens (0 for a plain step).
-    pub(super) fn record(&mut self, ms: f64, tokens: usize, proposed: usize) {
+    /// A decode step of `ms` that gave a sequence `tokens`; `drafted` when
+    /// a draft was verified or the draft model was asked for one (a step
+    /// where it was unsure still paid for asking).
+    pub(super) fn record(&mut self, ms: f64, tokens: usize, drafted: bool) {
         let per_token = ms / tokens.max(1) as f64;
-        if proposed == 0 {
+        if !drafted {
             self.plain_ms = Some(mean(self.plain_ms, per_token));
             self.plain_steps += 1;
             return;
@@ -179,14 +180,14 @@ mod tests {
         // No baseline yet: plain steps first.
         assert!(!g.allows());
         for _ in 0..BASELINE_STEPS {
-            g.record(10.0, 1, 0);
+            g.record(10.0, 1, false);
         }
         assert!(g.allows());
         // Drafts that are never kept cost more per token.
         let mut rests = Vec::new();
         for _ in 0..3 {
             for _ in 0..JUDGE_AFTER {
-                g.record(14.0, 1, 4);
+                g.record(14.0, 1, true);
             }
             rests.push(g.rest);
             while !g.allows() {}
@@ -195,7 +196,7 @@ mod tests {
         assert_eq!(g.rested, 3);
         // Drafts that are mostly kept pay, and go on.
         for _ in 0..JUDGE_AFTER * 4 {
-            g.record(14.0, 4, 4);
+            g.record(14.0, 4, true);
             assert!(g.allows());
         }
         assert_eq!(g.rested, 3);

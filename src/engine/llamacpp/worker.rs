@@ -632,7 +632,8 @@ impl<'m> Worker<'m> {
             if decoded {
                 // A draft costs its drafting too.
                 let ms = (decoding + entry.drafting).as_secs_f64() * 1000.0;
-                self.governor.record(ms, given, entry.drafts.len());
+                let drafted = !entry.drafts.is_empty() || !entry.drafting.is_zero();
+                self.governor.record(ms, given, drafted);
                 seq.proposed += entry.drafts.len();
                 seq.accepted += accepted;
             }

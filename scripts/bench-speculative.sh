@@ -31,7 +31,11 @@ fi
 threads="$(nproc)"
 tokens=256
 max=16
-p_min=0.75
+# llama-speculative's draft samples with the run's settings, so at
+# temperature 0 its draft probabilities are one-hot and --spec-draft-p-min
+# never stops a draft: 0 for both says what it does. kiln's default (0.75,
+# over the draft's ten likeliest tokens, as llama-server drafts) runs too.
+p_min=0
 lookup=8
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -68,9 +72,9 @@ kiln_run() { # NAME, then kiln's flags; prints decode tok/s and drafts kept
     --max-tokens "$tokens" "$@" "$ask" >/dev/null 2>"$work/err" \
     || { echo "$name failed:"; tail -5 "$work/err"; return; }
   local line speed kept
-  line="$(grep '^kiln: .* tokens · TTFT' "$work/err" | tail -1)"
-  speed="$(grep -o 'decode [0-9.]* tok/s' <<<"$line" | grep -o '[0-9.]*' | head -1)"
-  kept="$(grep -o 'drafts kept [0-9]* of [0-9]*' <<<"$line" | sed 's/drafts kept //')"
+  line="$(grep '^kiln: .* tokens · TTFT' "$work/err" | tail -1 || true)"
+  speed="$(grep -o 'decode [0-9.]* tok/s' <<<"$line" | grep -o '[0-9.]*' | head -1 || true)"
+  kept="$(grep -o 'drafts kept [0-9]* of [0-9]*' <<<"$line" | sed 's/drafts kept //' || true)"
   printf '%-34s %8s tok/s   drafts kept %s%s\n' "$name" "$speed" "${kept:-none}" \
     "$(grep -o ' · drafting rested .*' <<<"$line" || true)"
 }
@@ -82,6 +86,8 @@ peer "llama-speculative" "$bin/llama-speculative" -m "$target" -md "$draft" -td 
 kiln_run "kiln plain"
 kiln_run "kiln --draft --draft-always" --draft "$draft" --draft-max "$max" --draft-p-min "$p_min" --draft-always
 kiln_run "kiln --draft (governed)" --draft "$draft" --draft-max "$max" --draft-p-min "$p_min"
+kiln_run "kiln --draft, default p-min, always" --draft "$draft" --draft-max "$max" --draft-always
+kiln_run "kiln --draft, default p-min" --draft "$draft" --draft-max "$max"
 echo "-- prompt lookup (up to $lookup tokens a step)"
 peer "llama-lookup" "$bin/llama-lookup" -m "$target" --spec-draft-n-max "$lookup" "${greedy[@]}"
 kiln_run "kiln --lookup --draft-always" --lookup "$lookup" --draft-always

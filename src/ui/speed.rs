@@ -34,7 +34,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
                 text,
             ));
             lines.push(Line::styled(
-                format!("decode {} tok/s{}", rate(s.decode_tok_s), lookup(s)),
+                format!("decode {} tok/s{}", rate(s.decode_tok_s), drafting(s)),
                 text,
             ));
         }
@@ -73,9 +73,9 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     );
 }
 
-/// Prompt lookup's share of drafts the model kept and the tokens each
+/// The share of drafts (prompt lookup, a draft model) the model kept and the tokens each
 /// decode gave (or that drafting rested for not paying); empty without it.
-fn lookup(s: &crate::engine::GenStats) -> String {
+fn drafting(s: &crate::engine::GenStats) -> String {
     if s.drafted == 0 {
         return String::new();
     }

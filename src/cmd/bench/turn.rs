@@ -47,7 +47,7 @@ pub struct PerToken {
     pub sampling_ms: f64,
     /// Everything outside llama.cpp's decode, sampling included.
     pub outside_decode_ms: f64,
-    /// With --lookup: tokens drafted over the runs, those kept, and times
+    /// With --lookup or --draft: tokens drafted over the runs, those kept, and times
     /// drafting rested for not paying.
     pub drafted: usize,
     pub accepted_drafts: usize,
@@ -253,7 +253,7 @@ fn print_table(r: &TurnReport) {
         );
         if p.drafted > 0 {
             println!(
-                "prompt lookup: {} drafted, {} kept ({:.0}%), rested {} time(s) for not paying",
+                "drafts: {} drafted, {} kept ({:.0}%), rested {} time(s) for not paying",
                 p.drafted,
                 p.accepted_drafts,
                 p.accepted_drafts as f64 * 100.0 / p.drafted as f64,

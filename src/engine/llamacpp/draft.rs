@@ -14,8 +14,9 @@
 //!
 //! The draft model keeps its own context on the worker thread, with a
 //! sequence for each of the model's: it holds the tokens its sequence
-//! holds (caught up before each draft, a prompt in chunks as a prefill),
-//! so a draft costs one small decode per drafted token.
+//! holds (it reads a prompt once the model has, and catches up with what a
+//! verify kept before each draft), so a draft costs one small decode per
+//! drafted token.
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -173,6 +174,19 @@ impl<'m> Drafter<'m> {
         }
     }
 
+    /// Read a prompt the model has just prefilled on sequence `slot`
+    /// (`cache`), so the first draft costs a draft and not a prefill: the
+    /// draft model reads the prompt with the model, as llama.cpp's does.
+    pub(super) fn read(&mut self, slot: usize, cache: &[LlamaToken]) {
+        let read = self
+            .make_room(slot, cache.len() + self.max() + 1)
+            .and_then(|()| self.catch_up(slot, cache.len(), &|i| cache[i], false));
+        if let Err(e) = read {
+            tracing::warn!("the draft model failed ({e}); drafting again from the start");
+            self.reset();
+        }
+    }
+
     fn draft(
         &mut self,
         slot: usize,
@@ -187,41 +201,12 @@ impl<'m> Drafter<'m> {
         let context_len = cache.len() + 1;
         let token = |i: usize| cache.get(i).copied().unwrap_or(last);
         self.make_room(slot, context_len + max)?;
-        // What the sequence still holds of the context, short of its last
-        // token, which is decoded again for its logits.
-        let held = &self.held[slot];
-        let mut common = held
-            .iter()
-            .enumerate()
-            .take_while(|&(i, t)| *t == token(i))
-            .count()
-            .min(context_len - 1);
-        if common < held.len() {
-            let ctx = self.ctx.as_mut().expect("the draft context");
-            let cut = ctx
-                .clear_kv_cache_seq(Some(slot as u32), Some(common as u32), None)
-                .unwrap_or(false);
-            if !cut || ctx.kv_cache_seq_pos_max(slot as i32) + 1 != common as i32 {
-                // Memory that cannot be cut here (a sliding window, a
-                // recurrent state): start the sequence over.
-                self.forget(slot);
-                common = 0;
-            }
-            self.held[slot].truncate(common);
-        }
-        // Catch up, a batch at a time; logits for the last token only.
         let caught_up = Instant::now();
-        let mut at = common;
-        while at < context_len {
-            let end = (at + BATCH).min(context_len);
-            let batch = (at..end).map(token).collect::<Vec<_>>();
-            self.decode(slot, at, &batch)?;
-            at = end;
-        }
-        // More than a verify can keep is a prompt (a new turn's, or one
-        // dropped for room): the draft model's prefill, paid once a turn as
-        // the model's own is, and not what a drafted step costs.
-        let prefill = match context_len - common > self.max() + 1 {
+        let read = self.catch_up(slot, context_len, &token, true)?;
+        // More than a verify can keep is a prompt (one dropped for room, or
+        // one read while drafting rested): the draft model's prefill, not
+        // what a drafted step costs.
+        let prefill = match read > self.max() + 1 {
             true => caught_up.elapsed(),
             false => Duration::ZERO,
         };
@@ -241,6 +226,48 @@ impl<'m> Drafter<'m> {
             self.decode(slot, pos, &[LlamaToken(best as i32)])?;
         }
         Ok((drafted, prefill))
+    }
+
+    /// Make sequence `slot` hold `token(0..len)`, decoding what it lacks, a
+    /// batch at a time; with `logits`, the last token is decoded again if
+    /// it was held, for its logits. Returns the tokens decoded.
+    fn catch_up(
+        &mut self,
+        slot: usize,
+        len: usize,
+        token: &dyn Fn(usize) -> LlamaToken,
+        logits: bool,
+    ) -> Result<usize, String> {
+        let held = &self.held[slot];
+        let mut common = held
+            .iter()
+            .enumerate()
+            .take_while(|&(i, t)| i < len && *t == token(i))
+            .count();
+        if logits {
+            common = common.min(len.saturating_sub(1));
+        }
+        if common < held.len() {
+            let ctx = self.ctx.as_mut().expect("the draft context");
+            let cut = ctx
+                .clear_kv_cache_seq(Some(slot as u32), Some(common as u32), None)
+                .unwrap_or(false);
+            if !cut || ctx.kv_cache_seq_pos_max(slot as i32) + 1 != common as i32 {
+                // Memory that cannot be cut here (a sliding window, a
+                // recurrent state): start the sequence over.
+                self.forget(slot);
+                common = 0;
+            }
+            self.held[slot].truncate(common);
+        }
+        let mut at = common;
+        while at < len {
+            let end = (at + BATCH).min(len);
+            let batch = (at..end).map(token).collect::<Vec<_>>();
+            self.decode(slot, at, &batch)?;
+            at = end;
+        }
+        Ok(len - common)
     }
 
     /// Decode `tokens` at `pos` on sequence `slot`, logits for the last.

@@ -54,7 +54,7 @@ pub(super) fn draft(cache: &[LlamaToken], last: LlamaToken, max: usize) -> Vec<L
 const FIRST_REST: usize = 256;
 const LONGEST_REST: usize = 8192;
 /// Drafted steps measured before drafting is judged.
-const JUDGE_AFTER: usize = 3;
+const JUDGE_AFTER: usize = 4;
 /// Plain steps measured before drafting starts.
 const BASELINE_STEPS: usize = 4;
 /// Weight of the newest step in the running means.
@@ -64,11 +64,17 @@ const WEIGHT: f64 = 0.2;
 /// token of steps with a draft and of steps without one. One for the
 /// worker, kept across runs: what a verify costs against a plain decode is
 /// the machine's, and a new turn should not pay to learn it again.
+///
+/// A drafted step's cost per token is its mean time over its mean tokens,
+/// not a mean of each step's time per token: a draft of eight kept is one
+/// step worth eight tokens, and one rejected draft after it must not
+/// outweigh it.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Governor {
     plain_ms: Option<f64>,
     plain_steps: usize,
     drafted_ms: Option<f64>,
+    drafted_tokens: Option<f64>,
     drafted_steps: usize,
     /// Steps left before drafting is tried again, and the next rest.
     rest: usize,
@@ -103,17 +109,22 @@ impl Governor {
         self.plain_steps >= BASELINE_STEPS
     }
 
+    /// Whether drafting rests now for not paying.
+    pub(super) fn resting(&self) -> bool {
+        !self.always && self.rest > 0
+    }
+
     /// A decode step of `ms` that gave a sequence `tokens`; `drafted` when
     /// a draft was verified or the draft model was asked for one (a step
     /// where it was unsure still paid for asking).
     pub(super) fn record(&mut self, ms: f64, tokens: usize, drafted: bool) {
-        let per_token = ms / tokens.max(1) as f64;
         if !drafted {
-            self.plain_ms = Some(mean(self.plain_ms, per_token));
+            self.plain_ms = Some(mean(self.plain_ms, ms / tokens.max(1) as f64));
             self.plain_steps += 1;
             return;
         }
-        self.drafted_ms = Some(mean(self.drafted_ms, per_token));
+        self.drafted_ms = Some(mean(self.drafted_ms, ms));
+        self.drafted_tokens = Some(mean(self.drafted_tokens, tokens.max(1) as f64));
         self.drafted_steps += 1;
         if self.always || self.drafted_steps < JUDGE_AFTER {
             return;
@@ -125,14 +136,15 @@ impl Governor {
             self.next_rest = (self.rest * 2).min(LONGEST_REST);
             self.rested += 1;
             self.drafted_ms = None;
+            self.drafted_tokens = None;
             self.drafted_steps = 0;
         }
     }
 
     /// Whether a drafted step's token costs less than a plain one's.
     fn pays(&self) -> bool {
-        match (self.drafted_ms, self.plain_ms) {
-            (Some(d), Some(p)) => d < p,
+        match (self.drafted_ms, self.drafted_tokens, self.plain_ms) {
+            (Some(ms), Some(tokens), Some(plain)) => ms / tokens < plain,
             _ => true,
         }
     }
@@ -200,5 +212,17 @@ mod tests {
             assert!(g.allows());
         }
         assert_eq!(g.rested, 3);
+        // One rejected draft after drafts mostly kept does not rest it: a
+        // step worth eight tokens outweighs a step worth one.
+        let mut g = Governor::default();
+        for _ in 0..BASELINE_STEPS {
+            g.record(8.0, 1, false);
+        }
+        for tokens in [2, 9, 9] {
+            g.record(20.0, tokens, true);
+        }
+        g.record(20.0, 1, true);
+        assert_eq!(g.rested, 0);
+        assert!(g.allows());
     }
 }

@@ -237,8 +237,7 @@ impl Sequence {
         let max = most
             .min(room)
             .min(self.max_new.saturating_sub(self.report.generated + 1));
-        // A constraint checks each token as it is chosen, one at a time.
-        if max == 0 || self.constraint.is_some() {
+        if max == 0 || !self.may_draft() {
             return none;
         }
         self.rests_before.get_or_insert(governor.rested);
@@ -261,6 +260,13 @@ impl Sequence {
                 ..none
             },
         }
+    }
+
+    /// Whether drafts may be verified for this run: more than one token to
+    /// come, and no constraint (it checks each token as it is chosen, one
+    /// at a time).
+    pub(super) fn may_draft(&self) -> bool {
+        self.constraint.is_none() && self.max_new > 1
     }
 
     /// Times drafting rested during this run.

@@ -589,6 +589,11 @@ impl<'m> Worker<'m> {
                     done.push((entry.seq, Ok(Ended::Stop)));
                     continue;
                 }
+                if let Some(d) = &mut self.drafter {
+                    if seq.may_draft() && !self.governor.resting() {
+                        d.read(seq.slot, &cache.ids);
+                    }
+                }
             }
             let Some(at) = entry.logits else { continue };
             let ctx = self.ctx.as_mut().expect("the llama.cpp context");

@@ -34,7 +34,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
                 text,
             ));
             lines.push(Line::styled(
-                format!("decode {} tok/s{}", rate(s.decode_tok_s), drafting(s)),
+                format!("decode {} tok/s{}", rate(s.decode_tok_s), drafting(state)),
                 text,
             ));
         }
@@ -73,21 +73,42 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     );
 }
 
-/// The share of drafts (prompt lookup, a draft model) the model kept and the tokens each
-/// decode gave (or that drafting rested for not paying); empty without it.
-fn drafting(s: &crate::engine::GenStats) -> String {
-    if s.drafted == 0 {
+/// Turns the drafting figures are taken over.
+const DRAFT_TURNS: usize = 8;
+
+/// Drafting (prompt lookup, a draft model) over the last turns that
+/// drafted: the share of drafts the model kept and the tokens each decode
+/// gave, or that drafting rests when the last turn rested it; empty
+/// without drafting. One turn's figures swing with what it said; a few
+/// turns' tell whether drafting pays here.
+fn drafting(state: &State) -> String {
+    let recent: Vec<&crate::engine::GenStats> = state
+        .transcript
+        .iter()
+        .rev()
+        .filter_map(|e| e.stats.as_ref())
+        .filter(|s| s.drafted > 0)
+        .take(DRAFT_TURNS)
+        .collect();
+    let sum = |f: fn(&crate::engine::GenStats) -> usize| recent.iter().map(|s| f(s)).sum::<usize>();
+    let (drafted, kept, tokens) = (
+        sum(|s| s.drafted),
+        sum(|s| s.accepted_drafts),
+        sum(|s| s.completion_tokens),
+    );
+    if drafted == 0 {
         return String::new();
     }
-    let kept = s.accepted_drafts as f64 * 100.0 / s.drafted as f64;
-    if s.drafting_rested > 0 {
-        return format!(" · draft {kept:.0}% rests");
+    let share = kept as f64 * 100.0 / drafted as f64;
+    if state
+        .last_stats
+        .as_ref()
+        .is_some_and(|s| s.drafting_rested > 0)
+    {
+        return format!(" · draft {share:.0}% rests");
     }
-    let steps = s.completion_tokens.saturating_sub(s.accepted_drafts).max(1);
-    format!(
-        " · draft {kept:.0}% ×{:.1}",
-        s.completion_tokens as f64 / steps as f64
-    )
+    let steps = tokens.saturating_sub(kept).max(1);
+    format!(" · draft {share:.0}% ×{:.1}", tokens as f64 / steps as f64)
 }
 
 /// The last decode as a share of the memory-bandwidth bound: the bytes a

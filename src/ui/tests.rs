@@ -396,10 +396,10 @@ fn speed_panel_shows_a_prompt_cache_hit() {
     );
 }
 
-/// Prompt lookup's kept share and tokens per decode fit the panel's
-/// decode line, and say when drafting rested.
+/// Drafting's kept share and tokens per decode, over the last turns that
+/// drafted, fit the panel's decode line, and say when drafting rested.
 #[test]
-fn speed_panel_shows_prompt_lookup() {
+fn speed_panel_shows_drafting_over_the_last_turns() {
     let mut s = base(160, 48);
     send(&mut s, "hi");
     let mut st = stats(100, 30.0, 1050);
@@ -410,11 +410,25 @@ fn speed_panel_shows_prompt_lookup() {
         screen.contains("decode 30.0 tok/s · draft 75% ×2.5"),
         "{screen}"
     );
+    // A second turn that drafted: both count (70 of 120 kept; 200 tokens
+    // in 130 decodes).
+    send(&mut s, "more");
+    (st.drafted, st.accepted_drafts) = (40, 10);
+    finish(&mut s, "hello", st.clone());
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("draft 58% ×1.5"), "{screen}");
+    // A turn with nothing drafted (a tool call, nothing to look up) keeps
+    // the figures of the turns before it.
+    send(&mut s, "quiet");
+    (st.drafted, st.accepted_drafts) = (0, 0);
+    finish(&mut s, "hello", st.clone());
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("draft 58% ×1.5"), "{screen}");
     send(&mut s, "again");
-    st.drafting_rested = 1;
+    (st.drafted, st.accepted_drafts, st.drafting_rested) = (80, 60, 1);
     finish(&mut s, "hello", st);
     let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
-    assert!(screen.contains("draft 75% rests"), "{screen}");
+    assert!(screen.contains("draft 65% rests"), "{screen}");
 }
 
 #[test]

@@ -163,8 +163,7 @@ impl<'m> Drafter<'m> {
             Ok((tokens, prefill)) if tokens.len() >= self.context.drafting.min => (tokens, prefill),
             Ok((_, prefill)) => (Vec::new(), prefill),
             Err(e) => {
-                tracing::warn!("the draft model failed ({e}); drafting again from the start");
-                self.reset();
+                self.failed(&e);
                 (Vec::new(), Duration::ZERO)
             }
         };
@@ -182,9 +181,14 @@ impl<'m> Drafter<'m> {
             .make_room(slot, cache.len() + self.max() + 1)
             .and_then(|()| self.catch_up(slot, cache.len(), &|i| cache[i], false));
         if let Err(e) = read {
-            tracing::warn!("the draft model failed ({e}); drafting again from the start");
-            self.reset();
+            self.failed(&e);
         }
+    }
+
+    /// The draft context's state is unknown after a failed decode.
+    fn failed(&mut self, e: &str) {
+        tracing::warn!("the draft model failed ({e}); drafting again from the start");
+        self.reset();
     }
 
     fn draft(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln::agent::tools::{Limits, Workspace};
 use kiln::agent::{
     pressure, Agent, Approval, Approver, Budgets, GovernorMode, Nobody, Outcome, Policy, Progress,
+    Question,
 };
 use kiln::engine::fake::FakeEngine;
 use kiln::engine::{self};
@@ -151,12 +152,13 @@ async fn headless_ask_refuses_instead_of_running() {
     assert!(!ws.root().join("made-by-shell").exists());
 }
 
-/// A person who says yes once, then "always" to a repeated call.
-struct Person(Vec<Approval>, usize);
+/// A person who gives these answers in turn, and remembers the questions.
+struct Person(Vec<Approval>, usize, Vec<Question>);
 
 impl Approver for Person {
-    async fn approve(&mut self, _call: &kiln::agent::tools::ToolCall) -> Approval {
+    async fn approve(&mut self, question: &Question) -> Approval {
         self.1 += 1;
+        self.2.push(question.clone());
         self.0.remove(0)
     }
 }
@@ -173,7 +175,7 @@ async fn approvals_yes_no_and_always() {
         touch,
         FINISH,
     ]);
-    let mut asked = Person(vec![Approval::No, Approval::Always], 0);
+    let mut asked = Person(vec![Approval::No, Approval::Always], 0, Vec::new());
     let handle = engine::spawn(fake);
     let mut progress = Vec::new();
     let outcome = agent(&handle, &ws, Policy::AutoRead, 10, &mut asked)
@@ -191,9 +193,101 @@ async fn approvals_yes_no_and_always() {
 }
 
 impl Approver for &mut Person {
-    async fn approve(&mut self, call: &kiln::agent::tools::ToolCall) -> Approval {
-        (**self).approve(call).await
+    async fn approve(&mut self, question: &Question) -> Approval {
+        (**self).approve(question).await
     }
+}
+
+/// A write is asked about with the diff of what it would change (a patch,
+/// a new file), a shell command with none; what was written comes back
+/// with its diff, which the journal keeps and a session read back shows.
+#[tokio::test]
+async fn a_write_is_approved_from_its_diff_and_the_journal_keeps_it() {
+    let (_dir, ws) = workspace();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = SessionStore {
+        root: store_dir.path().to_path_buf(),
+    };
+    let session = store.create("fake", None, 4096).unwrap();
+    let dir = session.dir.clone();
+    let (journal, _reports) = journal::spawn(session);
+    let fake = FakeEngine::new([
+        r#"{"tool": "write_file", "path": "notes.txt", "find": "inside", "replace": "outside"}"#,
+        r#"{"tool": "write_file", "path": "new/b.txt", "content": "b\n"}"#,
+        r#"{"tool": "write_file", "path": "notes.txt", "find": "not there", "replace": "x"}"#,
+        r#"{"tool": "shell", "command": "true"}"#,
+        FINISH,
+    ]);
+    let handle = engine::spawn(fake);
+    let mut asked = Person(vec![Approval::Yes; 4], 0, Vec::new());
+    let mut progress = Vec::new();
+    let outcome = Agent {
+        journal: Some(&journal),
+        ..agent(&handle, &ws, Policy::AutoRead, 10, &mut asked)
+    }
+    .run("t", |p| progress.push(p))
+    .await;
+    assert_eq!(outcome, Outcome::Finished("done".into()));
+    journal.close();
+    let diffs: Vec<Option<String>> = asked.2.iter().map(|q| q.diff.clone()).collect();
+    assert_eq!(
+        diffs[0].as_deref(),
+        Some("--- a/notes.txt\n+++ b/notes.txt\n@@ -1 +1 @@\n-inside\n+outside\n")
+    );
+    assert_eq!(
+        diffs[1].as_deref(),
+        Some("--- /dev/null\n+++ b/new/b.txt\n@@ -0,0 +1 @@\n+b\n")
+    );
+    assert!(
+        diffs[2]
+            .as_deref()
+            .unwrap()
+            .starts_with("this write would fail: notes.txt: the text to find is not there"),
+        "{diffs:?}"
+    );
+    assert_eq!(diffs[3], None);
+    // What was written comes back with the diff it was approved from.
+    let written: Vec<Option<String>> = progress
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Result { diff, .. } => Some(diff.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written[..2], diffs[..2]);
+    assert_eq!(written[2..], [None, None]);
+    assert_eq!(
+        kiln::agent::diff_lines(&progress[1]),
+        [
+            "--- a/notes.txt",
+            "+++ b/notes.txt",
+            "@@ -1 +1 @@",
+            "-inside",
+            "+outside"
+        ]
+    );
+    let events = kiln::store::session::read_events(&dir.join("events.jsonl")).unwrap();
+    let journaled: Vec<Option<String>> = events
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ToolResult { diff, .. } => Some(diff.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(journaled[..2], diffs[..2]);
+    let events: Vec<Event> = events.events.into_iter().map(|(_, e)| e).collect();
+    let t = Transcript::replay(&events);
+    let shown: Vec<&str> = t
+        .entries
+        .iter()
+        .filter(|e| e.kind == kiln::store::transcript::EntryKind::Diff)
+        .map(|e| e.text.as_str())
+        .collect();
+    assert_eq!(
+        shown,
+        [diffs[0].as_deref().unwrap(), diffs[1].as_deref().unwrap()]
+    );
 }
 
 #[tokio::test]

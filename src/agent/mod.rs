@@ -3,6 +3,7 @@
 //! workspace, and hands the result back, until `finish` or a budget ends.
 //! Every call is journaled before it runs and its result after.
 
+pub mod diff;
 pub mod tools;
 
 use std::collections::HashSet;
@@ -131,16 +132,27 @@ pub enum Approval {
     Always,
 }
 
+/// A call that needs a yes, and what it would change: a write's unified
+/// diff as the file stands when it is asked (`tools::preview`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Question {
+    pub call: ToolCall,
+    pub diff: Option<String>,
+}
+
 /// Who answers approval questions: a person in the TUI, or nobody.
 pub trait Approver {
-    fn approve(&mut self, call: &ToolCall) -> impl std::future::Future<Output = Approval> + Send;
+    fn approve(
+        &mut self,
+        question: &Question,
+    ) -> impl std::future::Future<Output = Approval> + Send;
 }
 
 /// Headless with nobody to ask: every step that needs a yes is refused.
 pub struct Nobody;
 
 impl Approver for Nobody {
-    async fn approve(&mut self, _call: &ToolCall) -> Approval {
+    async fn approve(&mut self, _question: &Question) -> Approval {
         Approval::No
     }
 }
@@ -162,6 +174,9 @@ pub enum Progress {
         step: u32,
         ok: bool,
         output: String,
+        /// What a write changed, as a unified diff.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
     },
     Refused {
         step: u32,
@@ -223,11 +238,27 @@ pub fn line(p: &Progress) -> String {
     crate::visible::visible_line(&raw_line(p)).into_owned()
 }
 
+/// What a result's write changed, a line each, made visible: plain text
+/// for logs, coloured where the TUI draws it.
+pub fn diff_lines(p: &Progress) -> Vec<String> {
+    match p {
+        Progress::Result {
+            diff: Some(diff), ..
+        } => diff
+            .lines()
+            .map(|l| crate::visible::visible_line(l).into_owned())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn raw_line(p: &Progress) -> String {
     let first = |s: &str| -> String { s.lines().next().unwrap_or("").chars().take(100).collect() };
     match p {
         Progress::Call { step, call, .. } => format!("step {step}: {}", call.describe()),
-        Progress::Result { step, ok, output } => {
+        Progress::Result {
+            step, ok, output, ..
+        } => {
             format!(
                 "step {step}: {} {}",
                 if *ok { "ok" } else { "error" },
@@ -487,12 +518,17 @@ impl<A: Approver> Agent<'_, A> {
                     ok: true,
                     refused: false,
                     output: summary.clone(),
+                    diff: None,
                 });
                 return Outcome::Finished(summary.clone());
             }
             let key = serde_json::to_string(&call).expect("calls serialize");
             if self.policy.needs_approval(&call) && !always.contains(&key) {
-                match self.approver.approve(&call).await {
+                let question = Question {
+                    diff: tools::preview(&call, &self.workspace),
+                    call: call.clone(),
+                };
+                match self.approver.approve(&question).await {
                     Approval::Yes => {}
                     Approval::Always => {
                         always.insert(key);
@@ -508,6 +544,7 @@ impl<A: Approver> Agent<'_, A> {
                             ok: false,
                             refused: true,
                             output: reason.clone(),
+                            diff: None,
                         });
                         report(Progress::Refused {
                             step,
@@ -526,11 +563,13 @@ impl<A: Approver> Agent<'_, A> {
                 ok: result.ok,
                 refused: false,
                 output: result.output.clone(),
+                diff: result.diff.clone(),
             });
             report(Progress::Result {
                 step,
                 ok: result.ok,
                 output: result.output.clone(),
+                diff: result.diff.clone(),
             });
             let status = if result.ok { "ok" } else { "error" };
             message = format!(

@@ -93,6 +93,9 @@ impl ToolCall {
 pub struct ToolResult {
     pub ok: bool,
     pub output: String,
+    /// What a write changed, as a unified diff (`diff::unified`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
 }
 
 impl ToolResult {
@@ -100,6 +103,7 @@ impl ToolResult {
         ToolResult {
             ok: true,
             output: output.into(),
+            diff: None,
         }
     }
 
@@ -107,6 +111,7 @@ impl ToolResult {
         ToolResult {
             ok: false,
             output: output.into(),
+            diff: None,
         }
     }
 }
@@ -250,6 +255,19 @@ impl Workspace {
         Ok(bytes)
     }
 
+    /// The text of the file at `rel`, `None` where there is none; an
+    /// error where it is not UTF-8 text or is too big to patch or diff.
+    fn text_if_any(&self, path: &str, rel: &Path) -> Result<Option<String>, String> {
+        match self.dir.symlink_metadata(Self::at(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            _ => {}
+        }
+        let bytes = self.read_bytes(path, rel, MAX_PATCH_BYTES, "a patch or a diff")?;
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| format!("{}: not UTF-8 text", shown(path)))
+    }
+
     /// Replace the file at `rel` with `bytes`: a temporary file with a
     /// random name made exclusively beside it, then renamed over it, all
     /// beneath the workspace handle. Missing folders are made. A file that
@@ -391,6 +409,95 @@ fn read_file(ws: &Workspace, path: &str, limits: &Limits) -> ToolResult {
     }
 }
 
+/// A write as it would be made now: the file's text before it (`None`
+/// where there is no file yet; why not, where it cannot be diffed) and
+/// after it.
+struct Planned {
+    rel: PathBuf,
+    old: Result<Option<String>, String>,
+    new: String,
+}
+
+impl Planned {
+    fn diff(&self) -> String {
+        let path = self.rel.to_string_lossy();
+        match &self.old {
+            Ok(old) => super::diff::unified(&path, old.as_deref(), &self.new),
+            Err(why) => format!("{why}: no diff; the file is replaced whole\n"),
+        }
+    }
+}
+
+fn plan_write(
+    ws: &Workspace,
+    path: &str,
+    content: Option<&str>,
+    find: Option<&str>,
+    replace: Option<&str>,
+) -> Result<Planned, String> {
+    let rel = ws.resolve(path)?;
+    match (content, find, replace) {
+        (Some(c), None, None) => {
+            // What it replaces, for the diff; a file that is not text, or
+            // too big to diff, is replaced all the same.
+            let old = ws.text_if_any(path, &rel);
+            Ok(Planned {
+                rel,
+                old,
+                new: c.to_string(),
+            })
+        }
+        (None, Some(""), Some(_)) => Err("the text to find is empty".into()),
+        (None, Some(f), Some(r)) => {
+            let old = ws
+                .text_if_any(path, &rel)?
+                .ok_or_else(|| format!("{}: no such file to patch", shown(path)))?;
+            let new = match old.matches(f).take(2).count() {
+                1 => old.replacen(f, r, 1),
+                0 => return Err(format!("{}: the text to find is not there", shown(path))),
+                _ => {
+                    return Err(format!(
+                        "{}: the text to find occurs more than once; give more of it",
+                        shown(path)
+                    ))
+                }
+            };
+            Ok(Planned {
+                rel,
+                old: Ok(Some(old)),
+                new,
+            })
+        }
+        _ => Err("write_file takes either content, or find and replace".to_string()),
+    }
+}
+
+/// What `call` would change if it ran now, for its approval: a write's
+/// unified diff (or why it would fail); `None` for the other tools.
+pub fn preview(call: &ToolCall, ws: &Workspace) -> Option<String> {
+    let ToolCall::WriteFile {
+        path,
+        content,
+        find,
+        replace,
+    } = call
+    else {
+        return None;
+    };
+    Some(
+        match plan_write(
+            ws,
+            path,
+            content.as_deref(),
+            find.as_deref(),
+            replace.as_deref(),
+        ) {
+            Ok(planned) => planned.diff(),
+            Err(e) => format!("this write would fail: {e}\n"),
+        },
+    )
+}
+
 fn write_file(
     ws: &Workspace,
     path: &str,
@@ -398,54 +505,19 @@ fn write_file(
     find: Option<&str>,
     replace: Option<&str>,
 ) -> ToolResult {
-    let rel = match ws.resolve(path) {
+    let planned = match plan_write(ws, path, content, find, replace) {
         Ok(p) => p,
         Err(e) => return ToolResult::err(e),
     };
-    let new = match (content, find, replace) {
-        (Some(c), None, None) => c.to_string(),
-        (None, Some(""), Some(_)) => return ToolResult::err("the text to find is empty"),
-        (None, Some(f), Some(r)) => {
-            let old = match ws.read_bytes(path, &rel, MAX_PATCH_BYTES, "a patch") {
-                Ok(bytes) => match String::from_utf8(bytes) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        return ToolResult::err(format!(
-                            "{}: not UTF-8 text; a patch cannot edit it",
-                            shown(path)
-                        ))
-                    }
-                },
-                Err(e) => return ToolResult::err(e),
-            };
-            match old.matches(f).take(2).count() {
-                1 => old.replacen(f, r, 1),
-                0 => {
-                    return ToolResult::err(format!(
-                        "{}: the text to find is not there",
-                        shown(path)
-                    ))
-                }
-                _ => {
-                    return ToolResult::err(format!(
-                        "{}: the text to find occurs more than once; give more of it",
-                        shown(path)
-                    ))
-                }
-            }
-        }
-        _ => {
-            return ToolResult::err(
-                "write_file takes either content, or find and replace".to_string(),
-            )
-        }
-    };
-    match ws.write_atomic(path, &rel, new.as_bytes()) {
-        Ok(()) => ToolResult::ok(format!(
-            "wrote {} bytes to {}",
-            new.len(),
-            listed(rel.as_os_str())
-        )),
+    match ws.write_atomic(path, &planned.rel, planned.new.as_bytes()) {
+        Ok(()) => ToolResult {
+            diff: Some(planned.diff()),
+            ..ToolResult::ok(format!(
+                "wrote {} bytes to {}",
+                planned.new.len(),
+                listed(planned.rel.as_os_str())
+            ))
+        },
         Err(e) => ToolResult::err(e),
     }
 }
@@ -664,6 +736,7 @@ async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool
             ToolResult {
                 ok: s.success(),
                 output: format!("exit code {code}\n{text}"),
+                diff: None,
             }
         }
         Ok(None) => ToolResult::err(format!("the shell's status was lost\n{text}")),

@@ -15,11 +15,17 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
                 a.step = *step;
             }
             state.push_entry(Entry::new(EntryKind::Notice, text));
+            if let Progress::Result {
+                diff: Some(diff), ..
+            } = p
+            {
+                state.push_entry(Entry::new(EntryKind::Diff, diff));
+            }
             Vec::new()
         }
-        AgentMsg::Approval(call) => {
+        AgentMsg::Approval(question) => {
             if let Some(a) = &mut state.agent {
-                a.pending = Some(call);
+                a.pending = Some(question);
                 a.approval_scroll = 0;
             }
             state.mode = Mode::Approve;

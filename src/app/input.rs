@@ -26,8 +26,12 @@ pub(super) fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
         Mode::Approve => {
             let page = state.agent.as_ref().and_then(|a| {
                 let area = ratatui::layout::Rect::new(0, 0, state.size.0, state.size.1);
-                let call = a.pending.as_ref()?;
-                Some(crate::layout::approval::page(call, area, a.approval_scroll))
+                let question = a.pending.as_ref()?;
+                Some(crate::layout::approval::page(
+                    question,
+                    area,
+                    a.approval_scroll,
+                ))
             });
             let Some(page) = page else {
                 return Vec::new();

@@ -16,8 +16,7 @@ use std::time::Instant;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use tui_textarea::TextArea;
 
-use crate::agent::tools::ToolCall;
-use crate::agent::{Approval, Outcome, Progress};
+use crate::agent::{Approval, Outcome, Progress, Question};
 use crate::budget::ModelShape;
 use crate::engine::{EngineEvent, FinishReason, GenStats, Message, ModelInfo};
 use crate::keys::{Action, KeyMap};
@@ -52,7 +51,7 @@ pub enum Mode {
 pub enum AgentMsg {
     Progress(Progress),
     /// A tool call needs a yes or no (answered with `Effect::Approve`).
-    Approval(ToolCall),
+    Approval(Question),
     /// The run has a conversation and a session of its own (this one):
     /// the chat goes on beside it.
     Apart(String),
@@ -64,7 +63,7 @@ pub enum AgentMsg {
 pub struct AgentView {
     pub task: String,
     pub step: u32,
-    pub pending: Option<ToolCall>,
+    pub pending: Option<Question>,
     /// How far the approval question is scrolled.
     pub approval_scroll: usize,
     pub stopping: bool,

@@ -68,7 +68,9 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
                 let _ = if json {
                     writeln!(out, "{}", serde_json::to_string(&p).expect("serializes"))
                 } else {
-                    writeln!(out, "{}", line(&p))
+                    std::iter::once(line(&p))
+                        .chain(agent::diff_lines(&p))
+                        .try_for_each(|l| writeln!(out, "{l}"))
                 };
                 let _ = out.flush();
             }

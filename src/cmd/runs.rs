@@ -3,8 +3,7 @@
 
 use std::io::Write;
 
-use crate::agent::line;
-use crate::agent::Outcome;
+use crate::agent::{diff_lines, line, Outcome, Progress};
 use crate::cli::{AgentArgs, Common};
 use crate::error::{KilnError, Result};
 use crate::host::daemon::{ask, connect};
@@ -139,6 +138,13 @@ pub async fn attach(id: Option<String>, common: &Common) -> Result<i32> {
     crate::host::terminal::run(common, crate::host::terminal::Start::Resume(id)).await
 }
 
+/// One event as a person reads it: its line, then a write's diff.
+fn print(out: &mut impl Write, event: &Progress) {
+    for l in std::iter::once(line(event)).chain(diff_lines(event)) {
+        let _ = writeln!(out, "{l}");
+    }
+}
+
 /// Follow a run: everything so far, then each step as it happens. Leaving
 /// (Ctrl-C, a dropped connection) leaves the run going.
 async fn follow(id: &str, common: &Common) -> Result<i32> {
@@ -159,7 +165,7 @@ async fn follow(id: &str, common: &Common) -> Result<i32> {
             } => {
                 // A resync after falling behind repeats what was shown.
                 for e in events.iter().skip(seen as usize) {
-                    let _ = writeln!(out, "{}", line(e));
+                    print(&mut out, e);
                 }
                 seen = seen.max(events.len() as u64);
                 if let Some(o) = outcome {
@@ -169,7 +175,7 @@ async fn follow(id: &str, common: &Common) -> Result<i32> {
             }
             Reply::Event { seq, event, .. } => {
                 if seq > seen {
-                    let _ = writeln!(out, "{}", line(&event));
+                    print(&mut out, &event);
                     seen = seq;
                 }
             }

@@ -18,8 +18,9 @@ use crate::app::Pasted;
 /// 7: several workstations, speed and KV tokens in `kiln ps`, `kiln ask`
 /// through the daemon; 8: top-k, min-p, penalties and prompt lookup in the
 /// client's sampling settings, decode and draft figures in turn stats;
-/// 9: the draft model and its settings among the window flags.
-pub const VERSION: u32 = 9;
+/// 9: the draft model and its settings among the window flags; 10: a
+/// write's diff with its result in an agent's progress.
+pub const VERSION: u32 = 10;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest question `kiln ask` sends the daemon (one that JSON

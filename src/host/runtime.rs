@@ -9,8 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::agent::tools::ToolCall;
-use crate::agent::{self, Approval, Approver, RunEvent, RunHandle, RunSpec};
+use crate::agent::{self, Approval, Approver, Question, RunEvent, RunHandle, RunSpec};
 use crate::app::{AgentMsg, Effect, MovedTo, Msg, PickerItem, Resumed};
 use crate::cli::Common;
 use crate::engine::{self, EngineCommand, EngineEvent, EngineHandle, Lease, TurnStream};
@@ -65,16 +64,16 @@ struct AgentLink {
     apart: Option<(Lease, JournalHandle)>,
     /// The approval question waiting for the user's answer.
     asking: Option<oneshot::Sender<Approval>>,
-    questions: mpsc::UnboundedReceiver<(ToolCall, oneshot::Sender<Approval>)>,
+    questions: mpsc::UnboundedReceiver<(Question, oneshot::Sender<Approval>)>,
 }
 
 /// Approval questions go to the TUI; an unanswered one is a no.
-struct AskTheUser(mpsc::UnboundedSender<(ToolCall, oneshot::Sender<Approval>)>);
+struct AskTheUser(mpsc::UnboundedSender<(Question, oneshot::Sender<Approval>)>);
 
 impl Approver for AskTheUser {
-    async fn approve(&mut self, call: &ToolCall) -> Approval {
+    async fn approve(&mut self, question: &Question) -> Approval {
         let (tx, rx) = oneshot::channel();
-        if self.0.send((call.clone(), tx)).is_err() {
+        if self.0.send((question.clone(), tx)).is_err() {
             return Approval::No;
         }
         rx.await.unwrap_or(Approval::No)
@@ -574,9 +573,9 @@ async fn next_from_agent(agent: &mut Option<AgentLink>) -> Option<AgentMsg> {
             RunEvent::Progress(p) => Some(AgentMsg::Progress(p)),
             RunEvent::Done(outcome) => Some(AgentMsg::Done(outcome)),
         },
-        Some((call, answer)) = a.questions.recv() => {
+        Some((question, answer)) = a.questions.recv() => {
             a.asking = Some(answer);
-            Some(AgentMsg::Approval(call))
+            Some(AgentMsg::Approval(question))
         }
     }
 }

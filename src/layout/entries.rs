@@ -4,6 +4,7 @@
 //! conversation pane draws them.
 
 use super::text::{self, Sem, SemLine, Tone};
+use crate::agent::diff::{self, LineKind};
 use crate::engine::{thinking, FinishReason};
 use crate::keys::{Action, KeyMap};
 use crate::store::transcript::{Entry, EntryKind};
@@ -94,6 +95,24 @@ pub fn entry_rows(view: &EntryView, entries: &[Entry], index: usize, width: u16)
                     s
                 }));
                 lines.push(line);
+            }
+        }
+        EntryKind::Diff => {
+            for l in text::plain(entry.text.trim_end_matches('\n'), Sem::default()) {
+                let tone = match l.spans.first().map(|s| diff::kind(&s.text)) {
+                    Some(LineKind::Added) => Tone::Added,
+                    Some(LineKind::Removed) => Tone::Removed,
+                    Some(LineKind::Header | LineKind::Hunk) => Tone::Dim,
+                    _ => Tone::Normal,
+                };
+                lines.push(SemLine::plain(
+                    l.spans.into_iter().map(|s| s.text).collect::<String>(),
+                    Sem {
+                        tone,
+                        code: true,
+                        ..Sem::default()
+                    },
+                ));
             }
         }
         EntryKind::Error => {

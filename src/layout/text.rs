@@ -15,6 +15,9 @@ pub enum Tone {
     Notice,
     Error,
     Dim,
+    /// A diff's added and removed lines.
+    Added,
+    Removed,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -79,12 +79,15 @@ pub enum Event {
         step: u32,
         call: serde_json::Value,
     },
-    /// What the call did (or why it did not run).
+    /// What the call did (or why it did not run), and what a write
+    /// changed, as a unified diff.
     ToolResult {
         step: u32,
         ok: bool,
         refused: bool,
         output: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
     },
 }
 

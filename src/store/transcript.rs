@@ -14,6 +14,8 @@ pub enum EntryKind {
     Assistant,
     /// Something kiln says: trimmed context, alarms, copied text.
     Notice,
+    /// What an agent's write changed, as a unified diff.
+    Diff,
     Error,
 }
 
@@ -100,6 +102,7 @@ impl Transcript {
                     ok,
                     refused,
                     output,
+                    diff,
                 } => {
                     call_in_flight = None;
                     let status = match (refused, ok) {
@@ -112,6 +115,9 @@ impl Transcript {
                         EntryKind::Notice,
                         format!("step {step}: {status}: {first}"),
                     ));
+                    if let Some(diff) = diff {
+                        t.entries.push(Entry::new(EntryKind::Diff, diff.clone()));
+                    }
                 }
                 Event::Continue => {
                     if let Some(i) = t
@@ -188,6 +194,12 @@ impl Transcript {
                 }
                 EntryKind::Notice => out.push_str(&format!("> {}\n\n", e.text)),
                 EntryKind::Error => out.push_str(&format!("> **error:** {}\n\n", e.text)),
+                EntryKind::Diff => {
+                    // A fence longer than any run of backticks in the diff.
+                    let longest = e.text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+                    let fence = "`".repeat(longest.max(2) + 1);
+                    out.push_str(&format!("{fence}diff\n{}\n{fence}\n\n", e.text.trim_end()));
+                }
             }
         }
         out

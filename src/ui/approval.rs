@@ -6,18 +6,19 @@ use ratatui::text::Line;
 use ratatui::widgets::{Clear, Paragraph};
 use ratatui::Frame;
 
+use crate::agent::diff::LineKind;
 use crate::app::State;
-use crate::layout::approval::page;
+use crate::layout::approval::{page, RowKind};
 use crate::theme::{Slot, Theme};
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     let Some(agent) = state.agent.as_ref() else {
         return;
     };
-    let Some(call) = agent.pending.as_ref() else {
+    let Some(question) = agent.pending.as_ref() else {
         return;
     };
-    let page = page(call, area, agent.approval_scroll);
+    let page = page(question, area, agent.approval_scroll);
     frame.render_widget(Clear, page.rect);
     let block = super::panel_block("approve?", theme.alert(Slot::Warning), theme);
     let inner = block.inner(page.rect);
@@ -27,14 +28,15 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
         .iter()
         .skip(page.first)
         .take(page.shown)
-        .enumerate()
-        .map(|(i, r)| {
-            let style = if i + page.first == 0 {
-                theme.fg(Slot::Text)
-            } else {
-                theme.code()
+        .map(|r| {
+            let style = match r.kind {
+                RowKind::Title => theme.fg(Slot::Text),
+                RowKind::Argument | RowKind::Diff(LineKind::Context) => theme.code(),
+                RowKind::Diff(LineKind::Added) => theme.code().patch(theme.fg(Slot::Ok)),
+                RowKind::Diff(LineKind::Removed) => theme.code().patch(theme.fg(Slot::Error)),
+                RowKind::Diff(LineKind::Header | LineKind::Hunk) => theme.fg(Slot::Accent),
             };
-            Line::styled(r.clone(), style)
+            Line::styled(r.text.clone(), style)
         })
         .collect();
     lines.resize(page.shown, Line::default());
@@ -52,7 +54,7 @@ pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
     lines.extend(
         page.hint
             .iter()
-            .map(|h| Line::styled(h.clone(), theme.fg(Slot::Accent))),
+            .map(|h| Line::styled(h.text.clone(), theme.fg(Slot::Accent))),
     );
     // The hint is the last thing drawn: if anything is cut, it is the call's
     // rows, never the keys.

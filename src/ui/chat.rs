@@ -90,6 +90,8 @@ fn style_of(sem: Sem, theme: &Theme) -> Style {
         Tone::Notice => Slot::Notice,
         Tone::Error => Slot::Error,
         Tone::Dim => Slot::Dim,
+        Tone::Added => Slot::Ok,
+        Tone::Removed => Slot::Error,
     };
     let mut style = if sem.code {
         theme.code()

@@ -546,6 +546,59 @@ fn session_picker() {
     insta::assert_snapshot!(draw(&s, 100, 30).backend());
 }
 
+/// A write's approval shows the diff of what it would change, added and
+/// removed lines in their colours, and the transcript shows what an
+/// earlier write changed.
+#[test]
+fn an_approval_shows_the_diff_of_a_write() {
+    use crate::agent::tools::ToolCall;
+    use crate::agent::{Progress, Question};
+    use crate::app::AgentMsg;
+    let mut s = base(100, 30);
+    send(&mut s, "/agent rename the setting");
+    let diff = "--- a/kiln.toml\n+++ b/kiln.toml\n@@ -1,3 +1,3 @@\n [firing]\n-cone = \"06\"\n+cone = \"04\"\n ramp = 100\n";
+    update(
+        &mut s,
+        Msg::Agent(AgentMsg::Progress(Progress::Result {
+            step: 1,
+            ok: true,
+            output: "wrote 40 bytes to notes.md".into(),
+            diff: Some("--- /dev/null\n+++ b/notes.md\n@@ -0,0 +1 @@\n+# Notes\n".into()),
+        })),
+    );
+    let call = ToolCall::WriteFile {
+        path: "kiln.toml".into(),
+        content: None,
+        find: Some("cone = \"06\"".into()),
+        replace: Some("cone = \"04\"".into()),
+    };
+    update(
+        &mut s,
+        Msg::Agent(AgentMsg::Approval(Question {
+            call,
+            diff: Some(diff.into()),
+        })),
+    );
+    let t = draw(&s, 100, 30);
+    insta::assert_snapshot!(t.backend());
+    let theme = Theme::default();
+    let buffer = t.backend().buffer();
+    // The colour of the first cell of `text` where it is drawn.
+    let fg_at = |text: &str| {
+        let n = text.chars().count() as u16;
+        (0..buffer.area.height)
+            .find_map(|y| {
+                (0..buffer.area.width.saturating_sub(n)).find_map(|x| {
+                    let here: String = (x..x + n).map(|x| buffer[(x, y)].symbol()).collect();
+                    (here == text).then(|| buffer[(x, y)].fg)
+                })
+            })
+            .unwrap_or_else(|| panic!("{text} is not on screen"))
+    };
+    assert_eq!(fg_at("+cone"), theme.color(crate::theme::Slot::Ok));
+    assert_eq!(fg_at("-cone"), theme.color(crate::theme::Slot::Error));
+}
+
 /// Escape sequences in every kind of text kiln shows (the user's and the
 /// model's messages, a tool's output in a notice, an error, the title, the
 /// approval question) reach no cell raw; ESC is drawn as ␛.

@@ -161,13 +161,25 @@ async fn follow(id: &str, common: &Common) -> Result<i32> {
         };
         match reply {
             Reply::Snapshot {
-                events, outcome, ..
+                dropped,
+                events,
+                outcome,
+                ..
             } => {
-                // A resync after falling behind repeats what was shown.
-                for e in events.iter().skip(seen as usize) {
-                    print(&mut out, e);
+                if dropped > seen {
+                    let _ = writeln!(
+                        out,
+                        "… {} earlier events of this run are no longer kept",
+                        dropped - seen
+                    );
                 }
-                seen = seen.max(events.len() as u64);
+                // A resync after falling behind repeats nothing shown.
+                for (n, e) in (dropped + 1..).zip(&events) {
+                    if n > seen {
+                        print(&mut out, e);
+                    }
+                }
+                seen = seen.max(dropped + events.len() as u64);
                 if let Some(o) = outcome {
                     let _ = writeln!(out, "{}", describe(&o));
                     return Ok(o.exit_code());

@@ -231,9 +231,12 @@ pub enum Reply {
     Stopping {
         id: String,
     },
-    /// Every event of the run so far, numbered from 1.
+    /// The run's events so far, numbered from 1: the newest the daemon
+    /// keeps, after the `dropped` oldest.
     Snapshot {
         id: String,
+        #[serde(default)]
+        dropped: u64,
         events: Vec<Progress>,
         outcome: Option<Outcome>,
     },

@@ -210,9 +210,14 @@ pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFig
                         Ok(Reply::Event { .. }) => got.push(std::time::Instant::now()),
                         // Fell behind and was resynced: the snapshot delivers
                         // what was missed, now.
-                        Ok(Reply::Snapshot { events: all, .. }) => {
+                        Ok(Reply::Snapshot {
+                            dropped,
+                            events: all,
+                            ..
+                        }) => {
                             let now = std::time::Instant::now();
-                            got.resize(all.len().max(got.len()), now);
+                            let total = dropped as usize + all.len();
+                            got.resize(total.max(got.len()), now);
                         }
                         _ => break,
                     }

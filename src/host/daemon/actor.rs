@@ -86,10 +86,61 @@ pub(super) struct WorkstationLink {
 
 struct Run {
     task: String,
-    events: Vec<Progress>,
+    log: RunLog,
     outcome: Option<Outcome>,
     stop: Arc<AtomicBool>,
     subscribers: Vec<mpsc::Sender<Reply>>,
+}
+
+/// Bytes of a run's newest events the daemon keeps for a terminal that
+/// attaches: half a frame, so the snapshot always fits one. A run going
+/// around the clock must not grow the daemon (every result up to 16 KiB,
+/// a write's diff up to 32 KiB more) or outgrow the frame.
+const KEPT_EVENT_BYTES: usize = crate::host::protocol::MAX_FRAME / 2;
+
+/// A run's events: the newest that fit `KEPT_EVENT_BYTES`, how many older
+/// ones were dropped, and what `kiln ps` says of all of them.
+#[derive(Default)]
+struct RunLog {
+    /// Each event with its size as JSON.
+    kept: std::collections::VecDeque<(Progress, usize)>,
+    bytes: usize,
+    dropped: u64,
+    steps: u32,
+    /// The decode speed and context tokens of the latest call.
+    last_call: (Option<f64>, usize),
+}
+
+impl RunLog {
+    /// Keep `event`; returns its number (from 1).
+    fn push(&mut self, event: Progress) -> u64 {
+        if let Progress::Call {
+            tok_s,
+            context_tokens,
+            ..
+        } = &event
+        {
+            self.steps += 1;
+            self.last_call = (*tok_s, *context_tokens);
+        }
+        let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
+        self.kept.push_back((event, size));
+        self.bytes += size;
+        while self.bytes > KEPT_EVENT_BYTES && self.kept.len() > 1 {
+            if let Some((_, size)) = self.kept.pop_front() {
+                self.bytes -= size;
+                self.dropped += 1;
+            }
+        }
+        self.dropped + self.kept.len() as u64
+    }
+
+    fn snapshot(&self) -> (u64, Vec<Progress>) {
+        (
+            self.dropped,
+            self.kept.iter().map(|(e, _)| e.clone()).collect(),
+        )
+    }
 }
 
 pub(super) struct Actor {
@@ -173,9 +224,11 @@ impl Actor {
                             // The snapshot and the subscription happen in one
                             // step of the actor: no event falls between them.
                             run.subscribers.push(sub);
+                            let (dropped, events) = run.log.snapshot();
                             Reply::Snapshot {
                                 id,
-                                events: run.events.clone(),
+                                dropped,
+                                events,
                                 outcome: run.outcome.clone(),
                             }
                         }
@@ -187,8 +240,7 @@ impl Actor {
                 }
                 ActorMsg::Progress(id, event) => {
                     if let Some(run) = self.runs.get_mut(&id) {
-                        run.events.push(event.clone());
-                        let seq = run.events.len() as u64;
+                        let seq = run.log.push(event.clone());
                         let reply = Reply::Event {
                             id: id.clone(),
                             seq,
@@ -232,7 +284,7 @@ impl Actor {
                         id,
                         Run {
                             task: "benchmark".into(),
-                            events: Vec::new(),
+                            log: RunLog::default(),
                             outcome: None,
                             stop: Arc::new(AtomicBool::new(false)),
                             subscribers: Vec::new(),
@@ -468,20 +520,11 @@ impl Actor {
                     .runs
                     .iter()
                     .map(|(id, r)| {
-                        let mut calls = r.events.iter().filter_map(|e| match e {
-                            Progress::Call {
-                                tok_s,
-                                context_tokens,
-                                ..
-                            } => Some((*tok_s, *context_tokens)),
-                            _ => None,
-                        });
-                        let steps = calls.clone().count() as u32;
-                        let (tok_s, context_tokens) = calls.next_back().unwrap_or_default();
+                        let (tok_s, context_tokens) = r.log.last_call;
                         RunInfo {
                             id: id.clone(),
                             task: r.task.clone(),
-                            steps,
+                            steps: r.log.steps,
                             outcome: r.outcome.clone(),
                             tok_s,
                             context_tokens,
@@ -589,7 +632,7 @@ impl Actor {
             id.clone(),
             Run {
                 task,
-                events: Vec::new(),
+                log: RunLog::default(),
                 outcome: None,
                 stop: run.stop.clone(),
                 subscribers: Vec::new(),
@@ -650,5 +693,63 @@ impl BenchActor {
 
     pub fn progress(&self, id: String, event: Progress) {
         let _ = self.0.send(ActorMsg::Progress(id, event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run that goes on for hours keeps its newest events within the
+    /// bound, numbers them without a gap, and `kiln ps` still counts every
+    /// step.
+    #[test]
+    fn a_long_run_keeps_its_newest_events_within_the_bound() {
+        let mut log = RunLog::default();
+        let output = "x".repeat(16 << 10);
+        let mut last = 0;
+        for step in 1..=2000u32 {
+            let call = Progress::Call {
+                step,
+                call: crate::agent::tools::ToolCall::ReadFile {
+                    path: "notes.txt".into(),
+                },
+                tok_s: Some(step as f64),
+                context_tokens: step as usize,
+            };
+            let result = Progress::Result {
+                step,
+                ok: true,
+                output: output.clone(),
+                diff: Some("+".repeat(32 << 10)),
+            };
+            assert_eq!(log.push(call), last + 1);
+            last = log.push(result);
+        }
+        assert_eq!(last, 4000);
+        assert!(log.bytes <= KEPT_EVENT_BYTES, "{}", log.bytes);
+        let (dropped, events) = log.snapshot();
+        assert!(dropped > 0 && !events.is_empty());
+        assert_eq!(dropped + events.len() as u64, 4000);
+        assert!(matches!(
+            events.last(),
+            Some(Progress::Result { step: 2000, .. })
+        ));
+        assert_eq!(log.steps, 2000);
+        assert_eq!(log.last_call, (Some(2000.0), 2000));
+        // The snapshot fits one frame.
+        let reply = Reply::Snapshot {
+            id: "r".into(),
+            dropped,
+            events,
+            outcome: None,
+        };
+        assert!(serde_json::to_vec(&reply).unwrap().len() < crate::host::protocol::MAX_FRAME);
+        // One event bigger than the bound is still kept, alone.
+        let mut log = RunLog::default();
+        log.push(Progress::Paused {
+            reason: "p".repeat(KEPT_EVENT_BYTES + 1),
+        });
+        assert_eq!(log.snapshot().1.len(), 1);
     }
 }

@@ -91,6 +91,9 @@ pub struct AgentFlags {
     /// Most tokens in one tool call (default 512).
     #[arg(long, global = true)]
     pub max_reply_tokens: Option<u32>,
+    /// Leave the workspace's AGENTS.md out of the agent's system prompt.
+    #[arg(long, global = true)]
+    pub no_agents_md: bool,
 }
 
 impl AgentFlags {
@@ -110,6 +113,9 @@ impl AgentFlags {
         }
         if let Some(v) = self.max_reply_tokens {
             settings.max_reply_tokens = v;
+        }
+        if self.no_agents_md {
+            settings.project_instructions = false;
         }
         settings
     }

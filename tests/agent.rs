@@ -54,6 +54,7 @@ fn agent<'a, A: Approver>(
         pressure: None,
         governor: GovernorMode::Pause,
         stop: Arc::new(AtomicBool::new(false)),
+        instructions: true,
     }
 }
 
@@ -566,6 +567,11 @@ async fn headless_cli_reports_json_and_exit_codes() {
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
     let (_dir, ws) = workspace();
+    std::fs::write(
+        ws.root().join("AGENTS.md"),
+        "Keep answers short. Never touch notes.txt.\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", home.path())
         .args(["agent", "--model"])
@@ -596,6 +602,13 @@ async fn headless_cli_reports_json_and_exit_codes() {
         other => panic!("{other}: {stdout}"),
     }
     assert!(lines.iter().any(|l| l["event"] == "call"), "{stdout}");
+    // AGENTS.md went into the system prompt, counted in the model's tokens.
+    let loaded = lines
+        .iter()
+        .find(|l| l["event"] == "instructions")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let tokens = loaded["tokens"].as_u64().unwrap();
+    assert!((10..60).contains(&tokens), "{loaded}");
     assert!(
         !ws.root().join("hello.txt").exists(),
         "ask refuses writes headless"
@@ -605,6 +618,87 @@ async fn headless_cli_reports_json_and_exit_codes() {
         stderr.contains("the run is journaled as session"),
         "{stderr}"
     );
+}
+
+/// AGENTS.md at the workspace's root goes into the system prompt (the
+/// journal keeps it) and is reported; turned off, or a link out of the
+/// workspace, it does not; a long one is cut at a line.
+#[tokio::test]
+async fn agents_md_joins_the_system_prompt_unless_turned_off() {
+    async fn system_of(ws: &Workspace, instructions: bool) -> (Option<String>, Vec<Progress>) {
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = SessionStore {
+            root: store_dir.path().to_path_buf(),
+        };
+        let session = store.create("fake", None, 4096).unwrap();
+        let dir = session.dir.clone();
+        let (journal, _reports) = journal::spawn(session);
+        let handle = engine::spawn(FakeEngine::new([FINISH]));
+        let mut progress = Vec::new();
+        let outcome = Agent {
+            journal: Some(&journal),
+            instructions,
+            ..agent(&handle, ws, Policy::Auto, 5, Nobody)
+        }
+        .run("t", |p| progress.push(p))
+        .await;
+        assert_eq!(outcome, Outcome::Finished("done".into()));
+        journal.close();
+        let events = kiln::store::session::read_events(&dir.join("events.jsonl")).unwrap();
+        let system = events.events.iter().find_map(|(_, e)| match e {
+            Event::SystemPrompt { text } => text.clone(),
+            _ => None,
+        });
+        (system, progress)
+    }
+    let (dir, ws) = workspace();
+    let rules = "Run `make test` before you finish.\n";
+    std::fs::write(ws.root().join("AGENTS.md"), rules).unwrap();
+    let (system, progress) = system_of(&ws, true).await;
+    let system = system.unwrap();
+    assert!(system.starts_with(kiln::agent::SYSTEM_PROMPT));
+    assert!(system.ends_with(rules), "{system}");
+    assert_eq!(
+        progress[0],
+        Progress::Instructions {
+            bytes: rules.len(),
+            tokens: None,
+            cut: false
+        }
+    );
+    assert!(kiln::agent::line(&progress[0]).contains("AGENTS.md loaded"));
+    let (system, progress) = system_of(&ws, false).await;
+    assert_eq!(system.as_deref(), Some(kiln::agent::SYSTEM_PROMPT));
+    assert!(!progress
+        .iter()
+        .any(|p| matches!(p, Progress::Instructions { .. })));
+    // A link that leads out of the workspace is not followed: one line.
+    std::fs::remove_file(ws.root().join("AGENTS.md")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.txt"), ws.root().join("AGENTS.md")).unwrap();
+    let (system, progress) = system_of(&ws, true).await;
+    assert_eq!(system.as_deref(), Some(kiln::agent::SYSTEM_PROMPT));
+    let said = progress
+        .iter()
+        .find_map(|p| match p {
+            Progress::Notice { text } => Some(text.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        said.contains("AGENTS.md") && said.contains("without it"),
+        "{said}"
+    );
+    assert!(!said.contains("outside secret"));
+    // A long one is cut at a line within the bound.
+    std::fs::remove_file(ws.root().join("AGENTS.md")).unwrap();
+    let long = "a rule of forty characters, give or take\n".repeat(2000);
+    std::fs::write(ws.root().join("AGENTS.md"), &long).unwrap();
+    let (system, progress) = system_of(&ws, true).await;
+    let Progress::Instructions { bytes, cut, .. } = progress[0] else {
+        panic!("{progress:?}")
+    };
+    assert!(cut && bytes <= kiln::agent::MAX_INSTRUCTIONS, "{bytes}");
+    assert!(system.unwrap().ends_with("take\n"));
 }
 
 #[tokio::test]

@@ -52,6 +52,11 @@ pub fn tool_call_pattern() -> String {
     .join("|")
 }
 
+/// The project's instructions for agents, at the workspace's root.
+pub const INSTRUCTIONS: &str = "AGENTS.md";
+/// Bytes of it that go into the system prompt; the rest is cut.
+pub const MAX_INSTRUCTIONS: usize = 32 << 10;
+
 pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply to every message with exactly one tool call, as JSON, and nothing else:
 {"tool": "list_dir", "path": "."}
 {"tool": "read_file", "path": "notes.txt"}
@@ -195,6 +200,20 @@ pub enum Progress {
     Compacted {
         context_tokens: usize,
     },
+    /// Something the run says that is not a step: one line.
+    Notice {
+        text: String,
+    },
+    /// The workspace's AGENTS.md went into the system prompt: its size,
+    /// what it costs in tokens (where the engine counts them), and whether
+    /// it was cut to `MAX_INSTRUCTIONS` bytes.
+    Instructions {
+        bytes: usize,
+        #[serde(default)]
+        tokens: Option<usize>,
+        #[serde(default)]
+        cut: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -230,6 +249,8 @@ pub struct Agent<'a, A: Approver> {
     pub pressure: Option<watch::Receiver<Option<String>>>,
     pub governor: GovernorMode,
     pub stop: Arc<AtomicBool>,
+    /// The workspace's AGENTS.md in the system prompt.
+    pub instructions: bool,
 }
 
 /// One progress line for people: whatever the model or a tool wrote in it
@@ -274,6 +295,17 @@ fn raw_line(p: &Progress) -> String {
         Progress::Compacted { context_tokens } => {
             format!("compacted older steps at {context_tokens} tokens")
         }
+        Progress::Notice { text } => text.clone(),
+        Progress::Instructions { bytes, tokens, cut } => {
+            let cost = tokens.map_or(format!("{bytes} bytes"), |t| format!("{t} tokens"));
+            let cut = match cut {
+                true => format!(", cut to its first {MAX_INSTRUCTIONS} bytes"),
+                false => String::new(),
+            };
+            format!(
+                "{INSTRUCTIONS} loaded into the system prompt ({cost}{cut}); --no-agents-md leaves it out"
+            )
+        }
     }
 }
 
@@ -290,6 +322,8 @@ pub struct RunSpec {
     /// The sampler for the run's turns: the chat's, with answers capped at
     /// the agent's reply budget (a long answer is a model lost in a string).
     pub sampler: SamplerSettings,
+    /// The workspace's AGENTS.md in the system prompt.
+    pub instructions: bool,
 }
 
 /// The agent settings every front end reads: `[agent]` in config.toml,
@@ -304,6 +338,8 @@ pub struct AgentSettings {
     /// Most tokens in one tool call.
     pub max_reply_tokens: u32,
     pub governor: GovernorMode,
+    /// The workspace's AGENTS.md in the system prompt.
+    pub project_instructions: bool,
 }
 
 impl Default for AgentSettings {
@@ -314,6 +350,7 @@ impl Default for AgentSettings {
             max_run_tokens: 200_000,
             max_reply_tokens: 512,
             governor: GovernorMode::Pause,
+            project_instructions: true,
         }
     }
 }
@@ -338,6 +375,7 @@ impl RunSpec {
                 max_tokens: settings.max_run_tokens,
             },
             governor: settings.governor,
+            instructions: settings.project_instructions,
             sampler,
         }
     }
@@ -406,6 +444,7 @@ pub fn spawn<A: Approver + Send + 'static>(
                     pressure,
                     governor: spec.governor,
                     stop: run_stop,
+                    instructions: spec.instructions,
                 }
                 .run(&spec.task, move |p| {
                     let _ = progress_tx.send(p);
@@ -436,14 +475,42 @@ impl<A: Approver> Agent<'_, A> {
         }
     }
 
+    /// The system prompt: the tools, then the project's instructions
+    /// (`AGENTS.md` at the workspace's root) where it has them and the run
+    /// takes them. An unreadable file is said once and left out.
+    async fn system_prompt(&mut self, report: &mut impl FnMut(Progress)) -> String {
+        if !self.instructions {
+            return SYSTEM_PROMPT.into();
+        }
+        let text = match self.workspace.instructions(INSTRUCTIONS, MAX_INSTRUCTIONS) {
+            Ok(Some(text)) => text,
+            Ok(None) => return SYSTEM_PROMPT.into(),
+            Err(e) => {
+                let text = format!("{e}; the run goes on without it");
+                self.record(Event::Notice { text: text.clone() });
+                report(Progress::Notice { text });
+                return SYSTEM_PROMPT.into();
+            }
+        };
+        let block = format!(
+            "\n\nThe project's instructions ({INSTRUCTIONS} at the folder's root):\n{}",
+            text.text
+        );
+        report(Progress::Instructions {
+            bytes: text.text.len(),
+            tokens: self.engine.count_tokens(&block).await,
+            cut: text.cut,
+        });
+        format!("{SYSTEM_PROMPT}{block}")
+    }
+
     pub async fn run(&mut self, task: &str, mut report: impl FnMut(Progress)) -> Outcome {
         let started = Instant::now();
         let context_limit = self.engine.info().context_limit;
+        let system = self.system_prompt(&mut report).await;
         self.engine
-            .send(EngineCommand::SetSystemPrompt(Some(SYSTEM_PROMPT.into())));
-        self.record(Event::SystemPrompt {
-            text: Some(SYSTEM_PROMPT.into()),
-        });
+            .send(EngineCommand::SetSystemPrompt(Some(system.clone())));
+        self.record(Event::SystemPrompt { text: Some(system) });
         let pattern = tool_call_pattern();
         let mut message = format!("Task: {task}");
         let mut tokens = 0usize;

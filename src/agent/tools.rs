@@ -145,6 +145,14 @@ pub struct Workspace {
     dir: std::sync::Arc<cap_std::fs::Dir>,
 }
 
+/// A project's instructions as read for a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instructions {
+    pub text: String,
+    /// Whether the file was longer than what was read.
+    pub cut: bool,
+}
+
 /// What a tool may be handed as a file: regular files only (a FIFO or a
 /// device would block the run or act when opened), and no bigger than
 /// this when a patch reads one whole.
@@ -232,6 +240,34 @@ impl Workspace {
             ));
         }
         Ok((file, meta.len()))
+    }
+
+    /// The file `name` at the workspace's root as text for a prompt: `None`
+    /// where there is none, its first `max` bytes (cut at a line where it
+    /// can be) where it is longer, invalid UTF-8 replaced.
+    pub fn instructions(&self, name: &str, max: usize) -> Result<Option<Instructions>, String> {
+        use std::io::Read;
+        let rel = Path::new(name);
+        match self.dir.symlink_metadata(rel) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            _ => {}
+        }
+        let (file, _) = self.open_regular(name, rel)?;
+        let mut bytes = Vec::new();
+        file.take(max as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| why(name, &e))?;
+        let cut = bytes.len() > max;
+        if cut {
+            bytes.truncate(max);
+            if let Some(end) = bytes.iter().rposition(|&b| b == b'\n') {
+                bytes.truncate(end + 1);
+            }
+        }
+        Ok(Some(Instructions {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            cut,
+        }))
     }
 
     /// Up to `max` bytes of a regular file; a larger one is refused.

@@ -157,6 +157,10 @@ impl Engine for LocalEngine {
         each!(self, e => e.info())
     }
 
+    fn tokens_in(&self, text: &str) -> Option<usize> {
+        Some(self.count_tokens(text))
+    }
+
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
         each!(self, e => e.chat(turn, message, out, cancel).await)
     }

@@ -115,6 +115,9 @@ pub enum EngineCommand {
     Restore(KvState, oneshot::Sender<Result<(), String>>),
     /// Who waits on this conversation's turns.
     SetPriority(Priority),
+    /// How many tokens a text is in the model's tokenizer, where the
+    /// engine knows.
+    CountTokens(String, oneshot::Sender<Option<usize>>),
 }
 
 /// Whose turns go first when conversations share the model: a terminal's
@@ -210,6 +213,13 @@ pub trait Engine: Send + 'static {
     fn set_priority(&mut self, priority: Priority) {
         let _ = priority;
     }
+
+    /// Tokens `text` is in the model's tokenizer; `None` where the engine
+    /// cannot say (an endpoint, the scripted engine).
+    fn tokens_in(&self, text: &str) -> Option<usize> {
+        let _ = text;
+        None
+    }
 }
 
 /// The front ends' side of a running engine.
@@ -304,6 +314,13 @@ impl std::ops::Deref for Lease {
 impl EngineHandle {
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Tokens `text` is in the model's tokenizer, where the engine knows.
+    pub async fn count_tokens(&self, text: &str) -> Option<usize> {
+        let (tx, rx) = oneshot::channel();
+        self.send(EngineCommand::CountTokens(text.to_string(), tx));
+        rx.await.ok().flatten()
     }
 
     /// A conversation for this holder alone: this one while it is free,
@@ -460,6 +477,9 @@ fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
                 }
                 EngineCommand::Restore(state, reply) => {
                     let _ = reply.send(engine.restore(state));
+                }
+                EngineCommand::CountTokens(text, reply) => {
+                    let _ = reply.send(engine.tokens_in(&text));
                 }
             }
         }

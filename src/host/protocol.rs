@@ -19,7 +19,8 @@ use crate::app::Pasted;
 /// through the daemon; 8: top-k, min-p, penalties and prompt lookup in the
 /// client's sampling settings, decode and draft figures in turn stats;
 /// 9: the draft model and its settings among the window flags; 10: a
-/// write's diff with its result in an agent's progress.
+/// write's diff with its result in an agent's progress, AGENTS.md and
+/// notices among its events, the attach snapshot's dropped count.
 pub const VERSION: u32 = 10;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;

@@ -94,6 +94,14 @@ pub struct AgentFlags {
     /// Leave the workspace's AGENTS.md out of the agent's system prompt.
     #[arg(long, global = true)]
     pub no_agents_md: bool,
+    /// What the agent's shell commands may write: the workspace (its .git
+    /// read-only) and their temporary folder (default), only the
+    /// temporary folder, or anything (off: all your rights).
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub sandbox: Option<crate::agent::sandbox::SandboxMode>,
+    /// Let the agent's shell commands reach the network.
+    #[arg(long, global = true)]
+    pub sandbox_network: bool,
 }
 
 impl AgentFlags {
@@ -116,6 +124,12 @@ impl AgentFlags {
         }
         if self.no_agents_md {
             settings.project_instructions = false;
+        }
+        if let Some(mode) = self.sandbox {
+            settings.sandbox = mode;
+        }
+        if self.sandbox_network {
+            settings.sandbox_network = true;
         }
         settings
     }
@@ -238,6 +252,13 @@ pub enum Command {
     },
     /// Print the telemetry the side panels show, one line per sample.
     Monitor(MonitorArgs),
+    /// Run a command under exactly the sandbox the agent's shell commands
+    /// get (--workspace, --sandbox, --sandbox-network): `kiln sandbox --
+    /// CMD ARGS…`.
+    Sandbox {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Download a preset ahead of time (default: the default model).
     Fetch {
         /// Preset name, as `kiln models` lists them.

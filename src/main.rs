@@ -2,7 +2,8 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::cmd::{
-    agent, ask, bench, cache as cache_cmd, fit, monitor, runs as runs_cmd, sessions as session_cmd,
+    agent, ask, bench, cache as cache_cmd, fit, monitor, runs as runs_cmd, sandbox as sandbox_cmd,
+    sessions as session_cmd,
 };
 use kiln::error::{KilnError, EXIT_FAILURE};
 use kiln::host::{daemon, launch, terminal as tui};
@@ -54,6 +55,7 @@ fn main() {
             Some(Command::Models) => list_models(&cli.common),
             Some(Command::Fit(args)) => fit::run(args, &cli.common),
             Some(Command::Monitor(args)) => monitor::run(args).await,
+            Some(Command::Sandbox { command }) => sandbox_cmd::run(&command, &cli.common).await,
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
             Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
             Some(Command::Agent(args)) => agent::run(args, &cli.common).await,

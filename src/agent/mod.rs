@@ -4,6 +4,7 @@
 //! Every call is journaled before it runs and its result after.
 
 pub mod diff;
+pub mod sandbox;
 pub mod tools;
 
 use std::collections::HashSet;
@@ -138,11 +139,13 @@ pub enum Approval {
 }
 
 /// A call that needs a yes, and what it would change: a write's unified
-/// diff as the file stands when it is asked (`tools::preview`).
+/// diff as the file stands when it is asked (`tools::preview`), and for a
+/// shell command the sandbox it runs under.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Question {
     pub call: ToolCall,
     pub diff: Option<String>,
+    pub sandbox: Option<sandbox::Sandbox>,
 }
 
 /// Who answers approval questions: a person in the TUI, or nobody.
@@ -324,6 +327,8 @@ pub struct RunSpec {
     pub sampler: SamplerSettings,
     /// The workspace's AGENTS.md in the system prompt.
     pub instructions: bool,
+    /// What the run's shell commands may do.
+    pub sandbox: sandbox::Sandbox,
 }
 
 /// The agent settings every front end reads: `[agent]` in config.toml,
@@ -340,6 +345,19 @@ pub struct AgentSettings {
     pub governor: GovernorMode,
     /// The workspace's AGENTS.md in the system prompt.
     pub project_instructions: bool,
+    /// What shell commands may write, and whether they reach the network.
+    pub sandbox: sandbox::SandboxMode,
+    pub sandbox_network: bool,
+}
+
+impl AgentSettings {
+    /// The shell commands' sandbox these settings ask for.
+    pub fn sandbox(&self) -> sandbox::Sandbox {
+        sandbox::Sandbox {
+            mode: self.sandbox,
+            network: self.sandbox_network,
+        }
+    }
 }
 
 impl Default for AgentSettings {
@@ -351,6 +369,8 @@ impl Default for AgentSettings {
             max_reply_tokens: 512,
             governor: GovernorMode::Pause,
             project_instructions: true,
+            sandbox: sandbox::SandboxMode::default(),
+            sandbox_network: false,
         }
     }
 }
@@ -376,6 +396,7 @@ impl RunSpec {
             },
             governor: settings.governor,
             instructions: settings.project_instructions,
+            sandbox: settings.sandbox(),
             sampler,
         }
     }
@@ -438,7 +459,10 @@ pub fn spawn<A: Approver + Send + 'static>(
                     workspace,
                     policy: spec.policy,
                     budgets: spec.budgets.clone(),
-                    limits: Limits::default(),
+                    limits: Limits {
+                        sandbox: spec.sandbox,
+                        ..Limits::default()
+                    },
                     approver,
                     journal: journal.as_ref(),
                     pressure,
@@ -593,6 +617,7 @@ impl<A: Approver> Agent<'_, A> {
             if self.policy.needs_approval(&call) && !always.contains(&key) {
                 let question = Question {
                     diff: tools::preview(&call, &self.workspace),
+                    sandbox: matches!(call, ToolCall::Shell { .. }).then_some(self.limits.sandbox),
                     call: call.clone(),
                 };
                 match self.approver.approve(&question).await {

@@ -123,6 +123,8 @@ pub struct Limits {
     pub max_output: usize,
     /// A file larger than this is not read whole.
     pub max_read: u64,
+    /// What shell commands may do.
+    pub sandbox: super::sandbox::Sandbox,
 }
 
 impl Default for Limits {
@@ -131,6 +133,7 @@ impl Default for Limits {
             shell_timeout: Duration::from_secs(60),
             max_output: 16 << 10,
             max_read: 1 << 20,
+            sandbox: super::sandbox::Sandbox::default(),
         }
     }
 }
@@ -693,10 +696,19 @@ enum Cut {
 /// on a full pipe. A stop is honoured within about 100 ms.
 async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool) -> ToolResult {
     let tag = format!("{:032x}", rand::random::<u128>());
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .current_dir(&ws.root)
+    // The one folder outside the workspace a sandboxed call may write.
+    let temp = match tempfile::Builder::new().prefix("kiln-call-").tempdir() {
+        Ok(t) => t,
+        Err(e) => return ToolResult::err(format!("cannot make the call's temporary folder: {e}")),
+    };
+    let sandboxed = limits.sandbox.mode != super::sandbox::SandboxMode::Off;
+    let args = [std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(command)];
+    let mut cmd = match super::sandbox::command(&limits.sandbox, &ws.root, temp.path(), "sh", &args)
+    {
+        Ok(c) => c,
+        Err(e) => return ToolResult::err(super::sandbox::refusal(&e)),
+    };
+    cmd.current_dir(&ws.root)
         .env(CALL_TAG, &tag)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -713,6 +725,8 @@ async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
+        // What the sandbox's set-up in the child said.
+        Err(e) if sandboxed => return ToolResult::err(super::sandbox::refusal(&e.to_string())),
         Err(e) => return ToolResult::err(format!("cannot run sh: {e}")),
     };
     let pid = child.id();

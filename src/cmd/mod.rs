@@ -7,4 +7,5 @@ pub mod cache;
 pub mod fit;
 pub mod monitor;
 pub mod runs;
+pub mod sandbox;
 pub mod sessions;

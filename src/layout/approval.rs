@@ -79,6 +79,9 @@ pub fn question_lines(question: &Question) -> Vec<(String, RowKind)> {
             None => lines.push(argument(format!("{name}: {v}"))),
         }
     }
+    if let Some(s) = &question.sandbox {
+        lines.push(argument(format!("runs under: {}", s.describe())));
+    }
     if let Some(d) = &question.diff {
         let count = d.lines().count();
         lines.push(argument(format!(
@@ -216,6 +219,7 @@ mod tests {
         Question {
             call,
             diff: diff.map(str::to_string),
+            sandbox: None,
         }
     }
 

@@ -577,6 +577,7 @@ fn an_approval_shows_the_diff_of_a_write() {
         Msg::Agent(AgentMsg::Approval(Question {
             call,
             diff: Some(diff.into()),
+            sandbox: None,
         })),
     );
     let t = draw(&s, 100, 30);

@@ -1,0 +1,402 @@
+//! The OS sandbox the agent's shell commands run under, and `kiln sandbox`,
+//! which runs any command under the same policy. The file tools confine
+//! paths; this confines processes: what `sh -c` and everything it starts
+//! may write, and whether it reaches the network.
+//!
+//! Linux: Landlock (read everywhere; write only in the workspace, the
+//! call's own temporary folder and `/dev/null`), in a user namespace of
+//! the caller's own ids with a network namespace of its own (no network:
+//! not even loopback) and a mount namespace where the workspace's `.git`
+//! is bound read-only. It is applied in the child between fork and exec,
+//! so kiln itself is never restricted; what can be made before the fork
+//! (the Landlock ruleset, the id maps, the mount flags) is, so the child
+//! only makes system calls. macOS: `sandbox-exec` with a profile of the
+//! same policy. It fails closed: a sandbox that cannot be set up refuses
+//! the command in one line naming the way out (`--sandbox off`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What sandboxed commands may write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxMode {
+    /// The workspace (but its `.git`) and a temporary folder of the call's.
+    #[default]
+    WorkspaceWrite,
+    /// Nothing but the call's temporary folder.
+    ReadOnly,
+    /// No sandbox: commands run with all the user's rights.
+    Off,
+}
+
+/// The sandbox for an agent's shell commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub mode: SandboxMode,
+    /// Let commands reach the network.
+    pub network: bool,
+}
+
+impl Sandbox {
+    /// The policy in a few words, for the status bar and approvals.
+    pub fn describe(&self) -> String {
+        let mode = match self.mode {
+            SandboxMode::WorkspaceWrite => "sandbox: writes in the workspace only",
+            SandboxMode::ReadOnly => "sandbox: read-only",
+            SandboxMode::Off => return "no sandbox: all your rights".into(),
+        };
+        let net = if self.network {
+            "network on"
+        } else {
+            "no network"
+        };
+        format!("{mode}, {net}")
+    }
+}
+
+/// Why a sandbox could not be set up, in one line with the way out.
+pub fn refusal(why: &str) -> String {
+    format!(
+        "the shell sandbox cannot be set up here ({why}); the command was not run. `--sandbox off` (or `sandbox = \"off\"` under [agent]) runs commands with all your rights"
+    )
+}
+
+/// `program` with `args`, to run in `workspace` under `sandbox`, with
+/// `temp` as its writable temporary folder (`TMPDIR`). Errors say why in
+/// words (see `refusal`).
+pub fn command(
+    sandbox: &Sandbox,
+    workspace: &Path,
+    temp: &Path,
+    program: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<tokio::process::Command, String> {
+    if sandbox.mode == SandboxMode::Off {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args);
+        return Ok(cmd);
+    }
+    let mut cmd = platform::command(sandbox, workspace, temp, program, args)?;
+    cmd.env("TMPDIR", temp);
+    Ok(cmd)
+}
+
+/// The folders a sandboxed command may write.
+fn writable(sandbox: &Sandbox, workspace: &Path, temp: &Path) -> Vec<PathBuf> {
+    let mut paths = vec![temp.to_path_buf()];
+    if sandbox.mode == SandboxMode::WorkspaceWrite {
+        paths.push(workspace.to_path_buf());
+    }
+    paths
+}
+
+#[cfg(target_os = "linux")]
+mod platform {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
+        RulesetCreated, RulesetCreatedAttr, ABI,
+    };
+
+    use super::{writable, Sandbox, SandboxMode};
+
+    /// What the child does between fork and exec, all made beforehand.
+    struct Plan {
+        ruleset: Mutex<Option<RulesetCreated>>,
+        /// New user namespace, and with it a network one (no network)
+        /// and a mount one (`.git` read-only).
+        namespaces: libc::c_int,
+        maps: [(CString, Vec<u8>); 3],
+        /// The workspace's `.git`, and the flags its mount must keep.
+        git: Option<(CString, libc::c_ulong)>,
+    }
+
+    pub fn command(
+        sandbox: &Sandbox,
+        workspace: &Path,
+        temp: &Path,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<tokio::process::Command, String> {
+        let ruleset = ruleset(sandbox, workspace, temp).map_err(|e| format!("Landlock: {e}"))?;
+        let git = workspace.join(".git");
+        let git = match sandbox.mode == SandboxMode::WorkspaceWrite && git.exists() {
+            true => Some((cstring(&git)?, mount_flags(&git)?)),
+            false => None,
+        };
+        let mut namespaces = libc::CLONE_NEWUSER;
+        if !sandbox.network {
+            namespaces |= libc::CLONE_NEWNET;
+        }
+        if git.is_some() {
+            namespaces |= libc::CLONE_NEWNS;
+        }
+        // SAFETY: getuid(2) and getgid(2) cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let map = |p: &str, v: String| (CString::new(p).expect("no NUL"), v.into_bytes());
+        let plan = Plan {
+            ruleset: Mutex::new(Some(ruleset)),
+            namespaces,
+            maps: [
+                map("/proc/self/setgroups", "deny".into()),
+                map("/proc/self/uid_map", format!("{uid} {uid} 1")),
+                map("/proc/self/gid_map", format!("{gid} {gid} 1")),
+            ],
+            git,
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args);
+        // SAFETY: the child only makes system calls (unshare, open, write,
+        // mount, prctl, landlock_restrict_self) with what was made above;
+        // the mutex is the child's own copy, never held at the fork.
+        unsafe {
+            cmd.pre_exec(move || plan.apply());
+        }
+        Ok(cmd)
+    }
+
+    impl Plan {
+        fn apply(&self) -> std::io::Result<()> {
+            let fail = |what: &str| {
+                let e = std::io::Error::last_os_error();
+                std::io::Error::new(e.kind(), format!("{what}: {e}"))
+            };
+            // SAFETY: system calls on memory this plan owns.
+            unsafe {
+                if libc::unshare(self.namespaces) != 0 {
+                    return Err(fail("namespaces"));
+                }
+                for (path, text) in &self.maps {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(fail("id maps"));
+                    }
+                    let wrote = libc::write(fd, text.as_ptr().cast(), text.len());
+                    libc::close(fd);
+                    if wrote != text.len() as isize {
+                        return Err(fail("id maps"));
+                    }
+                }
+                if let Some((git, flags)) = &self.git {
+                    let root = c"/";
+                    let none = std::ptr::null();
+                    if libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        none.cast(),
+                    ) != 0
+                        || libc::mount(
+                            git.as_ptr(),
+                            git.as_ptr(),
+                            none,
+                            libc::MS_BIND | libc::MS_REC,
+                            none.cast(),
+                        ) != 0
+                        || libc::mount(
+                            none,
+                            git.as_ptr(),
+                            none,
+                            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+                            none.cast(),
+                        ) != 0
+                    {
+                        return Err(fail(".git read-only"));
+                    }
+                }
+            }
+            let ruleset = self.ruleset.lock().ok().and_then(|mut r| r.take());
+            match ruleset.map(RulesetCreated::restrict_self) {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(std::io::Error::other(format!("Landlock: {e}"))),
+                None => Err(std::io::Error::other("Landlock: the ruleset was used")),
+            }
+        }
+    }
+
+    /// Read and run everywhere; write only where `writable` says, and
+    /// `/dev/null`. Landlock must be there at all (else it fails); what a
+    /// newer kernel adds (truncate, ioctl on devices) is used where it is.
+    fn ruleset(
+        sandbox: &Sandbox,
+        workspace: &Path,
+        temp: &Path,
+    ) -> Result<RulesetCreated, landlock::RulesetError> {
+        let newest = ABI::V6;
+        let ruleset = Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(AccessFs::from_all(ABI::V1))?
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(newest))?
+            .create()?;
+        let write = writable(sandbox, workspace, temp);
+        ruleset
+            .add_rules(path_beneath_rules(["/"], AccessFs::from_read(newest)))?
+            .add_rules(path_beneath_rules(&write, AccessFs::from_all(newest)))?
+            .add_rules(path_beneath_rules(
+                ["/dev/null"],
+                AccessFs::WriteFile | AccessFs::ReadFile,
+            ))
+    }
+
+    fn cstring(path: &Path) -> Result<CString, String> {
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| format!("{}: a path with a NUL byte", path.display()))
+    }
+
+    /// The flags a read-only bind mount of `path` must keep: a user
+    /// namespace may not drop `nosuid`, `nodev`, `noexec` or atime flags
+    /// that the mount under it has.
+    fn mount_flags(path: &Path) -> Result<libc::c_ulong, String> {
+        let c = cstring(path)?;
+        // SAFETY: statvfs(3) into a zeroed struct it fills.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(format!(
+                "{}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        let kept = [
+            (libc::ST_NOSUID, libc::MS_NOSUID),
+            (libc::ST_NODEV, libc::MS_NODEV),
+            (libc::ST_NOEXEC, libc::MS_NOEXEC),
+            (libc::ST_NOATIME, libc::MS_NOATIME),
+            (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+            (libc::ST_RELATIME, libc::MS_RELATIME),
+        ];
+        Ok(kept
+            .iter()
+            .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+            .fold(0, |acc, (_, ms)| acc | ms))
+    }
+}
+
+#[cfg(target_os = "macos")]
+mod platform {
+    use std::path::Path;
+
+    use super::{profile, Sandbox};
+
+    /// `sandbox-exec -p PROFILE program args…`.
+    pub fn command(
+        sandbox: &Sandbox,
+        workspace: &Path,
+        temp: &Path,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<tokio::process::Command, String> {
+        let exec = Path::new("/usr/bin/sandbox-exec");
+        if !exec.exists() {
+            return Err("/usr/bin/sandbox-exec is missing".into());
+        }
+        let mut cmd = tokio::process::Command::new(exec);
+        cmd.arg("-p")
+            .arg(profile(sandbox, workspace, temp))
+            .arg(program)
+            .args(args);
+        Ok(cmd)
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+mod platform {
+    use std::path::Path;
+
+    use super::Sandbox;
+
+    pub fn command(
+        _sandbox: &Sandbox,
+        _workspace: &Path,
+        _temp: &Path,
+        _program: &str,
+        _args: &[&std::ffi::OsStr],
+    ) -> Result<tokio::process::Command, String> {
+        Err("no sandbox on this system".into())
+    }
+}
+
+/// The Seatbelt profile of the policy (macOS `sandbox-exec -p`): deny by
+/// default, read and run everywhere, write where `writable` says and
+/// `/dev/null`, the network only when allowed. Paths are quoted as the
+/// profile language's strings.
+pub fn profile(sandbox: &Sandbox, workspace: &Path, temp: &Path) -> String {
+    let quote = |p: &Path| {
+        let s = p.to_string_lossy();
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    };
+    let mut p = String::from(
+        "(version 1)\n(deny default)\n(allow process-exec)\n(allow process-fork)\n(allow signal (target same-sandbox))\n(allow sysctl-read)\n(allow mach-lookup)\n(allow file-read*)\n(allow file-write-data (literal \"/dev/null\"))\n",
+    );
+    let git = workspace.join(".git");
+    for path in writable(sandbox, workspace, temp) {
+        let rule = match path == workspace {
+            // The workspace but its .git, which stays read-only.
+            true => format!(
+                "(require-all (subpath {}) (require-not (subpath {})))",
+                quote(&path),
+                quote(&git)
+            ),
+            false => format!("(subpath {})", quote(&path)),
+        };
+        p.push_str(&format!("(allow file-write* {rule})\n"));
+    }
+    if sandbox.network {
+        p.push_str("(allow network*)\n");
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_macos_profile_denies_by_default_and_writes_where_the_mode_says() {
+        let ws = Path::new("/Users/me/my \"project\"");
+        let tmp = Path::new("/private/tmp/kiln-call");
+        let sandbox = Sandbox::default();
+        let p = profile(&sandbox, ws, tmp);
+        assert!(p.starts_with("(version 1)\n(deny default)\n"), "{p}");
+        assert!(
+            p.contains(r#"(allow file-write* (require-all (subpath "/Users/me/my \"project\"") (require-not (subpath "/Users/me/my \"project\"/.git"))))"#),
+            "{p}"
+        );
+        assert!(
+            p.contains(r#"(allow file-write* (subpath "/private/tmp/kiln-call"))"#),
+            "{p}"
+        );
+        assert!(!p.contains("network"), "{p}");
+        let read_only = profile(
+            &Sandbox {
+                mode: SandboxMode::ReadOnly,
+                network: true,
+            },
+            ws,
+            tmp,
+        );
+        assert!(!read_only.contains("project"), "{read_only}");
+        assert!(read_only.contains("(allow network*)"), "{read_only}");
+    }
+
+    #[test]
+    fn the_policy_reads_in_a_few_words() {
+        assert_eq!(
+            Sandbox::default().describe(),
+            "sandbox: writes in the workspace only, no network"
+        );
+        let off = Sandbox {
+            mode: SandboxMode::Off,
+            network: false,
+        };
+        assert_eq!(off.describe(), "no sandbox: all your rights");
+    }
+}

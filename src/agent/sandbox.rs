@@ -78,8 +78,14 @@ pub fn command(
         cmd.args(args);
         return Ok(cmd);
     }
-    let mut cmd = platform::command(sandbox, workspace, temp, program, args)?;
-    cmd.env("TMPDIR", temp);
+    // Rules name real paths (macOS's temporary folders are under a link,
+    // /var to /private/var).
+    let temp = temp.canonicalize().unwrap_or_else(|_| temp.to_path_buf());
+    let workspace = workspace
+        .canonicalize()
+        .unwrap_or_else(|_| workspace.to_path_buf());
+    let mut cmd = platform::command(sandbox, &workspace, &temp, program, args)?;
+    cmd.env("TMPDIR", &temp);
     Ok(cmd)
 }
 
@@ -334,7 +340,9 @@ pub fn profile(sandbox: &Sandbox, workspace: &Path, temp: &Path) -> String {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
     };
     let mut p = String::from(
-        "(version 1)\n(deny default)\n(allow process-exec)\n(allow process-fork)\n(allow signal (target same-sandbox))\n(allow sysctl-read)\n(allow mach-lookup)\n(allow file-read*)\n(allow file-write-data (literal \"/dev/null\"))\n",
+        // What shells and build tools need to start at all (as Codex's
+        // base policy grants), then reads everywhere.
+        "(version 1)\n(deny default)\n(allow process-exec)\n(allow process-fork)\n(allow signal (target same-sandbox))\n(allow process-info* (target same-sandbox))\n(allow sysctl-read)\n(allow mach-lookup)\n(allow user-preference-read)\n(allow ipc-posix-sem)\n(allow pseudo-tty)\n(allow file-ioctl (literal \"/dev/null\") (literal \"/dev/tty\"))\n(allow file-read*)\n(allow file-write-data (literal \"/dev/null\"))\n",
     );
     let git = workspace.join(".git");
     for path in writable(sandbox, workspace, temp) {

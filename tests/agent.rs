@@ -257,8 +257,12 @@ async fn a_write_is_approved_from_its_diff_and_the_journal_keeps_it() {
         .collect();
     assert_eq!(written[..2], diffs[..2]);
     assert_eq!(written[2..], [None, None]);
+    let first_result = progress
+        .iter()
+        .find(|p| matches!(p, Progress::Result { .. }))
+        .unwrap();
     assert_eq!(
-        kiln::agent::diff_lines(&progress[1]),
+        kiln::agent::diff_lines(first_result),
         [
             "--- a/notes.txt",
             "+++ b/notes.txt",
@@ -416,10 +420,12 @@ async fn the_governor_pauses_under_pressure_and_resumes() {
     let _tx = release.await.unwrap();
     assert_eq!(run.outcome, Outcome::Finished("done".into()));
     assert!(started.elapsed() >= Duration::from_millis(300));
+    // After the line saying the run's sandbox.
+    assert!(matches!(&run.progress[0], Progress::Confined { .. }));
     assert!(
-        matches!(&run.progress[0], Progress::Paused { reason } if reason.starts_with("swap storm"))
+        matches!(&run.progress[1], Progress::Paused { reason } if reason.starts_with("swap storm"))
     );
-    assert_eq!(run.progress[1], Progress::Resumed);
+    assert_eq!(run.progress[2], Progress::Resumed);
 }
 
 #[tokio::test]
@@ -660,13 +666,19 @@ async fn agents_md_joins_the_system_prompt_unless_turned_off() {
     assert!(system.ends_with(rules), "{system}");
     assert_eq!(
         progress[0],
+        Progress::Confined {
+            sandbox: Default::default()
+        }
+    );
+    assert_eq!(
+        progress[1],
         Progress::Instructions {
             bytes: rules.len(),
             tokens: None,
             cut: false
         }
     );
-    assert!(kiln::agent::line(&progress[0]).contains("AGENTS.md loaded"));
+    assert!(kiln::agent::line(&progress[1]).contains("AGENTS.md loaded"));
     let (system, progress) = system_of(&ws, false).await;
     assert_eq!(system.as_deref(), Some(kiln::agent::SYSTEM_PROMPT));
     assert!(!progress
@@ -694,7 +706,7 @@ async fn agents_md_joins_the_system_prompt_unless_turned_off() {
     let long = "a rule of forty characters, give or take\n".repeat(2000);
     std::fs::write(ws.root().join("AGENTS.md"), &long).unwrap();
     let (system, progress) = system_of(&ws, true).await;
-    let Progress::Instructions { bytes, cut, .. } = progress[0] else {
+    let Progress::Instructions { bytes, cut, .. } = progress[1] else {
         panic!("{progress:?}")
     };
     assert!(cut && bytes <= kiln::agent::MAX_INSTRUCTIONS, "{bytes}");

@@ -203,6 +203,10 @@ pub enum Progress {
     Compacted {
         context_tokens: usize,
     },
+    /// The sandbox the run's shell commands get, said as it starts.
+    Confined {
+        sandbox: sandbox::Sandbox,
+    },
     /// Something the run says that is not a step: one line.
     Notice {
         text: String,
@@ -299,6 +303,7 @@ fn raw_line(p: &Progress) -> String {
             format!("compacted older steps at {context_tokens} tokens")
         }
         Progress::Notice { text } => text.clone(),
+        Progress::Confined { sandbox } => format!("shell commands: {}", sandbox.describe()),
         Progress::Instructions { bytes, tokens, cut } => {
             let cost = tokens.map_or(format!("{bytes} bytes"), |t| format!("{t} tokens"));
             let cut = match cut {
@@ -531,6 +536,9 @@ impl<A: Approver> Agent<'_, A> {
     pub async fn run(&mut self, task: &str, mut report: impl FnMut(Progress)) -> Outcome {
         let started = Instant::now();
         let context_limit = self.engine.info().context_limit;
+        report(Progress::Confined {
+            sandbox: self.limits.sandbox,
+        });
         let system = self.system_prompt(&mut report).await;
         self.engine
             .send(EngineCommand::SetSystemPrompt(Some(system.clone())));

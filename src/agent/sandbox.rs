@@ -40,7 +40,18 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// The policy in a few words, for the status bar and approvals.
+    /// The policy in a word or two, for the status bar.
+    pub fn short(&self) -> &'static str {
+        match (self.mode, self.network) {
+            (SandboxMode::Off, _) => "no sandbox",
+            (SandboxMode::WorkspaceWrite, false) => "sandboxed",
+            (SandboxMode::WorkspaceWrite, true) => "sandboxed, network",
+            (SandboxMode::ReadOnly, false) => "read-only sandbox",
+            (SandboxMode::ReadOnly, true) => "read-only sandbox, network",
+        }
+    }
+
+    /// The policy in a few words, for approvals and progress lines.
     pub fn describe(&self) -> String {
         let mode = match self.mode {
             SandboxMode::WorkspaceWrite => "sandbox: writes in the workspace only",

@@ -11,8 +11,10 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
     match msg {
         AgentMsg::Progress(p) => {
             let text = crate::agent::line(&p);
-            if let (Some(a), Progress::Call { step, .. }) = (&mut state.agent, &p) {
-                a.step = *step;
+            match (&mut state.agent, &p) {
+                (Some(a), Progress::Call { step, .. }) => a.step = *step,
+                (Some(a), Progress::Confined { sandbox }) => a.sandbox = Some(*sandbox),
+                _ => {}
             }
             state.push_entry(Entry::new(EntryKind::Notice, text));
             if let Progress::Result {

@@ -366,6 +366,7 @@ pub(super) fn send(state: &mut State) -> Vec<Effect> {
             step: 0,
             pending: None,
             approval_scroll: 0,
+            sandbox: None,
             stopping: false,
             apart: None,
         });

@@ -66,6 +66,8 @@ pub struct AgentView {
     pub pending: Option<Question>,
     /// How far the approval question is scrolled.
     pub approval_scroll: usize,
+    /// The sandbox its shell commands get, once the run says.
+    pub sandbox: Option<crate::agent::sandbox::Sandbox>,
     pub stopping: bool,
     /// The run's own session, when it runs on a conversation of its own
     /// beside the chat (else it drives the chat's conversation).

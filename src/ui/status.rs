@@ -11,10 +11,10 @@ use crate::keys::Action;
 use crate::theme::{Slot, Theme};
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
-    let agent_mode = state
-        .agent
-        .as_ref()
-        .map(|a| format!("agent step {}", a.step));
+    let agent_mode = state.agent.as_ref().map(|a| match &a.sandbox {
+        Some(s) => format!("agent step {} · {}", a.step, s.short()),
+        None => format!("agent step {}", a.step),
+    });
     let mode = match state.mode {
         Mode::Chat if agent_mode.is_some() => agent_mode.as_deref().unwrap_or(""),
         Mode::Chat if state.generating() => "answering",

@@ -93,6 +93,26 @@ fn results(run: &Run) -> Vec<(bool, String)> {
         .collect()
 }
 
+/// A new session's journal in a store of its own: the store (kept while
+/// the test runs), the session's folder, and the journal.
+fn journaled(
+    model: &str,
+    context: usize,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    journal::JournalHandle,
+) {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = SessionStore {
+        root: store_dir.path().to_path_buf(),
+    };
+    let session = store.create(model, None, context).unwrap();
+    let dir = session.dir.clone();
+    let (journal, _reports) = journal::spawn(session);
+    (store_dir, dir, journal)
+}
+
 fn workspace() -> (tempfile::TempDir, Workspace) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("ws")).unwrap();
@@ -205,13 +225,7 @@ impl Approver for &mut Person {
 #[tokio::test]
 async fn a_write_is_approved_from_its_diff_and_the_journal_keeps_it() {
     let (_dir, ws) = workspace();
-    let store_dir = tempfile::tempdir().unwrap();
-    let store = SessionStore {
-        root: store_dir.path().to_path_buf(),
-    };
-    let session = store.create("fake", None, 4096).unwrap();
-    let dir = session.dir.clone();
-    let (journal, _reports) = journal::spawn(session);
+    let (_store, dir, journal) = journaled("fake", 4096);
     let fake = FakeEngine::new([
         r#"{"tool": "write_file", "path": "notes.txt", "find": "inside", "replace": "outside"}"#,
         r#"{"tool": "write_file", "path": "new/b.txt", "content": "b\n"}"#,
@@ -460,13 +474,7 @@ async fn pressure_follows_the_alarm_detector() {
 #[tokio::test]
 async fn every_call_is_journaled_before_it_runs_and_an_interrupted_one_is_not_rerun() {
     let (_dir, ws) = workspace();
-    let store_dir = tempfile::tempdir().unwrap();
-    let store = SessionStore {
-        root: store_dir.path().to_path_buf(),
-    };
-    let session = store.create("fake", None, 4096).unwrap();
-    let dir = session.dir.clone();
-    let (journal, _reports) = journal::spawn(session);
+    let (_store, dir, journal) = journaled("fake", 4096);
     let fake = FakeEngine::new([r#"{"tool": "read_file", "path": "notes.txt"}"#, FINISH]);
     let handle = engine::spawn(fake);
     let outcome = Agent {
@@ -519,13 +527,7 @@ async fn the_real_model_makes_five_valid_calls_and_each_is_journaled() {
         ..Default::default()
     })
     .await;
-    let store_dir = tempfile::tempdir().unwrap();
-    let store = SessionStore {
-        root: store_dir.path().to_path_buf(),
-    };
-    let session = store.create("smollm2", None, 8192).unwrap();
-    let dir = session.dir.clone();
-    let (journal, _reports) = journal::spawn(session);
+    let (_store, dir, journal) = journaled("smollm2", 8192);
     let mut progress = Vec::new();
     let outcome = Agent {
         journal: Some(&journal),
@@ -632,13 +634,7 @@ async fn headless_cli_reports_json_and_exit_codes() {
 #[tokio::test]
 async fn agents_md_joins_the_system_prompt_unless_turned_off() {
     async fn system_of(ws: &Workspace, instructions: bool) -> (Option<String>, Vec<Progress>) {
-        let store_dir = tempfile::tempdir().unwrap();
-        let store = SessionStore {
-            root: store_dir.path().to_path_buf(),
-        };
-        let session = store.create("fake", None, 4096).unwrap();
-        let dir = session.dir.clone();
-        let (journal, _reports) = journal::spawn(session);
+        let (_store, dir, journal) = journaled("fake", 4096);
         let handle = engine::spawn(FakeEngine::new([FINISH]));
         let mut progress = Vec::new();
         let outcome = Agent {

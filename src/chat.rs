@@ -87,6 +87,10 @@ pub struct GenStats {
     pub accepted_drafts: usize,
     #[serde(default)]
     pub drafting_rested: usize,
+    /// Whether drafting rested when the turn ended (since this turn or an
+    /// earlier one).
+    #[serde(default)]
+    pub drafting_resting: bool,
 }
 
 impl GenStats {
@@ -119,6 +123,8 @@ impl GenStats {
                 " · drafting rested {} time(s): it did not pay",
                 self.drafting_rested
             ));
+        } else if self.drafting_resting {
+            line.push_str(" · drafting rests: it did not pay");
         }
         if finish != FinishReason::Stop {
             line.push_str(&format!(" · stopped: {finish:?}"));

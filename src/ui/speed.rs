@@ -78,8 +78,8 @@ const DRAFT_TURNS: usize = 8;
 
 /// Drafting (prompt lookup, a draft model) over the last turns that
 /// drafted: the share of drafts the model kept and the tokens each decode
-/// gave, or that drafting rests when the last turn rested it; empty
-/// without drafting. One turn's figures swing with what it said; a few
+/// gave, or that drafting rests when the last turn ended with it resting;
+/// empty without drafting. One turn's figures swing with what it said; a few
 /// turns' tell whether drafting pays here.
 fn drafting(state: &State) -> String {
     let recent: Vec<&crate::engine::GenStats> = state
@@ -96,15 +96,18 @@ fn drafting(state: &State) -> String {
         sum(|s| s.accepted_drafts),
         sum(|s| s.completion_tokens),
     );
-    if drafted == 0 {
-        return String::new();
-    }
-    let share = kept as f64 * 100.0 / drafted as f64;
-    if state
+    let rests = state
         .last_stats
         .as_ref()
-        .is_some_and(|s| s.drafting_rested > 0)
-    {
+        .is_some_and(|s| s.drafting_rested > 0 || s.drafting_resting);
+    if drafted == 0 {
+        return match rests {
+            true => " · draft rests".into(),
+            false => String::new(),
+        };
+    }
+    let share = kept as f64 * 100.0 / drafted as f64;
+    if rests {
         return format!(" · draft {share:.0}% rests");
     }
     let steps = tokens.saturating_sub(kept).max(1);

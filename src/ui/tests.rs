@@ -426,9 +426,27 @@ fn speed_panel_shows_drafting_over_the_last_turns() {
     assert!(screen.contains("draft 58% ×1.5"), "{screen}");
     send(&mut s, "again");
     (st.drafted, st.accepted_drafts, st.drafting_rested) = (80, 60, 1);
+    finish(&mut s, "hello", st.clone());
+    let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
+    assert!(screen.contains("draft 65% rests"), "{screen}");
+    // A turn that drafted nothing because drafting still rests says so.
+    send(&mut s, "later");
+    (st.drafted, st.accepted_drafts, st.drafting_rested) = (0, 0, 0);
+    st.drafting_resting = true;
     finish(&mut s, "hello", st);
     let screen = format!("{}", panel(&s, speed::HEIGHT, speed::render).backend());
     assert!(screen.contains("draft 65% rests"), "{screen}");
+    // With no turn that drafted at all, it still says drafting rests.
+    let mut fresh = base(160, 48);
+    send(&mut fresh, "hi");
+    let mut st = stats(100, 30.0, 1050);
+    st.drafting_resting = true;
+    finish(&mut fresh, "hello", st);
+    let screen = format!("{}", panel(&fresh, speed::HEIGHT, speed::render).backend());
+    assert!(
+        screen.contains("decode 30.0 tok/s · draft rests"),
+        "{screen}"
+    );
 }
 
 #[test]

@@ -322,6 +322,7 @@ impl LocalTurns for LlamaCppEngine {
             drafted: report.drafted,
             accepted_drafts: report.accepted,
             drafting_rested: report.rested,
+            drafting_resting: report.resting,
         };
         tracing::info!(
             "turn {turn}: {} · KV cells {}",

@@ -87,6 +87,9 @@ pub struct RunReport {
     pub drafted: usize,
     pub accepted: usize,
     pub rested: usize,
+    /// Whether drafting was resting when the run ended (it may have rested
+    /// since an earlier run, so `rested` can be 0).
+    pub resting: bool,
 }
 
 pub(super) struct Ran {
@@ -267,6 +270,11 @@ impl Sequence {
     /// at a time).
     pub(super) fn may_draft(&self) -> bool {
         self.constraint.is_none() && self.max_new > 1
+    }
+
+    /// Whether this run would have drafted but drafting rests now.
+    pub(super) fn resting(&self, governor: &Governor) -> bool {
+        self.rests_before.is_some() && governor.resting()
     }
 
     /// Times drafting rested during this run.

@@ -840,6 +840,7 @@ impl<'m> Worker<'m> {
                 drafted: seq.proposed,
                 accepted: seq.accepted,
                 rested: seq.rests(&self.governor),
+                resting: seq.resting(&self.governor),
                 ..seq.report
             });
             let _ = seq.reply_to.send(Ran { tokens, result });

@@ -266,6 +266,12 @@ pub fn line(p: &Progress) -> String {
     crate::visible::visible_line(&raw_line(p)).into_owned()
 }
 
+/// An event as a person reads it in a log: its line, then what a write
+/// changed.
+pub fn lines(p: &Progress) -> impl Iterator<Item = String> {
+    std::iter::once(line(p)).chain(diff_lines(p))
+}
+
 /// What a result's write changed, a line each, made visible: plain text
 /// for logs, coloured where the TUI draws it.
 pub fn diff_lines(p: &Progress) -> Vec<String> {

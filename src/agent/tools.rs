@@ -421,13 +421,16 @@ pub async fn execute(
             content,
             find,
             replace,
-        } => write_file(
-            ws,
-            path,
-            content.as_deref(),
-            find.as_deref(),
-            replace.as_deref(),
-        ),
+        } => {
+            let planned = plan(
+                ws,
+                path,
+                content.as_deref(),
+                find.as_deref(),
+                replace.as_deref(),
+            );
+            write_file(ws, path, planned)
+        }
         ToolCall::ListDir { path } => list_dir(ws, path, limits),
         ToolCall::Search { query } => search(ws, query, limits),
         ToolCall::Shell { command } => shell(ws, command, limits, stop).await,
@@ -467,7 +470,9 @@ impl Planned {
     }
 }
 
-fn plan_write(
+/// The write a `write_file` call with these arguments would make now:
+/// what its approval shows, and what it writes.
+fn plan(
     ws: &Workspace,
     path: &str,
     content: Option<&str>,
@@ -523,28 +528,21 @@ pub fn preview(call: &ToolCall, ws: &Workspace) -> Option<String> {
     else {
         return None;
     };
-    Some(
-        match plan_write(
-            ws,
-            path,
-            content.as_deref(),
-            find.as_deref(),
-            replace.as_deref(),
-        ) {
-            Ok(planned) => planned.diff(),
-            Err(e) => format!("this write would fail: {e}\n"),
-        },
-    )
+    let planned = plan(
+        ws,
+        path,
+        content.as_deref(),
+        find.as_deref(),
+        replace.as_deref(),
+    );
+    Some(match planned {
+        Ok(planned) => planned.diff(),
+        Err(e) => format!("this write would fail: {e}\n"),
+    })
 }
 
-fn write_file(
-    ws: &Workspace,
-    path: &str,
-    content: Option<&str>,
-    find: Option<&str>,
-    replace: Option<&str>,
-) -> ToolResult {
-    let planned = match plan_write(ws, path, content, find, replace) {
+fn write_file(ws: &Workspace, path: &str, planned: Result<Planned, String>) -> ToolResult {
+    let planned = match planned {
         Ok(p) => p,
         Err(e) => return ToolResult::err(e),
     };

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::agent::tools::Workspace;
-use crate::agent::{self, line, pressure, Nobody, Outcome, RunEvent, RunSpec};
+use crate::agent::{self, pressure, Nobody, Outcome, RunEvent, RunSpec};
 use crate::cli::{AgentArgs, Common};
 use crate::engine::{self, Engine};
 use crate::error::{KilnError, Result};
@@ -68,9 +68,7 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
                 let _ = if json {
                     writeln!(out, "{}", serde_json::to_string(&p).expect("serializes"))
                 } else {
-                    std::iter::once(line(&p))
-                        .chain(agent::diff_lines(&p))
-                        .try_for_each(|l| writeln!(out, "{l}"))
+                    agent::lines(&p).try_for_each(|l| writeln!(out, "{l}"))
                 };
                 let _ = out.flush();
             }

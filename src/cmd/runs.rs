@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use crate::agent::{diff_lines, line, Outcome, Progress};
+use crate::agent::{lines, Outcome, Progress};
 use crate::cli::{AgentArgs, Common};
 use crate::error::{KilnError, Result};
 use crate::host::daemon::{ask, connect};
@@ -138,9 +138,8 @@ pub async fn attach(id: Option<String>, common: &Common) -> Result<i32> {
     crate::host::terminal::run(common, crate::host::terminal::Start::Resume(id)).await
 }
 
-/// One event as a person reads it: its line, then a write's diff.
 fn print(out: &mut impl Write, event: &Progress) {
-    for l in std::iter::once(line(event)).chain(diff_lines(event)) {
+    for l in lines(event) {
         let _ = writeln!(out, "{l}");
     }
 }

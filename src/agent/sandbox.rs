@@ -95,18 +95,36 @@ pub fn command(
     let workspace = workspace
         .canonicalize()
         .unwrap_or_else(|_| workspace.to_path_buf());
-    let mut cmd = platform::command(sandbox, &workspace, &temp, program, args)?;
+    let mut cmd = platform::command(
+        &Confinement {
+            sandbox: *sandbox,
+            workspace,
+            temp: temp.clone(),
+        },
+        program,
+        args,
+    )?;
     cmd.env("TMPDIR", &temp);
     Ok(cmd)
 }
 
-/// The folders a sandboxed command may write.
-fn writable(sandbox: &Sandbox, workspace: &Path, temp: &Path) -> Vec<PathBuf> {
-    let mut paths = vec![temp.to_path_buf()];
-    if sandbox.mode == SandboxMode::WorkspaceWrite {
-        paths.push(workspace.to_path_buf());
+/// A sandboxed command's policy and the real paths it names: the
+/// workspace it runs in and its temporary folder.
+pub struct Confinement {
+    pub sandbox: Sandbox,
+    pub workspace: PathBuf,
+    pub temp: PathBuf,
+}
+
+impl Confinement {
+    /// The folders a sandboxed command may write.
+    fn writable(&self) -> Vec<&Path> {
+        let mut paths = vec![self.temp.as_path()];
+        if self.sandbox.mode == SandboxMode::WorkspaceWrite {
+            paths.push(&self.workspace);
+        }
+        paths
     }
-    paths
 }
 
 #[cfg(target_os = "linux")]
@@ -121,7 +139,7 @@ mod platform {
         RulesetCreated, RulesetCreatedAttr, ABI,
     };
 
-    use super::{writable, Sandbox, SandboxMode};
+    use super::{Confinement, SandboxMode};
 
     /// What the child does between fork and exec, all made beforehand.
     struct Plan {
@@ -135,13 +153,12 @@ mod platform {
     }
 
     pub fn command(
-        sandbox: &Sandbox,
-        workspace: &Path,
-        temp: &Path,
+        place: &Confinement,
         program: &str,
         args: &[&std::ffi::OsStr],
     ) -> Result<tokio::process::Command, String> {
-        let ruleset = ruleset(sandbox, workspace, temp).map_err(|e| format!("Landlock: {e}"))?;
+        let (sandbox, workspace) = (&place.sandbox, &place.workspace);
+        let ruleset = ruleset(place).map_err(|e| format!("Landlock: {e}"))?;
         let git = workspace.join(".git");
         let git = match sandbox.mode == SandboxMode::WorkspaceWrite && git.exists() {
             true => Some((cstring(&git)?, mount_flags(&git)?)),
@@ -241,11 +258,7 @@ mod platform {
     /// Read and run everywhere; write only where `writable` says, and
     /// `/dev/null`. Landlock must be there at all (else it fails); what a
     /// newer kernel adds (truncate, ioctl on devices) is used where it is.
-    fn ruleset(
-        sandbox: &Sandbox,
-        workspace: &Path,
-        temp: &Path,
-    ) -> Result<RulesetCreated, landlock::RulesetError> {
+    fn ruleset(place: &Confinement) -> Result<RulesetCreated, landlock::RulesetError> {
         let newest = ABI::V6;
         let ruleset = Ruleset::default()
             .set_compatibility(CompatLevel::HardRequirement)
@@ -253,7 +266,7 @@ mod platform {
             .set_compatibility(CompatLevel::BestEffort)
             .handle_access(AccessFs::from_all(newest))?
             .create()?;
-        let write = writable(sandbox, workspace, temp);
+        let write = place.writable();
         ruleset
             .add_rules(path_beneath_rules(["/"], AccessFs::from_read(newest)))?
             .add_rules(path_beneath_rules(&write, AccessFs::from_all(newest)))?
@@ -301,13 +314,11 @@ mod platform {
 mod platform {
     use std::path::Path;
 
-    use super::{profile, Sandbox};
+    use super::Confinement;
 
     /// `sandbox-exec -p PROFILE program args…`.
     pub fn command(
-        sandbox: &Sandbox,
-        workspace: &Path,
-        temp: &Path,
+        place: &Confinement,
         program: &str,
         args: &[&std::ffi::OsStr],
     ) -> Result<tokio::process::Command, String> {
@@ -316,24 +327,17 @@ mod platform {
             return Err("/usr/bin/sandbox-exec is missing".into());
         }
         let mut cmd = tokio::process::Command::new(exec);
-        cmd.arg("-p")
-            .arg(profile(sandbox, workspace, temp))
-            .arg(program)
-            .args(args);
+        cmd.arg("-p").arg(place.profile()).arg(program).args(args);
         Ok(cmd)
     }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 mod platform {
-    use std::path::Path;
-
-    use super::Sandbox;
+    use super::Confinement;
 
     pub fn command(
-        _sandbox: &Sandbox,
-        _workspace: &Path,
-        _temp: &Path,
+        _place: &Confinement,
         _program: &str,
         _args: &[&std::ffi::OsStr],
     ) -> Result<tokio::process::Command, String> {
@@ -341,37 +345,39 @@ mod platform {
     }
 }
 
-/// The Seatbelt profile of the policy (macOS `sandbox-exec -p`): deny by
-/// default, read and run everywhere, write where `writable` says and
-/// `/dev/null`, the network only when allowed. Paths are quoted as the
-/// profile language's strings.
-pub fn profile(sandbox: &Sandbox, workspace: &Path, temp: &Path) -> String {
-    let quote = |p: &Path| {
-        let s = p.to_string_lossy();
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-    };
-    let mut p = String::from(
-        // What shells and build tools need to start at all (as Codex's
-        // base policy grants), then reads everywhere.
-        "(version 1)\n(deny default)\n(allow process-exec)\n(allow process-fork)\n(allow signal (target same-sandbox))\n(allow process-info* (target same-sandbox))\n(allow sysctl-read)\n(allow mach-lookup)\n(allow user-preference-read)\n(allow ipc-posix-sem)\n(allow pseudo-tty)\n(allow file-ioctl (literal \"/dev/null\") (literal \"/dev/tty\"))\n(allow file-read*)\n(allow file-write-data (literal \"/dev/null\"))\n",
-    );
-    let git = workspace.join(".git");
-    for path in writable(sandbox, workspace, temp) {
-        let rule = match path == workspace {
-            // The workspace but its .git, which stays read-only.
-            true => format!(
-                "(require-all (subpath {}) (require-not (subpath {})))",
-                quote(&path),
-                quote(&git)
-            ),
-            false => format!("(subpath {})", quote(&path)),
+impl Confinement {
+    /// The Seatbelt profile of the policy (macOS `sandbox-exec -p`): deny
+    /// by default, read and run everywhere, write where `writable` says
+    /// and `/dev/null`, the network only when allowed. Paths are quoted as
+    /// the profile language's strings.
+    pub fn profile(&self) -> String {
+        let quote = |p: &Path| {
+            let s = p.to_string_lossy();
+            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
         };
-        p.push_str(&format!("(allow file-write* {rule})\n"));
+        let mut p = String::from(
+            // What shells and build tools need to start at all (as Codex's
+            // base policy grants), then reads everywhere.
+            "(version 1)\n(deny default)\n(allow process-exec)\n(allow process-fork)\n(allow signal (target same-sandbox))\n(allow process-info* (target same-sandbox))\n(allow sysctl-read)\n(allow mach-lookup)\n(allow user-preference-read)\n(allow ipc-posix-sem)\n(allow pseudo-tty)\n(allow file-ioctl (literal \"/dev/null\") (literal \"/dev/tty\"))\n(allow file-read*)\n(allow file-write-data (literal \"/dev/null\"))\n",
+        );
+        let git = self.workspace.join(".git");
+        for path in self.writable() {
+            let rule = match path == self.workspace {
+                // The workspace but its .git, which stays read-only.
+                true => format!(
+                    "(require-all (subpath {}) (require-not (subpath {})))",
+                    quote(path),
+                    quote(&git)
+                ),
+                false => format!("(subpath {})", quote(path)),
+            };
+            p.push_str(&format!("(allow file-write* {rule})\n"));
+        }
+        if self.sandbox.network {
+            p.push_str("(allow network*)\n");
+        }
+        p
     }
-    if sandbox.network {
-        p.push_str("(allow network*)\n");
-    }
-    p
 }
 
 #[cfg(test)]
@@ -382,8 +388,12 @@ mod tests {
     fn the_macos_profile_denies_by_default_and_writes_where_the_mode_says() {
         let ws = Path::new("/Users/me/my \"project\"");
         let tmp = Path::new("/private/tmp/kiln-call");
-        let sandbox = Sandbox::default();
-        let p = profile(&sandbox, ws, tmp);
+        let place = |sandbox| Confinement {
+            sandbox,
+            workspace: ws.to_path_buf(),
+            temp: tmp.to_path_buf(),
+        };
+        let p = place(Sandbox::default()).profile();
         assert!(p.starts_with("(version 1)\n(deny default)\n"), "{p}");
         assert!(
             p.contains(r#"(allow file-write* (require-all (subpath "/Users/me/my \"project\"") (require-not (subpath "/Users/me/my \"project\"/.git"))))"#),
@@ -394,14 +404,11 @@ mod tests {
             "{p}"
         );
         assert!(!p.contains("network"), "{p}");
-        let read_only = profile(
-            &Sandbox {
-                mode: SandboxMode::ReadOnly,
-                network: true,
-            },
-            ws,
-            tmp,
-        );
+        let read_only = place(Sandbox {
+            mode: SandboxMode::ReadOnly,
+            network: true,
+        })
+        .profile();
         assert!(!read_only.contains("project"), "{read_only}");
         assert!(read_only.contains("(allow network*)"), "{read_only}");
     }

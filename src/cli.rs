@@ -105,6 +105,19 @@ pub struct AgentFlags {
 }
 
 impl AgentFlags {
+    /// The budget flags given, on top of a resumed run's journaled budgets.
+    pub fn over_budgets(&self, budgets: &mut crate::agent::Budgets) {
+        if let Some(v) = self.max_steps {
+            budgets.max_steps = v;
+        }
+        if let Some(v) = self.max_minutes {
+            budgets.max_time = std::time::Duration::from_secs(v.saturating_mul(60));
+        }
+        if let Some(v) = self.max_run_tokens {
+            budgets.max_tokens = v;
+        }
+    }
+
     /// These flags on top of `settings`.
     pub fn over(&self, mut settings: crate::agent::AgentSettings) -> crate::agent::AgentSettings {
         if let Some(v) = self.governor {
@@ -217,6 +230,11 @@ pub enum Command {
         /// SIGTERM or `kiln stop --daemon`.
         #[arg(long, value_name = "SECONDS")]
         idle_exit: Option<u64>,
+        /// Resume the detached runs a daemon was hosting when it died (the
+        /// OOM killer, a crash, a reboot); `[agent] resume_on_start` in
+        /// config.toml does it for every daemon.
+        #[arg(long)]
+        resume_on_start: bool,
         /// Read the settings to run with from stdin, as the client that
         /// starts a daemon writes them.
         #[arg(long, hide = true)]
@@ -281,8 +299,14 @@ pub struct AskArgs {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// What the agent should do.
-    #[arg(long)]
-    pub task: String,
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    pub task: Option<String>,
+    /// Go on with an interrupted or stopped run (a session id, or a unique
+    /// start of one) from its journal: its settings, steps, spending and
+    /// "always" approvals. Budget flags given here replace the journaled
+    /// ones. A call cut while it ran is reported to the model, never re-run.
+    #[arg(long, value_name = "RUN")]
+    pub resume: Option<String>,
     /// Print JSON events, one per line.
     #[arg(long)]
     pub json: bool,

@@ -59,10 +59,19 @@ fn main() {
             Some(Command::Resume { id, .. }) => tui::run(&cli.common, tui::Start::Resume(id)).await,
             Some(Command::Agent(args)) if args.detach => runs_cmd::detach(args, &cli.common).await,
             Some(Command::Agent(args)) => agent::run(args, &cli.common).await,
-            Some(Command::Daemon { idle_exit, .. }) => {
+            Some(Command::Daemon {
+                idle_exit,
+                resume_on_start,
+                ..
+            }) => {
                 let settings = daemon_settings
                     .unwrap_or_else(|| kiln::host::protocol::Settings::of(&cli.common));
-                daemon::run(settings, idle_exit.map(std::time::Duration::from_secs)).await
+                daemon::run(
+                    settings,
+                    idle_exit.map(std::time::Duration::from_secs),
+                    resume_on_start,
+                )
+                .await
             }
             Some(Command::Ps) => runs_cmd::ps(&cli.common).await,
             Some(Command::Stop { id, daemon }) => {

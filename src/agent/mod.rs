@@ -4,6 +4,8 @@
 //! Every call is journaled before it runs and its result after.
 
 pub mod diff;
+mod messages;
+pub mod resume;
 pub mod sandbox;
 pub mod tools;
 
@@ -21,7 +23,7 @@ use crate::engine::{
 };
 use crate::record::Record;
 use crate::store::journal::JournalHandle;
-use crate::store::session::Event;
+use crate::store::session::{Event, RunHost};
 use crate::telemetry::alarms::{AlarmDetector, AlarmKind};
 use crate::telemetry::Sample;
 use tools::{Effect, Limits, ToolCall, ToolResult, Workspace};
@@ -29,7 +31,7 @@ use tools::{Effect, Limits, ToolCall, ToolResult, Workspace};
 /// Invalid replies in a row before the run fails.
 const MAX_RETRIES: u32 = 3;
 /// Share of the context window at which older steps are summarised.
-const COMPACT_AT: f64 = 0.75;
+pub const COMPACT_AT: f64 = 0.75;
 /// Tool output handed back to the model; the journal keeps more.
 const RESULT_FOR_MODEL: usize = 4 << 10;
 
@@ -122,7 +124,7 @@ pub enum GovernorMode {
     Ignore,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Budgets {
     pub max_steps: u32,
     pub max_time: Duration,
@@ -244,6 +246,27 @@ impl Outcome {
     }
 }
 
+/// Where a run stands between steps: what it has spent, and what goes to
+/// the model next. A fresh run starts from its task; a resumed one from
+/// its journal (`resume::replay`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunState {
+    /// Steps taken.
+    pub step: u32,
+    /// Prompt plus completion tokens spent.
+    pub tokens: usize,
+    /// Wall time spent before this process took the run on.
+    pub spent: Duration,
+    /// Invalid replies in a row.
+    pub retries: u32,
+    /// Calls approved with "always", by `messages::key`.
+    pub always: HashSet<String>,
+    pub message: String,
+    /// The message is journaled already: the process died before the
+    /// model answered it.
+    pub journaled: bool,
+}
+
 pub struct Agent<'a, A: Approver> {
     pub engine: &'a EngineHandle,
     pub workspace: Workspace,
@@ -325,8 +348,9 @@ fn raw_line(p: &Progress) -> String {
 
 /// Everything that makes a run, built once from the settings (config file
 /// and flags) by whichever front end starts it: the workstation's `/agent`,
-/// the daemon's detached runs and headless `kiln agent` alike.
-#[derive(Clone, Debug, PartialEq)]
+/// the daemon's detached runs and headless `kiln agent` alike. Journaled
+/// as the run starts, so that it can be resumed as it was.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     pub task: String,
     pub workspace: PathBuf,
@@ -359,6 +383,9 @@ pub struct AgentSettings {
     /// What shell commands may write, and whether they reach the network.
     pub sandbox: sandbox::SandboxMode,
     pub sandbox_network: bool,
+    /// A daemon that starts resumes the detached runs it was hosting when
+    /// it died (`kiln daemon --resume-on-start`).
+    pub resume_on_start: bool,
 }
 
 impl AgentSettings {
@@ -382,6 +409,7 @@ impl Default for AgentSettings {
             project_instructions: true,
             sandbox: sandbox::SandboxMode::default(),
             sandbox_network: false,
+            resume_on_start: false,
         }
     }
 }
@@ -418,6 +446,9 @@ pub struct RunHandle {
     progress: mpsc::UnboundedReceiver<Progress>,
     /// Set to stop the run between steps (a running tool is stopped too).
     pub stop: Arc<AtomicBool>,
+    /// Set with `stop` when the host goes away (a daemon shutting down for
+    /// a reboot): the run stops without ending, so it can be resumed.
+    pub suspend: Arc<AtomicBool>,
     outcome: Option<oneshot::Receiver<Outcome>>,
 }
 
@@ -443,12 +474,28 @@ impl RunHandle {
     }
 }
 
-/// Start the run `spec` on `engine`, which the caller holds for it (a
-/// lease) for as long as the run lasts. Steps are journaled to `journal`;
-/// questions go to `approver`; `pressure` (from `pressure()`) feeds the
-/// governor.
+/// How a run begins: from its task, or from its journal.
+pub enum Start {
+    Fresh(RunSpec),
+    Resume(Box<resume::Replay>),
+}
+
+impl Start {
+    pub fn spec(&self) -> &RunSpec {
+        match self {
+            Start::Fresh(spec) => spec,
+            Start::Resume(replay) => &replay.spec,
+        }
+    }
+}
+
+/// Start a run on `engine`, which the caller holds for it (a lease) for as
+/// long as the run lasts; `host` says who hosts it. Its start, steps and
+/// end are journaled to `journal`; questions go to `approver`; `pressure`
+/// (from `pressure()`) feeds the governor.
 pub fn spawn<A: Approver + Send + 'static>(
-    spec: RunSpec,
+    start: Start,
+    host: RunHost,
     engine: EngineHandle,
     journal: Option<JournalHandle>,
     approver: A,
@@ -457,15 +504,27 @@ pub fn spawn<A: Approver + Send + 'static>(
     let (progress_tx, progress) = mpsc::unbounded_channel();
     let (outcome_tx, outcome) = oneshot::channel();
     let stop = Arc::new(AtomicBool::new(false));
-    let run_stop = stop.clone();
+    let suspend = Arc::new(AtomicBool::new(false));
+    let (run_stop, run_suspend) = (stop.clone(), suspend.clone());
     tokio::spawn(async move {
+        let spec = start.spec().clone();
+        let record = |event: Event| {
+            if let Some(j) = &journal {
+                j.event(event);
+            }
+        };
+        record(Event::RunStarted {
+            spec: serde_json::to_value(&spec).expect("specs serialize"),
+            host,
+            resumed: matches!(start, Start::Resume(_)),
+        });
         let outcome = match Workspace::new(&spec.workspace) {
             Err(e) => Outcome::Failed(format!("workspace {}: {e}", spec.workspace.display())),
             Ok(workspace) => {
                 engine.send(EngineCommand::SetSampler(spec.sampler.clone()));
                 // A terminal's turns on the same model go before the steps.
                 engine.send(EngineCommand::SetPriority(Priority::Background));
-                let outcome = Agent {
+                let mut agent = Agent {
                     engine: &engine,
                     workspace,
                     policy: spec.policy,
@@ -480,20 +539,33 @@ pub fn spawn<A: Approver + Send + 'static>(
                     governor: spec.governor,
                     stop: run_stop,
                     instructions: spec.instructions,
-                }
-                .run(&spec.task, move |p| {
+                };
+                let report = move |p| {
                     let _ = progress_tx.send(p);
-                })
-                .await;
+                };
+                let outcome = match start {
+                    Start::Fresh(_) => agent.run(&spec.task, report).await,
+                    Start::Resume(replay) => agent.resume(*replay, report).await,
+                };
                 engine.send(EngineCommand::SetPriority(Priority::Interactive));
                 outcome
             }
         };
+        if outcome == Outcome::Stopped && run_suspend.load(Ordering::SeqCst) {
+            record(Event::Notice {
+                text: "the run was suspended with its host; `kiln agent --resume` goes on".into(),
+            });
+        } else {
+            record(Event::RunEnded {
+                outcome: serde_json::to_value(&outcome).expect("outcomes serialize"),
+            });
+        }
         let _ = outcome_tx.send(outcome);
     });
     RunHandle {
         progress,
         stop,
+        suspend,
         outcome: Some(outcome),
     }
 }
@@ -539,9 +611,8 @@ impl<A: Approver> Agent<'_, A> {
         format!("{SYSTEM_PROMPT}{block}")
     }
 
+    /// Run `task` from its start.
     pub async fn run(&mut self, task: &str, mut report: impl FnMut(Progress)) -> Outcome {
-        let started = Instant::now();
-        let context_limit = self.engine.info().context_limit;
         report(Progress::Confined {
             sandbox: self.limits.sandbox,
         });
@@ -549,61 +620,134 @@ impl<A: Approver> Agent<'_, A> {
         self.engine
             .send(EngineCommand::SetSystemPrompt(Some(system.clone())));
         self.record(Event::SystemPrompt { text: Some(system) });
+        let state = RunState {
+            message: messages::task(task),
+            ..RunState::default()
+        };
+        self.drive(task, state, report).await
+    }
+
+    /// Go on with a run from its journal: the conversation, system prompt
+    /// and spending it had. A call cut by the process's death is reported
+    /// to the model as interrupted (and journaled so), never re-run.
+    pub async fn resume(
+        &mut self,
+        replay: resume::Replay,
+        mut report: impl FnMut(Progress),
+    ) -> Outcome {
+        report(Progress::Confined {
+            sandbox: self.limits.sandbox,
+        });
+        let task = replay.spec.task.clone();
+        let mut state = replay.state;
+        report(Progress::Notice {
+            text: format!(
+                "resumed from the journal after {} steps, {} tokens and {} s",
+                state.step,
+                state.tokens,
+                state.spent.as_secs()
+            ),
+        });
+        self.engine
+            .send(EngineCommand::SetSystemPrompt(replay.system));
+        self.engine.send(EngineCommand::SetHistory(replay.history));
+        if let Some(cut) = replay.interrupted {
+            if !cut.journaled {
+                self.record(Event::ToolCall {
+                    step: cut.step,
+                    call: serde_json::to_value(&cut.call).expect("calls serialize"),
+                });
+            }
+            let output = cut.output();
+            self.record(Event::ToolResult {
+                step: cut.step,
+                ok: false,
+                refused: false,
+                output: output.clone(),
+                diff: None,
+                interrupted: true,
+            });
+            report(Progress::Result {
+                step: cut.step,
+                ok: false,
+                output: output.clone(),
+                diff: None,
+            });
+            state.message = messages::result(false, output);
+        } else if let Some(context_tokens) = replay.compact_first {
+            match self
+                .compact(&task, state.message, context_tokens, &mut report)
+                .await
+            {
+                Ok(message) => state.message = message,
+                Err(TurnError::Stopped) => return Outcome::Stopped,
+                Err(TurnError::Failed(e)) => return Outcome::Failed(e),
+            }
+        }
+        self.drive(&task, state, report).await
+    }
+
+    /// The steps, from `state` on, until the run ends.
+    async fn drive(
+        &mut self,
+        task: &str,
+        mut state: RunState,
+        mut report: impl FnMut(Progress),
+    ) -> Outcome {
+        let started = Instant::now();
+        let context_limit = self.engine.info().context_limit;
         let pattern = tool_call_pattern();
-        let mut message = format!("Task: {task}");
-        let mut tokens = 0usize;
-        let mut retries = 0;
-        let mut always: HashSet<String> = HashSet::new();
-        let mut step = 0u32;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Outcome::Stopped;
             }
+            let step = state.step;
             if step >= self.budgets.max_steps {
                 return Outcome::BudgetExhausted(format!("{step} steps"));
             }
-            if started.elapsed() >= self.budgets.max_time {
+            if state.spent + started.elapsed() >= self.budgets.max_time {
                 return Outcome::BudgetExhausted(format!(
                     "{} s of wall time",
                     self.budgets.max_time.as_secs()
                 ));
             }
-            if tokens >= self.budgets.max_tokens {
-                return Outcome::BudgetExhausted(format!("{tokens} tokens"));
+            if state.tokens >= self.budgets.max_tokens {
+                return Outcome::BudgetExhausted(format!("{} tokens", state.tokens));
             }
             if !self.govern(&mut report).await {
                 return Outcome::Stopped;
             }
-            step += 1;
-            self.record(Event::User {
-                text: message.clone(),
-            });
-            let (reply, stats) = match self.turn(&message, Some(&pattern)).await {
+            state.step += 1;
+            let step = state.step;
+            if !std::mem::take(&mut state.journaled) {
+                self.record(Event::User {
+                    text: state.message.clone(),
+                });
+            }
+            let (reply, stats) = match self.turn(&state.message, Some(&pattern)).await {
                 Ok(r) => r,
                 Err(TurnError::Stopped) => return Outcome::Stopped,
                 Err(TurnError::Failed(e)) => return Outcome::Failed(e),
             };
-            tokens += stats.prompt_tokens + stats.completion_tokens;
+            state.tokens += stats.prompt_tokens + stats.completion_tokens;
             let call: ToolCall = match serde_json::from_str(reply.trim()) {
                 Ok(c) => {
-                    retries = 0;
+                    state.retries = 0;
                     c
                 }
                 Err(e) => {
-                    retries += 1;
+                    state.retries += 1;
                     report(Progress::Invalid {
                         step,
                         reply: reply.clone(),
                         error: e.to_string(),
                     });
-                    if retries >= MAX_RETRIES {
+                    if state.retries >= MAX_RETRIES {
                         return Outcome::Failed(format!(
                             "{MAX_RETRIES} replies in a row were not valid tool calls"
                         ));
                     }
-                    message = format!(
-                        "That was not a valid tool call ({e}). Reply with exactly one JSON tool call."
-                    );
+                    state.message = messages::invalid(&e);
                     continue;
                 }
             };
@@ -624,43 +768,45 @@ impl<A: Approver> Agent<'_, A> {
                     refused: false,
                     output: summary.clone(),
                     diff: None,
+                    interrupted: false,
                 });
                 return Outcome::Finished(summary.clone());
             }
-            let key = serde_json::to_string(&call).expect("calls serialize");
-            if self.policy.needs_approval(&call) && !always.contains(&key) {
+            let key = messages::key(&call);
+            if self.policy.needs_approval(&call) && !state.always.contains(&key) {
                 let question = Question {
                     diff: tools::preview(&call, &self.workspace),
                     sandbox: matches!(call, ToolCall::Shell { .. }).then_some(self.limits.sandbox),
                     call: call.clone(),
                 };
-                match self.approver.approve(&question).await {
-                    Approval::Yes => {}
-                    Approval::Always => {
-                        always.insert(key);
-                    }
-                    Approval::No => {
-                        let reason = format!(
-                            "refused: {} needs approval under the {:?} policy and was not approved",
-                            call.name(),
-                            self.policy
-                        );
-                        self.record(Event::ToolResult {
-                            step,
-                            ok: false,
-                            refused: true,
-                            output: reason.clone(),
-                            diff: None,
-                        });
-                        report(Progress::Refused {
-                            step,
-                            call,
-                            reason: reason.clone(),
-                        });
-                        message = format!("Tool result: {reason}. Try another way, or finish.");
-                        continue;
-                    }
+                let answer = self.approver.approve(&question).await;
+                if answer == Approval::No {
+                    let reason = format!(
+                        "refused: {} needs approval under the {:?} policy and was not approved",
+                        call.name(),
+                        self.policy
+                    );
+                    self.record(Event::ToolResult {
+                        step,
+                        ok: false,
+                        refused: true,
+                        output: reason.clone(),
+                        diff: None,
+                        interrupted: false,
+                    });
+                    report(Progress::Refused {
+                        step,
+                        call,
+                        reason: reason.clone(),
+                    });
+                    state.message = messages::refused(&reason);
+                    continue;
                 }
+                let always = answer == Approval::Always;
+                if always {
+                    state.always.insert(key);
+                }
+                self.record(Event::Approved { step, always });
             }
             let result: ToolResult =
                 tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
@@ -670,6 +816,7 @@ impl<A: Approver> Agent<'_, A> {
                 refused: false,
                 output: result.output.clone(),
                 diff: result.diff.clone(),
+                interrupted: false,
             });
             report(Progress::Result {
                 step,
@@ -677,26 +824,14 @@ impl<A: Approver> Agent<'_, A> {
                 output: result.output.clone(),
                 diff: result.diff.clone(),
             });
-            let status = if result.ok { "ok" } else { "error" };
-            message = format!(
-                "Tool result ({status}):\n{}",
-                tools::cap(result.output, RESULT_FOR_MODEL)
-            );
+            state.message = messages::result(result.ok, result.output);
             if stats.context_tokens as f64 > COMPACT_AT * context_limit as f64 {
-                match self.compact(task).await {
-                    Ok(summary) => {
-                        report(Progress::Compacted {
-                            context_tokens: stats.context_tokens,
-                        });
-                        self.record(Event::Notice {
-                            text: format!(
-                                "older steps compacted into a summary at {} tokens",
-                                stats.context_tokens
-                            ),
-                        });
-                        message =
-                            format!("Task: {task}\n\nProgress so far: {summary}\n\n{message}");
-                    }
+                let message = std::mem::take(&mut state.message);
+                match self
+                    .compact(task, message, stats.context_tokens, &mut report)
+                    .await
+                {
+                    Ok(message) => state.message = message,
                     Err(TurnError::Stopped) => return Outcome::Stopped,
                     Err(TurnError::Failed(e)) => return Outcome::Failed(e),
                 }
@@ -704,18 +839,31 @@ impl<A: Approver> Agent<'_, A> {
         }
     }
 
-    /// Ask the model to summarise the run so far, then start its
-    /// conversation afresh from that summary.
-    async fn compact(&mut self, task: &str) -> Result<String, TurnError> {
+    /// Ask the model to summarise the run so far, start its conversation
+    /// afresh from that summary, and journal it; the next message (`message`
+    /// after the summary).
+    async fn compact(
+        &mut self,
+        task: &str,
+        message: String,
+        context_tokens: usize,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<String, TurnError> {
         let (summary, _) = self
             .turn(
                 &format!("Summarize in under 100 words what you have done and learned so far for the task: {task}"),
                 None,
             )
             .await?;
+        let summary = summary.trim().to_string();
         self.engine
             .send(EngineCommand::SetHistory(Vec::<Message>::new()));
-        Ok(summary.trim().to_string())
+        report(Progress::Compacted { context_tokens });
+        self.record(Event::Compacted {
+            summary: summary.clone(),
+            context_tokens,
+        });
+        Ok(messages::compacted(task, &summary, &message))
     }
 
     /// One model turn; its reply and stats.

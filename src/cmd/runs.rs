@@ -8,6 +8,8 @@ use crate::cli::{AgentArgs, Common};
 use crate::error::{KilnError, Result};
 use crate::host::daemon::{ask, connect};
 use crate::host::protocol::{self, Reply, Request};
+use crate::store::session::RunHost;
+use crate::store::SessionStore;
 use crate::visible::visible_line;
 
 fn unexpected(reply: Reply) -> KilnError {
@@ -17,7 +19,8 @@ fn unexpected(reply: Reply) -> KilnError {
     }
 }
 
-/// Start an agent run in the daemon (starting the daemon if none runs).
+/// Start an agent run in the daemon (starting the daemon if none runs),
+/// or resume one there.
 pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
     let root = common.workspace();
     let workspace = root
@@ -26,27 +29,64 @@ pub async fn detach(args: AgentArgs, common: &Common) -> Result<i32> {
     let mut settings = protocol::Settings::of(common);
     settings.common.workspace = Some(workspace);
     let mut stream = connect(common, true).await?;
-    let reply = ask(
-        &mut stream,
-        &Request::StartAgent {
-            task: args.task,
-            settings,
-        },
-    )
-    .await?;
-    match reply {
+    let (request, verb) = match args.resume {
+        Some(id) => (Request::ResumeAgent { id, settings }, "resumed"),
+        None => (
+            Request::StartAgent {
+                task: args.task.unwrap_or_default(),
+                settings,
+            },
+            "started",
+        ),
+    };
+    match ask(&mut stream, &request).await? {
         Reply::Started { id } => {
             println!("{id}");
-            eprintln!("kiln: run {id} started in the daemon; `kiln attach {id}` follows it");
+            eprintln!("kiln: run {id} {verb} in the daemon; `kiln attach {id}` follows it");
             Ok(0)
         }
         other => Err(unexpected(other)),
     }
 }
 
+/// `kiln ps`: what the daemon holds, then the runs that were interrupted
+/// (whose process died) and can be resumed.
 pub async fn ps(common: &Common) -> Result<i32> {
-    let mut stream = connect(common, false).await?;
-    match ask(&mut stream, &Request::List).await? {
+    let (paths, _) = crate::host::launch::paths_and_config(common)?;
+    let interrupted = SessionStore::new(&paths).interrupted_runs();
+    match connect(common, false).await {
+        Ok(mut stream) => daemon_ps(&mut stream).await?,
+        Err(e) if interrupted.is_empty() => return Err(e),
+        Err(e) => eprintln!("kiln: {e}"),
+    }
+    if !interrupted.is_empty() {
+        println!();
+        println!(
+            "{:<22} {:<11} {:<20}  TITLE",
+            "INTERRUPTED RUN", "HOST", "LAST STEP"
+        );
+        for (l, host) in &interrupted {
+            let meta = l.meta.as_ref().expect("a run's session has its meta");
+            let title: String = meta.title.chars().take(60).collect();
+            let host = match host {
+                RunHost::Headless => "kiln agent",
+                RunHost::Daemon => "daemon",
+                RunHost::Workstation => "workstation",
+            };
+            println!(
+                "{:<22} {host:<11} {:<20}  {}",
+                l.id,
+                crate::store::display_time(meta.updated_ms),
+                visible_line(&title)
+            );
+        }
+        println!("`kiln agent --resume RUN` goes on with one (with --detach, in the daemon)");
+    }
+    Ok(0)
+}
+
+async fn daemon_ps(stream: &mut tokio::net::UnixStream) -> Result<()> {
+    match ask(stream, &Request::List).await? {
         Reply::Runs { runs, workstations } => {
             println!(
                 "{:<22} {:<9} {:<18} {:>7} {:>8}  TITLE",
@@ -93,7 +133,7 @@ pub async fn ps(common: &Common) -> Result<i32> {
                     r.context_tokens
                 );
             }
-            Ok(0)
+            Ok(())
         }
         other => Err(unexpected(other)),
     }

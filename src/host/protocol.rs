@@ -21,7 +21,7 @@ use crate::app::Pasted;
 /// 9: the draft model and its settings among the window flags; 10: a
 /// write's diff with its result in an agent's progress, AGENTS.md and
 /// notices among its events, the attach snapshot's dropped count.
-pub const VERSION: u32 = 10;
+pub const VERSION: u32 = 11;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest question `kiln ask` sends the daemon (one that JSON
@@ -142,6 +142,12 @@ pub enum Request {
         task: String,
         /// The client's settings; its workspace, policy and agent settings
         /// are the run's.
+        settings: Settings,
+    },
+    /// Go on with the interrupted or stopped run journaled in session
+    /// `id`; the client's budget flags replace the journaled budgets.
+    ResumeAgent {
+        id: String,
         settings: Settings,
     },
     List,

@@ -456,7 +456,8 @@ impl Runtime {
         let (questions_tx, questions) = mpsc::unbounded_channel();
         let pressure = agent::pressure(self.samples.clone());
         let run = agent::spawn(
-            spec,
+            agent::Start::Fresh(spec),
+            crate::store::session::RunHost::Workstation,
             engine,
             journal,
             AskTheUser(questions_tx),

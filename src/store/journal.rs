@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tokio_mpsc;
 
-use super::session::{encode, now_ms, Event, OpenSession};
+use super::session::{encode, now_ms, Event, OpenSession, RunMark};
 
 pub const CHUNK_FLUSH: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(1);
@@ -161,9 +161,31 @@ impl Writer {
 
     fn write_event(&mut self, event: Event) {
         self.take_chunks();
-        let commits = matches!(event, Event::User { .. } | Event::Answer { .. });
-        if let Event::User { text } = &event {
-            self.name_after(text);
+        let commits = matches!(
+            event,
+            Event::User { .. }
+                | Event::Answer { .. }
+                | Event::RunStarted { .. }
+                | Event::RunEnded { .. }
+        );
+        match &event {
+            Event::User { text } => self.name_after(text),
+            // The meta says whether the session holds a run that never
+            // ended, so `kiln ps` finds interrupted runs without reading
+            // every journal.
+            Event::RunStarted { host, .. } => {
+                self.session.meta.run = Some(RunMark {
+                    host: *host,
+                    ended: None,
+                })
+            }
+            Event::RunEnded { outcome } => {
+                if let Some(mark) = self.session.meta.run.as_mut() {
+                    let word = outcome["outcome"].as_str().unwrap_or("ended");
+                    mark.ended = Some(word.to_string());
+                }
+            }
+            _ => {}
         }
         self.pending.push_str(&encode(&event));
         self.flush();

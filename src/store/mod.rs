@@ -83,6 +83,21 @@ impl SessionStore {
         out
     }
 
+    /// Sessions holding an agent run that never ended and that no process
+    /// holds: its process died (or its daemon stopped) mid-run, and
+    /// `kiln agent --resume` can go on with it. Newest first.
+    pub fn interrupted_runs(&self) -> Vec<(Listing, session::RunHost)> {
+        self.list()
+            .into_iter()
+            .filter(|l| !l.open_elsewhere)
+            .filter_map(|l| {
+                let run = l.meta.as_ref()?.run.as_ref()?;
+                let host = run.host;
+                run.ended.is_none().then_some((l, host))
+            })
+            .collect()
+    }
+
     /// The folder of a session named by its id or a unique start of it, or
     /// the most recent one (`None`). Only ids are taken, and only sessions
     /// inside this store are found: a path, an empty id or anything else
@@ -191,6 +206,7 @@ impl SessionStore {
             model: model.to_string(),
             model_fingerprint: fingerprint,
             context_limit,
+            run: None,
         };
         OpenSession::create(self.root.join(id), meta)
     }

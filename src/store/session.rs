@@ -36,6 +36,31 @@ pub struct Meta {
     #[serde(default)]
     pub model_fingerprint: Option<String>,
     pub context_limit: usize,
+    /// Set when the session is an agent run's journal: who hosts it, and
+    /// whether it ended (a run that did not end was interrupted and can be
+    /// resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunMark>,
+}
+
+/// Who hosts an agent run: `kiln agent` in a terminal, the daemon
+/// (`--detach`, resumed by the daemon on start where asked), or the
+/// workstation's `/agent`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunHost {
+    Headless,
+    Daemon,
+    Workstation,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunMark {
+    pub host: RunHost,
+    /// How it ended, in a word (`finished`, `stopped`…); `None` while it
+    /// runs, or when its process died.
+    #[serde(default)]
+    pub ended: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -88,6 +113,33 @@ pub enum Event {
         output: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         diff: Option<String>,
+        /// The call was running (or waiting for its yes) when its process
+        /// died: written when the run resumes, never re-run.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        interrupted: bool,
+    },
+    /// An agent run starts, or goes on from its journal (`resumed`): what
+    /// makes it (the agent's `RunSpec`), and who hosts it.
+    RunStarted {
+        spec: serde_json::Value,
+        host: RunHost,
+        #[serde(default)]
+        resumed: bool,
+    },
+    /// The run ended with this outcome (the agent's `Outcome`).
+    RunEnded {
+        outcome: serde_json::Value,
+    },
+    /// A call that needed a yes got one; `always`: and its repeats too.
+    Approved {
+        step: u32,
+        always: bool,
+    },
+    /// The run's older steps became this summary: the conversation starts
+    /// again from here.
+    Compacted {
+        summary: String,
+        context_tokens: usize,
     },
 }
 
@@ -320,6 +372,7 @@ mod tests {
             model: "m".into(),
             model_fingerprint: None,
             context_limit: 2048,
+            run: None,
         }
     }
 

@@ -103,12 +103,14 @@ impl Transcript {
                     refused,
                     output,
                     diff,
+                    interrupted,
                 } => {
                     call_in_flight = None;
-                    let status = match (refused, ok) {
-                        (true, _) => "refused",
-                        (false, true) => "ok",
-                        (false, false) => "failed",
+                    let status = match (refused, ok, interrupted) {
+                        (true, _, _) => "refused",
+                        (false, _, true) => "interrupted",
+                        (false, true, false) => "ok",
+                        (false, false, false) => "failed",
                     };
                     let first = output.lines().next().unwrap_or("");
                     t.entries.push(Entry::new(
@@ -119,6 +121,29 @@ impl Transcript {
                         t.entries.push(Entry::new(EntryKind::Diff, diff.clone()));
                     }
                 }
+                Event::RunStarted { spec, resumed, .. } => {
+                    let text = match resumed {
+                        true => "agent run resumed from its journal".to_string(),
+                        false => format!(
+                            "agent run: {}",
+                            spec["task"].as_str().unwrap_or("(no task)")
+                        ),
+                    };
+                    t.entries.push(Entry::new(EntryKind::Notice, text));
+                }
+                Event::RunEnded { outcome } => {
+                    let word = outcome["outcome"].as_str().unwrap_or("ended");
+                    let text = match outcome["detail"].as_str() {
+                        Some(detail) => format!("agent run {word}: {detail}"),
+                        None => format!("agent run {word}"),
+                    };
+                    t.entries.push(Entry::new(EntryKind::Notice, text));
+                }
+                Event::Approved { .. } => {}
+                Event::Compacted { context_tokens, .. } => t.entries.push(Entry::new(
+                    EntryKind::Notice,
+                    format!("older steps compacted into a summary at {context_tokens} tokens"),
+                )),
                 Event::Continue => {
                     if let Some(i) = t
                         .entries

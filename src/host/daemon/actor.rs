@@ -12,7 +12,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::tools::Workspace;
-use crate::agent::{self, pressure, Nobody, Outcome, Progress, RunEvent, RunSpec};
+use crate::agent::{self, pressure, resume, Nobody, Outcome, Progress, RunEvent, RunSpec, Start};
 use crate::cli::Common;
 use crate::engine::{EngineCommand, EngineHandle, Lease};
 use crate::error::Result;
@@ -20,7 +20,8 @@ use crate::host::launch;
 use crate::host::protocol::{Open, Reply, Request, RunInfo, Settings};
 use crate::host::workstation::{self, Client, Host, HostIn, Resumed};
 use crate::paths::Paths;
-use crate::store::journal::JournalHandle;
+use crate::store::journal::{self, JournalHandle};
+use crate::store::session::RunHost;
 use crate::store::SessionStore;
 use crate::telemetry;
 
@@ -58,6 +59,8 @@ pub(super) enum ActorMsg {
     ),
     /// A conversation lent outside a run or workstation was given back.
     Released,
+    /// The daemon starts: resume the runs it hosted when it died.
+    ResumeInterrupted,
 }
 
 /// The model as loaded, for each user the engine is lent to.
@@ -89,6 +92,8 @@ struct Run {
     log: RunLog,
     outcome: Option<Outcome>,
     stop: Arc<AtomicBool>,
+    /// Set as the daemon shuts down: the run stops without ending.
+    suspend: Arc<AtomicBool>,
     subscribers: Vec<mpsc::Sender<Reply>>,
 }
 
@@ -269,6 +274,7 @@ impl Actor {
                     let _ = reply.send(self.ask(&question, ephemeral, &client));
                 }
                 ActorMsg::Released => self.check_done(),
+                ActorMsg::ResumeInterrupted => self.resume_interrupted(),
                 ActorMsg::HostGone(number) => {
                     self.workstations.retain(|w| w.number != number);
                     self.check_done();
@@ -287,12 +293,16 @@ impl Actor {
                             log: RunLog::default(),
                             outcome: None,
                             stop: Arc::new(AtomicBool::new(false)),
+                            suspend: Arc::new(AtomicBool::new(false)),
                             subscribers: Vec::new(),
                         },
                     );
                 }
                 ActorMsg::Shutdown(done) => {
+                    // Runs stop with their daemon but do not end: a daemon
+                    // started again resumes them (`--resume-on-start`).
                     for run in self.runs.values() {
+                        run.suspend.store(true, Ordering::SeqCst);
                         run.stop.store(true, Ordering::SeqCst);
                     }
                     for w in &self.workstations {
@@ -580,6 +590,20 @@ impl Actor {
                 }
                 self.start(task, &settings)
             }
+            Request::ResumeAgent { id, settings } => {
+                if let Some(asked) = self
+                    .model
+                    .as_ref()
+                    .and_then(|m| differs(&settings, &m.settings))
+                {
+                    return Reply::Error {
+                        message: format!(
+                            "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
+                        ),
+                    };
+                }
+                self.resume(&id, Some(&settings))
+            }
         }
     }
 
@@ -618,11 +642,66 @@ impl Actor {
                 }
             }
         };
+        self.host(Start::Fresh(spec), journal, lease)
+    }
+
+    /// Go on with the run journaled in session `query`, with the budget
+    /// flags of the client that asks (`None`: the daemon itself, resuming
+    /// what it hosted when it died).
+    fn resume(&mut self, query: &str, client: Option<&Settings>) -> Reply {
+        let resumable = match resume::open(&self.store, query) {
+            Ok(r) => r,
+            Err(e) => {
+                return Reply::Error {
+                    message: e.to_string(),
+                }
+            }
+        };
+        let Some(lease) = self.engine.lease() else {
+            return Reply::Error {
+                message: self.engine_holder(),
+            };
+        };
+        for warning in &resumable.warnings {
+            tracing::warn!("{warning}");
+        }
+        let mut replay = resumable.replay;
+        if let Some(client) = client {
+            client.common.agent.over_budgets(&mut replay.spec.budgets);
+        }
+        let (journal, _reports) = journal::spawn(resumable.session);
+        self.host(Start::Resume(Box::new(replay)), journal, lease)
+    }
+
+    /// On start: resume every run this daemon's store says a daemon hosted
+    /// and that never ended (the daemon died under it), as far as the
+    /// model has conversations for them.
+    fn resume_interrupted(&mut self) {
+        let interrupted: Vec<String> = self
+            .store
+            .interrupted_runs()
+            .into_iter()
+            .filter(|(_, host)| *host == RunHost::Daemon)
+            .map(|(l, _)| l.id)
+            .collect();
+        for id in interrupted {
+            match self.resume(&id, None) {
+                Reply::Started { id } => tracing::info!("resumed run {id}"),
+                Reply::Error { message } => tracing::warn!("run {id} not resumed: {message}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Host a run on `lease`, journaled to `journal`: its events go to the
+    /// actor, and through it to `kiln attach`.
+    fn host(&mut self, start: Start, journal: JournalHandle, lease: Lease) -> Reply {
         let id = journal.id.clone();
         self.idle_period += 1;
-        let task = spec.task.clone();
+        let task = start.spec().task.clone();
         let mut run = agent::spawn(
-            spec,
+            start,
+            RunHost::Daemon,
             (*lease).clone(),
             Some(journal.clone()),
             Nobody,
@@ -635,6 +714,7 @@ impl Actor {
                 log: RunLog::default(),
                 outcome: None,
                 stop: run.stop.clone(),
+                suspend: run.suspend.clone(),
                 subscribers: Vec::new(),
             },
         );
@@ -693,6 +773,18 @@ impl BenchActor {
 
     pub fn progress(&self, id: String, event: Progress) {
         let _ = self.0.send(ActorMsg::Progress(id, event));
+    }
+
+    /// What a daemon started with `--resume-on-start` does first.
+    pub fn resume_interrupted(&self) {
+        let _ = self.0.send(ActorMsg::ResumeInterrupted);
+    }
+
+    /// Stop as a daemon that is told to exit does: its runs suspended.
+    pub async fn shutdown(&self) {
+        let (done, stopped) = oneshot::channel();
+        let _ = self.0.send(ActorMsg::Shutdown(done));
+        let _ = stopped.await;
     }
 }
 

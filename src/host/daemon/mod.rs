@@ -38,13 +38,20 @@ use crate::telemetry;
 
 /// `idle_exit`: exit this long after the last terminal's conversation and
 /// run end (a daemon a client started); `None` runs until SIGTERM.
-pub async fn run(settings: Settings, idle_exit: Option<Duration>) -> Result<i32> {
+/// `resume_on_start` (or `[agent] resume_on_start`): resume the detached
+/// runs the daemon was hosting when it died.
+pub async fn run(
+    settings: Settings,
+    idle_exit: Option<Duration>,
+    resume_on_start: bool,
+) -> Result<i32> {
     let common = &settings.common;
     let (paths, _) = launch::paths_and_config(common)?;
     let path = socket_path(&paths);
     let listener = bind(&path)?;
     let started = launch::start(common).await?;
     let keys = workstation::key_map(common, &started)?;
+    let resume_on_start = resume_on_start || started.config.agent.resume_on_start;
     // The daemon lends the model; it does not hold it.
     let engine = (*started.engine).clone();
     drop(started.engine);
@@ -70,6 +77,9 @@ pub async fn run(settings: Settings, idle_exit: Option<Duration>) -> Result<i32>
         exit.clone(),
     );
     tokio::spawn(actor.run(rx));
+    if resume_on_start {
+        let _ = tx.send(ActorMsg::ResumeInterrupted);
+    }
     eprintln!("kiln: daemon listening on {}", path.display());
     tracing::info!("daemon listening on {}", path.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -212,6 +222,92 @@ mod tests {
             outcome,
             crate::agent::Outcome::BudgetExhausted("2 steps".into())
         );
+    }
+
+    /// A daemon told to exit suspends its runs (they stop without ending);
+    /// the next daemon, started to resume, goes on with them where they
+    /// stopped, and they end there.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn runs_suspended_by_a_shutdown_are_resumed_by_the_next_daemon() {
+        use crate::store::session::{read_events, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        let paths = Paths::under(dir.path());
+        let listing = r#"{"tool": "list_dir", "path": "."}"#;
+        let engine = crate::engine::fake::FakeEngine::new(vec![listing; 400])
+            .with_delay(Duration::from_millis(2));
+        let first_path = dir.path().join("first.sock");
+        let first = bench_actor(
+            bind(&first_path).unwrap(),
+            engine,
+            &paths,
+            Some(Model::fake(Common::default(), &paths)),
+        );
+        let client = Settings {
+            common: Common {
+                agent: crate::cli::AgentFlags {
+                    max_steps: Some(400),
+                    ..Default::default()
+                },
+                approval: crate::agent::Policy::Auto,
+                workspace: Some(ws),
+                ..Default::default()
+            },
+            cwd: "/".into(),
+        };
+        let mut s = UnixStream::connect(&first_path).await.unwrap();
+        let start = Request::StartAgent {
+            task: "look around".into(),
+            settings: client,
+        };
+        protocol::write(&mut s, &start).await.unwrap();
+        let Reply::Started { id } = protocol::read::<Reply, _>(&mut s).await.unwrap() else {
+            panic!("the run starts");
+        };
+        let store = SessionStore::new(&paths);
+        let events_path = store.resolve(Some(&id)).unwrap().join("events.jsonl");
+        let results = |events: &[(u64, Event)]| -> Vec<u32> {
+            events
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::ToolResult { step, .. } => Some(*step),
+                    _ => None,
+                })
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while results(&read_events(&events_path).unwrap().events).len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the run steps");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.shutdown().await;
+        let suspended = store.interrupted_runs();
+        assert_eq!(suspended.len(), 1, "suspended, not ended");
+        let before = results(&read_events(&events_path).unwrap().events);
+
+        let finish = r#"{"tool": "finish", "summary": "looked"}"#;
+        let second = bench_actor(
+            bind(&dir.path().join("second.sock")).unwrap(),
+            crate::engine::fake::FakeEngine::new([finish]),
+            &paths,
+            Some(Model::fake(Common::default(), &paths)),
+        );
+        second.resume_interrupted();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let meta = crate::store::session::read_meta(&store.resolve(Some(&id)).unwrap());
+            let ended = meta.ok().and_then(|m| m.run).and_then(|r| r.ended);
+            if ended.as_deref() == Some("finished") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "resumed: {ended:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = results(&read_events(&events_path).unwrap().events);
+        assert_eq!(after.len(), before.len() + 1, "{before:?} {after:?}");
+        assert_eq!(after, (1..=after.len() as u32).collect::<Vec<_>>());
+        assert!(store.interrupted_runs().is_empty());
     }
 
     fn fake_daemon(dir: &Path) -> PathBuf {

@@ -106,6 +106,9 @@ pub(super) fn check(req: &Request) -> std::result::Result<(), String> {
             long("a task", task.len(), MAX_TEXT).or_else(|| settings_ok(settings))
         }
         Request::Stop { id } | Request::Attach { id } => long("an id", id.len(), MAX_NAME),
+        Request::ResumeAgent { id, settings } => {
+            long("an id", id.len(), MAX_NAME).or_else(|| settings_ok(settings))
+        }
         Request::Ask {
             question, settings, ..
         } => long("a question", question.len(), protocol::MAX_QUESTION)

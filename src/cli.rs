@@ -398,6 +398,22 @@ pub struct BenchArgs {
     /// sampling, streamed, after a --prompt-tokens conversation.
     #[arg(long)]
     pub turn: bool,
+    /// Measure a long unattended agent run instead: detached in the
+    /// daemon's actor, journaled, followed over the socket, for --steps
+    /// steps (or --minutes): RSS, descriptors, step time, journal and log
+    /// growth.
+    #[arg(long)]
+    pub soak: bool,
+    /// With --soak, the steps to run.
+    #[arg(long, default_value_t = 10_000)]
+    pub steps: u32,
+    /// With --soak, stop after this many minutes.
+    #[arg(long)]
+    pub minutes: Option<u64>,
+    /// With --soak, drive the run with the loaded model instead of a
+    /// scripted engine.
+    #[arg(long)]
+    pub real_model: bool,
     /// With --parallel or --turn, llama.cpp's `llama-server` to measure
     /// beside kiln on the same GGUF and threads.
     #[arg(long, value_name = "PATH")]

@@ -36,8 +36,17 @@ pub fn current_rss_bytes() -> Option<u64> {
     sys.process(pid).map(|p| p.memory())
 }
 
+/// File descriptors this process has open (`/proc/self/fd` on Linux,
+/// `/dev/fd` on macOS).
+pub fn open_fds() -> Option<usize> {
+    let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd"));
+    // The listing's own descriptor is not counted.
+    dir.ok().map(|d| d.count().saturating_sub(1))
+}
+
 #[cfg(test)]
 mod tests {
+
     #[test]
     fn peak_rss_is_plausible() {
         let rss = super::peak_rss_bytes().unwrap();

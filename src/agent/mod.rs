@@ -755,6 +755,9 @@ impl<A: Approver> Agent<'_, A> {
                 step,
                 call: serde_json::to_value(&call).expect("calls serialize"),
             });
+            if !settle(self.journal.cloned(), &self.stop, &mut report).await {
+                return Outcome::Stopped;
+            }
             report(Progress::Call {
                 step,
                 call: call.clone(),
@@ -807,6 +810,9 @@ impl<A: Approver> Agent<'_, A> {
                     state.always.insert(key);
                 }
                 self.record(Event::Approved { step, always });
+                if !settle(self.journal.cloned(), &self.stop, &mut report).await {
+                    return Outcome::Stopped;
+                }
             }
             let result: ToolResult =
                 tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
@@ -818,6 +824,9 @@ impl<A: Approver> Agent<'_, A> {
                 diff: result.diff.clone(),
                 interrupted: false,
             });
+            if !settle(self.journal.cloned(), &self.stop, &mut report).await {
+                return Outcome::Stopped;
+            }
             report(Progress::Result {
                 step,
                 ok: result.ok,
@@ -948,6 +957,43 @@ impl<A: Approver> Agent<'_, A> {
         }
         true
     }
+}
+
+/// Wait until everything journaled is on disk: a call before it runs,
+/// its result before the run goes on, so a resumed run never runs a
+/// completed call again. A full disk pauses the run (said once) until
+/// there is room; false when the user stopped it meanwhile.
+async fn settle(
+    journal: Option<JournalHandle>,
+    stop: &AtomicBool,
+    report: &mut impl FnMut(Progress),
+) -> bool {
+    let Some(journal) = journal else {
+        return true;
+    };
+    let mut paused = false;
+    loop {
+        let j = journal.clone();
+        match tokio::task::spawn_blocking(move || j.sync()).await {
+            Ok(Err(why)) => {
+                if !paused {
+                    paused = true;
+                    report(Progress::Paused {
+                        reason: format!("the journal cannot be written ({why})"),
+                    });
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            _ => break,
+        }
+    }
+    if paused {
+        report(Progress::Resumed);
+    }
+    true
 }
 
 async fn wait_for(flag: &AtomicBool) {

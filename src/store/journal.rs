@@ -23,6 +23,8 @@ enum Write {
     /// An event whose writer waits to hear it is on disk.
     Commit(Event, mpsc::Sender<Result<(), String>>),
     Chunk(String),
+    /// Answered once everything sent before it is on disk, or why not.
+    Sync(mpsc::Sender<Result<(), String>>),
     Close(mpsc::Sender<()>),
 }
 
@@ -57,11 +59,24 @@ impl JournalHandle {
             .unwrap_or_else(|_| Err("the disk did not confirm the write in time".into()))
     }
 
+    /// Wait until every event sent before is on disk. When it cannot be
+    /// written (a full disk), says why; the events stay queued and are
+    /// retried, so a later `sync` succeeds once there is room.
+    pub fn sync(&self) -> Result<(), String> {
+        let (ack, done) = mpsc::channel();
+        self.tx
+            .send(Write::Sync(ack))
+            .map_err(|_| "the journal writer is gone".to_string())?;
+        done.recv_timeout(COMMIT_WAIT)
+            .unwrap_or_else(|_| Err("the disk did not confirm the write in time".into()))
+    }
+
     pub fn chunk(&self, text: impl Into<String>) {
         let _ = self.tx.send(Write::Chunk(text.into()));
     }
 
-    /// Flush everything and wait until it is on disk (or has failed).
+    /// Flush everything and wait until it is on disk (or has failed) and
+    /// the session's lock is let go.
     pub fn close(&self) {
         let (ack, done) = mpsc::channel();
         if self.tx.send(Write::Close(ack)).is_ok() {
@@ -125,6 +140,11 @@ impl Writer {
                     self.write_event(event);
                     let _ = ack.send(self.last_error.clone().map_or(Ok(()), Err));
                 }
+                Ok(Write::Sync(ack)) => {
+                    self.take_chunks();
+                    self.flush();
+                    let _ = ack.send(self.last_error.clone().map_or(Ok(()), Err));
+                }
                 Ok(Write::Chunk(text)) => {
                     self.chunks.push_str(&text);
                     self.chunks_since.get_or_insert_with(Instant::now);
@@ -140,6 +160,9 @@ impl Writer {
                     self.take_chunks();
                     self.flush();
                     self.touch_meta();
+                    // The session's lock goes with it: once `close`
+                    // returns, another writer (a resume) may open it.
+                    drop(self);
                     let _ = ack.send(());
                     return;
                 }

@@ -53,7 +53,7 @@ pub async fn bench_screens(clients: usize, rounds: usize) -> Result<ScreenFigure
     let paths = Paths::under(dir.path());
     let model = Model::fake(Common::default(), &paths);
     let engine = crate::engine::fake::FakeEngine::new([answer]);
-    bench_actor(listener, engine, &paths, Some(model));
+    bench_actor(listener, crate::engine::spawn(engine), &paths, Some(model));
 
     let mut readers = Vec::new();
     let mut writer = None;
@@ -187,7 +187,12 @@ pub async fn bench_delivery(clients: usize, events: usize) -> Result<DeliveryFig
     let path = dir.path().join("daemon.sock");
     let listener = bind(&path)?;
     let engine = crate::engine::fake::FakeEngine::new(Vec::<String>::new());
-    let actor = bench_actor(listener, engine, &Paths::under(dir.path()), None);
+    let actor = bench_actor(
+        listener,
+        crate::engine::spawn(engine),
+        &Paths::under(dir.path()),
+        None,
+    );
     let mut figures = Vec::new();
     for (round, paced) in [("latency", true), ("throughput", false)] {
         let id = format!("bench-{round}");

@@ -11,6 +11,7 @@ mod daemon;
 mod parallel;
 mod render;
 mod sampler;
+mod soak;
 mod turn;
 
 use serde::Serialize;
@@ -140,6 +141,9 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     }
     if args.cache {
         return cache::run(args.runs, args.json, common).await;
+    }
+    if args.soak {
+        return soak::run(args.steps, args.minutes, args.real_model, args.json, common).await;
     }
     if !args.parallel.is_empty() {
         return parallel::run(

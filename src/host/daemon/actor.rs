@@ -742,11 +742,10 @@ impl Actor {
 /// scripted engine, and the workstation when `model` is given.
 pub fn bench_actor(
     listener: UnixListener,
-    engine: crate::engine::fake::FakeEngine,
+    engine: EngineHandle,
     paths: &Paths,
     model: Option<Model>,
 ) -> BenchActor {
-    let engine = crate::engine::spawn(engine);
     let (tx, rx) = mpsc::unbounded_channel();
     let actor = Actor::new(
         tx.clone(),

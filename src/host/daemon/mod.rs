@@ -164,7 +164,7 @@ mod tests {
         let listener = bind(&path).unwrap();
         let paths = Paths::under(dir);
         let model = Model::fake(common, &paths);
-        bench_actor(listener, engine, &paths, Some(model));
+        bench_actor(listener, crate::engine::spawn(engine), &paths, Some(model));
         path
     }
 
@@ -240,7 +240,7 @@ mod tests {
         let first_path = dir.path().join("first.sock");
         let first = bench_actor(
             bind(&first_path).unwrap(),
-            engine,
+            crate::engine::spawn(engine),
             &paths,
             Some(Model::fake(Common::default(), &paths)),
         );
@@ -289,7 +289,7 @@ mod tests {
         let finish = r#"{"tool": "finish", "summary": "looked"}"#;
         let second = bench_actor(
             bind(&dir.path().join("second.sock")).unwrap(),
-            crate::engine::fake::FakeEngine::new([finish]),
+            crate::engine::spawn(crate::engine::fake::FakeEngine::new([finish])),
             &paths,
             Some(Model::fake(Common::default(), &paths)),
         );

@@ -21,6 +21,14 @@ pub struct Config {
     pub sampling: SamplerSettings,
     /// Size cap of the prompt cache in GiB (default 4; 0 turns it off).
     pub prompt_cache_gib: Option<f64>,
+    /// The disk budget in GiB of every KV state kept: session snapshots
+    /// and the prompt cache together (default 16), least recently used
+    /// removed first.
+    pub kv_disk_gib: Option<f64>,
+    /// A session's KV snapshot is written on close only when loading it
+    /// beats re-reading the session by this many seconds (default 1; 0
+    /// writes every one).
+    pub snapshot_min_saved_s: Option<f64>,
     /// Colour theme of the workstation.
     pub theme: Option<String>,
     /// Key bindings: action name = key or list of keys.
@@ -67,6 +75,28 @@ impl Config {
         self.prompt_cache_gib
             .map_or(crate::store::prompt_cache::DEFAULT_CAP_BYTES, |g| {
                 (g.max(0.0) * (1u64 << 30) as f64) as u64
+            })
+    }
+
+    /// The KV disk budget over `paths`' sessions and prompt cache.
+    pub fn kv_budget(&self, paths: &crate::paths::Paths) -> crate::store::kv_budget::KvBudget {
+        crate::store::kv_budget::KvBudget {
+            sessions: paths.data.join("sessions"),
+            cache: paths.prompt_cache(),
+            bytes: self
+                .kv_disk_gib
+                .map_or(crate::store::kv_budget::DEFAULT_BYTES, |g| {
+                    (g.max(0.0) * (1u64 << 30) as f64) as u64
+                }),
+        }
+    }
+
+    /// How much prefill time a session's snapshot must save to be written.
+    pub fn snapshot_min_saved(&self) -> std::time::Duration {
+        self.snapshot_min_saved_s
+            .filter(|s| s.is_finite())
+            .map_or(crate::store::kv_budget::MIN_SAVED, |s| {
+                std::time::Duration::from_secs_f64(s.clamp(0.0, 86_400.0))
             })
     }
 

@@ -257,7 +257,13 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     assert!(stop.success());
     let screen = second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
     assert!(screen.contains("the session was stopped"), "{screen}");
-    assert!(listing[0].dir.join("kv.snapshot").exists(), "saved on stop");
+    // Saved on stop, without a KV snapshot: a 300-token session that
+    // SmolLM2 re-reads in a fraction of a second is not worth one (the
+    // default threshold is a second of prefill saved).
+    assert!(
+        !listing[0].dir.join("kv.snapshot").exists(),
+        "no snapshot for a session that re-reads in under a second"
+    );
     let journal = kiln::store::session::read_events(&listing[0].dir.join("events.jsonl")).unwrap();
     use kiln::store::session::Event;
     let users = journal

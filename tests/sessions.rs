@@ -366,3 +366,75 @@ async fn a_refused_prompt_cache_state_is_not_a_hit() {
     assert_eq!(warm.stats.cached_tokens, 0, "{:?}", warm.stats);
     assert_eq!(warm.reply, cold.reply);
 }
+
+/// One disk budget for the KV states kiln keeps: a prompt-cache entry
+/// written by the real `kiln ask` pushes the oldest session snapshots out
+/// (the entry itself stays), a link in the sessions folder is never
+/// followed, and `kiln cache stats` reports both kinds against the budget.
+#[tokio::test]
+async fn session_snapshots_and_the_prompt_cache_share_one_disk_budget() {
+    let model = common::model().await;
+    let home = tempfile::tempdir().unwrap();
+    let sessions = home.path().join("data/sessions");
+    let old = |id: &str, age_s: u64| {
+        let dir = sessions.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kv.snapshot");
+        std::fs::write(&path, vec![0u8; 300 << 10]).unwrap();
+        let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        path
+    };
+    let oldest = old("20260101-000000-aaaa", 3600);
+    let older = old("20260102-000000-bbbb", 1800);
+    let outside = home.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("kv.snapshot"), vec![0u8; 300 << 10]).unwrap();
+    std::os::unix::fs::symlink(&outside, sessions.join("20260103-000000-cccc")).unwrap();
+    // A budget a few snapshots of this size can share: the new prompt-cache
+    // entry (a couple of MB) overflows it.
+    std::fs::write(home.path().join("config.toml"), "kv_disk_gib = 0.0005\n").unwrap();
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_HOME", home.path())
+            .arg("--model")
+            .arg(&model.path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let system = "You are a careful assistant for potters. ".repeat(20);
+    let out = kiln(&[
+        "--no-daemon",
+        "--max-tokens",
+        "4",
+        "--system",
+        &system,
+        "ask",
+        "hi",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries = std::fs::read_dir(home.path().join("cache/prompts"))
+        .unwrap()
+        .count();
+    assert_eq!(entries, 1, "the prompt cache kept its new entry");
+    assert!(
+        !oldest.exists() && !older.exists(),
+        "the old snapshots went"
+    );
+    assert!(outside.join("kv.snapshot").exists(), "never through a link");
+    let stats = kiln(&["cache", "stats"]);
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(text.contains("KV on disk:"), "{text}");
+    assert!(text.contains("0 session snapshots"), "{text}");
+    assert!(text.contains("1 prompt-cache entries"), "{text}");
+}

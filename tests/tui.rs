@@ -72,6 +72,13 @@ async fn resume_an_interrupted_example_then_the_last_session() {
     let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    // A short session on a 135M model re-reads in well under the second a
+    // snapshot must save by default: ask for every snapshot.
+    std::fs::write(
+        home.path().join("config.toml"),
+        "snapshot_min_saved_s = 0\n",
+    )
+    .unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sessions/example-interrupted");
@@ -224,6 +231,11 @@ async fn a_hangup_mid_answer_saves_the_session() {
     let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "snapshot_min_saved_s = 0\n",
+    )
+    .unwrap();
     let cmd = format!(
         "KILN_HOME={} {} --no-daemon --model {} --temperature 0 --max-tokens 400",
         home.path().display(),

@@ -32,18 +32,29 @@ pub fn run(action: CacheAction, common: &Common) -> Result<i32> {
         }
         CacheAction::Stats { json } => {
             let stats = cache.stats();
+            let usage = config.kv_budget(&paths).usage();
             if json {
+                let both = serde_json::json!({ "prompt_cache": stats, "kv_disk": usage });
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&stats).expect("serializes")
+                    serde_json::to_string_pretty(&both).expect("serializes")
                 );
             } else {
                 println!(
-                    "{} entries · {} of {} · {}",
+                    "prompt cache: {} entries · {} of {} · {}",
                     stats.entries,
                     gib(stats.bytes),
                     gib(stats.cap_bytes),
                     cache.dir.display()
+                );
+                println!(
+                    "KV on disk: {} of the {} budget (kv_disk_gib) · {} session snapshots, {} · {} prompt-cache entries, {}",
+                    gib(usage.session_bytes + usage.cache_bytes),
+                    gib(usage.budget_bytes),
+                    usage.session_snapshots,
+                    gib(usage.session_bytes),
+                    usage.cache_entries,
+                    gib(usage.cache_bytes)
                 );
             }
         }

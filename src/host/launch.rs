@@ -110,8 +110,9 @@ pub async fn launch(common: &Common, adjust: impl FnOnce(&mut EngineOptions)) ->
     };
     let cap = config.prompt_cache_bytes();
     let prompt_cache = fingerprint.clone().filter(|_| cap > 0).map(|f| {
-        let cache: std::sync::Arc<dyn crate::chat::PrefixCache> =
-            std::sync::Arc::new(PromptCache::new(paths.prompt_cache(), cap));
+        let cache: std::sync::Arc<dyn crate::chat::PrefixCache> = std::sync::Arc::new(
+            PromptCache::new(paths.prompt_cache(), cap).within(config.kv_budget(&paths)),
+        );
         (cache, f)
     });
     let mut options = EngineOptions {

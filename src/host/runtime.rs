@@ -17,11 +17,11 @@ use crate::host::launch;
 use crate::store::journal::{self, JournalHandle, Report};
 use crate::store::session::{self, OpenSession};
 use crate::store::transcript::Transcript;
-use crate::store::{snapshot, Loaded, SessionStore};
+use crate::store::{kv_budget, snapshot, Loaded, SessionStore};
 use crate::telemetry::Sample;
 
 /// The KV snapshot in a session folder, written when a session closes.
-pub const SNAPSHOT: &str = "kv.snapshot";
+pub use crate::store::SNAPSHOT;
 /// Terminals drop OSC 52 payloads beyond about this size.
 const MAX_COPY_BYTES: usize = 512 * 1024;
 
@@ -38,6 +38,8 @@ pub struct Runtime {
     config: crate::config::Config,
     common: Common,
     store: SessionStore,
+    /// The disk budget of every KV snapshot and prompt-cache entry.
+    kv_budget: kv_budget::KvBudget,
     journal: Option<JournalHandle>,
     reports: Option<mpsc::UnboundedReceiver<Report>>,
     model_spec: String,
@@ -53,7 +55,13 @@ pub struct Runtime {
     /// Why the user's last message could not be committed: the model is
     /// not asked about a message that is not on disk.
     not_committed: Option<String>,
+    /// The session's measured prefill speed, from its last turn that read
+    /// at least `PREFILL_SAMPLE_TOKENS`.
+    prefill_tok_s: Option<f64>,
 }
+
+/// A prompt this long measures prefill; a shorter one is mostly overhead.
+const PREFILL_SAMPLE_TOKENS: usize = 32;
 
 /// The runtime's side of a running agent: its progress and approval
 /// questions come back.
@@ -96,6 +104,7 @@ impl Runtime {
             engines: vec![(started.model_spec.clone(), engine.clone())],
             engine,
             home: started.engine,
+            kv_budget: started.config.kv_budget(&started.paths),
             config: started.config,
             store: SessionStore::new(&started.paths),
             common,
@@ -109,6 +118,7 @@ impl Runtime {
             agent: None,
             outbox: Vec::new(),
             not_committed: None,
+            prefill_tok_s: None,
         }
     }
 
@@ -153,10 +163,12 @@ impl Runtime {
         }
     }
 
-    /// Save the session and give the model back.
-    pub async fn finish(mut self) {
-        self.close().await;
+    /// Save the session and give the model back; what is left of closing
+    /// it (the KV snapshot's write) is the caller's to finish.
+    pub async fn finish(mut self) -> Option<Closing> {
+        let closing = self.close().await;
         drop(self.home);
+        closing
     }
 
     /// Bring the engine to where a session read from disk was: from its KV
@@ -307,7 +319,16 @@ impl Runtime {
                     )
                 });
             }
-            Effect::Record(event) => return self.record(|j| j.event(event)),
+            Effect::Record(event) => {
+                if let session::Event::Answer { stats, .. } = &event {
+                    // A turn that read a real prompt tells what re-reading
+                    // the session would cost, for the snapshot's worth.
+                    if stats.prompt_tokens >= PREFILL_SAMPLE_TOKENS {
+                        self.prefill_tok_s = stats.prefill_tok_s.or(self.prefill_tok_s);
+                    }
+                }
+                return self.record(|j| j.event(event));
+            }
             Effect::RecordChunk(text) => return self.record(|j| j.chunk(text)),
             Effect::ListSessions => {
                 // Reading every journal is disk work: keep it off the UI loop.
@@ -491,7 +512,10 @@ impl Runtime {
             Ok(x) => x,
             Err(e) => return vec![Msg::Notice(e.to_string())],
         };
-        self.close().await;
+        if let Some(closing) = self.close().await {
+            // The old session's snapshot is written while the new one opens.
+            tokio::task::spawn_blocking(move || closing.finish());
+        }
         self.engine.send(EngineCommand::Reset);
         self.system_prompt = loaded.transcript.system_prompt.clone();
         self.engine
@@ -499,25 +523,36 @@ impl Runtime {
         vec![self.resume(loaded, open, &dir).await]
     }
 
-    /// On the way out: the KV snapshot for a fast resume, then every journal
-    /// line on disk.
-    async fn close(&mut self) {
-        let Some(journal) = self.journal.take() else {
-            return;
-        };
+    /// On the way out: every journal line on disk, and the model's KV
+    /// state taken for a fast resume when it is worth its disk; writing it
+    /// and closing the journal are left to `Closing::finish`, so that
+    /// whoever waits on the session (a terminal quitting, a switch to
+    /// another session) does not wait on the snapshot.
+    async fn close(&mut self) -> Option<Closing> {
+        let journal = self.journal.take()?;
+        let synced = journal.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || synced.sync()).await {
+            tracing::warn!("closing the session: {e}");
+        }
+        let path = journal.dir.join(SNAPSHOT);
+        let mut snapshot = None;
         if let Some(fingerprint) = &self.fingerprint {
             let (tx, rx) = oneshot::channel();
             self.engine.send(EngineCommand::Snapshot(tx));
             match rx.await {
                 Ok(Ok(Some(kv))) => {
-                    let path = journal.dir.join(SNAPSHOT);
-                    match snapshot::write(&path, fingerprint, &kv) {
-                        Ok(bytes) => {
-                            tracing::info!("KV snapshot: {} bytes, {} tokens", bytes, kv.kv_tokens)
-                        }
-                        Err(e) => {
-                            tracing::warn!("{}: cannot write the KV snapshot: {e}", path.display())
-                        }
+                    let bytes = kv.bytes.len() as u64;
+                    let min_saved = self.config.snapshot_min_saved();
+                    if kv_budget::worth_writing(kv.kv_tokens, bytes, self.prefill_tok_s, min_saved)
+                    {
+                        snapshot = Some((fingerprint.clone(), kv));
+                    } else {
+                        tracing::info!(
+                            "no KV snapshot: {} tokens re-read at {} tok/s in less than the {:.1} s it must save",
+                            kv.kv_tokens,
+                            crate::layout::rate(self.prefill_tok_s),
+                            min_saved.as_secs_f64()
+                        );
                     }
                 }
                 Ok(Ok(None)) => {}
@@ -525,7 +560,45 @@ impl Runtime {
                 Err(_) => tracing::warn!("the engine stopped before the KV snapshot"),
             }
         }
-        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+        Some(Closing {
+            journal,
+            path,
+            snapshot,
+            budget: self.kv_budget.clone(),
+        })
+    }
+}
+
+/// A session on its way out: its journal is on disk; the KV snapshot, if
+/// one is worth writing, is written by `finish`.
+pub struct Closing {
+    journal: JournalHandle,
+    path: std::path::PathBuf,
+    snapshot: Option<(String, crate::chat::KvState)>,
+    budget: kv_budget::KvBudget,
+}
+
+impl Closing {
+    /// Write the snapshot (or remove an older one, which no longer matches
+    /// the session), keep the KV disk budget, then let the session go.
+    /// Blocking: disk work.
+    pub fn finish(self) {
+        match &self.snapshot {
+            Some((fingerprint, kv)) => match snapshot::write(&self.path, fingerprint, kv) {
+                Ok(bytes) => {
+                    tracing::info!("KV snapshot: {} bytes, {} tokens", bytes, kv.kv_tokens);
+                    self.budget.enforce(Some(&self.path));
+                }
+                Err(e) => {
+                    tracing::warn!("{}: cannot write the KV snapshot: {e}", self.path.display());
+                    let _ = std::fs::remove_file(&self.path);
+                }
+            },
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+        self.journal.close();
     }
 }
 

@@ -299,9 +299,14 @@ impl Host {
         }
         self.close(&reason).await;
         status.send_replace(Status::default());
-        self.runtime.finish().await;
+        let closing = self.runtime.finish().await;
+        // The session is on disk: the terminals go now, and the KV
+        // snapshot is written after, so quitting never waits on it.
         for c in &self.clients {
             let _ = c.out.send(Screen::Closed(reason.clone())).await;
+        }
+        if let Some(closing) = closing {
+            let _ = tokio::task::spawn_blocking(move || closing.finish()).await;
         }
     }
 

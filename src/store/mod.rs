@@ -4,6 +4,7 @@
 
 pub mod atomic;
 pub mod journal;
+pub mod kv_budget;
 pub mod prompt_cache;
 pub mod session;
 pub mod snapshot;
@@ -17,6 +18,9 @@ use crate::error::{KilnError, Result};
 use crate::paths::Paths;
 use crate::store::transcript::Transcript;
 use session::{read_events, read_meta, Meta, OpenSession, SCHEMA_VERSION};
+
+/// A session's KV snapshot, written on close for a fast resume.
+pub const SNAPSHOT: &str = "kv.snapshot";
 
 /// The folder of every session of one user.
 #[derive(Clone, Debug)]

@@ -11,12 +11,14 @@ use sha2::{Digest, Sha256};
 use super::snapshot::{self, KvState};
 
 pub const DEFAULT_CAP_BYTES: u64 = 4 << 30;
-const EXT: &str = "kv";
+pub const EXT: &str = "kv";
 
 #[derive(Clone, Debug)]
 pub struct PromptCache {
     pub dir: PathBuf,
     pub cap_bytes: u64,
+    /// The disk budget it shares with the sessions' snapshots.
+    pub budget: Option<super::kv_budget::KvBudget>,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,7 +38,17 @@ pub struct CacheStats {
 
 impl PromptCache {
     pub fn new(dir: PathBuf, cap_bytes: u64) -> PromptCache {
-        PromptCache { dir, cap_bytes }
+        PromptCache {
+            dir,
+            cap_bytes,
+            budget: None,
+        }
+    }
+
+    /// Kept within `budget` too, beside the sessions' snapshots.
+    pub fn within(mut self, budget: super::kv_budget::KvBudget) -> PromptCache {
+        self.budget = Some(budget);
+        self
     }
 
     pub fn key(fingerprint: &str, prefix: &str) -> String {
@@ -74,11 +86,16 @@ impl PromptCache {
         }
     }
 
-    /// Store `state`, then evict the least recently used entries over the cap.
+    /// Store `state`, then evict the least recently used entries over the
+    /// cap, and KV files over the shared disk budget.
     pub fn put(&self, key: &str, fingerprint: &str, state: &KvState) -> std::io::Result<u64> {
         std::fs::create_dir_all(&self.dir)?;
-        let written = snapshot::write(&self.path(key), fingerprint, state)?;
+        let path = self.path(key);
+        let written = snapshot::write(&path, fingerprint, state)?;
         self.evict(Some(key));
+        if let Some(budget) = &self.budget {
+            budget.enforce(Some(&path));
+        }
         Ok(written)
     }
 

@@ -46,8 +46,11 @@ pub struct SoakFigures {
     pub seconds: f64,
     pub rss_start_mb: f64,
     pub rss_end_mb: f64,
-    /// Least-squares slope of RSS over the steps after warm-up.
+    /// Least-squares slope of RSS over the steps after warm-up, and over
+    /// the last half alone (once the daemon's bounded per-run event log is
+    /// full, growth there is growth without a bound).
     pub rss_bytes_per_step: f64,
+    pub rss_bytes_per_step_last_half: f64,
     pub fds_start: usize,
     pub fds_end: usize,
     /// Step time (result to result), over the first window after warm-up
@@ -57,6 +60,9 @@ pub struct SoakFigures {
     pub step_p50_ms_end: f64,
     pub step_p99_ms_end: f64,
     pub journal_bytes_per_step: f64,
+    /// KV snapshot bytes left on disk per run closed (`kv.snapshot` files
+    /// in the soak's sessions).
+    pub snapshot_bytes_per_run: f64,
     /// What kiln.log grew by over the soak (it rotates at
     /// `logging::LOG_BYTES`, one old file kept).
     pub log_bytes: u64,
@@ -130,6 +136,7 @@ async fn soak(
     let mut done = 0u32;
     let mut runs = 0u32;
     let mut journal_bytes = 0u64;
+    let mut snapshot_bytes = 0u64;
     sample(&mut samples, 0);
     // A run that ends early (the model calls finish) is followed by the
     // next, as a daemon's runs follow one another.
@@ -149,21 +156,38 @@ async fn soak(
         let store = crate::store::SessionStore::new(&paths);
         if let Ok(dir) = store.resolve(Some(&id)) {
             journal_bytes += std::fs::metadata(dir.join("events.jsonl")).map_or(0, |m| m.len());
+            snapshot_bytes +=
+                std::fs::metadata(dir.join(crate::store::SNAPSHOT)).map_or(0, |m| m.len());
         }
         if taken == 0 {
             break;
         }
     }
-    Ok(figures(
-        name,
-        done,
+    Ok(figures(Measured {
+        engine: name,
+        steps: done,
         runs,
-        started.elapsed().as_secs_f64(),
-        &samples,
-        &latencies,
+        seconds: started.elapsed().as_secs_f64(),
+        samples,
+        latencies,
         journal_bytes,
-        folder_bytes(&user_paths.logs).saturating_sub(log_before),
-    ))
+        snapshot_bytes,
+        log_bytes: folder_bytes(&user_paths.logs).saturating_sub(log_before),
+    }))
+}
+
+/// What a soak saw, before it is summed up.
+struct Measured {
+    engine: String,
+    steps: u32,
+    runs: u32,
+    seconds: f64,
+    samples: Vec<Sample>,
+    /// Step number and its time in ms.
+    latencies: Vec<(u32, f64)>,
+    journal_bytes: u64,
+    snapshot_bytes: u64,
+    log_bytes: u64,
 }
 
 /// One detached run of at most `steps` steps, followed over the socket;
@@ -295,17 +319,18 @@ fn quantile(values: &mut [f64], q: f64) -> f64 {
     values[((values.len() as f64 * q) as usize).min(values.len() - 1)]
 }
 
-#[allow(clippy::too_many_arguments)]
-fn figures(
-    engine: String,
-    steps: u32,
-    runs: u32,
-    seconds: f64,
-    samples: &[Sample],
-    latencies: &[(u32, f64)],
-    journal_bytes: u64,
-    log_bytes: u64,
-) -> SoakFigures {
+fn figures(m: Measured) -> SoakFigures {
+    let Measured {
+        engine,
+        steps,
+        runs,
+        seconds,
+        samples,
+        latencies,
+        journal_bytes,
+        snapshot_bytes,
+        log_bytes,
+    } = m;
     let warm = (steps as f64 * WARM_UP_SHARE) as u32;
     let after: Vec<(f64, f64)> = samples
         .iter()
@@ -338,6 +363,13 @@ fn figures(
         rss_start_mb: at_start.map_or(0.0, |s| mb(s.1)),
         rss_end_mb: samples.last().map_or(0.0, |s| mb(s.1)),
         rss_bytes_per_step: slope(&after),
+        rss_bytes_per_step_last_half: slope(
+            &after
+                .iter()
+                .copied()
+                .filter(|(step, _)| *step >= steps as f64 / 2.0)
+                .collect::<Vec<_>>(),
+        ),
         fds_start: at_start.map_or(0, |s| s.2),
         fds_end: samples.last().map_or(0, |s| s.2),
         step_p50_ms_start: quantile(&mut first, 0.5),
@@ -345,6 +377,7 @@ fn figures(
         step_p50_ms_end: quantile(&mut last, 0.5),
         step_p99_ms_end: quantile(&mut last, 0.99),
         journal_bytes_per_step: journal_bytes as f64 / steps.max(1) as f64,
+        snapshot_bytes_per_run: snapshot_bytes as f64 / runs.max(1) as f64,
         log_bytes,
     }
 }
@@ -355,8 +388,8 @@ fn print(f: &SoakFigures) {
         f.steps, f.runs, f.seconds, f.engine
     );
     println!(
-        "  RSS      {:.1} MiB after warm-up, {:.1} MiB at the end: {:+.0} bytes/step (target under 1024)",
-        f.rss_start_mb, f.rss_end_mb, f.rss_bytes_per_step
+        "  RSS      {:.1} MiB after warm-up, {:.1} MiB at the end: {:+.0} bytes/step (target under 1024), {:+.0} bytes/step over the last half",
+        f.rss_start_mb, f.rss_end_mb, f.rss_bytes_per_step, f.rss_bytes_per_step_last_half
     );
     println!(
         "  fds      {} after warm-up, {} at the end",

@@ -188,25 +188,30 @@ async fn kiln_sandbox_and_the_shell_tool_agree() {
     }
 }
 
+/// Where kiln runs in a user namespace that may make no more of them (as
+/// in a container).
+const NO_NAMESPACES: [&str; 6] = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "sh",
+    "-c",
+    "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" \"$@\"",
+];
+
 /// A sandbox that cannot be set up refuses the command in one line that
-/// says how to opt out, and never runs it unsandboxed: here kiln runs in
-/// a user namespace that may make no more of them, as in a container.
+/// says how to opt out, and never runs it unsandboxed: without namespaces
+/// the workspace's `.git` cannot be kept read-only.
 #[tokio::test]
 async fn a_sandbox_that_cannot_be_set_up_refuses_the_command() {
     let p = place();
     let home = tempfile::tempdir().unwrap();
-    let no_namespaces = [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "sh",
-        "-c",
-        "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" \"$@\"",
-    ];
+    let no_namespaces = NO_NAMESPACES;
     let out = kiln_sandbox(&p, home.path(), &no_namespaces, &[], "touch ran.txt");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("--sandbox off"), "{stderr}");
+    assert!(stderr.contains(".git cannot be kept read-only"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(!p.ws.root().join("ran.txt").exists(), "not run unsandboxed");
     // With the sandbox off it runs: the refusal was the sandbox's.
@@ -223,4 +228,49 @@ async fn a_sandbox_that_cannot_be_set_up_refuses_the_command() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(p.ws.root().join("ran.txt").exists());
+}
+
+/// Without namespaces, a workspace with no `.git` still gets the whole
+/// policy: Landlock for writes, and a seccomp filter for the network (a
+/// TCP connect to the test's listener fails; a Unix socket still works).
+#[tokio::test]
+async fn without_namespaces_seccomp_keeps_the_network_off() {
+    let p = place();
+    std::fs::remove_dir_all(p.ws.root().join(".git")).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connect = format!(
+        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=3)'"
+    );
+    let unix = "python3 -c 'import socket; socket.socket(socket.AF_UNIX).close()'";
+    let outside = p.outside.display().to_string();
+    for (command, runs) in [
+        ("touch ran.txt", true),
+        (unix, true),
+        (connect.as_str(), false),
+        (&format!("touch {outside}/x"), false),
+    ] {
+        let out = kiln_sandbox(&p, home.path(), &NO_NAMESPACES, &[], command);
+        assert_eq!(
+            out.status.success(),
+            runs,
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(p.ws.root().join("ran.txt").exists());
+    // With the network allowed, no filter: the same connect goes through.
+    let out = kiln_sandbox(
+        &p,
+        home.path(),
+        &NO_NAMESPACES,
+        &["--sandbox-network"],
+        &connect,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

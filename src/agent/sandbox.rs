@@ -7,7 +7,11 @@
 //! call's own temporary folder and `/dev/null`), in a user namespace of
 //! the caller's own ids with a network namespace of its own (no network:
 //! not even loopback) and a mount namespace where the workspace's `.git`
-//! is bound read-only. It is applied in the child between fork and exec,
+//! is bound read-only. Where namespaces are not allowed (a container, a
+//! hardened kernel) the network goes off by a seccomp filter instead
+//! (sockets for AF_UNIX only), and a workspace with a `.git`, which only a
+//! mount namespace keeps read-only, is refused. It is applied in the child
+//! between fork and exec,
 //! so kiln itself is never restricted; what can be made before the fork
 //! (the Landlock ruleset, the id maps, the mount flags) is, so the child
 //! only makes system calls. macOS: `sandbox-exec` with a profile of the
@@ -145,11 +149,14 @@ mod platform {
     struct Plan {
         ruleset: Mutex<Option<RulesetCreated>>,
         /// New user namespace, and with it a network one (no network)
-        /// and a mount one (`.git` read-only).
+        /// and a mount one (`.git` read-only); none when neither is needed.
         namespaces: libc::c_int,
         maps: [(CString, Vec<u8>); 3],
         /// The workspace's `.git`, and the flags its mount must keep.
         git: Option<(CString, libc::c_ulong)>,
+        /// No network by a seccomp filter, where namespaces are not
+        /// allowed.
+        no_network: Option<Vec<libc::sock_filter>>,
     }
 
     pub fn command(
@@ -164,12 +171,27 @@ mod platform {
             true => Some((cstring(&git)?, mount_flags(&git)?)),
             false => None,
         };
-        let mut namespaces = libc::CLONE_NEWUSER;
+        let mut namespaces = 0;
         if !sandbox.network {
-            namespaces |= libc::CLONE_NEWNET;
+            namespaces |= libc::CLONE_NEWUSER | libc::CLONE_NEWNET;
         }
         if git.is_some() {
-            namespaces |= libc::CLONE_NEWNS;
+            namespaces |= libc::CLONE_NEWUSER | libc::CLONE_NEWNS;
+        }
+        // Where namespaces are not allowed (a container, a hardened
+        // kernel), the network goes off by a seccomp filter instead; there
+        // is no such way to keep `.git` read-only.
+        let mut no_network = None;
+        if namespaces != 0 && !namespaces_allowed() {
+            if git.is_some() {
+                return Err(
+                    "namespaces are not allowed here, and without a mount namespace the workspace's .git cannot be kept read-only".into(),
+                );
+            }
+            no_network = Some(no_network_filter().ok_or(
+                "namespaces are not allowed here, and kiln has no seccomp filter for this architecture",
+            )?);
+            namespaces = 0;
         }
         // SAFETY: getuid(2) and getgid(2) cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -182,6 +204,7 @@ mod platform {
                 map("/proc/self/uid_map", format!("{uid} {uid} 1")),
                 map("/proc/self/gid_map", format!("{gid} {gid} 1")),
             ],
+            no_network,
             git,
         };
         let mut cmd = tokio::process::Command::new(program);
@@ -203,6 +226,12 @@ mod platform {
             };
             // SAFETY: system calls on memory this plan owns.
             unsafe {
+                if self.namespaces == 0 {
+                    return match &self.no_network {
+                        Some(filter) => self.without_namespaces(filter),
+                        None => self.landlock(),
+                    };
+                }
                 if libc::unshare(self.namespaces) != 0 {
                     return Err(fail("namespaces"));
                 }
@@ -246,6 +275,33 @@ mod platform {
                     }
                 }
             }
+            self.landlock()
+        }
+
+        /// No network without a network namespace: a seccomp filter lets
+        /// sockets be made only for AF_UNIX, and io_uring not at all.
+        fn without_namespaces(&self, filter: &[libc::sock_filter]) -> std::io::Result<()> {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            // SAFETY: prctl(2) with a filter program this plan owns.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &program as *const libc::sock_fprog,
+                    ) != 0
+                {
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(e.kind(), format!("seccomp: {e}")));
+                }
+            }
+            self.landlock()
+        }
+
+        fn landlock(&self) -> std::io::Result<()> {
             let ruleset = self.ruleset.lock().ok().and_then(|mut r| r.take());
             match ruleset.map(RulesetCreated::restrict_self) {
                 Some(Ok(_)) => Ok(()),
@@ -274,6 +330,69 @@ mod platform {
                 ["/dev/null"],
                 AccessFs::WriteFile | AccessFs::ReadFile,
             ))
+    }
+
+    /// Whether this process may make user namespaces: asked once, of a
+    /// forked child that tries.
+    fn namespaces_allowed() -> bool {
+        static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // SAFETY: the child only calls unshare(2) and _exit(2), both
+        // async-signal-safe; the parent waits for that child alone.
+        *ALLOWED.get_or_init(|| unsafe {
+            match libc::fork() {
+                -1 => false,
+                0 => {
+                    let made = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0;
+                    libc::_exit(if made { 0 } else { 1 })
+                }
+                child => {
+                    let mut status = 0;
+                    libc::waitpid(child, &mut status, 0) == child
+                        && libc::WIFEXITED(status)
+                        && libc::WEXITSTATUS(status) == 0
+                }
+            }
+        })
+    }
+
+    /// The seccomp program of "no network": on this machine's own system
+    /// call table (another architecture's, or x32's, is denied), `socket`
+    /// only for AF_UNIX (else EAFNOSUPPORT) and no `io_uring_setup`
+    /// (EPERM). `None` where kiln does not know the architecture.
+    fn no_network_filter() -> Option<Vec<libc::sock_filter>> {
+        #[cfg(target_arch = "x86_64")]
+        const ARCH: u32 = 0xC000_003E;
+        #[cfg(target_arch = "aarch64")]
+        const ARCH: u32 = 0xC000_00B7;
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        return None;
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        {
+            // Classic BPF: load a word of `seccomp_data`, jump on a
+            // constant, return a verdict.
+            const LOAD: u16 = 0x20;
+            const JEQ: u16 = 0x15;
+            const JGE: u16 = 0x35;
+            const RET: u16 = 0x06;
+            const X32_BIT: u32 = 0x4000_0000;
+            let op = |code, k, jt, jf| libc::sock_filter { code, jt, jf, k };
+            let errno = |e: i32| libc::SECCOMP_RET_ERRNO | (e as u32 & libc::SECCOMP_RET_DATA);
+            Some(vec![
+                op(LOAD, 4, 0, 0),                              // 0: arch
+                op(JEQ, ARCH, 1, 0),                            // 1: ours → 3
+                op(RET, errno(libc::EPERM), 0, 0),              // 2
+                op(LOAD, 0, 0, 0),                              // 3: nr
+                op(JGE, X32_BIT, 7, 0),                         // 4: x32 → 12
+                op(JEQ, libc::SYS_socket as u32, 2, 0),         // 5: → 8
+                op(JEQ, libc::SYS_io_uring_setup as u32, 5, 0), // 6: → 12
+                op(RET, libc::SECCOMP_RET_ALLOW, 0, 0),         // 7
+                op(LOAD, 16, 0, 0),                             // 8: domain
+                op(JEQ, libc::AF_UNIX as u32, 0, 1),            // 9: → 10 / 11
+                op(RET, libc::SECCOMP_RET_ALLOW, 0, 0),         // 10
+                op(RET, errno(libc::EAFNOSUPPORT), 0, 0),       // 11
+                op(RET, errno(libc::EPERM), 0, 0),              // 12
+            ])
+        }
     }
 
     fn cstring(path: &Path) -> Result<CString, String> {

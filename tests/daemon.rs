@@ -195,6 +195,11 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
     let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "snapshot_min_saved_s = 3600\n",
+    )
+    .unwrap();
     let _daemon = common::DaemonGuard::new(home.path());
     let kiln = |args: &str| kiln_line(home.path(), &model.path, args);
     let first = common::Tmux::start("ws1", 120, 40, &kiln("--temperature 0 --max-tokens 300"));
@@ -257,12 +262,11 @@ async fn a_conversation_survives_its_terminal_hanging_up() {
     assert!(stop.success());
     let screen = second.wait_for("kiln to exit", 30, |s| s.contains("EXIT=0"));
     assert!(screen.contains("the session was stopped"), "{screen}");
-    // Saved on stop, without a KV snapshot: a 300-token session that
-    // SmolLM2 re-reads in a fraction of a second is not worth one (the
-    // default threshold is a second of prefill saved).
+    // Saved on stop, without a KV snapshot: this home asks a snapshot to
+    // save an hour of prefill, and a 300-token session never would.
     assert!(
         !listing[0].dir.join("kv.snapshot").exists(),
-        "no snapshot for a session that re-reads in under a second"
+        "no snapshot for a session that re-reads in less than it must save"
     );
     let journal = kiln::store::session::read_events(&listing[0].dir.join("events.jsonl")).unwrap();
     use kiln::store::session::Event;
@@ -385,20 +389,6 @@ async fn out_of_file_descriptors_the_daemon_waits_instead_of_spinning() {
         std::thread::sleep(Duration::from_millis(200));
     }
     daemon.terminate();
-}
-
-/// The daemon serving `home`: the `kiln daemon` process whose KILN_HOME
-/// it is.
-fn daemon_pid(home: &Path) -> Option<i32> {
-    let wanted = format!("KILN_HOME={}", home.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-        let environ = std::fs::read(p.path().join("environ")).ok()?;
-        let daemon = cmdline.split(|b| *b == 0).nth(1) == Some(&b"daemon"[..]);
-        let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
-        (daemon && ours).then_some(pid)
-    })
 }
 
 /// A shell line that runs kiln on `model` with `args` in `home`.
@@ -588,7 +578,7 @@ async fn two_sessions_cut_by_kill_9_reopen_with_their_answers_marked() {
     // Both are streaming: kill the daemon outright.
     let listing = ps(home.path());
     assert_eq!(listing.matches("answering").count(), 2, "{listing}");
-    let pid = daemon_pid(home.path()).expect("the daemon's process");
+    let pid = common::daemon_pid(home.path()).expect("the daemon's process");
     // SAFETY: kill(2) on the daemon this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     drop((first, second));

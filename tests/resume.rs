@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -252,19 +251,6 @@ async fn resumed_runs_keep_their_budgets_approvals_and_every_call_once() {
     assert!(busy.contains("open in another kiln process"), "{busy}");
 }
 
-/// The `kiln daemon` of `home`.
-fn daemon_pid(home: &Path) -> Option<i32> {
-    let wanted = format!("KILN_HOME={}", home.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-        let environ = std::fs::read(p.path().join("environ")).ok()?;
-        let daemon = cmdline.split(|b| *b == 0).nth(1) == Some(&b"daemon"[..]);
-        let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
-        (daemon && ours).then_some(pid)
-    })
-}
-
 /// The real model in a detached run; the daemon is killed with `kill -9`
 /// while a shell command runs (a `sh` on the PATH that waits while a flag
 /// file is there, then runs the real one). `kiln ps` lists the run as
@@ -355,7 +341,7 @@ async fn a_run_cut_by_kill_9_mid_call_resumes_on_the_real_model() {
         assert!(Instant::now() < deadline, "no shell call: {events:?}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let pid = daemon_pid(home.path()).expect("the daemon's process");
+    let pid = common::daemon_pid(home.path()).expect("the daemon's process");
     // SAFETY: kill(2) on the daemon this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     std::fs::remove_file(&hold).unwrap();

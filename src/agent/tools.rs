@@ -753,12 +753,20 @@ async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool
     if ended.is_err() {
         let _ = child.wait().await;
     }
-    // What is still in the pipes comes out at once; a process that escaped
-    // the kill and holds them is not waited for.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let _ = close.send(true);
-    let (out, out_total) = out.await.unwrap_or_default();
-    let (err, err_total) = err.await.unwrap_or_default();
+    // What is still in the pipes comes out at once (the readers end at
+    // their pipes' end); a process that escaped the kill and holds them is
+    // not waited for past a moment.
+    let readers = async { tokio::join!(out, err) };
+    tokio::pin!(readers);
+    let (out, err) = tokio::select! {
+        both = &mut readers => both,
+        _ = tokio::time::sleep(Duration::from_millis(50)) => {
+            let _ = close.send(true);
+            readers.await
+        }
+    };
+    let (out, out_total) = out.unwrap_or_default();
+    let (err, err_total) = err.unwrap_or_default();
     let mut text = String::from_utf8_lossy(&out).into_owned();
     if out_total > out.len() {
         text.push_str(&format!(

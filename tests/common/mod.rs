@@ -638,3 +638,17 @@ fn statvfs_free(p: &std::path::Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     s.f_bavail as u64 * s.f_frsize as u64
 }
+
+/// The daemon serving `home`: the `kiln daemon` process whose KILN_HOME
+/// it is.
+pub fn daemon_pid(home: &std::path::Path) -> Option<i32> {
+    let wanted = format!("KILN_HOME={}", home.display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(p.path().join("environ")).ok()?;
+        let daemon = cmdline.split(|b| *b == 0).nth(1) == Some(&b"daemon"[..]);
+        let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
+        (daemon && ours).then_some(pid)
+    })
+}

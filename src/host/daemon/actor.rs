@@ -576,35 +576,24 @@ impl Actor {
             | Request::Ask { .. } => Reply::Error {
                 message: "a terminal attaches with its first request".into(),
             },
-            Request::StartAgent { task, settings } => {
-                if let Some(asked) = self
-                    .model
-                    .as_ref()
-                    .and_then(|m| differs(&settings, &m.settings))
-                {
-                    return Reply::Error {
-                        message: format!(
-                            "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
-                        ),
-                    };
-                }
-                self.start(task, &settings)
-            }
-            Request::ResumeAgent { id, settings } => {
-                if let Some(asked) = self
-                    .model
-                    .as_ref()
-                    .and_then(|m| differs(&settings, &m.settings))
-                {
-                    return Reply::Error {
-                        message: format!(
-                            "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
-                        ),
-                    };
-                }
-                self.resume(&id, Some(&settings))
-            }
+            Request::StartAgent { task, settings } => self
+                .other_model(&settings)
+                .unwrap_or_else(|| self.start(task, &settings)),
+            Request::ResumeAgent { id, settings } => self
+                .other_model(&settings)
+                .unwrap_or_else(|| self.resume(&id, Some(&settings))),
         }
+    }
+
+    /// The refusal of a run asked for with other model settings than the
+    /// daemon's: one model, loaded once.
+    fn other_model(&self, client: &Settings) -> Option<Reply> {
+        let asked = differs(client, &self.model.as_ref()?.settings)?;
+        Some(Reply::Error {
+            message: format!(
+                "the daemon runs its model with other settings than {asked}; `kiln stop --daemon` ends it"
+            ),
+        })
     }
 
     /// A detached run of `task`, as the client's settings say: its

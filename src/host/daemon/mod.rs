@@ -168,6 +168,33 @@ mod tests {
         path
     }
 
+    /// `kiln agent --detach --max-steps STEPS --approval auto` in `ws` on
+    /// the daemon at `path`: the run's id.
+    async fn start_run(path: &Path, ws: PathBuf, steps: u32) -> String {
+        let client = Settings {
+            common: Common {
+                agent: crate::cli::AgentFlags {
+                    max_steps: Some(steps),
+                    ..Default::default()
+                },
+                approval: crate::agent::Policy::Auto,
+                workspace: Some(ws),
+                ..Default::default()
+            },
+            cwd: "/".into(),
+        };
+        let mut s = UnixStream::connect(path).await.unwrap();
+        let start = Request::StartAgent {
+            task: "look around".into(),
+            settings: client,
+        };
+        protocol::write(&mut s, &start).await.unwrap();
+        let Reply::Started { id } = protocol::read::<Reply, _>(&mut s).await.unwrap() else {
+            panic!("the run starts");
+        };
+        id
+    }
+
     /// `kiln agent --detach --max-steps 2`: the run in the daemon takes the
     /// agent flags of the client that started it, over the daemon's own.
     #[tokio::test(flavor = "multi_thread")]
@@ -178,27 +205,7 @@ mod tests {
         let listing = r#"{"tool": "list_dir", "path": "."}"#;
         let engine = crate::engine::fake::FakeEngine::new(vec![listing; 40]);
         let path = fake_daemon_on(dir.path(), Common::default(), engine);
-        let client = Settings {
-            common: Common {
-                agent: crate::cli::AgentFlags {
-                    max_steps: Some(2),
-                    ..Default::default()
-                },
-                approval: crate::agent::Policy::Auto,
-                workspace: Some(ws),
-                ..Default::default()
-            },
-            cwd: "/".into(),
-        };
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        let start = Request::StartAgent {
-            task: "look around".into(),
-            settings: client,
-        };
-        protocol::write(&mut s, &start).await.unwrap();
-        let Reply::Started { id } = protocol::read::<Reply, _>(&mut s).await.unwrap() else {
-            panic!("the run starts");
-        };
+        let id = start_run(&path, ws, 2).await;
         let mut s = UnixStream::connect(&path).await.unwrap();
         protocol::write(&mut s, &Request::Attach { id })
             .await
@@ -244,27 +251,7 @@ mod tests {
             &paths,
             Some(Model::fake(Common::default(), &paths)),
         );
-        let client = Settings {
-            common: Common {
-                agent: crate::cli::AgentFlags {
-                    max_steps: Some(400),
-                    ..Default::default()
-                },
-                approval: crate::agent::Policy::Auto,
-                workspace: Some(ws),
-                ..Default::default()
-            },
-            cwd: "/".into(),
-        };
-        let mut s = UnixStream::connect(&first_path).await.unwrap();
-        let start = Request::StartAgent {
-            task: "look around".into(),
-            settings: client,
-        };
-        protocol::write(&mut s, &start).await.unwrap();
-        let Reply::Started { id } = protocol::read::<Reply, _>(&mut s).await.unwrap() else {
-            panic!("the run starts");
-        };
+        let id = start_run(&first_path, ws, 400).await;
         let store = SessionStore::new(&paths);
         let events_path = store.resolve(Some(&id)).unwrap().join("events.jsonl");
         let results = |events: &[(u64, Event)]| -> Vec<u32> {

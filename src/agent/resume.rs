@@ -106,8 +106,9 @@ enum Tail {
     Asked(String),
     /// It answered; no call was journaled from the answer.
     Answered(String),
-    /// The call was journaled (and maybe approved), with no result.
-    Called(ToolCall),
+    /// The call was journaled (and maybe approved), with no result: the
+    /// call is the one `step_call` holds.
+    Called,
     /// The call has its result: the next message says it.
     Result(String),
 }
@@ -184,8 +185,8 @@ pub fn replay(
             }
             Event::ToolCall { step, call } => {
                 if let Ok(call) = serde_json::from_value::<ToolCall>(call.clone()) {
-                    step_call = Some((*step, call.clone(), false));
-                    tail = Tail::Called(call);
+                    step_call = Some((*step, call, false));
+                    tail = Tail::Called;
                 }
             }
             Event::Approved { step, always } => {
@@ -253,8 +254,8 @@ pub fn replay(
                 })
             }
         },
-        Tail::Called(call) => {
-            let (step, _, approved) = step_call.expect("a call has its step");
+        Tail::Called => {
+            let (step, call, approved) = step_call.expect("a journaled call is held");
             match call {
                 ToolCall::Finish { summary } => ended = Some(Outcome::Finished(summary)),
                 call => {

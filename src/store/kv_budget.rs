@@ -198,7 +198,7 @@ fn read_dir(dir: &Path) -> impl Iterator<Item = PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::session::{Meta, OpenSession, SCHEMA_VERSION};
+    use crate::store::session::OpenSession;
 
     fn budget(root: &Path, bytes: u64) -> KvBudget {
         KvBudget {
@@ -242,18 +242,7 @@ mod tests {
         // Not KV files: never counted, never deleted.
         file(&root.join("cache/notes.txt"), 5000, 900);
         file(&open_dir.join("events.jsonl"), 5000, 900);
-        let meta = Meta {
-            version: SCHEMA_VERSION,
-            id: "s-open".into(),
-            title: "t".into(),
-            renamed: false,
-            created_ms: 1,
-            updated_ms: 1,
-            model: "m".into(),
-            model_fingerprint: None,
-            context_limit: 1,
-            run: None,
-        };
+        let meta = crate::store::session::meta("s-open");
         std::fs::write(
             open_dir.join("meta.json"),
             serde_json::to_vec(&meta).unwrap(),

@@ -357,24 +357,26 @@ pub fn is_locked(dir: &Path) -> bool {
     }
 }
 
+/// A session's meta with placeholder values, for the store's tests.
+#[cfg(test)]
+pub(crate) fn meta(id: &str) -> Meta {
+    Meta {
+        version: SCHEMA_VERSION,
+        id: id.into(),
+        title: "t".into(),
+        renamed: false,
+        created_ms: 1,
+        updated_ms: 1,
+        model: "m".into(),
+        model_fingerprint: None,
+        context_limit: 2048,
+        run: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn meta(id: &str) -> Meta {
-        Meta {
-            version: SCHEMA_VERSION,
-            id: id.into(),
-            title: "t".into(),
-            renamed: false,
-            created_ms: 1,
-            updated_ms: 1,
-            model: "m".into(),
-            model_fingerprint: None,
-            context_limit: 2048,
-            run: None,
-        }
-    }
 
     #[test]
     fn a_second_writer_gets_a_clear_error() {

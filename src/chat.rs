@@ -10,6 +10,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, in the template's tool-result role.
+    Tool,
 }
 
 impl Role {
@@ -19,6 +21,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -27,6 +30,21 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// An answer's tool calls, in the model's own format's terms; its
+    /// `content` is then the text the model wrote around them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallMessage>,
+    /// A tool result's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// One call in an answer, as chat templates and chat APIs take it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallMessage {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 impl Message {
@@ -34,6 +52,16 @@ impl Message {
         Message {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// A tool's result for the call `id`.
+    pub fn tool(id: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            tool_call_id: Some(id.into()),
+            ..Message::new(Role::Tool, content)
         }
     }
 }

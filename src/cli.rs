@@ -102,6 +102,11 @@ pub struct AgentFlags {
     /// Let the agent's shell commands reach the network.
     #[arg(long, global = true)]
     pub sandbox_network: bool,
+    /// How the agent's model writes tool calls: its own format where its
+    /// chat template has one, thinking first (auto, the default), or one
+    /// JSON call per answer (json).
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub tool_calls: Option<crate::agent::CallMode>,
 }
 
 impl AgentFlags {
@@ -143,6 +148,9 @@ impl AgentFlags {
         }
         if self.sandbox_network {
             settings.sandbox_network = true;
+        }
+        if let Some(mode) = self.tool_calls {
+            settings.tool_calls = mode;
         }
         settings
     }

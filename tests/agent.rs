@@ -55,6 +55,7 @@ fn agent<'a, A: Approver>(
         governor: GovernorMode::Pause,
         stop: Arc::new(AtomicBool::new(false)),
         instructions: true,
+        native: None,
     }
 }
 
@@ -434,12 +435,13 @@ async fn the_governor_pauses_under_pressure_and_resumes() {
     let _tx = release.await.unwrap();
     assert_eq!(run.outcome, Outcome::Finished("done".into()));
     assert!(started.elapsed() >= Duration::from_millis(300));
-    // After the line saying the run's sandbox.
+    // After the lines saying the run's sandbox and how it calls tools.
     assert!(matches!(&run.progress[0], Progress::Confined { .. }));
+    assert_eq!(run.progress[1], Progress::Calls { native: None });
     assert!(
-        matches!(&run.progress[1], Progress::Paused { reason } if reason.starts_with("swap storm"))
+        matches!(&run.progress[2], Progress::Paused { reason } if reason.starts_with("swap storm"))
     );
-    assert_eq!(run.progress[2], Progress::Resumed);
+    assert_eq!(run.progress[3], Progress::Resumed);
 }
 
 #[tokio::test]
@@ -666,15 +668,18 @@ async fn agents_md_joins_the_system_prompt_unless_turned_off() {
             sandbox: Default::default()
         }
     );
+    // The scripted model's template lists no tools: JSON-only calls.
+    assert_eq!(progress[1], Progress::Calls { native: None });
+    assert_eq!(kiln::agent::line(&progress[1]), "tool calls: JSON only");
     assert_eq!(
-        progress[1],
+        progress[2],
         Progress::Instructions {
             bytes: rules.len(),
             tokens: None,
             cut: false
         }
     );
-    assert!(kiln::agent::line(&progress[1]).contains("AGENTS.md loaded"));
+    assert!(kiln::agent::line(&progress[2]).contains("AGENTS.md loaded"));
     let (system, progress) = system_of(&ws, false).await;
     assert_eq!(system.as_deref(), Some(kiln::agent::SYSTEM_PROMPT));
     assert!(!progress
@@ -702,7 +707,7 @@ async fn agents_md_joins_the_system_prompt_unless_turned_off() {
     let long = "a rule of forty characters, give or take\n".repeat(2000);
     std::fs::write(ws.root().join("AGENTS.md"), &long).unwrap();
     let (system, progress) = system_of(&ws, true).await;
-    let Progress::Instructions { bytes, cut, .. } = progress[1] else {
+    let Progress::Instructions { bytes, cut, .. } = progress[2] else {
         panic!("{progress:?}")
     };
     assert!(cut && bytes <= kiln::agent::MAX_INSTRUCTIONS, "{bytes}");

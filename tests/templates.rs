@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use kiln::chat::ToolCallMessage;
 use kiln::engine::template::{ChatTemplate, Source};
 use kiln::engine::{Message, Role};
 use serde_json::Value;
@@ -31,15 +32,28 @@ fn messages(case: &Value) -> Vec<Message> {
                 "system" => Role::System,
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
                 other => panic!("role {other}"),
             };
             let content = m["content"].as_str().unwrap();
-            match m["reasoning_content"].as_str() {
+            let mut message = match m["reasoning_content"].as_str() {
                 Some(thinking) => {
                     Message::new(role, format!("<think>\n{thinking}\n</think>\n\n{content}"))
                 }
                 None => Message::new(role, content),
-            }
+            };
+            message.tool_call_id = m["tool_call_id"].as_str().map(str::to_string);
+            message.tool_calls = m["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| ToolCallMessage {
+                    id: c["id"].as_str().unwrap().into(),
+                    name: c["function"]["name"].as_str().unwrap().into(),
+                    arguments: c["function"]["arguments"].clone(),
+                })
+                .collect();
+            message
         })
         .collect()
 }
@@ -53,6 +67,15 @@ fn real_templates_render_as_transformers_renders_them() {
     for (name, tokens) in &models {
         let source = std::fs::read_to_string(fixtures().join(format!("{name}.jinja"))).unwrap();
         for (case, spec) in &cases {
+            // As render.py chooses: tool-call cases for the templates
+            // that speak them, tool-use templates only with tools.
+            let only = |v: &Value, key: &str| {
+                v.as_array()
+                    .is_none_or(|names| names.iter().any(|n| n == key))
+            };
+            if !only(&spec["only"], name) || !only(&tokens["cases"], case) {
+                continue;
+            }
             let thinking = spec["kwargs"]["enable_thinking"].as_bool();
             let template = ChatTemplate::new(
                 Source::File(&source),
@@ -88,7 +111,18 @@ fn real_templates_render_as_transformers_renders_them() {
             checked += 1;
         }
     }
-    assert_eq!(checked, models.len() * cases.len());
+    assert_eq!(
+        checked,
+        std::fs::read_dir(&golden)
+            .unwrap()
+            .filter(|f| !f
+                .as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".error"))
+            .count()
+    );
 }
 
 #[test]
@@ -260,4 +294,75 @@ async fn a_file_without_a_template_gets_llama_cpps_builtin() {
     let screen = tmux.wait_for("an answer", 120, |s| s.contains(" tok · "));
     assert!(!screen.contains("<|im_start|>"), "{screen}");
     tmux.send(&["C-q"]);
+}
+
+/// Each template that speaks tools: kiln reads which format it is, the
+/// call grammar lets the model write its own call text, that text reads
+/// back as the call, and the template renders the call and its result in
+/// its own terms when the conversation goes on.
+#[test]
+fn native_tool_calls_round_trip_through_each_template() {
+    use kiln::engine::context::answer_message;
+    use kiln::engine::tool_format::{json as j, ToolFormat};
+    let models = json("models.json");
+    let tools = json("cases.json")["tools"]["tools"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let cases = [
+        ("Qwen-Qwen2.5-7B-Instruct", ToolFormat::Hermes),
+        ("Qwen-Qwen3-0.6B", ToolFormat::Hermes),
+        (
+            "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
+            ToolFormat::Hermes,
+        ),
+        ("meta-llama-Llama-3.1-8B-Instruct", ToolFormat::Llama3),
+        ("mistralai-Mistral-Nemo-Instruct-2407", ToolFormat::Mistral),
+    ];
+    for (name, format) in cases {
+        let source = std::fs::read_to_string(fixtures().join(format!("{name}.jinja"))).unwrap();
+        assert_eq!(ToolFormat::detect(&source), Some(format), "{name}");
+        let tokens = &models[name];
+        let template = ChatTemplate::new(
+            Source::File(&source),
+            tokens["bos_token"].as_str(),
+            tokens["eos_token"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(template.tool_format(), Some(format), "{name}");
+        let native = match format {
+            ToolFormat::Hermes => "I will read it first.\n<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}\n</tool_call>",
+            ToolFormat::Llama3 => "{\"name\": \"read_file\", \"parameters\": {\"path\": \"notes.txt\"}}",
+            ToolFormat::Mistral => "[TOOL_CALLS] [{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}]",
+        };
+        let grammar = format.after_trigger(&[
+            format.call_json("read_file", &j::fields(&[("path", "[a-z.]+")])),
+            format.call_json("shell", &j::fields(&[("command", j::STRING_BODY)])),
+        ]);
+        let re = regex::Regex::new(&format!("^(?:{grammar})$")).unwrap();
+        let at = native.find(format.trigger()).unwrap() + format.trigger().len();
+        assert!(re.is_match(&native[at..]), "{name}: {}", &native[at..]);
+        let answer = answer_message(native.to_string(), Some(format));
+        assert_eq!(answer.tool_calls.len(), 1, "{name}");
+        let call = &answer.tool_calls[0];
+        assert_eq!(call.name, "read_file");
+        assert_eq!(call.arguments, serde_json::json!({"path": "notes.txt"}));
+        let conversation = [
+            Message::new(Role::System, "You edit files."),
+            Message::new(Role::User, "What is in notes.txt?"),
+            answer.clone(),
+            Message::tool(call.id.clone(), "Tool result (ok):\nGlazes craze."),
+        ];
+        let text = template
+            .render_with_tools(&conversation, &tools, true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains("\"name\": \"read_file\""), "{name}: {text}");
+        assert!(text.contains("Glazes craze."), "{name}: {text}");
+        let shown_call = match format {
+            ToolFormat::Hermes => "<tool_call>\n{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}\n</tool_call>".to_string(),
+            ToolFormat::Llama3 => "{\"name\": \"read_file\", \"parameters\": {\"path\": \"notes.txt\"}}".to_string(),
+            ToolFormat::Mistral => format!("[TOOL_CALLS][{{\"name\": \"read_file\", \"arguments\": {{\"path\": \"notes.txt\"}}, \"id\": \"{}\"}}]", call.id),
+        };
+        assert!(text.contains(&shown_call), "{name}: {text}");
+    }
 }

@@ -24,9 +24,16 @@ pub fn refused(reason: &str) -> String {
     format!("Tool result: {reason}. Try another way, or finish.")
 }
 
-/// A reply that was no tool call.
-pub fn invalid(error: &serde_json::Error) -> String {
-    format!("That was not a valid tool call ({error}). Reply with exactly one JSON tool call.")
+/// An answer with no call to act on (`calls::read`'s reason).
+pub fn invalid(error: &str, native: bool) -> String {
+    match native {
+        true => {
+            format!("No tool ran: {error}. Call a tool to go on, or finish when the task is done.")
+        }
+        false => format!(
+            "That was not a valid tool call ({error}). Reply with exactly one JSON tool call."
+        ),
+    }
 }
 
 /// The first message after older steps became `summary`.

@@ -3,6 +3,7 @@
 //! workspace, and hands the result back, until `finish` or a budget ends.
 //! Every call is journaled before it runs and its result after.
 
+mod calls;
 pub mod diff;
 mod messages;
 pub mod resume;
@@ -18,8 +19,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::engine::tool_format::ToolFormat;
 use crate::engine::{
-    EngineCommand, EngineEvent, EngineHandle, GenStats, Message, Priority, SamplerSettings,
+    EngineCommand, EngineEvent, EngineHandle, FinishReason, Format, GenStats, Message, Priority,
+    Role, SamplerSettings,
 };
 use crate::record::Record;
 use crate::store::journal::JournalHandle;
@@ -35,26 +38,6 @@ pub const COMPACT_AT: f64 = 0.75;
 /// Tool output handed back to the model; the journal keeps more.
 const RESULT_FOR_MODEL: usize = 4 << 10;
 
-/// A JSON string's body: no raw quotes, backslashes or control characters.
-const JSON_STR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*"#;
-const PATH: &str = r#"[A-Za-z0-9_.][A-Za-z0-9_./ -]{0,200}"#;
-
-/// The grammar of a tool call, as one regular expression over its JSON.
-pub fn tool_call_pattern() -> String {
-    let s = JSON_STR;
-    let p = PATH;
-    [
-        format!(r#"\{{"tool": "list_dir", "path": "{p}"\}}"#),
-        format!(r#"\{{"tool": "read_file", "path": "{p}"\}}"#),
-        format!(r#"\{{"tool": "search", "query": "{s}"\}}"#),
-        format!(r#"\{{"tool": "write_file", "path": "{p}", "content": "{s}"\}}"#),
-        format!(r#"\{{"tool": "write_file", "path": "{p}", "find": "{s}", "replace": "{s}"\}}"#),
-        format!(r#"\{{"tool": "shell", "command": "{s}"\}}"#),
-        format!(r#"\{{"tool": "finish", "summary": "{s}"\}}"#),
-    ]
-    .join("|")
-}
-
 /// The project's instructions for agents, at the workspace's root.
 pub const INSTRUCTIONS: &str = "AGENTS.md";
 /// Bytes of it that go into the system prompt; the rest is cut.
@@ -69,6 +52,21 @@ pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply t
 {"tool": "shell", "command": "ls -la"}
 {"tool": "finish", "summary": "what you did"}
 Paths are relative to the folder. Each reply gets the tool's result. Call finish when the task is done."#;
+
+/// The system prompt where the model calls tools in its own format (the
+/// template lists them): it may think before it acts.
+pub const NATIVE_PROMPT: &str = "You are an agent working in a folder, with tools to read, search and change it and to run shell commands. Before each call, say in a sentence or two what you will do and why. Paths are relative to the folder. Each call gets its result. Look before you change anything, check your work, and call finish when the task is done.";
+
+/// Whether a run may use the model's own tool-call format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CallMode {
+    /// The model's own format where its template lists tools, else JSON.
+    #[default]
+    Auto,
+    /// One JSON call per answer, held whole to a grammar.
+    Json,
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -213,6 +211,17 @@ pub enum Progress {
     Notice {
         text: String,
     },
+    /// What the model wrote before its calls (native calls only): its
+    /// reasoning, shown dimmed and folded.
+    Thought {
+        step: u32,
+        text: String,
+    },
+    /// How the run's calls are written, said as it starts: the model's
+    /// own format, or JSON-only (`None`).
+    Calls {
+        native: Option<ToolFormat>,
+    },
     /// The workspace's AGENTS.md went into the system prompt: its size,
     /// what it costs in tokens (where the engine counts them), and whether
     /// it was cut to `MAX_INSTRUCTIONS` bytes.
@@ -261,8 +270,11 @@ pub struct RunState {
     pub retries: u32,
     /// Calls approved with "always", by `messages::key`.
     pub always: HashSet<String>,
-    pub message: String,
-    /// The message is journaled already: the process died before the
+    /// What goes to the model next: a user message (the task, a word on
+    /// an answer it could not act on), or the last calls' results in the
+    /// template's tool role.
+    pub input: Vec<Message>,
+    /// The input is journaled already: the process died before the
     /// model answered it.
     pub journaled: bool,
 }
@@ -281,6 +293,8 @@ pub struct Agent<'a, A: Approver> {
     pub stop: Arc<AtomicBool>,
     /// The workspace's AGENTS.md in the system prompt.
     pub instructions: bool,
+    /// The model's own tool-call format, or `None` for JSON-only calls.
+    pub native: Option<ToolFormat>,
 }
 
 /// One progress line for people: whatever the model or a tool wrote in it
@@ -332,6 +346,8 @@ fn raw_line(p: &Progress) -> String {
             format!("compacted older steps at {context_tokens} tokens")
         }
         Progress::Notice { text } => text.clone(),
+        Progress::Thought { step, text } => format!("step {step}: thinks: {}", first(text)),
+        Progress::Calls { native } => format!("tool calls: {}", calls_mode(*native)),
         Progress::Confined { sandbox } => format!("shell commands: {}", sandbox.describe()),
         Progress::Instructions { bytes, tokens, cut } => {
             let cost = tokens.map_or(format!("{bytes} bytes"), |t| format!("{t} tokens"));
@@ -343,6 +359,14 @@ fn raw_line(p: &Progress) -> String {
                 "{INSTRUCTIONS} loaded into the system prompt ({cost}{cut}); --no-agents-md leaves it out"
             )
         }
+    }
+}
+
+/// How a run's calls are written, for people.
+pub fn calls_mode(native: Option<ToolFormat>) -> &'static str {
+    match native {
+        Some(f) => f.describe(),
+        None => "JSON only",
     }
 }
 
@@ -364,6 +388,13 @@ pub struct RunSpec {
     pub instructions: bool,
     /// What the run's shell commands may do.
     pub sandbox: sandbox::Sandbox,
+    /// Whether the run may call tools in the model's own format.
+    #[serde(default)]
+    pub tool_calls: CallMode,
+    /// The format it calls them in, decided as it starts from the model's
+    /// template; `None` is JSON-only.
+    #[serde(default)]
+    pub native: Option<ToolFormat>,
 }
 
 /// The agent settings every front end reads: `[agent]` in config.toml,
@@ -386,6 +417,9 @@ pub struct AgentSettings {
     /// A daemon that starts resumes the detached runs it was hosting when
     /// it died (`kiln daemon --resume-on-start`).
     pub resume_on_start: bool,
+    /// The model's own tool-call format where its template has one
+    /// (`auto`), or JSON-only calls (`json`).
+    pub tool_calls: CallMode,
 }
 
 impl AgentSettings {
@@ -410,6 +444,7 @@ impl Default for AgentSettings {
             sandbox: sandbox::SandboxMode::default(),
             sandbox_network: false,
             resume_on_start: false,
+            tool_calls: CallMode::Auto,
         }
     }
 }
@@ -437,6 +472,8 @@ impl RunSpec {
             instructions: settings.project_instructions,
             sandbox: settings.sandbox(),
             sampler,
+            tool_calls: settings.tool_calls,
+            native: None,
         }
     }
 }
@@ -507,6 +544,13 @@ pub fn spawn<A: Approver + Send + 'static>(
     let suspend = Arc::new(AtomicBool::new(false));
     let (run_stop, run_suspend) = (stop.clone(), suspend.clone());
     tokio::spawn(async move {
+        let mut start = start;
+        if let Start::Fresh(spec) = &mut start {
+            spec.native = match spec.tool_calls {
+                CallMode::Auto => engine.info().tool_format,
+                CallMode::Json => None,
+            };
+        }
         let spec = start.spec().clone();
         let record = |event: Event| {
             if let Some(j) = &journal {
@@ -520,8 +564,19 @@ pub fn spawn<A: Approver + Send + 'static>(
         });
         let outcome = match Workspace::new(&spec.workspace) {
             Err(e) => Outcome::Failed(format!("workspace {}: {e}", spec.workspace.display())),
+            Ok(_) if spec.native.is_some() && spec.native != engine.info().tool_format => {
+                Outcome::Failed(format!(
+                    "the run calls tools in the {} format, which this model's chat template does not speak",
+                    calls_mode(spec.native)
+                ))
+            }
             Ok(workspace) => {
                 engine.send(EngineCommand::SetSampler(spec.sampler.clone()));
+                let tools = match spec.native {
+                    Some(_) => calls::schemas(),
+                    None => Vec::new(),
+                };
+                engine.send(EngineCommand::SetTools(tools));
                 // A terminal's turns on the same model go before the steps.
                 engine.send(EngineCommand::SetPriority(Priority::Background));
                 let mut agent = Agent {
@@ -539,6 +594,7 @@ pub fn spawn<A: Approver + Send + 'static>(
                     governor: spec.governor,
                     stop: run_stop,
                     instructions: spec.instructions,
+                    native: spec.native,
                 };
                 let report = move |p| {
                     let _ = progress_tx.send(p);
@@ -548,6 +604,7 @@ pub fn spawn<A: Approver + Send + 'static>(
                     Start::Resume(replay) => agent.resume(*replay, report).await,
                 };
                 engine.send(EngineCommand::SetPriority(Priority::Interactive));
+                engine.send(EngineCommand::SetTools(Vec::new()));
                 outcome
             }
         };
@@ -582,21 +639,25 @@ impl<A: Approver> Agent<'_, A> {
         }
     }
 
-    /// The system prompt: the tools, then the project's instructions
-    /// (`AGENTS.md` at the workspace's root) where it has them and the run
-    /// takes them. An unreadable file is said once and left out.
+    /// The system prompt: how to call the tools, then the project's
+    /// instructions (`AGENTS.md` at the workspace's root) where it has them
+    /// and the run takes them. An unreadable file is said once and left out.
     async fn system_prompt(&mut self, report: &mut impl FnMut(Progress)) -> String {
+        let base = match self.native {
+            Some(_) => NATIVE_PROMPT,
+            None => SYSTEM_PROMPT,
+        };
         if !self.instructions {
-            return SYSTEM_PROMPT.into();
+            return base.into();
         }
         let text = match self.workspace.instructions(INSTRUCTIONS, MAX_INSTRUCTIONS) {
             Ok(Some(text)) => text,
-            Ok(None) => return SYSTEM_PROMPT.into(),
+            Ok(None) => return base.into(),
             Err(e) => {
                 let text = format!("{e}; the run goes on without it");
                 self.record(Event::Notice { text: text.clone() });
                 report(Progress::Notice { text });
-                return SYSTEM_PROMPT.into();
+                return base.into();
             }
         };
         let block = format!(
@@ -608,7 +669,7 @@ impl<A: Approver> Agent<'_, A> {
             tokens: self.engine.count_tokens(&block).await,
             cut: text.cut,
         });
-        format!("{SYSTEM_PROMPT}{block}")
+        format!("{base}{block}")
     }
 
     /// Run `task` from its start.
@@ -616,19 +677,22 @@ impl<A: Approver> Agent<'_, A> {
         report(Progress::Confined {
             sandbox: self.limits.sandbox,
         });
+        report(Progress::Calls {
+            native: self.native,
+        });
         let system = self.system_prompt(&mut report).await;
         self.engine
             .send(EngineCommand::SetSystemPrompt(Some(system.clone())));
         self.record(Event::SystemPrompt { text: Some(system) });
         let state = RunState {
-            message: messages::task(task),
+            input: vec![Message::new(Role::User, messages::task(task))],
             ..RunState::default()
         };
         self.drive(task, state, report).await
     }
 
     /// Go on with a run from its journal: the conversation, system prompt
-    /// and spending it had. A call cut by the process's death is reported
+    /// and spending it had. Calls cut by the process's death are reported
     /// to the model as interrupted (and journaled so), never re-run.
     pub async fn resume(
         &mut self,
@@ -637,6 +701,9 @@ impl<A: Approver> Agent<'_, A> {
     ) -> Outcome {
         report(Progress::Confined {
             sandbox: self.limits.sandbox,
+        });
+        report(Progress::Calls {
+            native: self.native,
         });
         let task = replay.spec.task.clone();
         let mut state = replay.state;
@@ -651,7 +718,7 @@ impl<A: Approver> Agent<'_, A> {
         self.engine
             .send(EngineCommand::SetSystemPrompt(replay.system));
         self.engine.send(EngineCommand::SetHistory(replay.history));
-        if let Some(cut) = replay.interrupted {
+        for cut in replay.interrupted {
             if !cut.journaled {
                 self.record(Event::ToolCall {
                     step: cut.step,
@@ -673,13 +740,17 @@ impl<A: Approver> Agent<'_, A> {
                 output: output.clone(),
                 diff: None,
             });
-            state.message = messages::result(false, output);
-        } else if let Some(context_tokens) = replay.compact_first {
+            state
+                .input
+                .push(self.said(cut.id, messages::result(false, output)));
+        }
+        if let Some(context_tokens) = replay.compact_first {
+            let input = std::mem::take(&mut state.input);
             match self
-                .compact(&task, state.message, context_tokens, &mut report)
+                .compact(&task, input, context_tokens, &mut report)
                 .await
             {
-                Ok(message) => state.message = message,
+                Ok(input) => state.input = input,
                 Err(TurnError::Stopped) => return Outcome::Stopped,
                 Err(TurnError::Failed(e)) => return Outcome::Failed(e),
             }
@@ -687,7 +758,17 @@ impl<A: Approver> Agent<'_, A> {
         self.drive(&task, state, report).await
     }
 
-    /// The steps, from `state` on, until the run ends.
+    /// What a call's result becomes for the model: a tool message for its
+    /// call where calls are native, else a user message.
+    fn said(&self, id: Option<String>, text: String) -> Message {
+        match (self.native, id) {
+            (Some(_), Some(id)) => Message::tool(id, text),
+            _ => Message::new(Role::User, text),
+        }
+    }
+
+    /// The steps, from `state` on, until the run ends. Every call is a
+    /// step; so is an answer with no call to act on.
     async fn drive(
         &mut self,
         task: &str,
@@ -696,7 +777,9 @@ impl<A: Approver> Agent<'_, A> {
     ) -> Outcome {
         let started = Instant::now();
         let context_limit = self.engine.info().context_limit;
-        let pattern = tool_call_pattern();
+        // After an answer that called nothing, the next is held to calls
+        // from its first token.
+        let mut forced = false;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Outcome::Stopped;
@@ -717,130 +800,73 @@ impl<A: Approver> Agent<'_, A> {
             if !self.govern(&mut report).await {
                 return Outcome::Stopped;
             }
-            state.step += 1;
-            let step = state.step;
+            let input = std::mem::take(&mut state.input);
             if !std::mem::take(&mut state.journaled) {
-                self.record(Event::User {
-                    text: state.message.clone(),
-                });
+                // Tool results are journaled as they come; a user message
+                // here.
+                for m in input.iter().filter(|m| m.role == Role::User) {
+                    self.record(Event::User {
+                        text: m.content.clone(),
+                    });
+                }
             }
-            let (reply, stats) = match self.turn(&state.message, Some(&pattern)).await {
+            let format = calls::format(self.native, std::mem::take(&mut forced));
+            let (reply, finish, stats) = match self.turn(input, Some(&format)).await {
                 Ok(r) => r,
                 Err(TurnError::Stopped) => return Outcome::Stopped,
                 Err(TurnError::Failed(e)) => return Outcome::Failed(e),
             };
             state.tokens += stats.prompt_tokens + stats.completion_tokens;
-            let call: ToolCall = match serde_json::from_str(reply.trim()) {
-                Ok(c) => {
+            let answer = match calls::read(self.native, &reply, finish) {
+                Ok(a) => {
                     state.retries = 0;
-                    c
+                    a
                 }
-                Err(e) => {
+                Err(error) => {
+                    state.step += 1;
                     state.retries += 1;
                     report(Progress::Invalid {
-                        step,
+                        step: state.step,
                         reply: reply.clone(),
-                        error: e.to_string(),
+                        error: error.clone(),
                     });
                     if state.retries >= MAX_RETRIES {
                         return Outcome::Failed(format!(
                             "{MAX_RETRIES} replies in a row were not valid tool calls"
                         ));
                     }
-                    state.message = messages::invalid(&e);
+                    state.input = vec![Message::new(
+                        Role::User,
+                        messages::invalid(&error, self.native.is_some()),
+                    )];
+                    forced = self.native.is_some();
                     continue;
                 }
             };
-            self.record(Event::ToolCall {
-                step,
-                call: serde_json::to_value(&call).expect("calls serialize"),
-            });
-            if !settle(self.journal.cloned(), &self.stop, &mut report).await {
-                return Outcome::Stopped;
-            }
-            report(Progress::Call {
-                step,
-                call: call.clone(),
-                tok_s: stats.decode_tok_s,
-                context_tokens: stats.context_tokens,
-            });
-            if let ToolCall::Finish { summary } = &call {
-                self.record(Event::ToolResult {
-                    step,
-                    ok: true,
-                    refused: false,
-                    output: summary.clone(),
-                    diff: None,
-                    interrupted: false,
+            if !answer.text.is_empty() {
+                report(Progress::Thought {
+                    step: state.step + 1,
+                    text: answer.text.clone(),
                 });
-                return Outcome::Finished(summary.clone());
             }
-            let key = messages::key(&call);
-            if self.policy.needs_approval(&call) && !state.always.contains(&key) {
-                let question = Question {
-                    diff: tools::preview(&call, &self.workspace),
-                    sandbox: matches!(call, ToolCall::Shell { .. }).then_some(self.limits.sandbox),
-                    call: call.clone(),
-                };
-                let answer = self.approver.approve(&question).await;
-                if answer == Approval::No {
-                    let reason = format!(
-                        "refused: {} needs approval under the {:?} policy and was not approved",
-                        call.name(),
-                        self.policy
-                    );
-                    self.record(Event::ToolResult {
-                        step,
-                        ok: false,
-                        refused: true,
-                        output: reason.clone(),
-                        diff: None,
-                        interrupted: false,
-                    });
-                    report(Progress::Refused {
-                        step,
-                        call,
-                        reason: reason.clone(),
-                    });
-                    state.message = messages::refused(&reason);
-                    continue;
-                }
-                let always = answer == Approval::Always;
-                if always {
-                    state.always.insert(key);
-                }
-                self.record(Event::Approved { step, always });
-                if !settle(self.journal.cloned(), &self.stop, &mut report).await {
-                    return Outcome::Stopped;
-                }
-            }
-            let result: ToolResult =
-                tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
-            self.record(Event::ToolResult {
-                step,
-                ok: result.ok,
-                refused: false,
-                output: result.output.clone(),
-                diff: result.diff.clone(),
-                interrupted: false,
-            });
-            if !settle(self.journal.cloned(), &self.stop, &mut report).await {
-                return Outcome::Stopped;
-            }
-            report(Progress::Result {
-                step,
-                ok: result.ok,
-                output: result.output.clone(),
-                diff: result.diff.clone(),
-            });
-            state.message = messages::result(result.ok, result.output);
-            if stats.context_tokens as f64 > COMPACT_AT * context_limit as f64 {
-                let message = std::mem::take(&mut state.message);
-                match self
-                    .compact(task, message, stats.context_tokens, &mut report)
+            for (id, call) in answer.calls {
+                state.step += 1;
+                let said = match self
+                    .act(state.step, call, &stats, &mut state, &mut report)
                     .await
                 {
-                    Ok(message) => state.message = message,
+                    Ok(said) => said,
+                    Err(outcome) => return outcome,
+                };
+                state.input.push(self.said(id, said));
+            }
+            if stats.context_tokens as f64 > COMPACT_AT * context_limit as f64 {
+                let input = std::mem::take(&mut state.input);
+                match self
+                    .compact(task, input, stats.context_tokens, &mut report)
+                    .await
+                {
+                    Ok(input) => state.input = input,
                     Err(TurnError::Stopped) => return Outcome::Stopped,
                     Err(TurnError::Failed(e)) => return Outcome::Failed(e),
                 }
@@ -848,22 +874,121 @@ impl<A: Approver> Agent<'_, A> {
         }
     }
 
+    /// One call: journaled, approved where the policy asks, run, and its
+    /// result journaled; what the model is told of it, or how the run
+    /// ends (`finish`, a stop).
+    async fn act(
+        &mut self,
+        step: u32,
+        call: ToolCall,
+        stats: &GenStats,
+        state: &mut RunState,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<String, Outcome> {
+        self.record(Event::ToolCall {
+            step,
+            call: serde_json::to_value(&call).expect("calls serialize"),
+        });
+        if !settle(self.journal.cloned(), &self.stop, report).await {
+            return Err(Outcome::Stopped);
+        }
+        report(Progress::Call {
+            step,
+            call: call.clone(),
+            tok_s: stats.decode_tok_s,
+            context_tokens: stats.context_tokens,
+        });
+        if let ToolCall::Finish { summary } = &call {
+            self.record(Event::ToolResult {
+                step,
+                ok: true,
+                refused: false,
+                output: summary.clone(),
+                diff: None,
+                interrupted: false,
+            });
+            return Err(Outcome::Finished(summary.clone()));
+        }
+        let key = messages::key(&call);
+        if self.policy.needs_approval(&call) && !state.always.contains(&key) {
+            let question = Question {
+                diff: tools::preview(&call, &self.workspace),
+                sandbox: matches!(call, ToolCall::Shell { .. }).then_some(self.limits.sandbox),
+                call: call.clone(),
+            };
+            let answer = self.approver.approve(&question).await;
+            if answer == Approval::No {
+                let reason = format!(
+                    "refused: {} needs approval under the {:?} policy and was not approved",
+                    call.name(),
+                    self.policy
+                );
+                self.record(Event::ToolResult {
+                    step,
+                    ok: false,
+                    refused: true,
+                    output: reason.clone(),
+                    diff: None,
+                    interrupted: false,
+                });
+                report(Progress::Refused {
+                    step,
+                    call,
+                    reason: reason.clone(),
+                });
+                return Ok(messages::refused(&reason));
+            }
+            let always = answer == Approval::Always;
+            if always {
+                state.always.insert(key);
+            }
+            self.record(Event::Approved { step, always });
+            if !settle(self.journal.cloned(), &self.stop, report).await {
+                return Err(Outcome::Stopped);
+            }
+        }
+        let result: ToolResult =
+            tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
+        self.record(Event::ToolResult {
+            step,
+            ok: result.ok,
+            refused: false,
+            output: result.output.clone(),
+            diff: result.diff.clone(),
+            interrupted: false,
+        });
+        if !settle(self.journal.cloned(), &self.stop, report).await {
+            return Err(Outcome::Stopped);
+        }
+        report(Progress::Result {
+            step,
+            ok: result.ok,
+            output: result.output.clone(),
+            diff: result.diff.clone(),
+        });
+        Ok(messages::result(result.ok, result.output))
+    }
+
     /// Ask the model to summarise the run so far, start its conversation
-    /// afresh from that summary, and journal it; the next message (`message`
-    /// after the summary).
+    /// afresh from that summary, and journal it; returns the next input
+    /// (`input` after the summary, as one user message: the calls it
+    /// answered are gone with the conversation).
     async fn compact(
         &mut self,
         task: &str,
-        message: String,
+        input: Vec<Message>,
         context_tokens: usize,
         report: &mut impl FnMut(Progress),
-    ) -> Result<String, TurnError> {
-        let (summary, _) = self
-            .turn(
-                &format!("Summarize in under 100 words what you have done and learned so far for the task: {task}"),
-                None,
-            )
-            .await?;
+    ) -> Result<Vec<Message>, TurnError> {
+        let ask = Message::new(
+            Role::User,
+            format!("Summarize in under 100 words what you have done and learned so far for the task: {task}"),
+        );
+        // Results that are due go in before the question, so the
+        // conversation stays well formed for the template.
+        let mut asked = input.clone();
+        asked.push(ask);
+        let (summary, _, _) = self.turn(asked, None).await?;
         let summary = summary.trim().to_string();
         self.engine
             .send(EngineCommand::SetHistory(Vec::<Message>::new()));
@@ -872,18 +997,21 @@ impl<A: Approver> Agent<'_, A> {
             summary: summary.clone(),
             context_tokens,
         });
-        Ok(messages::compacted(task, &summary, &message))
+        Ok(vec![Message::new(
+            Role::User,
+            messages::compacted(task, &summary, &crate::engine::as_one_message(&input)),
+        )])
     }
 
-    /// One model turn; its reply and stats.
+    /// One model turn on `input`; its reply, how it ended and its stats.
     async fn turn(
         &mut self,
-        message: &str,
-        pattern: Option<&str>,
-    ) -> Result<(String, GenStats), TurnError> {
-        let mut turn = match pattern {
-            Some(p) => self.engine.chat_constrained(message, p),
-            None => self.engine.chat(message),
+        input: Vec<Message>,
+        format: Option<&Format>,
+    ) -> Result<(String, FinishReason, GenStats), TurnError> {
+        let mut turn = match format {
+            Some(f) => self.engine.respond(input, f.clone()),
+            None => self.engine.chat(crate::engine::as_one_message(&input)),
         };
         loop {
             let event = tokio::select! {
@@ -898,12 +1026,17 @@ impl<A: Approver> Agent<'_, A> {
             };
             // A tool call's answer is kept; a compaction's summary is not
             // part of the run.
-            let kept = pattern.is_some() && matches!(event, EngineEvent::TurnFinished { .. });
+            let kept = format.is_some() && matches!(event, EngineEvent::TurnFinished { .. });
             if let (true, Some(Record::Event(e))) = (kept, Record::of(&event)) {
                 self.record(e);
             }
             match event {
-                EngineEvent::TurnFinished { reply, stats, .. } => return Ok((reply, stats)),
+                EngineEvent::TurnFinished {
+                    reply,
+                    finish,
+                    stats,
+                    ..
+                } => return Ok((reply, finish, stats)),
                 EngineEvent::TurnFailed { error, .. } => return Err(TurnError::Failed(error)),
                 _ => {}
             }

@@ -6,13 +6,14 @@
 
 use std::time::Duration;
 
+use crate::engine::context::answer_message;
 use crate::engine::{Message, Role};
 use crate::error::{KilnError, Result};
 use crate::store::session::{read_events, Event, OpenSession, RunHost};
 use crate::store::{id_of, SessionStore};
 
 use super::tools::ToolCall;
-use super::{messages, Outcome, RunSpec, RunState};
+use super::{calls, messages, Outcome, RunSpec, RunState};
 
 /// What the journal says of a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,9 +28,10 @@ pub struct Replay {
     pub history: Vec<Message>,
     /// What it spent, and what goes to the model next.
     pub state: RunState,
-    /// A call journaled with no result: it was running, or waiting for its
-    /// yes, when the process died. It is reported back, never re-run.
-    pub interrupted: Option<Interrupted>,
+    /// The last answer's calls with no result: one was running, or
+    /// waiting for its yes, when the process died, and those after it
+    /// never started. They are reported back, never re-run.
+    pub interrupted: Vec<Interrupted>,
     /// The last step's result filled the context past the compaction mark
     /// (at this many tokens), and the compaction never happened: do it
     /// before going on.
@@ -42,6 +44,8 @@ pub struct Replay {
 pub struct Interrupted {
     pub step: u32,
     pub call: ToolCall,
+    /// Its id in the template's terms (native calls), for its result.
+    pub id: Option<String>,
     /// Whether its ToolCall event is in the journal (it is not when the
     /// process died between the model's answer and the call's record).
     pub journaled: bool,
@@ -98,23 +102,13 @@ pub fn open(store: &SessionStore, query: &str) -> Result<Resumable> {
     })
 }
 
-/// Where the journal's last step stopped.
-enum Tail {
-    /// No step yet.
-    Start,
-    /// The model was asked, and never answered.
-    Asked(String),
-    /// It answered; no call was journaled from the answer.
-    Answered(String),
-    /// The call was journaled (and maybe approved), with no result: the
-    /// call is the one `step_call` holds.
-    Called,
-    /// The call has its result: the next message says it.
-    Result(String),
-}
-
 /// The run in `events` (a session's journal): the last one started there,
 /// with every resume of it since. `Err` says why there is none.
+///
+/// The conversation is rebuilt as the engine held it: each input (a user
+/// message, or the last calls' results in the template's tool role) and
+/// the answer to it, its calls read out as the live run read them
+/// (`calls::read`, `answer_message`).
 pub fn replay(
     events: &[(u64, Event)],
     context_limit: usize,
@@ -127,10 +121,19 @@ pub fn replay(
     let mut system = None;
     let mut history = Vec::new();
     let mut state = RunState::default();
-    let mut tail = Tail::Start;
-    let mut question: Option<String> = None;
+    // What went to the model since its last answer.
+    let mut pending: Vec<Message> = Vec::new();
+    // The input's last user message was journaled and not answered.
+    let mut asked = false;
+    // The last answer: its calls, and how many of them were journaled;
+    // or why it had none to act on.
+    let mut calls: Vec<(Option<String>, ToolCall)> = Vec::new();
+    let mut taken = 0;
+    let mut invalid: Option<String> = None;
+    // The call journaled with no result yet, whether it was approved, and
+    // its id.
+    let mut open_call: Option<(u32, ToolCall, bool, Option<String>)> = None;
     let mut summary: Option<String> = None;
-    let mut step_call: Option<(u32, ToolCall, bool)> = None;
     let mut context_after_result: Option<usize> = None;
     let mut last_context = 0usize;
     let mut ended = None;
@@ -150,6 +153,7 @@ pub fn replay(
         } else if let Some((_, to)) = segment.as_mut() {
             *to = (*to).max(*at);
         }
+        let native = spec.as_ref().and_then(|(s, _)| s.native);
         match event {
             Event::RunStarted { spec: s, host, .. } => {
                 let parsed: RunSpec = serde_json::from_value(s.clone())
@@ -162,35 +166,61 @@ pub fn replay(
             }
             Event::SystemPrompt { text } => system = text.clone(),
             Event::User { text } => {
-                state.step += 1;
-                question = Some(text.clone());
-                summary = None;
-                step_call = None;
+                if summary.take().is_some() {
+                    // The message after a compaction folds in the results.
+                    pending.clear();
+                }
+                // A JSON-only run's result is journaled, then sent as this
+                // message: it is one message, not two.
+                let same = pending
+                    .last()
+                    .is_some_and(|m| m.role == Role::User && m.content == *text);
+                if !same {
+                    pending.push(Message::new(Role::User, text.clone()));
+                }
+                asked = true;
+                invalid = None;
+                calls.clear();
                 context_after_result = None;
-                tail = Tail::Asked(text.clone());
             }
-            Event::Answer { text, stats, .. } => {
-                let Some(asked) = question.take() else {
+            Event::Answer {
+                text,
+                finish,
+                stats,
+            } => {
+                if pending.is_empty() {
                     continue;
-                };
-                history.push(Message::new(Role::User, asked));
-                history.push(Message::new(Role::Assistant, text.clone()));
+                }
+                history.append(&mut pending);
+                history.push(answer_message(text.clone(), native));
+                asked = false;
                 state.tokens += stats.prompt_tokens + stats.completion_tokens;
                 last_context = stats.context_tokens;
-                state.retries = match serde_json::from_str::<ToolCall>(text.trim()) {
-                    Ok(_) => 0,
-                    Err(_) => state.retries + 1,
-                };
-                tail = Tail::Answered(text.clone());
+                taken = 0;
+                match calls::read(native, text, *finish) {
+                    Ok(answer) => {
+                        state.retries = 0;
+                        calls = answer.calls;
+                        invalid = None;
+                    }
+                    Err(e) => {
+                        state.step += 1;
+                        state.retries += 1;
+                        calls.clear();
+                        invalid = Some(e);
+                    }
+                }
             }
             Event::ToolCall { step, call } => {
                 if let Ok(call) = serde_json::from_value::<ToolCall>(call.clone()) {
-                    step_call = Some((*step, call, false));
-                    tail = Tail::Called;
+                    let id = calls.get(taken).and_then(|(id, _)| id.clone());
+                    taken += 1;
+                    state.step = state.step.max(*step);
+                    open_call = Some((*step, call, false, id));
                 }
             }
             Event::Approved { step, always } => {
-                if let Some((s, call, approved)) = step_call.as_mut() {
+                if let Some((s, call, approved, _)) = open_call.as_mut() {
                     if s == step {
                         *approved = true;
                         if *always {
@@ -206,17 +236,20 @@ pub fn replay(
                 ..
             } => {
                 state.retries = 0;
-                let finished = match &step_call {
-                    Some((_, ToolCall::Finish { summary }, _)) => Some(summary.clone()),
-                    _ => None,
+                let Some((_, call, _, id)) = open_call.take() else {
+                    continue;
                 };
-                if let Some(summary) = finished {
-                    ended = Some(Outcome::Finished(summary));
+                if let ToolCall::Finish { summary } = &call {
+                    ended = Some(Outcome::Finished(summary.clone()));
                 }
                 context_after_result = Some(last_context);
-                tail = Tail::Result(match refused {
+                let said = match refused {
                     true => messages::refused(output),
                     false => messages::result(*ok, output.clone()),
+                };
+                pending.push(match (native, id) {
+                    (Some(_), Some(id)) => Message::tool(id, said),
+                    _ => Message::new(Role::User, said),
                 });
             }
             Event::Compacted { summary: s, .. } => {
@@ -232,54 +265,51 @@ pub fn replay(
     }
     let (spec, host) = spec.expect("the run's first event is its start");
     let task = spec.task.clone();
-    let mut interrupted = None;
-    match tail {
-        Tail::Start => state.message = messages::task(&task),
-        Tail::Asked(text) => {
-            // The step is asked again under its own number, and its
-            // question is not journaled twice.
-            state.step -= 1;
-            state.message = text;
-            state.journaled = true;
+    // The last answer's calls with no result, in order: the one journaled
+    // (it was running or waiting), then those never reached.
+    let mut interrupted = Vec::new();
+    let unreached = calls.into_iter().skip(taken);
+    let open = open_call.map(|(step, call, approved, id)| {
+        let may_have_run = approved
+            || !spec.policy.needs_approval(&call)
+            || state.always.contains(&messages::key(&call));
+        (step, call, id, true, may_have_run)
+    });
+    let unreached = unreached.map(|(id, call)| {
+        state.step += 1;
+        (state.step, call, id, false, false)
+    });
+    for (step, call, id, journaled, may_have_run) in open.into_iter().chain(unreached) {
+        if let ToolCall::Finish { summary } = &call {
+            ended = Some(Outcome::Finished(summary.clone()));
+            break;
         }
-        Tail::Answered(text) => match serde_json::from_str::<ToolCall>(text.trim()) {
-            Err(e) => state.message = messages::invalid(&e),
-            Ok(ToolCall::Finish { summary }) => ended = Some(Outcome::Finished(summary)),
-            Ok(call) => {
-                interrupted = Some(Interrupted {
-                    step: state.step,
-                    call,
-                    journaled: false,
-                    may_have_run: false,
-                })
-            }
-        },
-        Tail::Called => {
-            let (step, call, approved) = step_call.expect("a journaled call is held");
-            match call {
-                ToolCall::Finish { summary } => ended = Some(Outcome::Finished(summary)),
-                call => {
-                    let may_have_run = approved
-                        || !spec.policy.needs_approval(&call)
-                        || state.always.contains(&messages::key(&call));
-                    interrupted = Some(Interrupted {
-                        step,
-                        call,
-                        journaled: true,
-                        may_have_run,
-                    });
-                }
-            }
-        }
-        Tail::Result(text) => {
-            state.message = match &summary {
-                Some(summary) => messages::compacted(&task, summary, &text),
-                None => text,
-            }
-        }
+        interrupted.push(Interrupted {
+            step,
+            call,
+            id,
+            journaled,
+            may_have_run,
+        });
     }
+    if let Some(e) = invalid {
+        pending.push(Message::new(
+            Role::User,
+            messages::invalid(&e, spec.native.is_some()),
+        ));
+    } else if let Some(summary) = &summary {
+        let folded = crate::engine::as_one_message(&pending);
+        pending = vec![Message::new(
+            Role::User,
+            messages::compacted(&task, summary, &folded),
+        )];
+    } else if pending.is_empty() && history.is_empty() && interrupted.is_empty() {
+        pending.push(Message::new(Role::User, messages::task(&task)));
+    }
+    state.journaled = asked;
+    state.input = pending;
     let compact_first = context_after_result
-        .filter(|&c| interrupted.is_none() && c as f64 > super::COMPACT_AT * context_limit as f64);
+        .filter(|&c| interrupted.is_empty() && c as f64 > super::COMPACT_AT * context_limit as f64);
     Ok(Replay {
         spec,
         host,
@@ -352,6 +382,11 @@ mod tests {
         }
     }
 
+    /// What goes to the model next, as one text.
+    fn input(r: &Replay) -> String {
+        crate::engine::as_one_message(&r.state.input)
+    }
+
     const READ: &str = r#"{"tool": "read_file", "path": "a.txt"}"#;
     const SHELL: &str = r#"{"tool": "shell", "command": "make"}"#;
 
@@ -385,12 +420,10 @@ mod tests {
         assert_eq!(r.state.tokens, 110);
         assert_eq!(r.state.spent, Duration::from_secs(4));
         assert_eq!(r.history.len(), 2);
-        assert_eq!(r.state.message, "Tool result (ok):\nthe file's text");
+        assert_eq!(input(&r), "Tool result (ok):\nthe file's text");
         assert!(!r.state.journaled);
-        assert_eq!(
-            (r.interrupted, r.ended, r.compact_first),
-            (None, None, None)
-        );
+        assert!(r.interrupted.is_empty());
+        assert_eq!((r.ended, r.compact_first), (None, None));
     }
 
     #[test]
@@ -402,7 +435,7 @@ mod tests {
         ];
         events.push(call(1, SHELL));
         let waiting = replay(&at(0, events.clone()), 4096).unwrap();
-        let i = waiting.interrupted.unwrap();
+        let i = waiting.interrupted[0].clone();
         assert!(i.journaled && !i.may_have_run, "{i:?}");
         assert!(i.output().contains("did not run"));
         events.push(Event::Approved {
@@ -410,7 +443,7 @@ mod tests {
             always: true,
         });
         let running = replay(&at(0, events), 4096).unwrap();
-        let i = running.interrupted.unwrap();
+        let i = running.interrupted[0].clone();
         assert!(i.may_have_run);
         assert!(i.output().contains("not known whether it completed"));
         // "always" carries over.
@@ -432,7 +465,7 @@ mod tests {
             4096,
         )
         .unwrap();
-        assert!(read.interrupted.unwrap().may_have_run);
+        assert!(read.interrupted[0].may_have_run);
     }
 
     #[test]
@@ -451,7 +484,7 @@ mod tests {
         let r = replay(&events, 4096).unwrap();
         assert_eq!(r.state.step, 1);
         assert!(r.state.journaled);
-        assert_eq!(r.state.message, "Tool result (ok):\nx");
+        assert_eq!(input(&r), "Tool result (ok):\nx");
         assert_eq!(r.history.len(), 2, "the unanswered question is not history");
     }
 
@@ -469,10 +502,7 @@ mod tests {
         );
         let r = replay(&events, 4096).unwrap();
         assert_eq!((r.state.step, r.state.retries), (2, 2));
-        assert!(r
-            .state
-            .message
-            .starts_with("That was not a valid tool call"));
+        assert!(input(&r).starts_with("That was not a valid tool call"));
     }
 
     #[test]
@@ -507,8 +537,8 @@ mod tests {
         let r = replay(&events, 4096).unwrap();
         assert!(r.history.is_empty());
         assert_eq!(r.compact_first, None);
-        assert!(r.state.message.contains("Progress so far: read a.txt"));
-        assert!(r.state.message.ends_with("Tool result (ok):\nbig"));
+        assert!(input(&r).contains("Progress so far: read a.txt"));
+        assert!(input(&r).ends_with("Tool result (ok):\nbig"));
         // Cut before the compaction happened: it happens first.
         let cut = replay(&events[..5], 4096).unwrap();
         assert_eq!(cut.compact_first, Some(3110));

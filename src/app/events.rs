@@ -14,9 +14,16 @@ pub(super) fn on_agent(state: &mut State, msg: AgentMsg) -> Vec<Effect> {
             match (&mut state.agent, &p) {
                 (Some(a), Progress::Call { step, .. }) => a.step = *step,
                 (Some(a), Progress::Confined { sandbox }) => a.sandbox = Some(*sandbox),
+                (Some(a), Progress::Calls { native }) => a.calls = Some(*native),
                 _ => {}
             }
-            state.push_entry(Entry::new(EntryKind::Notice, text));
+            match &p {
+                Progress::Thought { text, .. } => {
+                    let text = crate::visible::visible(text).into_owned();
+                    state.push_entry(Entry::new(EntryKind::Thought, text));
+                }
+                _ => state.push_entry(Entry::new(EntryKind::Notice, text)),
+            }
             if let Progress::Result {
                 diff: Some(diff), ..
             } = p

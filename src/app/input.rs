@@ -367,6 +367,7 @@ pub(super) fn send(state: &mut State) -> Vec<Effect> {
             pending: None,
             approval_scroll: 0,
             sandbox: None,
+            calls: None,
             stopping: false,
             apart: None,
         });

@@ -68,6 +68,9 @@ pub struct AgentView {
     pub approval_scroll: usize,
     /// The sandbox its shell commands get, once the run says.
     pub sandbox: Option<crate::agent::sandbox::Sandbox>,
+    /// How its calls are written (the model's own format, or JSON-only
+    /// as `None`), once the run says.
+    pub calls: Option<Option<crate::engine::tool_format::ToolFormat>>,
     pub stopping: bool,
     /// The run's own session, when it runs on a conversation of its own
     /// beside the chat (else it drives the chat's conversation).
@@ -402,6 +405,7 @@ impl State {
             path: None,
             context_limit,
             notes: Vec::new(),
+            tool_format: None,
         };
         State::new(
             info,

@@ -15,6 +15,7 @@ fn info() -> ModelInfo {
         path: None,
         context_limit: 4096,
         notes: Vec::new(),
+        tool_format: None,
     }
 }
 

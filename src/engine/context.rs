@@ -12,7 +12,7 @@ use std::future::Future;
 pub use crate::chat::{Message, Role};
 
 use super::template::ChatTemplate;
-use super::{CancelFlag, EventSink};
+use super::{CancelFlag, EventSink, Format};
 
 /// A local engine's turns: planning, trimming and recording are the same for
 /// every backend; only how a rendered prompt becomes an answer differs.
@@ -33,28 +33,29 @@ pub(crate) trait LocalTurns: Send {
         turn: u64,
         prompt: (String, usize),
         earlier: &str,
-        constraint: Option<&str>,
+        constraint: Option<&Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> impl Future<Output = Result<String, String>> + Send;
 
-    /// A new user message and its answer.
+    /// New messages (a user's, or tool results) and their answer.
     fn run_turn(
         &mut self,
         turn: u64,
-        message: String,
-        constraint: Option<&str>,
+        input: Vec<Message>,
+        constraint: Option<&Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> impl Future<Output = Result<(), String>> + Send {
         async move {
             let (limit, max_tokens) = self.window();
+            let conv = self.conversation();
             let plan = plan_turn(
-                self.conversation(),
-                &message,
+                conv,
+                &input,
                 limit,
                 answer_reserve(max_tokens, limit),
-                |msgs| self.template().render(msgs, true),
+                |msgs| self.template().render_with_tools(msgs, &conv.tools, true),
                 |text| self.count_tokens(text),
             )
             .map_err(|e| e.to_string())?;
@@ -63,7 +64,8 @@ pub(crate) trait LocalTurns: Send {
             let answer = self
                 .generate(turn, prompt, "", constraint, out, cancel)
                 .await;
-            self.conversation_mut().record(message, answer)
+            let calls = self.template().tool_format();
+            self.conversation_mut().record(input, answer, calls)
         }
     }
 
@@ -77,11 +79,12 @@ pub(crate) trait LocalTurns: Send {
     ) -> impl Future<Output = Result<(), String>> + Send {
         async move {
             let (limit, max_tokens) = self.window();
+            let conv = self.conversation();
             let (prompt, so_far, prompt_tokens) = continue_prompt(
-                self.conversation(),
+                conv,
                 limit,
                 answer_reserve(max_tokens, limit),
-                |msgs| self.template().render(msgs, true),
+                |msgs| self.template().render_with_tools(msgs, &conv.tools, true),
                 |text| self.count_tokens(text),
             )?;
             let more = self
@@ -98,8 +101,10 @@ pub(crate) trait LocalTurns: Send {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conversation {
     pub system: Option<String>,
-    /// User and assistant messages, oldest first.
+    /// User, assistant and tool messages, oldest first.
     pub messages: Vec<Message>,
+    /// The tools the template lists (OpenAI-style function schemas).
+    pub tools: Vec<serde_json::Value>,
 }
 
 impl Conversation {
@@ -117,25 +122,45 @@ impl Conversation {
         });
     }
 
-    /// Keep an exchange: the question always, the answer when there is one.
+    /// Keep an exchange: the input always, the answer when there is one,
+    /// with its calls read out where tools are listed (`answer_message`).
     pub fn record(
         &mut self,
-        question: String,
+        input: Vec<Message>,
         answer: Result<String, String>,
+        format: Option<super::tool_format::ToolFormat>,
     ) -> Result<(), String> {
-        self.messages.push(Message::new(Role::User, question));
-        self.messages.push(Message::new(Role::Assistant, answer?));
+        self.messages.extend(input);
+        let format = format.filter(|_| !self.tools.is_empty());
+        self.messages.push(answer_message(answer?, format));
         Ok(())
     }
 
     /// Every message in template order, the system prompt first.
-    pub fn with_new(&self, kept_from: usize, new_user: &str) -> Vec<Message> {
+    pub fn with_new(&self, kept_from: usize, new: &[Message]) -> Vec<Message> {
         self.system
             .iter()
             .map(|s| Message::new(Role::System, s.clone()))
             .chain(self.messages[kept_from..].iter().cloned())
-            .chain(std::iter::once(Message::new(Role::User, new_user)))
+            .chain(new.iter().cloned())
             .collect()
+    }
+}
+
+/// An answer as a conversation keeps it: with its calls read out in
+/// `format`'s terms where it speaks one, so the template renders them as
+/// it was trained to; a call that cannot be read stays in the text as
+/// written. A resumed run rebuilds its conversation with the same function.
+pub fn answer_message(answer: String, format: Option<super::tool_format::ToolFormat>) -> Message {
+    let parsed = format
+        .map(|f| f.parse(&answer))
+        .filter(|p| p.problem.is_none() && !p.calls.is_empty());
+    match parsed {
+        Some(p) => Message {
+            tool_calls: p.calls,
+            ..Message::new(Role::Assistant, p.text)
+        },
+        None => Message::new(Role::Assistant, answer),
     }
 }
 
@@ -169,7 +194,7 @@ pub fn answer_reserve(max_tokens: u32, limit: usize) -> usize {
 /// Decide which messages to keep for the next turn.
 pub fn plan_turn(
     conv: &Conversation,
-    new_user: &str,
+    new: &[Message],
     limit: usize,
     reserve: usize,
     render: impl Fn(&[Message]) -> Result<String, String>,
@@ -177,7 +202,7 @@ pub fn plan_turn(
 ) -> Result<TurnPlan, PlanError> {
     let mut drop = 0;
     loop {
-        let prompt = render(&conv.with_new(drop, new_user)).map_err(PlanError::Template)?;
+        let prompt = render(&conv.with_new(drop, new)).map_err(PlanError::Template)?;
         let tokens = count(&prompt);
         if tokens + reserve <= limit {
             return Ok(TurnPlan {
@@ -252,6 +277,10 @@ mod tests {
             .collect())
     }
 
+    fn user(text: &str) -> Vec<Message> {
+        vec![Message::new(Role::User, text)]
+    }
+
     fn words(s: &str) -> usize {
         s.split_whitespace().count()
     }
@@ -259,7 +288,7 @@ mod tests {
     fn conv(n: usize) -> Conversation {
         let mut c = Conversation {
             system: Some("be brief".into()),
-            messages: vec![],
+            ..Conversation::default()
         };
         for i in 0..n {
             c.messages
@@ -272,7 +301,7 @@ mod tests {
 
     #[test]
     fn keeps_everything_when_it_fits() {
-        let plan = plan_turn(&conv(2), "new one", 100, 10, render, words).unwrap();
+        let plan = plan_turn(&conv(2), &user("new one"), 100, 10, render, words).unwrap();
         assert_eq!(plan.drop, 0);
         assert!(plan
             .prompt
@@ -283,7 +312,7 @@ mod tests {
     #[test]
     fn drops_oldest_exchanges_first_and_keeps_system() {
         // Each exchange is 4 words; system 3, new message 3.
-        let plan = plan_turn(&conv(4), "new one", 20, 6, render, words).unwrap();
+        let plan = plan_turn(&conv(4), &user("new one"), 20, 6, render, words).unwrap();
         assert_eq!(plan.drop % 2, 0, "drops whole exchanges");
         assert!(plan.prompt.starts_with("System: be brief"));
         assert!(plan.prompt.contains("question 3"));
@@ -294,7 +323,7 @@ mod tests {
     #[test]
     fn a_message_too_long_for_any_window_is_an_error() {
         let long = "word ".repeat(500);
-        let err = plan_turn(&conv(3), &long, 100, 10, render, words).unwrap_err();
+        let err = plan_turn(&conv(3), &user(&long), 100, 10, render, words).unwrap_err();
         assert!(matches!(err, PlanError::TooLong { limit: 100, .. }));
         assert!(err.to_string().contains("context window holds 100"));
     }

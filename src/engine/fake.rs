@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::context::{Conversation, Message, Role};
 use super::sampler::SamplerSettings;
-use super::{rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo};
+use super::tool_format::ToolFormat;
+use super::{
+    rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, Format, GenStats, ModelInfo,
+};
 use crate::chat::KvState;
 
 pub struct FakeEngine {
@@ -19,6 +22,8 @@ pub struct FakeEngine {
     kv_tokens: usize,
     /// How many conversations it lets be open at once.
     conversations: usize,
+    /// The tool-call format it claims its template speaks.
+    tool_format: Option<ToolFormat>,
 }
 
 impl FakeEngine {
@@ -32,7 +37,15 @@ impl FakeEngine {
             conversation: Conversation::default(),
             kv_tokens: 0,
             conversations: 1,
+            tool_format: None,
         }
+    }
+
+    /// Claim a chat template that speaks `format`, so scripted replies in
+    /// it are read back as calls.
+    pub fn with_tool_format(mut self, format: ToolFormat) -> Self {
+        self.tool_format = Some(format);
+        self
     }
 
     /// Stream `text` word by word as turn `turn`; `TurnFinished` carries
@@ -134,6 +147,7 @@ impl Engine for FakeEngine {
             path: None,
             context_limit: self.context_limit,
             notes: Vec::new(),
+            tool_format: self.tool_format,
         }
     }
 
@@ -145,12 +159,33 @@ impl Engine for FakeEngine {
         let reply = self
             .stream(turn, words(&message), &text, "", out, cancel)
             .await;
-        self.conversation
-            .messages
-            .push(Message::new(Role::User, message));
-        self.conversation
-            .messages
-            .push(Message::new(Role::Assistant, reply));
+        let input = vec![Message::new(Role::User, message)];
+        let _ = self.conversation.record(input, Ok(reply), None);
+    }
+
+    /// The scripted reply, unconstrained: what tests script is what the
+    /// grammar would have let through.
+    async fn chat_constrained(
+        &mut self,
+        turn: u64,
+        input: Vec<Message>,
+        _format: Format,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) {
+        let message = super::as_one_message(&input);
+        let text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| format!("echo: {message}"));
+        let reply = self
+            .stream(turn, words(&message), &text, "", out, cancel)
+            .await;
+        let _ = self.conversation.record(input, Ok(reply), self.tool_format);
+    }
+
+    fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
+        self.conversation.tools = tools;
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {

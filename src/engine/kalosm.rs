@@ -23,8 +23,8 @@ use super::context::{Conversation, LocalTurns, Message, Role};
 use super::sampler::{KilnSampler, SamplerSettings};
 use super::template::ChatTemplate;
 use super::{
-    end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
-    Trace,
+    end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, Format, GenStats,
+    ModelInfo, Trace,
 };
 use crate::chat::KvState;
 use crate::chat::{PrefixCache, PREFIX_CACHE_MIN_TOKENS};
@@ -172,10 +172,14 @@ impl KalosmEngine {
                 path: Some(model.path.clone()),
                 context_limit,
                 notes,
+                // Calls in free text need the lazy grammar only llama.cpp's
+                // engine has; agents on kalosm use JSON-only calls.
+                tool_format: None,
             },
             conv: Conversation {
                 system: options.system_prompt.clone(),
                 messages: Vec::new(),
+                tools: Vec::new(),
             },
             options,
             session,
@@ -311,10 +315,16 @@ impl LocalTurns for KalosmEngine {
         // kalosm counts what the cache does not hold yet itself.
         (prompt, _): (String, usize),
         earlier: &str,
-        constraint: Option<&str>,
+        constraint: Option<&Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> std::result::Result<String, String> {
+        // kalosm's engine reports no tool format, so calls in free text
+        // never reach it; only a whole answer is held to a pattern.
+        let constraint = match constraint {
+            Some(Format::Whole(p)) => Some(p.as_str()),
+            _ => None,
+        };
         // Loading a cached prefix or prefilling it is part of the wait.
         let started = Instant::now();
         // Reuse the KV cache when it holds a prefix of the new prompt; a
@@ -457,21 +467,20 @@ impl Engine for KalosmEngine {
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        let result = self.run_turn(turn, message, None, out, cancel).await;
+        let input = vec![Message::new(Role::User, message)];
+        let result = self.run_turn(turn, input, None, out, cancel).await;
         end_turn(turn, result, out);
     }
 
     async fn chat_constrained(
         &mut self,
         turn: u64,
-        message: String,
-        pattern: String,
+        input: Vec<Message>,
+        format: Format,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let result = self
-            .run_turn(turn, message, Some(&pattern), out, cancel)
-            .await;
+        let result = self.run_turn(turn, input, Some(&format), out, cancel).await;
         end_turn(turn, result, out);
     }
 

@@ -5,7 +5,7 @@
 use super::kalosm::{EngineOptions, KalosmEngine};
 use super::llamacpp::LlamaCppEngine;
 use super::sampler::SamplerSettings;
-use super::{CancelFlag, Engine, EventSink, Message, ModelInfo, Priority};
+use super::{CancelFlag, Engine, EventSink, Format, Message, ModelInfo, Priority};
 use crate::budget::{KvLayout, KvType};
 use crate::chat::KvState;
 use crate::error::KilnError;
@@ -168,12 +168,16 @@ impl Engine for LocalEngine {
     async fn chat_constrained(
         &mut self,
         turn: u64,
-        message: String,
-        pattern: String,
+        input: Vec<Message>,
+        format: Format,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        each!(self, e => e.chat_constrained(turn, message, pattern, out, cancel).await)
+        each!(self, e => e.chat_constrained(turn, input, format, out, cancel).await)
+    }
+
+    fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
+        each!(self, e => e.set_tools(tools))
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {

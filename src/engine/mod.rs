@@ -20,6 +20,7 @@ pub mod remote;
 pub mod sampler;
 pub mod template;
 pub mod thinking;
+pub mod tool_format;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,6 +48,20 @@ pub struct ModelInfo {
     /// rope scaling, a fallback chat template, thinking switched.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// The tool-call format the model's chat template speaks, where it
+    /// renders `tools` and the engine can hold calls to a grammar.
+    #[serde(default)]
+    pub tool_format: Option<tool_format::ToolFormat>,
+}
+
+/// What constrained decoding holds an answer to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The whole answer matches this regular expression.
+    Whole(String),
+    /// The answer is free until it writes `trigger`; what follows must
+    /// match `pattern` (a tool call), after which it is free again.
+    Calls { trigger: String, pattern: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,11 +104,12 @@ pub enum EngineCommand {
         message: String,
         out: EventSink,
     },
-    /// Like `Chat`, with the answer constrained to a regular expression.
+    /// Add `input` (a user message, or tool results) and generate the
+    /// answer held to `format`.
     ChatConstrained {
         turn: u64,
-        message: String,
-        pattern: String,
+        input: Vec<Message>,
+        format: Format,
         out: EventSink,
     },
     /// Continue the last (cut off) answer.
@@ -106,6 +122,9 @@ pub enum EngineCommand {
     /// whatever prefix of the KV cache still matches.
     SetHistory(Vec<Message>),
     SetSampler(SamplerSettings),
+    /// The tools the conversation's template lists (OpenAI-style function
+    /// schemas); none for a plain chat.
+    SetTools(Vec<serde_json::Value>),
     /// Forget the conversation and its KV state.
     Reset,
     /// Serialize the KV state (`None` when it is empty).
@@ -163,19 +182,27 @@ pub trait Engine: Send + 'static {
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send;
 
-    /// Like `chat`, with the answer held to the regular expression
-    /// `pattern` (a tool call's JSON, say) by constrained decoding. Engines
-    /// that cannot constrain generate freely; callers validate either way.
+    /// Like `chat` with `input` (a user message, or tool results in the
+    /// template's tool role), the answer held to `format` by constrained
+    /// decoding. Engines that cannot constrain, or hold no tools, take the
+    /// input as one user message and generate freely; callers validate
+    /// either way.
     fn chat_constrained(
         &mut self,
         turn: u64,
-        message: String,
-        pattern: String,
+        input: Vec<Message>,
+        format: Format,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send {
-        let _ = pattern;
-        self.chat(turn, message, out, cancel)
+        let _ = format;
+        self.chat(turn, as_one_message(&input), out, cancel)
+    }
+
+    /// The tools the conversation's template lists; ignored by engines
+    /// that report no `tool_format`.
+    fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
+        let _ = tools;
     }
 
     /// Continue the conversation's last answer, which was cut off, from
@@ -377,11 +404,19 @@ impl EngineHandle {
         message: impl Into<String>,
         pattern: impl Into<String>,
     ) -> TurnStream {
-        let (message, pattern) = (message.into(), pattern.into());
+        self.respond(
+            vec![Message::new(Role::User, message)],
+            Format::Whole(pattern.into()),
+        )
+    }
+
+    /// Send `input` (a user message, or tool results); the answer is held
+    /// to `format`.
+    pub fn respond(&self, input: Vec<Message>, format: Format) -> TurnStream {
         self.turn(|turn, out| EngineCommand::ChatConstrained {
             turn,
-            message,
-            pattern,
+            input,
+            format,
             out,
         })
     }
@@ -456,12 +491,12 @@ fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
                 }
                 EngineCommand::ChatConstrained {
                     turn,
-                    message,
-                    pattern,
+                    input,
+                    format,
                     out,
                 } => {
                     engine
-                        .chat_constrained(turn, message, pattern, &out, &cancel)
+                        .chat_constrained(turn, input, format, &out, &cancel)
                         .await
                 }
                 EngineCommand::Continue { turn, out } => {
@@ -470,6 +505,7 @@ fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
                 EngineCommand::SetHistory(m) => engine.set_history(m),
                 EngineCommand::SetSampler(s) => engine.set_sampler(s),
+                EngineCommand::SetTools(t) => engine.set_tools(t),
                 EngineCommand::SetPriority(p) => engine.set_priority(p),
                 EngineCommand::Reset => engine.reset(),
                 EngineCommand::Snapshot(reply) => {
@@ -485,6 +521,16 @@ fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
         }
     });
     handle
+}
+
+/// Turn input for an engine that takes one user message: the messages'
+/// texts, in order.
+pub fn as_one_message(input: &[Message]) -> String {
+    input
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// A turn that could not run ends with its reason.

@@ -151,6 +151,7 @@ impl RemoteEngine {
             conv: Conversation {
                 system: system_prompt,
                 messages: Vec::new(),
+                tools: Vec::new(),
             },
             sampler,
         })
@@ -431,13 +432,15 @@ impl Engine for RemoteEngine {
             path: None,
             context_limit: self.endpoint.context,
             notes: Vec::new(),
+            tool_format: None,
         }
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        let messages = self.conv.with_new(0, &message);
+        let question = Message::new(Role::User, message);
+        let messages = self.conv.with_new(0, std::slice::from_ref(&question));
         let result = self.stream(turn, &messages, out, cancel).await;
-        self.conv.messages.push(Message::new(Role::User, message));
+        self.conv.messages.push(question);
         match result {
             Ok(reply) => self
                 .conv
@@ -497,6 +500,7 @@ impl Engine for RemoteEngine {
             conv: Conversation {
                 system: self.conv.system.clone(),
                 messages: Vec::new(),
+                tools: Vec::new(),
             },
             sampler: self.sampler.clone(),
         })

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::context::{Message, Role};
 use super::thinking;
+use super::tool_format::ToolFormat;
 
 /// ChatML, for GGUF files that carry no template and whose family llama.cpp
 /// has no built-in for.
@@ -48,10 +49,16 @@ pub struct ChatTemplate {
     /// Whether the template takes a system message; where it does not
     /// (Gemma's raises), the system prompt opens the first user message.
     system_role: bool,
+    /// The format it renders `tools` and tool calls in, if any.
+    tool_format: Option<ToolFormat>,
 }
 
 impl ChatTemplate {
     pub fn new(source: Source<'_>, bos: Option<&str>, eos: &str) -> Result<Self, String> {
+        let tool_format = match source {
+            Source::File(text) => ToolFormat::detect(text),
+            _ => None,
+        };
         let (kind, fallback) = match source {
             Source::File(text) => (Kind::Jinja(environment(text)?), None),
             Source::ChatMl => (
@@ -70,6 +77,7 @@ impl ChatTemplate {
             eos: eos.to_string(),
             thinking: None,
             system_role: true,
+            tool_format,
         };
         let probe = "\u{1}kiln";
         t.system_role = t
@@ -112,6 +120,11 @@ impl ChatTemplate {
             false => "thinking off".to_string(),
         });
         self.fallback.iter().cloned().chain(thinking).collect()
+    }
+
+    /// The tool-call format the template renders, if it renders tools.
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        self.tool_format
     }
 
     pub fn eos(&self) -> &str {
@@ -188,22 +201,41 @@ impl ChatTemplate {
 }
 
 /// An assistant message goes to the template as its answer, with any
-/// thinking as `reasoning_content`, the way transformers passes it: the
-/// template decides what the model sees again.
+/// thinking as `reasoning_content` and its calls as OpenAI-style
+/// `tool_calls`, the way transformers passes them: the template decides
+/// what the model sees again. A tool result carries its call's id.
 fn jinja_message(m: &Message) -> Value {
     let role = m.role.as_str();
-    if m.role != Role::Assistant {
-        return context! { role, content => m.content };
+    let base = match (m.role, &m.tool_call_id) {
+        (Role::Tool, Some(id)) => context! { role, content => m.content, tool_call_id => id },
+        (Role::Assistant, _) => {
+            let split = thinking::split(&m.content);
+            match split.thinking {
+                Some(thinking) => context! {
+                    role,
+                    content => split.answer.trim_start_matches('\n'),
+                    reasoning_content => thinking.trim_matches('\n'),
+                },
+                None => context! { role, content => m.content },
+            }
+        }
+        _ => context! { role, content => m.content },
+    };
+    if m.tool_calls.is_empty() {
+        return base;
     }
-    let split = thinking::split(&m.content);
-    match split.thinking {
-        Some(thinking) => context! {
-            role,
-            content => split.answer.trim_start_matches('\n'),
-            reasoning_content => thinking.trim_matches('\n'),
-        },
-        None => context! { role, content => m.content },
-    }
+    let calls: Vec<Value> = m
+        .tool_calls
+        .iter()
+        .map(|c| {
+            Value::from_serialize(serde_json::json!({
+                "id": c.id,
+                "type": "function",
+                "function": { "name": c.name, "arguments": c.arguments },
+            }))
+        })
+        .collect();
+    context! { tool_calls => calls, ..base }
 }
 
 /// A template error with its cause: minijinja puts a `raise_exception`
@@ -362,8 +394,13 @@ fn apply_builtin(
                 Role::Assistant => thinking::split(&m.content).shown_answer(),
                 _ => &m.content,
             };
+            // The built-ins know no tool role; a result reads as the user's.
+            let role = match m.role {
+                Role::Tool => Role::User,
+                r => r,
+            };
             Ok((
-                CString::new(m.role.as_str()).map_err(nul)?,
+                CString::new(role.as_str()).map_err(nul)?,
                 CString::new(content).map_err(nul)?,
             ))
         })

@@ -20,8 +20,10 @@ use crate::app::Pasted;
 /// client's sampling settings, decode and draft figures in turn stats;
 /// 9: the draft model and its settings among the window flags; 10: a
 /// write's diff with its result in an agent's progress, AGENTS.md and
-/// notices among its events, the attach snapshot's dropped count.
-pub const VERSION: u32 = 11;
+/// notices among its events, the attach snapshot's dropped count; 11: an
+/// agent resumed; 12: native tool calls (the run's reasoning and how it
+/// calls tools in its progress, `--tool-calls` among the agent flags).
+pub const VERSION: u32 = 12;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest question `kiln ask` sends the daemon (one that JSON

@@ -97,6 +97,9 @@ pub fn entry_rows(view: &EntryView, entries: &[Entry], index: usize, width: u16)
                 lines.push(line);
             }
         }
+        EntryKind::Thought => {
+            lines.extend(thinking_rows(view, &entry.text, false, width));
+        }
         EntryKind::Diff => {
             for l in text::plain(entry.text.trim_end_matches('\n'), Sem::default()) {
                 let tone = match l.spans.first().map(|s| diff::kind(&s.text)) {

@@ -16,6 +16,8 @@ pub enum EntryKind {
     Notice,
     /// What an agent's write changed, as a unified diff.
     Diff,
+    /// What an agent's model wrote before its calls: folded like thinking.
+    Thought,
     Error,
 }
 
@@ -218,6 +220,7 @@ impl Transcript {
                     }
                 }
                 EntryKind::Notice => out.push_str(&format!("> {}\n\n", e.text)),
+                EntryKind::Thought => out.push_str(&format!("> *thinks:* {}\n\n", e.text)),
                 EntryKind::Error => out.push_str(&format!("> **error:** {}\n\n", e.text)),
                 EntryKind::Diff => {
                     // A fence longer than any run of backticks in the diff.

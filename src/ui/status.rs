@@ -11,9 +11,15 @@ use crate::keys::Action;
 use crate::theme::{Slot, Theme};
 
 pub fn render(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
-    let agent_mode = state.agent.as_ref().map(|a| match &a.sandbox {
-        Some(s) => format!("agent step {} · {}", a.step, s.short()),
-        None => format!("agent step {}", a.step),
+    let agent_mode = state.agent.as_ref().map(|a| {
+        let mut mode = format!("agent step {}", a.step);
+        if let Some(s) = &a.sandbox {
+            mode.push_str(&format!(" · {}", s.short()));
+        }
+        if let Some(native) = a.calls {
+            mode.push_str(&format!(" · calls {}", crate::agent::calls_mode(native)));
+        }
+        mode
     });
     let mode = match state.mode {
         Mode::Chat if agent_mode.is_some() => agent_mode.as_deref().unwrap_or(""),

@@ -657,3 +657,47 @@ fn control_characters_are_drawn_never_sent() {
     );
     assert!(cells.contains('␛'), "ESC is shown");
 }
+
+/// A native run's reasoning is drawn folded and faint like thinking, its
+/// escape sequences made visible, and the status bar says how the run
+/// calls tools; alt-t shows the reasoning whole.
+#[test]
+fn an_agents_reasoning_is_folded_and_the_status_bar_says_its_call_format() {
+    use crate::agent::tools::ToolCall;
+    use crate::agent::Progress;
+    use crate::app::AgentMsg;
+    use crate::engine::tool_format::ToolFormat;
+    let mut s = base(100, 24);
+    send(&mut s, "/agent read the notes");
+    for p in [
+        Progress::Calls {
+            native: Some(ToolFormat::Hermes),
+        },
+        Progress::Thought {
+            step: 1,
+            text: "The notes are in notes.txt.\nI will read them \u{1b}[2Jfirst.".into(),
+        },
+        Progress::Call {
+            step: 1,
+            call: ToolCall::ReadFile {
+                path: "notes.txt".into(),
+            },
+            tok_s: Some(30.0),
+            context_tokens: 200,
+        },
+    ] {
+        update(&mut s, Msg::Agent(AgentMsg::Progress(p)));
+    }
+    let folded = format!("{}", draw(&s, 100, 24).backend());
+    insta::assert_snapshot!(folded);
+    assert!(folded.contains("▸ thought · 10 words"), "{folded}");
+    assert!(!folded.contains("I will read them"), "{folded}");
+    assert!(folded.contains("calls native <tool_call>"), "{folded}");
+    update(
+        &mut s,
+        Msg::Key(KeyEvent::new(KeyCode::Char('t'), KeyModifiers::ALT)),
+    );
+    let shown = format!("{}", draw(&s, 100, 24).backend());
+    assert!(shown.contains("I will read them"), "{shown}");
+    assert!(!shown.contains('\u{1b}'), "{shown}");
+}

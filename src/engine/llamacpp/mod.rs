@@ -41,8 +41,8 @@ use super::kalosm::EngineOptions;
 use super::sampler::SamplerSettings;
 use super::template::ChatTemplate;
 use super::{
-    end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, GenStats, ModelInfo,
-    Priority, Trace,
+    end_turn, rates, CancelFlag, Engine, EngineEvent, EventSink, FinishReason, Format, GenStats,
+    ModelInfo, Priority, Trace,
 };
 use crate::chat::KvState;
 use crate::chat::PREFIX_CACHE_MIN_TOKENS;
@@ -100,6 +100,7 @@ impl LlamaCppEngine {
             })?;
         let session = llm.new_session().map_err(|e| load_error(e.to_string()))?;
         let notes = window.note().into_iter().chain(template.notes()).collect();
+        let tool_format = template.tool_format();
         Ok(LlamaCppEngine {
             end_tokens: llm.end_tokens(),
             llm,
@@ -112,10 +113,12 @@ impl LlamaCppEngine {
                 path: Some(model.path.clone()),
                 context_limit,
                 notes,
+                tool_format,
             },
             conv: Conversation {
                 system: options.system_prompt.clone(),
                 messages: Vec::new(),
+                tools: Vec::new(),
             },
             options,
             priority: Priority::default(),
@@ -217,7 +220,7 @@ impl LocalTurns for LlamaCppEngine {
         // The prompt and its tokens, counted while planning the turn.
         (prompt, prompt_tokens): (String, usize),
         earlier: &str,
-        constraint: Option<&str>,
+        constraint: Option<&Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> std::result::Result<String, String> {
@@ -226,10 +229,17 @@ impl LocalTurns for LlamaCppEngine {
             0 => self.start_from_prompt_cache(&prompt).await,
             _ => 0,
         };
-        let parser = constraint
-            .map(RegexParser::new)
-            .transpose()
-            .map_err(|e| format!("the answer's pattern does not compile: {e}"))?;
+        let compile = |pattern: &str| {
+            RegexParser::new(pattern)
+                .map_err(|e| format!("the answer's pattern does not compile: {e}"))
+        };
+        let constraint = match constraint {
+            None => None,
+            Some(Format::Whole(p)) => Some((None, compile(p)?)),
+            Some(Format::Calls { trigger, pattern }) => {
+                Some((Some(trigger.as_str()), compile(pattern)?))
+            }
+        };
         let kept = self.session.keep_prefix_of(&prompt);
         let delta = &prompt[self.session.text_len()..];
         let _ = out.send(EngineEvent::TurnStarted {
@@ -258,7 +268,7 @@ impl LocalTurns for LlamaCppEngine {
         let trace = Arc::new(Mutex::new(Trace::for_prompt(
             &prompt,
             earlier,
-            parser.is_some(),
+            constraint.is_some(),
         )));
         let on_token = {
             let (trace, out) = (trace.clone(), out.clone());
@@ -267,13 +277,25 @@ impl LocalTurns for LlamaCppEngine {
                 Ok(())
             }
         };
-        let result = match parser {
+        let result = match constraint {
             None => {
                 self.llm
                     .stream_text_with_callback(&mut self.session, delta, sampler, on_token)
                     .await
             }
-            Some(parser) => self
+            Some((Some(trigger), parser)) => {
+                self.llm
+                    .stream_text_with_calls(
+                        &mut self.session,
+                        delta,
+                        sampler,
+                        trigger,
+                        parser,
+                        on_token,
+                    )
+                    .await
+            }
+            Some((None, parser)) => self
                 .llm
                 .stream_text_with_callback_and_parser(
                     &mut self.session,
@@ -345,22 +367,25 @@ impl Engine for LlamaCppEngine {
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        let result = self.run_turn(turn, message, None, out, cancel).await;
+        let input = vec![Message::new(Role::User, message)];
+        let result = self.run_turn(turn, input, None, out, cancel).await;
         end_turn(turn, result, out);
     }
 
     async fn chat_constrained(
         &mut self,
         turn: u64,
-        message: String,
-        pattern: String,
+        input: Vec<Message>,
+        format: Format,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let result = self
-            .run_turn(turn, message, Some(&pattern), out, cancel)
-            .await;
+        let result = self.run_turn(turn, input, Some(&format), out, cancel).await;
         end_turn(turn, result, out);
+    }
+
+    fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
+        self.conv.tools = tools;
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {
@@ -417,6 +442,7 @@ impl Engine for LlamaCppEngine {
             conv: Conversation {
                 system: self.options.system_prompt.clone(),
                 messages: Vec::new(),
+                tools: Vec::new(),
             },
             priority: Priority::default(),
         })

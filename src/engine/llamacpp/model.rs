@@ -625,6 +625,82 @@ impl<P: Parser> Constraint for ParserConstraint<P> {
     }
 }
 
+/// Tool calls in free text: the answer is free until it writes `trigger`,
+/// then held to `parser` (one call and what closes it), then free again,
+/// for as many calls as the model makes. The end of the answer may come
+/// only while it is free, so a call always completes.
+struct Calls<P: Parser> {
+    trigger: Vec<u8>,
+    parser: P,
+    /// The free text's last bytes, enough to see a trigger cut across
+    /// pieces.
+    seen: Vec<u8>,
+    call: Option<P::PartialState>,
+}
+
+impl<P: Parser + CreateParserState> Calls<P> {
+    fn take_free(&mut self, piece: &[u8]) {
+        self.seen.extend_from_slice(piece);
+        let found = self
+            .seen
+            .windows(self.trigger.len())
+            .position(|w| w == self.trigger.as_slice());
+        match found {
+            Some(at) => {
+                let rest = self.seen.split_off(at + self.trigger.len());
+                self.seen.clear();
+                self.call = Some(self.parser.create_parser_state());
+                if !rest.is_empty() {
+                    self.take_call(&rest);
+                }
+            }
+            None => {
+                let keep = self.trigger.len().saturating_sub(1);
+                let cut = self.seen.len().saturating_sub(keep);
+                self.seen.drain(..cut);
+            }
+        }
+    }
+
+    fn take_call(&mut self, piece: &[u8]) {
+        let Some(state) = &self.call else {
+            return;
+        };
+        match self.parser.parse(state, piece) {
+            Ok(ParseStatus::Incomplete { new_state, .. }) => self.call = Some(new_state),
+            Ok(ParseStatus::Finished { remaining, .. }) => {
+                let remaining = remaining.to_vec();
+                self.call = None;
+                self.take_free(&remaining);
+            }
+            // Bytes drawn before the trigger was seen that break the call:
+            // it is read back as broken, and the text goes on free.
+            Err(_) => self.call = None,
+        }
+    }
+}
+
+impl<P: Parser + CreateParserState> Constraint for Calls<P> {
+    fn check(&self, piece: &[u8]) -> Option<bool> {
+        let state = self.call.as_ref()?;
+        match self.parser.parse(state, piece) {
+            Ok(_) => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    fn accept(&mut self, piece: &[u8]) {
+        match self.call.is_some() {
+            true => self.take_call(piece),
+            false => self.take_free(piece),
+        }
+    }
+
+    fn free(&self) -> bool {
+        self.call.is_none()
+    }
+}
+
 /// A constraint made on the worker thread from `parser`, and where its
 /// result will be.
 fn constraint_for<P>(parser: P) -> (MakeConstraint, Arc<Mutex<Option<P::Output>>>)
@@ -673,6 +749,35 @@ where
             self.send(session, run).await?;
             parsed(&output)
         }
+    }
+}
+
+impl LlamaCpp {
+    /// Stream a completion whose tool calls, once the text writes
+    /// `trigger`, are held to `parser`; the text around them is free.
+    pub fn stream_text_with_calls<'a, S: NativeSampler, P>(
+        &'a self,
+        session: &'a mut LlamaCppSession,
+        text: &str,
+        sampler: S,
+        trigger: &str,
+        parser: P,
+        on_token: impl FnMut(String) -> Result<(), LlamaCppError> + Send + Sync + 'static,
+    ) -> impl Future<Output = Result<(), LlamaCppError>> + Send + 'a
+    where
+        P: CreateParserState + Send + 'static,
+    {
+        let trigger = trigger.as_bytes().to_vec();
+        let make: MakeConstraint = Box::new(move || {
+            Box::new(Calls {
+                trigger,
+                parser,
+                seen: Vec::new(),
+                call: None,
+            }) as Box<dyn Constraint>
+        });
+        let run = self.run(session, text, sampler, Some(make), Box::new(on_token));
+        async move { self.send(session, run).await.map(|_| ()) }
     }
 }
 

@@ -20,8 +20,14 @@ pub(super) trait Constraint {
     /// Whether `piece` may come next, and if so whether it completes the
     /// format.
     fn check(&self, piece: &[u8]) -> Option<bool>;
-    /// Take `piece` (which `check` allowed).
+    /// Take `piece` (which `check` allowed, or which was drawn freely).
     fn accept(&mut self, piece: &[u8]);
+    /// Whether the next token is drawn freely, unchecked (the answer's
+    /// text before a tool call opens); its piece then reaches `accept`
+    /// with special tokens rendered, so a trigger that is one can be seen.
+    fn free(&self) -> bool {
+        false
+    }
 }
 
 /// Made on the worker thread, where the parser's state lives.
@@ -309,7 +315,7 @@ impl Sequence {
             )
         });
         let picked = match &self.constraint {
-            Some(c) => {
+            Some(c) if !c.free() => {
                 let vocab = model.vocab();
                 let check = |token: LlamaToken| {
                     if vocab.is_eog(token) {
@@ -323,7 +329,7 @@ impl Sequence {
                 };
                 chain.pick(logits, Some(&check))
             }
-            None => chain.pick(logits, None),
+            _ => chain.pick(logits, None),
         };
         let (token, complete) = picked.map_err(LlamaCppError::Engine)?;
         self.report.sampling += started.elapsed();
@@ -333,7 +339,10 @@ impl Sequence {
         }
         let bytes = piece(model, token, false);
         if let Some(c) = &mut self.constraint {
-            c.accept(&bytes);
+            match c.free() {
+                true => c.accept(&piece(model, token, true)),
+                false => c.accept(&bytes),
+            }
         }
         self.reply.extend_from_slice(&bytes);
         self.pending = Some((token, bytes));

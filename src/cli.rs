@@ -276,6 +276,12 @@ pub enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// The MCP servers agent runs start (`[mcp.NAME]` in config.toml):
+    /// each started in --workspace, its state and tools.
+    Mcp {
+        #[command(subcommand)]
+        action: McpAction,
+    },
     /// Print the telemetry the side panels show, one line per sample.
     Monitor(MonitorArgs),
     /// Run a command under exactly the sandbox the agent's shell commands
@@ -354,6 +360,15 @@ pub enum SessionsAction {
 pub enum ExportFormat {
     Md,
     Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum McpAction {
+    /// Start each server, list its state and tools, and stop it.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

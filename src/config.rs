@@ -40,6 +40,8 @@ pub struct Config {
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Budgets and the governor of agent runs.
     pub agent: crate::agent::AgentSettings,
+    /// MCP servers agent runs start, by name: `[mcp.NAME]`.
+    pub mcp: BTreeMap<String, crate::agent::mcp::ServerConfig>,
 }
 
 impl Config {

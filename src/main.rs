@@ -2,8 +2,8 @@ use clap::Parser;
 
 use kiln::cli::{Cli, Command};
 use kiln::cmd::{
-    agent, ask, bench, cache as cache_cmd, fit, monitor, runs as runs_cmd, sandbox as sandbox_cmd,
-    sessions as session_cmd,
+    agent, ask, bench, cache as cache_cmd, fit, mcp as mcp_cmd, monitor, runs as runs_cmd,
+    sandbox as sandbox_cmd, sessions as session_cmd,
 };
 use kiln::error::{KilnError, EXIT_FAILURE};
 use kiln::host::{daemon, launch, terminal as tui};
@@ -80,6 +80,7 @@ fn main() {
             Some(Command::Attach { id }) => runs_cmd::attach(id, &cli.common).await,
             Some(Command::Sessions { action }) => session_cmd::run(action, &cli.common),
             Some(Command::Cache { action }) => cache_cmd::run(action, &cli.common),
+            Some(Command::Mcp { action }) => mcp_cmd::run(action, &cli.common).await,
             Some(Command::Fetch { preset }) => fetch(preset.as_deref(), &cli.common).await,
         }
     });

@@ -56,6 +56,7 @@ fn agent<'a, A: Approver>(
         stop: Arc::new(AtomicBool::new(false)),
         instructions: true,
         native: None,
+        mcp: Default::default(),
     }
 }
 
@@ -308,6 +309,57 @@ async fn a_write_is_approved_from_its_diff_and_the_journal_keeps_it() {
         shown,
         [diffs[0].as_deref().unwrap(), diffs[1].as_deref().unwrap()]
     );
+}
+
+/// A shell command that says which files it edits comes back with what it
+/// changed in them (an edit, a new file, a deletion), and the journal
+/// keeps that diff; one that names nothing, or changes nothing it named,
+/// has none; a named path outside the workspace is not read.
+#[tokio::test]
+async fn a_shell_command_that_names_its_edits_shows_their_diff_afterwards() {
+    let (_dir, ws) = workspace();
+    std::fs::write(ws.root().join("old.txt"), "gone soon\n").unwrap();
+    let (_store, dir, journal) = journaled("fake", 4096);
+    let fake = FakeEngine::new([
+        r#"{"tool": "shell", "command": "sed -i s/inside/changed/ notes.txt && echo made > made.txt && rm old.txt", "edits": ["notes.txt", "made.txt", "old.txt", "../secret.txt"]}"#,
+        r#"{"tool": "shell", "command": "echo quiet > quiet.txt"}"#,
+        r#"{"tool": "shell", "command": "true", "edits": ["notes.txt"]}"#,
+        FINISH,
+    ]);
+    let handle = engine::spawn(fake);
+    let mut progress = Vec::new();
+    let outcome = Agent {
+        journal: Some(&journal),
+        ..agent(&handle, &ws, Policy::Auto, 10, Nobody)
+    }
+    .run("t", |p| progress.push(p))
+    .await;
+    assert_eq!(outcome, Outcome::Finished("done".into()), "{progress:#?}");
+    journal.close();
+    let diffs: Vec<Option<String>> = progress
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Result { diff, .. } => Some(diff.clone()),
+            _ => None,
+        })
+        .collect();
+    let first = diffs[0]
+        .as_deref()
+        .unwrap_or_else(|| panic!("{progress:#?}"));
+    assert!(
+        first.contains("--- a/notes.txt\n+++ b/notes.txt\n@@ -1 +1 @@\n-inside\n+changed\n"),
+        "{first}"
+    );
+    assert!(first.contains("--- /dev/null\n+++ b/made.txt\n"), "{first}");
+    assert!(first.contains("--- a/old.txt\n+++ /dev/null\n"), "{first}");
+    assert!(!first.contains("secret"), "{first}");
+    assert_eq!(diffs[1..], [None, None]);
+    let events = kiln::store::session::read_events(&dir.join("events.jsonl")).unwrap();
+    let journaled = events.events.iter().find_map(|(_, e)| match e {
+        Event::ToolResult { diff: Some(d), .. } => Some(d.clone()),
+        _ => None,
+    });
+    assert_eq!(journaled.as_deref(), Some(first));
 }
 
 #[tokio::test]

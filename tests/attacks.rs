@@ -493,6 +493,7 @@ async fn a_shell_call_takes_its_processes_with_it() {
         let started = Instant::now();
         let c = ToolCall::Shell {
             command: command.into(),
+            edits: None,
         };
         let result = execute(&c, &ws, &limits, &AtomicBool::new(false)).await;
         assert!(
@@ -522,6 +523,7 @@ async fn a_shell_call_takes_its_processes_with_it() {
     let started = Instant::now();
     let c = ToolCall::Shell {
         command: "setsid sleep 60 & sleep 60".into(),
+        edits: None,
     };
     let result = execute(&c, &ws, &limits, &stop).await;
     let took = started.elapsed();

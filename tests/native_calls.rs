@@ -60,6 +60,7 @@ fn spec(ws: &std::path::Path, steps: u32) -> RunSpec {
         Policy::Auto,
         &settings,
         &SamplerSettings::default(),
+        &Default::default(),
     )
 }
 

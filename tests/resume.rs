@@ -103,6 +103,7 @@ async fn resumed_runs_keep_their_budgets_approvals_and_every_call_once() {
         Policy::Ask,
         &settings,
         &SamplerSettings::default(),
+        &Default::default(),
     );
     let (journal, _) = store.start("fake", None, 4096, None).unwrap();
     let id = journal.id.clone();

@@ -37,6 +37,7 @@ async fn sh(place: &Place, sandbox: Sandbox, command: &str) -> (bool, String) {
     };
     let call = ToolCall::Shell {
         command: command.into(),
+        edits: None,
     };
     let r = execute(&call, &place.ws, &limits, &AtomicBool::new(false)).await;
     let ok = r.ok && r.output.starts_with("exit code 0");

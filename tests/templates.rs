@@ -336,8 +336,8 @@ fn native_tool_calls_round_trip_through_each_template() {
             ToolFormat::Mistral => "[TOOL_CALLS] [{\"name\": \"read_file\", \"arguments\": {\"path\": \"notes.txt\"}}]",
         };
         let grammar = format.after_trigger(&[
-            format.call_json("read_file", &j::fields(&[("path", "[a-z.]+")])),
-            format.call_json("shell", &j::fields(&[("command", j::STRING_BODY)])),
+            format.call_json("read_file", r#"\{"path": "[a-z.]+"\}"#),
+            format.call_json("shell", &format!(r#"\{{"command": {}\}}"#, j::string())),
         ]);
         let re = regex::Regex::new(&format!("^(?:{grammar})$")).unwrap();
         let at = native.find(format.trigger()).unwrap() + format.trigger().len();

@@ -16,6 +16,7 @@ use crate::engine::tool_format::{json as j, ToolFormat};
 use crate::engine::FinishReason;
 use crate::engine::Format;
 
+use super::mcp::{self, Tool};
 use super::tools::ToolCall;
 
 /// A path argument: what the workspace takes, kept short.
@@ -32,13 +33,17 @@ struct Shape {
 enum Body {
     Path,
     Text,
+    /// A list of paths.
+    Paths,
 }
 
 impl Body {
-    fn pattern(self) -> &'static str {
+    /// The field's JSON value as a regular expression.
+    fn pattern(self) -> String {
         match self {
-            Body::Path => PATH,
-            Body::Text => j::STRING_BODY,
+            Body::Path => format!(r#""{PATH}""#),
+            Body::Text => j::string(),
+            Body::Paths => format!(r#"\[(?:"{PATH}"(?:, "{PATH}")*)?\]"#),
         }
     }
 }
@@ -73,44 +78,78 @@ const SHAPES: &[Shape] = &[
         fields: &[("command", Body::Text)],
     },
     Shape {
+        tool: "shell",
+        fields: &[("command", Body::Text), ("edits", Body::Paths)],
+    },
+    Shape {
         tool: "finish",
         fields: &[("summary", Body::Text)],
     },
 ];
 
 impl Shape {
-    fn fields(&self) -> Vec<(&'static str, &'static str)> {
-        self.fields.iter().map(|(k, b)| (*k, b.pattern())).collect()
+    /// The call's arguments as a regular expression of their JSON object,
+    /// after `head` (the JSON-only call's `"tool": …` field).
+    fn object(&self, head: Option<String>) -> String {
+        let fields = self
+            .fields
+            .iter()
+            .map(|(k, b)| format!(r#""{k}": {}"#, b.pattern()));
+        let all: Vec<String> = head.into_iter().chain(fields).collect();
+        format!(r"\{{{}\}}", all.join(", "))
     }
 }
 
-/// The grammar of a JSON-only tool call, as one regular expression.
-pub fn tool_call_pattern() -> String {
-    SHAPES
+/// How deep an MCP tool's arguments may nest in the call grammar: its
+/// schema is the server's, so the grammar holds the call to JSON.
+const MCP_DEPTH: u32 = 3;
+
+/// The grammar of a JSON-only tool call, as one regular expression: the
+/// built-in tools, and `{"tool": "mcp", …}` for the MCP tools offered.
+pub fn tool_call_pattern(offered: &[&Tool]) -> String {
+    let builtin = SHAPES.iter().map(|s| {
+        s.object(Some(format!(
+            r#""tool": "{}""#,
+            regex_syntax::escape(s.tool)
+        )))
+    });
+    let servers = offered.iter().map(|t| {
+        format!(
+            r#"\{{"tool": "mcp", "name": "{}", "arguments": {}\}}"#,
+            regex_syntax::escape(&t.name),
+            j::object(MCP_DEPTH)
+        )
+    });
+    builtin.chain(servers).collect::<Vec<_>>().join("|")
+}
+
+/// The JSON-only system prompt's lines for the MCP tools offered.
+pub fn json_prompt_lines(offered: &[&Tool]) -> String {
+    offered
         .iter()
-        .map(|s| {
-            let mut fields = vec![("tool", s.tool)];
-            fields.extend(s.fields());
-            // The tool's name is fixed text; the fields' bodies patterns.
-            let escaped = regex_syntax::escape(s.tool);
-            fields[0].1 = &escaped;
-            j::fields(&fields)
+        .map(|t| {
+            let call = serde_json::json!({"tool": "mcp", "name": t.name, "arguments": {}});
+            format!("\n{call} with arguments as {}: {}", t.schema, t.description)
         })
-        .collect::<Vec<_>>()
-        .join("|")
+        .collect()
 }
 
 /// What constrained decoding holds a run's answers to: free text with
 /// calls held to the tools' grammar, or, when `forced` (the last answer
 /// called nothing), calls from the first token, as `tool_choice`
 /// "required" does.
-pub fn format(native: Option<ToolFormat>, forced: bool) -> Format {
+pub fn format(native: Option<ToolFormat>, forced: bool, offered: &[&Tool]) -> Format {
     let Some(f) = native else {
-        return Format::Whole(tool_call_pattern());
+        return Format::Whole(tool_call_pattern(offered));
     };
     let calls: Vec<String> = SHAPES
         .iter()
-        .map(|s| f.call_json(s.tool, &j::fields(&s.fields())))
+        .map(|s| f.call_json(s.tool, &s.object(None)))
+        .chain(
+            offered
+                .iter()
+                .map(|t| f.call_json(&t.name, &j::object(MCP_DEPTH))),
+        )
         .collect();
     match forced {
         true => Format::Whole(f.forced(&calls)),
@@ -121,9 +160,16 @@ pub fn format(native: Option<ToolFormat>, forced: bool) -> Format {
     }
 }
 
-/// The built-in tools as a chat template lists them: OpenAI-style function
-/// schemas.
-pub fn schemas() -> Vec<Value> {
+/// The tools as a chat template lists them, OpenAI-style function
+/// schemas: the built-in ones, then the MCP tools offered.
+pub fn schemas(offered: &[&Tool]) -> Vec<Value> {
+    builtin_schemas()
+        .into_iter()
+        .chain(offered.iter().map(|t| t.function()))
+        .collect()
+}
+
+fn builtin_schemas() -> Vec<Value> {
     let path = json!({"type": "string", "description": "A path relative to the folder."});
     let text = |d: &str| json!({"type": "string", "description": d});
     let function = |name: &str, description: &str, properties: Value, required: &[&str]| {
@@ -158,8 +204,11 @@ pub fn schemas() -> Vec<Value> {
         ),
         function(
             "shell",
-            "Run a shell command in the folder; its output comes back.",
-            json!({"command": text("The command line.")}),
+            "Run a shell command in the folder; its output comes back. Name the files it will change in `edits` to get back what it changed in them, as a diff.",
+            json!({
+                "command": text("The command line."),
+                "edits": {"type": "array", "items": path, "description": "Files the command will change."},
+            }),
             &["command"],
         ),
         function(
@@ -223,9 +272,20 @@ pub fn read(
     })
 }
 
-/// A call the model wrote in its own format, as kiln's call.
+/// A call the model wrote in its own format, as kiln's call: an MCP
+/// tool's by its server's prefix (whether the server offers it is asked
+/// when it runs).
 fn from_native(name: &str, arguments: &Value) -> Result<ToolCall, String> {
     let shown = crate::visible::visible_line(name);
+    if name.contains(mcp::SEPARATOR) {
+        if !arguments.is_object() {
+            return Err(format!("{shown}'s arguments are not an object"));
+        }
+        return Ok(ToolCall::Mcp {
+            name: name.to_string(),
+            arguments: arguments.clone(),
+        });
+    }
     let mut object = arguments
         .as_object()
         .cloned()
@@ -243,7 +303,7 @@ mod tests {
 
     #[test]
     fn every_shape_reads_back_as_the_call_its_grammar_allows() {
-        let re = regex::Regex::new(&format!("^(?:{})$", tool_call_pattern())).unwrap();
+        let re = regex::Regex::new(&format!("^(?:{})$", tool_call_pattern(&[]))).unwrap();
         assert!(re.is_match(r#"{"tool": "read_file", "path": "notes.txt"}"#));
         assert!(re.is_match(r#"{"tool": "write_file", "path": "a", "find": "x", "replace": "y"}"#));
         assert!(!re.is_match(r#"{"tool": "rm", "path": "a"}"#));
@@ -262,7 +322,7 @@ mod tests {
             .calls
             .iter()
             .all(|(id, _)| id.as_ref().is_some_and(|i| i.len() == 9)));
-        let Format::Whole(forced) = format(native, true) else {
+        let Format::Whole(forced) = format(native, true, &[]) else {
             panic!("a forced answer is calls from its start");
         };
         let forced = regex::Regex::new(&format!("^(?:{forced})$")).unwrap();
@@ -274,7 +334,7 @@ mod tests {
             .next()
             .unwrap();
         assert!(forced.is_match(one), "{one}");
-        let Format::Calls { pattern, trigger } = format(native, false) else {
+        let Format::Calls { pattern, trigger } = format(native, false, &[]) else {
             panic!("native runs hold calls, not answers");
         };
         let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
@@ -313,9 +373,60 @@ mod tests {
         assert!(json_cut.contains("token limit"), "{json_cut}");
     }
 
+    /// An MCP tool is called by its prefixed name in either way of
+    /// writing calls, held to JSON arguments, and reads back as an MCP
+    /// call; the template lists it after the built-in tools.
+    #[test]
+    fn an_mcp_tool_is_offered_and_read_back_in_both_modes() {
+        let tool = Tool {
+            name: "fs__read_text_file".into(),
+            tool: "read_text_file".into(),
+            server: "fs".into(),
+            description: "Read a file.".into(),
+            schema: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            read_only: true,
+        };
+        let offered = [&tool];
+        let call = ToolCall::Mcp {
+            name: "fs__read_text_file".into(),
+            arguments: json!({"path": "/w/a.txt"}),
+        };
+        let json_call =
+            r#"{"tool": "mcp", "name": "fs__read_text_file", "arguments": {"path": "/w/a.txt"}}"#;
+        let Format::Whole(pattern) = format(None, false, &offered) else {
+            panic!("JSON-only answers are held whole");
+        };
+        let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+        assert!(re.is_match(json_call));
+        assert!(!re.is_match(&json_call.replace("fs__read_text_file", "fs__write_file")));
+        assert_eq!(
+            read(None, json_call, FinishReason::Stop).unwrap().calls[0].1,
+            call
+        );
+        let native = Some(ToolFormat::Hermes);
+        let Format::Calls { pattern, .. } = format(native, false, &offered) else {
+            panic!("native answers hold calls");
+        };
+        let body = "\n{\"name\": \"fs__read_text_file\", \"arguments\": {\"path\": \"/w/a.txt\"}}\n</tool_call>";
+        assert!(regex::Regex::new(&format!("^(?:{pattern})$"))
+            .unwrap()
+            .is_match(body));
+        let reply = format!("<tool_call>{body}");
+        assert_eq!(
+            read(native, &reply, FinishReason::Stop).unwrap().calls[0].1,
+            call
+        );
+        let listed = schemas(&offered);
+        assert_eq!(
+            listed.last().unwrap()["function"]["name"],
+            "fs__read_text_file"
+        );
+        assert!(json_prompt_lines(&offered).contains("fs__read_text_file"));
+    }
+
     #[test]
     fn the_schemas_name_every_tool_the_grammar_allows() {
-        let names: Vec<String> = schemas()
+        let names: Vec<String> = schemas(&[])
             .iter()
             .map(|s| s["function"]["name"].as_str().unwrap().to_string())
             .collect();

@@ -24,26 +24,33 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 /// for a file that does not exist yet), bounded to `MAX_LINES` lines and
 /// `MAX_BYTES` bytes; empty when nothing changes.
 pub fn unified(path: &str, old: Option<&str>, new: &str) -> String {
-    let before = old.unwrap_or("");
-    let diff = TextDiff::configure()
-        .timeout(TIMEOUT)
-        .diff_lines(before, new);
     let from = match old {
         Some(_) => format!("a/{path}"),
         None => "/dev/null".to_string(),
     };
-    let text = diff
+    between(old.unwrap_or(""), new, &from, &format!("b/{path}"))
+}
+
+/// The unified diff of deleting `path`, which held `old`, bounded.
+pub fn removed(path: &str, old: &str) -> String {
+    between(old, "", &format!("a/{path}"), "/dev/null")
+}
+
+fn between(old: &str, new: &str, from: &str, to: &str) -> String {
+    let text = TextDiff::configure()
+        .timeout(TIMEOUT)
+        .diff_lines(old, new)
         .unified_diff()
         .context_radius(CONTEXT)
         .missing_newline_hint(true)
-        .header(&from, &format!("b/{path}"))
+        .header(from, to)
         .to_string();
     bounded(&text)
 }
 
 /// `text` cut to `MAX_LINES` lines and `MAX_BYTES` bytes (at a character
 /// boundary), with a last line saying how many lines were left out.
-fn bounded(text: &str) -> String {
+pub fn bounded(text: &str) -> String {
     let total = text.lines().count();
     let mut out = String::new();
     let mut kept = 0;

@@ -5,6 +5,7 @@
 
 mod calls;
 pub mod diff;
+pub mod mcp;
 mod messages;
 pub mod resume;
 pub mod sandbox;
@@ -50,8 +51,9 @@ pub const SYSTEM_PROMPT: &str = r#"You are an agent working in a folder. Reply t
 {"tool": "write_file", "path": "out.txt", "content": "the whole new file"}
 {"tool": "write_file", "path": "out.txt", "find": "old text", "replace": "new text"}
 {"tool": "shell", "command": "ls -la"}
+{"tool": "shell", "command": "sed -i s/old/new/ out.txt", "edits": ["out.txt"]}
 {"tool": "finish", "summary": "what you did"}
-Paths are relative to the folder. Each reply gets the tool's result. Call finish when the task is done."#;
+Paths are relative to the folder. Each reply gets the tool's result; a shell command's "edits" get back what it changed in them. Call finish when the task is done."#;
 
 /// The system prompt where the model calls tools in its own format (the
 /// template lists them): it may think before it acts.
@@ -100,12 +102,14 @@ impl Policy {
     }
 
     fn needs_approval(self, call: &ToolCall) -> bool {
-        if matches!(call, ToolCall::Finish { .. }) {
-            return false;
-        }
+        !matches!(call, ToolCall::Finish { .. }) && self.asks(call.effect())
+    }
+
+    /// Whether a call that may do `effect` needs a yes.
+    fn asks(self, effect: Effect) -> bool {
         match self {
             Policy::Ask => true,
-            Policy::AutoRead => call.effect() != Effect::Read,
+            Policy::AutoRead => effect != Effect::Read,
             Policy::Auto => false,
         }
     }
@@ -295,6 +299,8 @@ pub struct Agent<'a, A: Approver> {
     pub instructions: bool,
     /// The model's own tool-call format, or `None` for JSON-only calls.
     pub native: Option<ToolFormat>,
+    /// The run's MCP servers.
+    pub mcp: mcp::Servers,
 }
 
 /// One progress line for people: whatever the model or a tool wrote in it
@@ -395,6 +401,9 @@ pub struct RunSpec {
     /// template; `None` is JSON-only.
     #[serde(default)]
     pub native: Option<ToolFormat>,
+    /// The MCP servers it starts, as config.toml declared them.
+    #[serde(default)]
+    pub mcp: std::collections::BTreeMap<String, mcp::ServerConfig>,
 }
 
 /// The agent settings every front end reads: `[agent]` in config.toml,
@@ -456,6 +465,7 @@ impl RunSpec {
         policy: Policy,
         settings: &AgentSettings,
         chat_sampler: &SamplerSettings,
+        servers: &std::collections::BTreeMap<String, mcp::ServerConfig>,
     ) -> RunSpec {
         let mut sampler = chat_sampler.clone();
         sampler.max_tokens = sampler.max_tokens.min(settings.max_reply_tokens);
@@ -474,6 +484,7 @@ impl RunSpec {
             sampler,
             tool_calls: settings.tool_calls,
             native: None,
+            mcp: servers.clone(),
         }
     }
 }
@@ -571,9 +582,18 @@ pub fn spawn<A: Approver + Send + 'static>(
                 ))
             }
             Ok(workspace) => {
+                let report = move |p| {
+                    let _ = progress_tx.send(p);
+                };
+                let (servers, notices) = mcp::Servers::start(&spec.mcp, workspace.root()).await;
+                for text in notices {
+                    record(Event::Notice { text: text.clone() });
+                    report(Progress::Notice { text });
+                }
                 engine.send(EngineCommand::SetSampler(spec.sampler.clone()));
+                let offered: Vec<&mcp::Tool> = servers.tools().collect();
                 let tools = match spec.native {
-                    Some(_) => calls::schemas(),
+                    Some(_) => calls::schemas(&offered),
                     None => Vec::new(),
                 };
                 engine.send(EngineCommand::SetTools(tools));
@@ -595,14 +615,13 @@ pub fn spawn<A: Approver + Send + 'static>(
                     stop: run_stop,
                     instructions: spec.instructions,
                     native: spec.native,
-                };
-                let report = move |p| {
-                    let _ = progress_tx.send(p);
+                    mcp: servers,
                 };
                 let outcome = match start {
                     Start::Fresh(_) => agent.run(&spec.task, report).await,
                     Start::Resume(replay) => agent.resume(*replay, report).await,
                 };
+                std::mem::take(&mut agent.mcp).shutdown().await;
                 engine.send(EngineCommand::SetPriority(Priority::Interactive));
                 engine.send(EngineCommand::SetTools(Vec::new()));
                 outcome
@@ -643,21 +662,22 @@ impl<A: Approver> Agent<'_, A> {
     /// instructions (`AGENTS.md` at the workspace's root) where it has them
     /// and the run takes them. An unreadable file is said once and left out.
     async fn system_prompt(&mut self, report: &mut impl FnMut(Progress)) -> String {
+        let offered: Vec<&mcp::Tool> = self.mcp.tools().collect();
         let base = match self.native {
-            Some(_) => NATIVE_PROMPT,
-            None => SYSTEM_PROMPT,
+            Some(_) => NATIVE_PROMPT.to_string(),
+            None => format!("{SYSTEM_PROMPT}{}", calls::json_prompt_lines(&offered)),
         };
         if !self.instructions {
-            return base.into();
+            return base;
         }
         let text = match self.workspace.instructions(INSTRUCTIONS, MAX_INSTRUCTIONS) {
             Ok(Some(text)) => text,
-            Ok(None) => return base.into(),
+            Ok(None) => return base,
             Err(e) => {
                 let text = format!("{e}; the run goes on without it");
                 self.record(Event::Notice { text: text.clone() });
                 report(Progress::Notice { text });
-                return base.into();
+                return base;
             }
         };
         let block = format!(
@@ -758,6 +778,21 @@ impl<A: Approver> Agent<'_, A> {
         self.drive(&task, state, report).await
     }
 
+    /// Whether `call` needs a yes: the policy on what it may do, an MCP
+    /// tool reading only where config.toml says so.
+    fn needs_approval(&self, call: &ToolCall) -> bool {
+        match call {
+            // A tool no server offers runs nothing: refused without a
+            // question.
+            ToolCall::Mcp { name, .. } => match self.mcp.tool(name) {
+                None => false,
+                Some(t) if t.read_only => self.policy.asks(Effect::Read),
+                Some(_) => self.policy.asks(Effect::Write),
+            },
+            _ => self.policy.needs_approval(call),
+        }
+    }
+
     /// What a call's result becomes for the model: a tool message for its
     /// call where calls are native, else a user message.
     fn said(&self, id: Option<String>, text: String) -> Message {
@@ -810,7 +845,8 @@ impl<A: Approver> Agent<'_, A> {
                     });
                 }
             }
-            let format = calls::format(self.native, std::mem::take(&mut forced));
+            let offered: Vec<&mcp::Tool> = self.mcp.tools().collect();
+            let format = calls::format(self.native, std::mem::take(&mut forced), &offered);
             let (reply, finish, stats) = match self.turn(input, Some(&format)).await {
                 Ok(r) => r,
                 Err(TurnError::Stopped) => return Outcome::Stopped,
@@ -910,7 +946,7 @@ impl<A: Approver> Agent<'_, A> {
             return Err(Outcome::Finished(summary.clone()));
         }
         let key = messages::key(&call);
-        if self.policy.needs_approval(&call) && !state.always.contains(&key) {
+        if self.needs_approval(&call) && !state.always.contains(&key) {
             let question = Question {
                 diff: tools::preview(&call, &self.workspace),
                 sandbox: matches!(call, ToolCall::Shell { .. }).then_some(self.limits.sandbox),
@@ -920,7 +956,7 @@ impl<A: Approver> Agent<'_, A> {
             if answer == Approval::No {
                 let reason = format!(
                     "refused: {} needs approval under the {:?} policy and was not approved",
-                    call.name(),
+                    call.label(),
                     self.policy
                 );
                 self.record(Event::ToolResult {
@@ -947,8 +983,12 @@ impl<A: Approver> Agent<'_, A> {
                 return Err(Outcome::Stopped);
             }
         }
-        let result: ToolResult =
-            tools::execute(&call, &self.workspace, &self.limits, &self.stop).await;
+        let result: ToolResult = match &call {
+            ToolCall::Mcp { name, arguments } => {
+                self.mcp.call(name, arguments, self.limits.max_output).await
+            }
+            _ => tools::execute(&call, &self.workspace, &self.limits, &self.stop).await,
+        };
         self.record(Event::ToolResult {
             step,
             ok: result.ok,

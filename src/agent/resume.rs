@@ -60,11 +60,11 @@ impl Interrupted {
         match self.may_have_run {
             true => format!(
                 "interrupted: kiln stopped while {} ran; not known whether it completed. Check before repeating it.",
-                self.call.name()
+                self.call.label()
             ),
             false => format!(
                 "interrupted: kiln stopped while {} waited for approval; it did not run.",
-                self.call.name()
+                self.call.label()
             ),
         }
     }
@@ -336,6 +336,7 @@ mod tests {
             policy,
             &AgentSettings::default(),
             &SamplerSettings::default(),
+            &Default::default(),
         )
     }
 

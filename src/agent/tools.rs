@@ -34,9 +34,20 @@ pub enum ToolCall {
     },
     Shell {
         command: String,
+        /// The files the command will change, as the model says: each is
+        /// read before and after, and what changed comes back as a diff.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edits: Option<Vec<String>>,
     },
     Finish {
         summary: String,
+    },
+    /// A tool of one of the run's MCP servers, by the name the model
+    /// calls it (`SERVER__tool`), with its arguments as the server takes
+    /// them.
+    Mcp {
+        name: String,
+        arguments: serde_json::Value,
     },
 }
 
@@ -57,6 +68,10 @@ impl ToolCall {
             | ToolCall::Search { .. }
             | ToolCall::Finish { .. } => Effect::Read,
             ToolCall::WriteFile { .. } => Effect::Write,
+            // What a server's tool does is the server's to say, and what it
+            // says is not trusted: asked like a write unless config.toml
+            // marks the tool read-only (`Agent::effect`).
+            ToolCall::Mcp { .. } => Effect::Write,
             ToolCall::Shell { .. } => Effect::Shell,
         }
     }
@@ -69,6 +84,15 @@ impl ToolCall {
             ToolCall::Search { .. } => "search",
             ToolCall::Shell { .. } => "shell",
             ToolCall::Finish { .. } => "finish",
+            ToolCall::Mcp { .. } => "mcp",
+        }
+    }
+
+    /// The tool as the model named it: an MCP tool's own name.
+    pub fn label(&self) -> String {
+        match self {
+            ToolCall::Mcp { name, .. } => crate::visible::visible_line(name).into_owned(),
+            _ => self.name().to_string(),
         }
     }
 
@@ -81,11 +105,12 @@ impl ToolCall {
                 None => path.clone(),
             },
             ToolCall::Search { query } => query.clone(),
-            ToolCall::Shell { command } => command.clone(),
+            ToolCall::Shell { command, .. } => command.clone(),
             ToolCall::Finish { summary } => summary.clone(),
+            ToolCall::Mcp { arguments, .. } => arguments.to_string(),
         };
         let arg: String = arg.chars().take(80).collect();
-        format!("{} {arg}", self.name())
+        format!("{} {arg}", self.label())
     }
 }
 
@@ -99,7 +124,7 @@ pub struct ToolResult {
 }
 
 impl ToolResult {
-    fn ok(output: impl Into<String>) -> ToolResult {
+    pub(super) fn ok(output: impl Into<String>) -> ToolResult {
         ToolResult {
             ok: true,
             output: output.into(),
@@ -107,7 +132,7 @@ impl ToolResult {
         }
     }
 
-    fn err(output: impl Into<String>) -> ToolResult {
+    pub(super) fn err(output: impl Into<String>) -> ToolResult {
         ToolResult {
             ok: false,
             output: output.into(),
@@ -433,8 +458,17 @@ pub async fn execute(
         }
         ToolCall::ListDir { path } => list_dir(ws, path, limits),
         ToolCall::Search { query } => search(ws, query, limits),
-        ToolCall::Shell { command } => shell(ws, command, limits, stop).await,
+        ToolCall::Shell { command, edits } => {
+            let watched = Watched::before(ws, edits.as_deref().unwrap_or_default());
+            let mut result = shell(ws, command, limits, stop).await;
+            result.diff = watched.diff(ws);
+            result
+        }
         ToolCall::Finish { summary } => ToolResult::ok(summary.clone()),
+        ToolCall::Mcp { name, .. } => ToolResult::err(format!(
+            "{}: MCP calls go to the run's servers",
+            crate::visible::visible_line(name)
+        )),
     }
 }
 
@@ -692,6 +726,50 @@ enum Cut {
 /// children included, and the pipes are read no further. Output beyond the
 /// cap is read and dropped, so a chatty command cannot fill memory or block
 /// on a full pipe. A stop is honoured within about 100 ms.
+/// Files a shell command says it edits, at most this many, are diffed.
+const MAX_WATCHED: usize = 16;
+
+/// The files a shell command said it would edit, as they were before it
+/// ran (`None`: there was none): text files beneath the workspace, each
+/// bounded like a patch's. A path that is not such a file is left out.
+struct Watched(Vec<(String, Option<String>)>);
+
+impl Watched {
+    fn before(ws: &Workspace, paths: &[String]) -> Watched {
+        Watched(
+            paths
+                .iter()
+                .take(MAX_WATCHED)
+                .filter_map(|p| {
+                    let rel = ws.resolve(p).ok()?;
+                    Some((p.clone(), ws.text_if_any(p, &rel).ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// What the command changed in them, as one unified diff; `None` when
+    /// it changed nothing (or none was named).
+    fn diff(&self, ws: &Workspace) -> Option<String> {
+        let mut out = String::new();
+        for (path, old) in &self.0 {
+            let Some(new) = ws
+                .resolve(path)
+                .and_then(|rel| ws.text_if_any(path, &rel))
+                .ok()
+            else {
+                continue;
+            };
+            match (old, new) {
+                (old, Some(new)) => out.push_str(&super::diff::unified(path, old.as_deref(), &new)),
+                (Some(old), None) => out.push_str(&super::diff::removed(path, old)),
+                (None, None) => {}
+            }
+        }
+        (!out.is_empty()).then(|| super::diff::bounded(&out))
+    }
+}
+
 async fn shell(ws: &Workspace, command: &str, limits: &Limits, stop: &AtomicBool) -> ToolResult {
     let tag = format!("{:032x}", rand::random::<u128>());
     // The one folder outside the workspace a sandboxed call may write.

@@ -54,6 +54,7 @@ pub async fn run(args: AgentArgs, common: &Common) -> Result<i32> {
                 common.approval,
                 &launched.config.agent,
                 &launched.config.sampling,
+                &launched.config.mcp,
             );
             let store = SessionStore::new(&launched.paths);
             let context = launched.engine.info().context_limit;

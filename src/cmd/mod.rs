@@ -5,6 +5,7 @@ pub mod ask;
 pub mod bench;
 pub mod cache;
 pub mod fit;
+pub mod mcp;
 pub mod monitor;
 pub mod runs;
 pub mod sandbox;

@@ -320,7 +320,7 @@ fn parse_array(reply: &str) -> Parsed {
 pub mod json {
     /// A JSON string's body: no raw quotes, backslashes or control
     /// characters.
-    pub const STRING_BODY: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*"#;
+    const STRING_BODY: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*"#;
 
     pub fn string() -> String {
         format!(r#""{STRING_BODY}""#)
@@ -354,16 +354,6 @@ pub mod json {
             r#"\{{(?:{s}: {inner}(?:, {s}: {inner})*)?\}}"#,
             s = string()
         )
-    }
-
-    /// An object of exactly these string fields, in this order, each body
-    /// matching its pattern.
-    pub fn fields(fields: &[(&str, &str)]) -> String {
-        let inner: Vec<String> = fields
-            .iter()
-            .map(|(k, body)| format!(r#""{}": "{body}""#, regex_syntax::escape(k)))
-            .collect();
-        format!(r"\{{{}\}}", inner.join(", "))
     }
 }
 
@@ -434,7 +424,7 @@ mod tests {
         let started = std::time::Instant::now();
         for format in [ToolFormat::Hermes, ToolFormat::Llama3, ToolFormat::Mistral] {
             let calls = [
-                format.call_json("read_file", &json::fields(&[("path", "[a-z.]+")])),
+                format.call_json("read_file", r#"\{"path": "[a-z.]+"\}"#),
                 format.call_json("fs__list", &json::object(3)),
             ];
             kalosm_language_model::kalosm_sample::RegexParser::new(&format.after_trigger(&calls))
@@ -447,7 +437,7 @@ mod tests {
     fn the_call_grammar_matches_what_the_model_is_to_write() {
         for format in [ToolFormat::Hermes, ToolFormat::Llama3, ToolFormat::Mistral] {
             let calls = [
-                format.call_json("read_file", &json::fields(&[("path", "[a-z.]+")])),
+                format.call_json("read_file", r#"\{"path": "[a-z.]+"\}"#),
                 format.call_json("fs.list", &json::object(3)),
             ];
             let re = regex::Regex::new(&format!("^(?:{})$", format.after_trigger(&calls))).unwrap();

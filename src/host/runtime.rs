@@ -451,6 +451,7 @@ impl Runtime {
             self.common.approval,
             &self.config.agent,
             &self.config.sampling,
+            &self.config.mcp,
         );
         let info = self.engine.info().clone();
         let apart = self.engine.lease().and_then(|lease| {

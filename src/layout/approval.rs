@@ -227,6 +227,7 @@ mod tests {
         ask(
             ToolCall::Shell {
                 command: command.into(),
+                edits: None,
             },
             None,
         )

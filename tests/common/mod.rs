@@ -652,3 +652,37 @@ pub fn daemon_pid(home: &std::path::Path) -> Option<i32> {
         (daemon && ours).then_some(pid)
     })
 }
+
+/// Python with the `mcp` package, for the MCP test servers.
+pub fn mcp_python() -> std::path::PathBuf {
+    venv_python("kiln-mcp-venv", "mcp==2.3.0", "import mcp.server.mcpserver")
+}
+
+/// The official filesystem MCP server from npm, installed once into the
+/// cache folder (under a file lock); the path of its command.
+pub fn npm_filesystem_server() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let cache = std::path::Path::new(&home).join(".cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let prefix = cache.join("kiln-mcp-npm");
+    let bin = prefix.join("node_modules/.bin/mcp-server-filesystem");
+    let lock = std::fs::File::create(cache.join("kiln-mcp-npm.lock")).unwrap();
+    lock.lock().expect("lock the npm install");
+    if !bin.exists() {
+        eprintln!(
+            "installing @modelcontextprotocol/server-filesystem into {} (once)",
+            prefix.display()
+        );
+        let ok = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg("@modelcontextprotocol/server-filesystem@2026.8.31")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "npm could not install @modelcontextprotocol/server-filesystem"
+        );
+    }
+    bin
+}

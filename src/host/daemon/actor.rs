@@ -610,6 +610,7 @@ impl Actor {
             client.common.approval,
             &client.common.agent.over(config.agent),
             &config.sampling,
+            &config.mcp,
         );
         if let Err(e) = Workspace::new(&spec.workspace) {
             return Reply::Error {

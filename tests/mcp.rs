@@ -14,12 +14,10 @@ use std::time::{Duration, Instant};
 
 use kiln::agent::mcp::ServerConfig;
 use kiln::agent::{
-    self, AgentSettings, Approval, Approver, Outcome, Policy, Progress, Question, RunEvent,
-    RunSpec, Start,
+    AgentSettings, Approval, Approver, Outcome, Policy, Progress, Question, RunSpec, Start,
 };
 use kiln::engine::fake::FakeEngine;
 use kiln::engine::{self, SamplerSettings};
-use kiln::store::session::RunHost;
 use kiln::store::SessionStore;
 
 /// Says yes to everything, counting the questions and keeping what they
@@ -77,25 +75,13 @@ async fn run_on(
     let (journal, _) = store.start("fake", None, 4096, None).unwrap();
     let asked = Arc::new(AtomicUsize::new(0));
     let about = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut handle = agent::spawn(
+    let (progress, outcome) = common::run_headless(
         Start::Fresh(spec),
-        RunHost::Headless,
         engine::spawn(fake),
-        Some(journal.clone()),
+        journal,
         Yes(asked.clone(), about.clone()),
-        None,
-    );
-    let mut progress = Vec::new();
-    let outcome = loop {
-        match handle.next().await {
-            Some(RunEvent::Progress(p)) => progress.push(p),
-            Some(RunEvent::Done(o)) => break o,
-            None => panic!("no outcome"),
-        }
-    };
-    tokio::task::spawn_blocking(move || journal.close())
-        .await
-        .unwrap();
+    )
+    .await;
     let about = about.lock().unwrap().clone();
     (progress, outcome, about)
 }

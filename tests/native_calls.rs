@@ -7,9 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use kiln::agent::{
-    self, resume, AgentSettings, Nobody, Outcome, Policy, Progress, RunEvent, RunSpec, Start,
-};
+use kiln::agent::{self, resume, AgentSettings, Nobody, Outcome, Policy, Progress, RunSpec, Start};
 use kiln::engine::fake::FakeEngine;
 use kiln::engine::tool_format::ToolFormat;
 use kiln::engine::{self, EngineHandle, Role, SamplerSettings};
@@ -21,32 +19,14 @@ fn call(name: &str, arguments: &str) -> String {
     format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {arguments}}}\n</tool_call>")
 }
 
-/// Run `start` on `engine` to its end; its progress and outcome.
+/// Run `start` on `engine` to its end, nobody to approve; its progress
+/// and outcome.
 async fn drive(
     start: Start,
     engine: EngineHandle,
     journal: journal::JournalHandle,
 ) -> (Vec<Progress>, Outcome) {
-    let mut run = agent::spawn(
-        start,
-        RunHost::Headless,
-        engine,
-        Some(journal.clone()),
-        Nobody,
-        None,
-    );
-    let mut progress = Vec::new();
-    let outcome = loop {
-        match run.next().await {
-            Some(RunEvent::Progress(p)) => progress.push(p),
-            Some(RunEvent::Done(o)) => break o,
-            None => panic!("no outcome"),
-        }
-    };
-    tokio::task::spawn_blocking(move || journal.close())
-        .await
-        .unwrap();
-    (progress, outcome)
+    common::run_headless(start, engine, journal, Nobody).await
 }
 
 fn spec(ws: &std::path::Path, steps: u32) -> RunSpec {

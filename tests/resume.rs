@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln::agent::{
-    self, resume, AgentSettings, Approval, Approver, Outcome, Policy, Question, RunEvent, RunSpec,
-    Start,
+    self, resume, AgentSettings, Approval, Approver, Outcome, Policy, Question, RunSpec, Start,
 };
 use kiln::engine::fake::FakeEngine;
 use kiln::engine::{self, GenStats, SamplerSettings};
@@ -41,26 +40,7 @@ async fn drive(
     approver: Answers,
 ) -> (Vec<agent::Progress>, Outcome) {
     let engine = engine::spawn(FakeEngine::new(script.iter().copied()));
-    let mut run = agent::spawn(
-        start,
-        RunHost::Headless,
-        engine,
-        Some(journal.clone()),
-        approver,
-        None,
-    );
-    let mut progress = Vec::new();
-    let outcome = loop {
-        match run.next().await {
-            Some(RunEvent::Progress(p)) => progress.push(p),
-            Some(RunEvent::Done(o)) => break o,
-            None => panic!("no outcome"),
-        }
-    };
-    tokio::task::spawn_blocking(move || journal.close())
-        .await
-        .unwrap();
-    (progress, outcome)
+    common::run_headless(start, engine, journal, approver).await
 }
 
 fn steps_called(progress: &[agent::Progress]) -> Vec<u32> {

@@ -138,18 +138,8 @@ async fn resume_an_interrupted_example_then_the_last_session() {
 async fn agent_mode_asks_before_each_call() {
     let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await;
-    let home = tempfile::tempdir().unwrap();
-    let _daemon = common::DaemonGuard::new(home.path());
-    let ws = tempfile::tempdir().unwrap();
-    std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
-    let cmd = format!(
-        "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 128 --workspace {}; echo EXIT=$?; sleep 60",
-        home.path().display(),
-        env!("CARGO_BIN_EXE_kiln"),
-        model.path.display(),
-        ws.path().display()
-    );
-    let tmux = common::Tmux::start("agent", 160, 45, &cmd);
+    let a = AgentTerminal::start("agent", &model.path);
+    let (tmux, home) = (&a.tmux, &a.home);
     tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
     tmux.send(&[
         "/agent List the folder, read every file in it, and search for the word glaze.",
@@ -188,6 +178,74 @@ async fn agent_mode_asks_before_each_call() {
     assert!(results.len() >= 2, "{results:?}");
     assert!(!results[0].1, "the first call was approved");
     assert!(results[1].1, "the second was refused");
+}
+
+/// The workstation in tmux on `model`, greedy, with a workspace holding
+/// notes.txt; its daemon is stopped when this is dropped. Fields drop in
+/// order: the terminal, then the daemon, then its home.
+struct AgentTerminal {
+    tmux: common::Tmux,
+    _ws: tempfile::TempDir,
+    _daemon: common::DaemonGuard,
+    home: tempfile::TempDir,
+}
+
+impl AgentTerminal {
+    fn start(name: &str, model: &std::path::Path) -> AgentTerminal {
+        let home = tempfile::tempdir().unwrap();
+        let daemon = common::DaemonGuard::new(home.path());
+        let ws = tempfile::tempdir().unwrap();
+        std::fs::write(ws.path().join("notes.txt"), "Glaze firing on Friday.\n").unwrap();
+        let cmd = format!(
+            "KILN_HOME={} {} --model {} --temperature 0 --max-tokens 128 --workspace {}; echo EXIT=$?; sleep 60",
+            home.path().display(),
+            env!("CARGO_BIN_EXE_kiln"),
+            model.display(),
+            ws.path().display()
+        );
+        AgentTerminal {
+            tmux: common::Tmux::start(name, 160, 45, &cmd),
+            _ws: ws,
+            _daemon: daemon,
+            home,
+        }
+    }
+}
+
+/// The native path in a real terminal: SmolLM2 with Qwen2.5's chat
+/// template. The run says it calls tools in the model's own format, the
+/// status bar keeps saying so, and its call is asked before it runs.
+#[tokio::test]
+async fn a_native_agent_run_says_its_call_format_in_a_real_terminal() {
+    let _turn = common::one_engine_at_a_time().await;
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/templates/Qwen-Qwen2.5-7B-Instruct.jinja");
+    let model = common::retemplated_model(Some(&template)).await;
+    let a = AgentTerminal::start("native", &model);
+    let tmux = &a.tmux;
+    tmux.wait_for("the welcome screen", 60, |s| s.contains("Type a message"));
+    tmux.send(&["/agent Read notes.txt and say what it holds.", "Enter"]);
+    let screen = tmux.wait_for("the first approval question", 120, |s| {
+        s.contains("The agent wants to run")
+    });
+    assert!(
+        screen.contains("tool calls: native <tool_call>"),
+        "{screen}"
+    );
+    tmux.send(&["y"]);
+    let screen = tmux.wait_for("the call's result", 120, |s| {
+        s.contains(": ok ") || s.contains(": error ")
+    });
+    assert!(
+        screen.contains("calls native <tool_call>") || screen.contains("approve?"),
+        "{screen}"
+    );
+    tmux.send(&["C-c"]);
+    tmux.wait_for("the agent to stop", 60, |s| {
+        s.contains("agent stopped") || s.contains("agent finished") || s.contains("agent failed")
+    });
+    tmux.send(&["C-q"]);
+    tmux.wait_for("kiln to exit", 60, |s| s.contains("EXIT=0"));
 }
 
 /// A 10 MB paste through tmux's bracketed paste: the screen stays live, the

@@ -114,6 +114,27 @@ impl FakeEngine {
         reply
     }
 
+    /// The next scripted reply to `input` (its echo once the script is
+    /// done), streamed and kept with its calls read out where tools are
+    /// listed.
+    async fn answer(
+        &mut self,
+        turn: u64,
+        input: Vec<Message>,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) {
+        let message = super::as_one_message(&input);
+        let text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| format!("echo: {message}"));
+        let reply = self
+            .stream(turn, words(&message), &text, "", out, cancel)
+            .await;
+        let _ = self.conversation.record(input, Ok(reply), self.tool_format);
+    }
+
     /// A smaller context window, to make context pressure easy to reach.
     pub fn with_context_limit(mut self, tokens: usize) -> Self {
         self.context_limit = tokens;
@@ -152,15 +173,8 @@ impl Engine for FakeEngine {
     }
 
     async fn chat(&mut self, turn: u64, message: String, out: &EventSink, cancel: &CancelFlag) {
-        let text = self
-            .script
-            .pop_front()
-            .unwrap_or_else(|| format!("echo: {message}"));
-        let reply = self
-            .stream(turn, words(&message), &text, "", out, cancel)
-            .await;
         let input = vec![Message::new(Role::User, message)];
-        let _ = self.conversation.record(input, Ok(reply), None);
+        self.answer(turn, input, out, cancel).await
     }
 
     /// The scripted reply, unconstrained: what tests script is what the
@@ -173,15 +187,7 @@ impl Engine for FakeEngine {
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let message = super::as_one_message(&input);
-        let text = self
-            .script
-            .pop_front()
-            .unwrap_or_else(|| format!("echo: {message}"));
-        let reply = self
-            .stream(turn, words(&message), &text, "", out, cancel)
-            .await;
-        let _ = self.conversation.record(input, Ok(reply), self.tool_format);
+        self.answer(turn, input, out, cancel).await
     }
 
     fn set_tools(&mut self, tools: Vec<serde_json::Value>) {

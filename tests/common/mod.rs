@@ -686,3 +686,35 @@ pub fn npm_filesystem_server() -> std::path::PathBuf {
     }
     bin
 }
+
+/// Run `start` on `engine` to its end as a headless host runs it,
+/// journaled to `journal` (closed after, so its lines are on disk); its
+/// progress and outcome.
+pub async fn run_headless<A: kiln::agent::Approver + Send + 'static>(
+    start: kiln::agent::Start,
+    engine: EngineHandle,
+    journal: kiln::store::journal::JournalHandle,
+    approver: A,
+) -> (Vec<kiln::agent::Progress>, kiln::agent::Outcome) {
+    use kiln::agent::RunEvent;
+    let mut run = kiln::agent::spawn(
+        start,
+        kiln::store::session::RunHost::Headless,
+        engine,
+        Some(journal.clone()),
+        approver,
+        None,
+    );
+    let mut progress = Vec::new();
+    let outcome = loop {
+        match run.next().await {
+            Some(RunEvent::Progress(p)) => progress.push(p),
+            Some(RunEvent::Done(o)) => break o,
+            None => panic!("no outcome"),
+        }
+    };
+    tokio::task::spawn_blocking(move || journal.close())
+        .await
+        .unwrap();
+    (progress, outcome)
+}

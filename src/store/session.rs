@@ -322,13 +322,30 @@ impl OpenSession {
     }
 }
 
+/// How long `lock` waits for a lock that was just let go.
+const LOCK_TRIES: u32 = 20;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Take the session's lock, or say who holds it. The lock is an advisory
 /// file lock, so a killed process releases it.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK);
     let mut file =
         super::atomic::open_private(&path, false).map_err(|e| KilnError::io(path.display(), e))?;
-    match file.try_lock() {
+    // A lock just let go can stay held a moment longer: a child this
+    // process forks (a shell call, an MCP server) shares the lock's open
+    // file until it execs. A lock still held after that is really held.
+    let mut tries = 0;
+    let taken = loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if tries < LOCK_TRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            taken => break taken,
+        }
+    };
+    match taken {
         Ok(()) => {
             let _ = file.set_len(0);
             let _ = write!(file, "{}", std::process::id());

@@ -236,6 +236,10 @@ impl LocalTurns for LlamaCppEngine {
         let constraint = match constraint {
             None => None,
             Some(Format::Whole(p)) => Some((None, compile(p)?)),
+            // A call that opens on nothing would never let the answer end.
+            Some(Format::Calls { trigger, .. }) if trigger.is_empty() => {
+                return Err("a tool call's opening text is empty".into())
+            }
             Some(Format::Calls { trigger, pattern }) => {
                 Some((Some(trigger.as_str()), compile(pattern)?))
             }

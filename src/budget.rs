@@ -29,7 +29,7 @@ use crate::layers::Layers;
 
 /// The machine's memory as a budget sees it; telemetry reads it from the
 /// OS (`MemorySnapshot::read`).
-#[derive(Clone, Copy, Debug, serde::Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct MemorySnapshot {
     pub total: u64,
     /// Memory a new allocation can get without swapping (MemAvailable on

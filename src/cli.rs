@@ -248,6 +248,11 @@ pub enum Command {
         #[arg(long, hide = true)]
         settings_stdin: bool,
     },
+    /// Serve the model as an OpenAI-compatible API (/v1/chat/completions,
+    /// /v1/completions, /v1/models) with its telemetry, from a daemon in
+    /// this terminal: `kiln` and agent runs share the loaded model with the
+    /// API's clients.
+    Serve(crate::serve::ServeArgs),
     /// The daemon's open session and agent runs, with their state.
     Ps,
     /// Stop a session open in the daemon (saving it) or an agent run.

@@ -42,6 +42,8 @@ pub struct Config {
     pub agent: crate::agent::AgentSettings,
     /// MCP servers agent runs start, by name: `[mcp.NAME]`.
     pub mcp: BTreeMap<String, crate::agent::mcp::ServerConfig>,
+    /// The OpenAI-compatible endpoint a daemon serves while it runs.
+    pub serve: crate::serve::ServeConfig,
 }
 
 impl Config {

@@ -41,6 +41,7 @@ pub mod paths;
 pub mod private;
 pub mod procinfo;
 pub mod record;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod theme;

@@ -70,8 +70,13 @@ fn main() {
                     settings,
                     idle_exit.map(std::time::Duration::from_secs),
                     resume_on_start,
+                    None,
                 )
                 .await
+            }
+            Some(Command::Serve(args)) => {
+                let settings = kiln::host::protocol::Settings::of(&cli.common);
+                daemon::run(settings, None, false, Some(&args)).await
             }
             Some(Command::Ps) => runs_cmd::ps(&cli.common).await,
             Some(Command::Stop { id, daemon }) => {

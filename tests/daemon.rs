@@ -103,7 +103,8 @@ async fn the_socket_is_private_and_bad_frames_close_only_their_client() {
         daemon.request(&Request::List),
         Reply::Runs {
             runs: vec![],
-            workstations: vec![]
+            workstations: vec![],
+            served: vec![]
         }
     );
 

@@ -276,10 +276,10 @@ async fn llama_cpp_holds_a_call_to_its_grammar_only_once_it_opens() {
             Role::User,
             "Tell me about the sky and the sea.",
         )],
-        kiln::engine::Format::Calls {
+        Some(kiln::engine::Format::Calls {
             trigger: " the".into(),
             pattern: pattern.into(),
-        },
+        }),
     );
     let reply = common::finish(turn).await;
     assert_eq!(reply.error, None);

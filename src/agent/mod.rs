@@ -1050,7 +1050,7 @@ impl<A: Approver> Agent<'_, A> {
         format: Option<&Format>,
     ) -> Result<(String, FinishReason, GenStats), TurnError> {
         let mut turn = match format {
-            Some(f) => self.engine.respond(input, f.clone()),
+            Some(f) => self.engine.respond(input, Some(f.clone())),
             None => self.engine.chat(crate::engine::as_one_message(&input)),
         };
         loop {

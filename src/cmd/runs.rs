@@ -87,7 +87,11 @@ pub async fn ps(common: &Common) -> Result<i32> {
 
 async fn daemon_ps(stream: &mut tokio::net::UnixStream) -> Result<()> {
     match ask(stream, &Request::List).await? {
-        Reply::Runs { runs, workstations } => {
+        Reply::Runs {
+            runs,
+            workstations,
+            served,
+        } => {
             println!(
                 "{:<22} {:<9} {:<18} {:>7} {:>8}  TITLE",
                 "SESSION", "TERMINALS", "STATE", "TOK/S", "KV TOK"
@@ -131,6 +135,25 @@ async fn daemon_ps(stream: &mut tokio::net::UnixStream) -> Result<()> {
                     state,
                     crate::layout::rate(r.tok_s),
                     r.context_tokens
+                );
+            }
+            if !served.is_empty() {
+                println!();
+                println!(
+                    "{:<8} {:<11} {:<9} {:>6} {:>8} {:>8}  CLIENT",
+                    "REQUEST", "API", "STATE", "SECS", "PROMPT", "TOKENS"
+                );
+            }
+            for s in served {
+                println!(
+                    "{:<8} {:<11} {:<9} {:>6.1} {:>8} {:>8}  {}",
+                    s.id,
+                    visible_line(&s.endpoint),
+                    visible_line(&s.phase),
+                    s.seconds,
+                    s.prompt_tokens,
+                    s.completion_tokens,
+                    visible_line(&s.client)
                 );
             }
             Ok(())

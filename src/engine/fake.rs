@@ -183,7 +183,7 @@ impl Engine for FakeEngine {
         &mut self,
         turn: u64,
         input: Vec<Message>,
-        _format: Format,
+        _format: Option<Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
@@ -192,6 +192,17 @@ impl Engine for FakeEngine {
 
     fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
         self.conversation.tools = tools;
+    }
+
+    /// The next scripted reply as the prompt's continuation, outside the
+    /// conversation.
+    async fn complete(&mut self, turn: u64, prompt: String, out: &EventSink, cancel: &CancelFlag) {
+        let text = self
+            .script
+            .pop_front()
+            .unwrap_or_else(|| format!("echo: {prompt}"));
+        self.stream(turn, words(&prompt), &text, "", out, cancel)
+            .await;
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {

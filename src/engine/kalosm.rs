@@ -476,11 +476,11 @@ impl Engine for KalosmEngine {
         &mut self,
         turn: u64,
         input: Vec<Message>,
-        format: Format,
+        format: Option<Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let result = self.run_turn(turn, input, Some(&format), out, cancel).await;
+        let result = self.run_turn(turn, input, format.as_ref(), out, cancel).await;
         end_turn(turn, result, out);
     }
 

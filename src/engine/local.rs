@@ -169,11 +169,15 @@ impl Engine for LocalEngine {
         &mut self,
         turn: u64,
         input: Vec<Message>,
-        format: Format,
+        format: Option<Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
         each!(self, e => e.chat_constrained(turn, input, format, out, cancel).await)
+    }
+
+    async fn complete(&mut self, turn: u64, prompt: String, out: &EventSink, cancel: &CancelFlag) {
+        each!(self, e => e.complete(turn, prompt, out, cancel).await)
     }
 
     fn set_tools(&mut self, tools: Vec<serde_json::Value>) {

@@ -105,16 +105,23 @@ pub enum EngineCommand {
         out: EventSink,
     },
     /// Add `input` (a user message, or tool results) and generate the
-    /// answer held to `format`.
+    /// answer, held to `format` where one is given.
     ChatConstrained {
         turn: u64,
         input: Vec<Message>,
-        format: Format,
+        format: Option<Format>,
         out: EventSink,
     },
     /// Continue the last (cut off) answer.
     Continue {
         turn: u64,
+        out: EventSink,
+    },
+    /// Continue `prompt` as raw text, outside the conversation and its
+    /// chat template (`/v1/completions`).
+    Complete {
+        turn: u64,
+        prompt: String,
         out: EventSink,
     },
     SetSystemPrompt(Option<String>),
@@ -184,14 +191,14 @@ pub trait Engine: Send + 'static {
 
     /// Like `chat` with `input` (a user message, or tool results in the
     /// template's tool role), the answer held to `format` by constrained
-    /// decoding. Engines that cannot constrain, or hold no tools, take the
-    /// input as one user message and generate freely; callers validate
-    /// either way.
+    /// decoding where one is given. Engines that cannot constrain, or hold
+    /// no tools, take the input as one user message and generate freely;
+    /// callers validate either way.
     fn chat_constrained(
         &mut self,
         turn: u64,
         input: Vec<Message>,
-        format: Format,
+        format: Option<Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send {
@@ -213,6 +220,23 @@ pub trait Engine: Send + 'static {
         out: &EventSink,
         cancel: &CancelFlag,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Continue `prompt` as raw text, without the chat template; the
+    /// conversation is left as it was.
+    fn complete(
+        &mut self,
+        turn: u64,
+        prompt: String,
+        out: &EventSink,
+        cancel: &CancelFlag,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (prompt, cancel);
+        let _ = out.send(EngineEvent::TurnFailed {
+            turn,
+            error: format!("the {} engine completes chats only", self.info().engine),
+        });
+        std::future::ready(())
+    }
 
     fn set_system_prompt(&mut self, prompt: Option<String>);
     fn set_history(&mut self, messages: Vec<Message>);
@@ -406,13 +430,13 @@ impl EngineHandle {
     ) -> TurnStream {
         self.respond(
             vec![Message::new(Role::User, message)],
-            Format::Whole(pattern.into()),
+            Some(Format::Whole(pattern.into())),
         )
     }
 
     /// Send `input` (a user message, or tool results); the answer is held
-    /// to `format`.
-    pub fn respond(&self, input: Vec<Message>, format: Format) -> TurnStream {
+    /// to `format` where one is given.
+    pub fn respond(&self, input: Vec<Message>, format: Option<Format>) -> TurnStream {
         self.turn(|turn, out| EngineCommand::ChatConstrained {
             turn,
             input,
@@ -424,6 +448,12 @@ impl EngineHandle {
     /// Continue the last answer.
     pub fn continue_last(&self) -> TurnStream {
         self.turn(|turn, out| EngineCommand::Continue { turn, out })
+    }
+
+    /// Continue `prompt` as raw text.
+    pub fn complete(&self, prompt: impl Into<String>) -> TurnStream {
+        let prompt = prompt.into();
+        self.turn(|turn, out| EngineCommand::Complete { turn, prompt, out })
     }
 
     pub fn send(&self, command: EngineCommand) {
@@ -501,6 +531,9 @@ fn run<E: Engine>(mut engine: E, pool: Arc<Pool>) -> EngineHandle {
                 }
                 EngineCommand::Continue { turn, out } => {
                     engine.continue_last(turn, &out, &cancel).await
+                }
+                EngineCommand::Complete { turn, prompt, out } => {
+                    engine.complete(turn, prompt, &out, &cancel).await
                 }
                 EngineCommand::SetSystemPrompt(p) => engine.set_system_prompt(p),
                 EngineCommand::SetHistory(m) => engine.set_history(m),

@@ -364,7 +364,7 @@ impl RemoteEngine {
 }
 
 /// The innermost error, which says what actually went wrong.
-fn root_cause(e: &dyn std::error::Error) -> String {
+pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
         cause = next;

@@ -23,7 +23,7 @@ use crate::app::Pasted;
 /// notices among its events, the attach snapshot's dropped count; 11: an
 /// agent resumed; 12: native tool calls (the run's reasoning and how it
 /// calls tools in its progress, `--tool-calls` among the agent flags).
-pub const VERSION: u32 = 12;
+pub const VERSION: u32 = 13;
 /// Room for a cut paste (1 MiB) even where JSON escapes every byte.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest question `kiln ask` sends the daemon (one that JSON
@@ -236,6 +236,9 @@ pub enum Reply {
         /// The conversations open in workstations, oldest first.
         #[serde(default)]
         workstations: Vec<crate::host::workstation::Status>,
+        /// The API's requests in flight, where the daemon serves it.
+        #[serde(default)]
+        served: Vec<crate::serve::ledger::ServedRequest>,
     },
     Stopping {
         id: String,

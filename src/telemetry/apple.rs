@@ -131,7 +131,7 @@ pub struct SocReading {
 }
 
 /// The GPU's clock and load, for the thermal panel.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GpuLoad {
     pub mhz: u32,
     /// Busy share, 0 to 1.

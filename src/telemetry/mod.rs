@@ -6,6 +6,7 @@
 
 pub mod alarms;
 pub mod apple;
+pub mod remote;
 #[cfg(target_os = "linux")]
 pub mod linux;
 #[cfg(target_os = "macos")]
@@ -13,7 +14,7 @@ mod macos;
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::procinfo;
@@ -81,7 +82,7 @@ impl MemorySnapshot {
 }
 
 /// Pages moved between memory and swap, in bytes per second.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SwapRate {
     pub in_bytes_per_s: f64,
     pub out_bytes_per_s: f64,
@@ -89,13 +90,13 @@ pub struct SwapRate {
 
 /// Linux pressure stall information: the share of the last 10 s in which
 /// some (or all) tasks waited for memory.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Psi {
     pub some_avg10: f32,
     pub full_avg10: Option<f32>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum PressureLevel {
     Normal,
@@ -103,7 +104,7 @@ pub enum PressureLevel {
     Critical,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Pressure {
     pub level: PressureLevel,
     pub psi: Option<Psi>,
@@ -129,21 +130,21 @@ impl Pressure {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ProcessStats {
     pub rss: u64,
     /// CPU time used since the previous sample, in percent of one core.
     pub cpu_percent: Option<f32>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Temperature {
     pub label: String,
     pub celsius: f32,
     pub critical: Option<f32>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Throttle {
     /// Mean current / maximum CPU clock. Low values on an idle machine are
     /// power saving, not throttling.
@@ -169,7 +170,7 @@ impl Throttle {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Sample {
     /// 0 for the first sample, then counting up.
     pub seq: u64,

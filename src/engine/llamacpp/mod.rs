@@ -380,16 +380,31 @@ impl Engine for LlamaCppEngine {
         &mut self,
         turn: u64,
         input: Vec<Message>,
-        format: Format,
+        format: Option<Format>,
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let result = self.run_turn(turn, input, Some(&format), out, cancel).await;
+        let result = self.run_turn(turn, input, format.as_ref(), out, cancel).await;
         end_turn(turn, result, out);
     }
 
     fn set_tools(&mut self, tools: Vec<serde_json::Value>) {
         self.conv.tools = tools;
+    }
+
+    async fn complete(&mut self, turn: u64, prompt: String, out: &EventSink, cancel: &CancelFlag) {
+        let tokens = self.count_tokens(&prompt);
+        let limit = self.info.context_limit;
+        let result = match tokens < limit {
+            true => self
+                .generate(turn, (prompt, tokens), "", None, out, cancel)
+                .await
+                .map(drop),
+            false => Err(format!(
+                "the prompt is {tokens} tokens; the context window is {limit}"
+            )),
+        };
+        end_turn(turn, result, out);
     }
 
     async fn continue_last(&mut self, turn: u64, out: &EventSink, cancel: &CancelFlag) {

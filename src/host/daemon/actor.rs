@@ -168,6 +168,8 @@ pub(super) struct Actor {
     idle_exit: Option<Duration>,
     idle_period: u64,
     exit: Arc<tokio::sync::Notify>,
+    /// The API's requests in flight, where the daemon serves it.
+    served: Option<tokio::sync::watch::Receiver<crate::serve::ledger::Served>>,
 }
 
 impl Model {
@@ -214,7 +216,18 @@ impl Actor {
             idle_exit,
             idle_period: 0,
             exit,
+            served: None,
         }
+    }
+
+    /// The actor of a daemon that serves the API: `kiln ps` lists its
+    /// requests.
+    pub(super) fn serving(
+        mut self,
+        served: Option<tokio::sync::watch::Receiver<crate::serve::ledger::Served>>,
+    ) -> Actor {
+        self.served = served;
+        self
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ActorMsg>) {
@@ -546,6 +559,11 @@ impl Actor {
                     .iter()
                     .map(|w| w.status.borrow().clone())
                     .collect(),
+                served: self
+                    .served
+                    .as_ref()
+                    .map(|s| s.borrow().active.clone())
+                    .unwrap_or_default(),
             },
             Request::Stop { id } => {
                 if let Some(run) = self.runs.get(&id) {

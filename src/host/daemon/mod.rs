@@ -39,16 +39,32 @@ use crate::telemetry;
 /// `idle_exit`: exit this long after the last terminal's conversation and
 /// run end (a daemon a client started); `None` runs until SIGTERM.
 /// `resume_on_start` (or `[agent] resume_on_start`): resume the detached
-/// runs the daemon was hosting when it died.
+/// runs the daemon was hosting when it died. `serve` (`kiln serve`), or
+/// `listen` in `[serve]`: serve the model's OpenAI-compatible API too, for
+/// as long as the daemon runs.
 pub async fn run(
     settings: Settings,
     idle_exit: Option<Duration>,
     resume_on_start: bool,
+    serve: Option<&crate::serve::ServeArgs>,
 ) -> Result<i32> {
     let common = &settings.common;
-    let (paths, _) = launch::paths_and_config(common)?;
+    let (paths, config) = launch::paths_and_config(common)?;
+    // Checked and bound before the model loads, so a refusal costs nothing.
+    let listening = config
+        .serve
+        .with(serve)
+        .map(|c| crate::serve::bind(&c))
+        .transpose()?;
+    // A daemon serving the API stays up for its clients.
+    let idle_exit = idle_exit.filter(|_| listening.is_none());
     let path = socket_path(&paths);
-    let listener = bind(&path)?;
+    let listener = bind(&path).map_err(|e| match serve {
+        Some(_) => KilnError::Store(format!(
+            "{e}: stop it first (kiln stop --daemon), or set listen in [serve] in config.toml so that it serves"
+        )),
+        None => e,
+    })?;
     let started = launch::start(common).await?;
     let keys = workstation::key_map(common, &started)?;
     let resume_on_start = resume_on_start || started.config.agent.resume_on_start;
@@ -59,6 +75,20 @@ pub async fn run(
     let exit = Arc::new(tokio::sync::Notify::new());
     let samples =
         telemetry::spawn_with_bandwidth(Duration::from_secs(1), started.paths.cache.clone());
+    let served = match listening {
+        Some(listening) => {
+            let addr = listening.addr;
+            let served = crate::serve::start(
+                listening,
+                engine.clone(),
+                started.config.sampling.clone(),
+                samples.clone(),
+            )?;
+            eprintln!("kiln: serving the OpenAI API on http://{addr}/v1");
+            Some(served)
+        }
+        None => None,
+    };
     let actor = Actor::new(
         tx.clone(),
         engine,
@@ -75,7 +105,8 @@ pub async fn run(
         }),
         idle_exit,
         exit.clone(),
-    );
+    )
+    .serving(served);
     tokio::spawn(actor.run(rx));
     if resume_on_start {
         let _ = tx.send(ActorMsg::ResumeInterrupted);

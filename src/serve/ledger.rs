@@ -1,0 +1,208 @@
+//! The requests a node is serving, as `kiln ps`, the panels and
+//! `/kiln/v1/telemetry` show them: a task that request handlers tell what
+//! they do, publishing the list on a `watch` channel.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::chat::GenStats;
+
+/// One request in flight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServedRequest {
+    pub id: u64,
+    /// The client's address, and the `user` it gave.
+    pub client: String,
+    pub endpoint: String,
+    /// `queued`, `prefill` or `decoding`.
+    pub phase: String,
+    pub seconds: f64,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What the node serves now, and the last answer's speeds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Served {
+    pub active: Vec<ServedRequest>,
+    pub answered: u64,
+    /// The last finished answer's figures.
+    pub last: Option<GenStats>,
+}
+
+#[derive(Debug)]
+enum Note {
+    Open {
+        id: u64,
+        client: String,
+        endpoint: &'static str,
+    },
+    Started {
+        id: u64,
+        prompt_tokens: usize,
+    },
+    Token(u64),
+    Closed {
+        id: u64,
+        stats: Option<GenStats>,
+    },
+}
+
+/// A handler's line to the ledger.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    notes: mpsc::UnboundedSender<Note>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One request's entry; closing it (or dropping it) takes it off.
+pub struct Entry {
+    id: u64,
+    notes: mpsc::UnboundedSender<Note>,
+    stats: Option<GenStats>,
+}
+
+impl Entry {
+    pub fn started(&self, prompt_tokens: usize) {
+        let _ = self.notes.send(Note::Started {
+            id: self.id,
+            prompt_tokens,
+        });
+    }
+
+    pub fn token(&self) {
+        let _ = self.notes.send(Note::Token(self.id));
+    }
+
+    pub fn finished(&mut self, stats: GenStats) {
+        self.stats = Some(stats);
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let _ = self.notes.send(Note::Closed {
+            id: self.id,
+            stats: self.stats.take(),
+        });
+    }
+}
+
+/// Progress is published this often at most; opening and closing at once.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+impl Ledger {
+    pub fn spawn() -> (Ledger, watch::Receiver<Served>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (publish, served) = watch::channel(Served::default());
+        tokio::spawn(async move {
+            let mut open: BTreeMap<u64, (Instant, ServedRequest)> = BTreeMap::new();
+            let mut view = Served::default();
+            let mut published = Instant::now();
+            while let Some(note) = rx.recv().await {
+                let now_too = matches!(note, Note::Open { .. } | Note::Closed { .. });
+                match note {
+                    Note::Open {
+                        id,
+                        client,
+                        endpoint,
+                    } => {
+                        let request = ServedRequest {
+                            id,
+                            client,
+                            endpoint: endpoint.into(),
+                            phase: "queued".into(),
+                            seconds: 0.0,
+                            prompt_tokens: 0,
+                            completion_tokens: 0,
+                        };
+                        open.insert(id, (Instant::now(), request));
+                    }
+                    Note::Started { id, prompt_tokens } => {
+                        if let Some((_, r)) = open.get_mut(&id) {
+                            r.phase = "prefill".into();
+                            r.prompt_tokens = prompt_tokens;
+                        }
+                    }
+                    Note::Token(id) => {
+                        if let Some((_, r)) = open.get_mut(&id) {
+                            r.phase = "decoding".into();
+                            r.completion_tokens += 1;
+                        }
+                    }
+                    Note::Closed { id, stats } => {
+                        open.remove(&id);
+                        if let Some(stats) = stats {
+                            view.answered += 1;
+                            view.last = Some(stats);
+                        }
+                    }
+                }
+                if now_too || published.elapsed() >= PUBLISH_EVERY {
+                    view.active = open
+                        .values()
+                        .map(|(since, r)| ServedRequest {
+                            seconds: since.elapsed().as_secs_f64(),
+                            ..r.clone()
+                        })
+                        .collect();
+                    publish.send_replace(view.clone());
+                    published = Instant::now();
+                }
+            }
+        });
+        let ledger = Ledger {
+            notes: tx,
+            next: Default::default(),
+        };
+        (ledger, served)
+    }
+
+    pub fn open(&self, client: String, endpoint: &'static str) -> Entry {
+        let id = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let _ = self.notes.send(Note::Open {
+            id,
+            client,
+            endpoint,
+        });
+        Entry {
+            id,
+            notes: self.notes.clone(),
+            stats: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_shows_while_it_runs_and_leaves_its_figures() {
+        let (ledger, mut served) = Ledger::spawn();
+        let mut entry = ledger.open("127.0.0.1 (alice)".into(), "chat");
+        entry.started(12);
+        served.changed().await.unwrap();
+        assert_eq!(served.borrow().active[0].client, "127.0.0.1 (alice)");
+        entry.finished(GenStats {
+            completion_tokens: 3,
+            ..GenStats::default()
+        });
+        drop(entry);
+        loop {
+            served.changed().await.unwrap();
+            let now = served.borrow().clone();
+            if now.active.is_empty() {
+                assert_eq!(now.answered, 1);
+                assert_eq!(now.last.unwrap().completion_tokens, 3);
+                break;
+            }
+        }
+    }
+}

@@ -32,6 +32,8 @@ pub struct Shaper {
     sent: usize,
     phase: Phase,
     started: bool,
+    /// Just past the thinking: the blank before the answer is dropped.
+    after_thinking: bool,
 }
 
 /// How the answer ended, once its last text is in.
@@ -54,6 +56,7 @@ impl Shaper {
             sent: 0,
             phase: Phase::Answer,
             started: !thinking,
+            after_thinking: false,
         }
     }
 
@@ -84,10 +87,9 @@ impl Shaper {
                 Phase::Thinking => match rest.find(thinking::CLOSE) {
                     Some(i) => {
                         push(&mut out, Piece::Reasoning(rest[..i].to_string()));
-                        let after = &rest[i + thinking::CLOSE.len()..];
-                        let blank = after.len() - after.trim_start().len();
-                        self.sent += i + thinking::CLOSE.len() + blank;
+                        self.sent += i + thinking::CLOSE.len();
                         self.phase = Phase::Answer;
+                        self.after_thinking = true;
                     }
                     None => {
                         let end = rest.len() - held(rest, [thinking::CLOSE]);
@@ -96,6 +98,14 @@ impl Shaper {
                         return out;
                     }
                 },
+                Phase::Answer if self.after_thinking => {
+                    let blank = rest.len() - rest.trim_start().len();
+                    self.sent += blank;
+                    if blank == rest.len() {
+                        return out;
+                    }
+                    self.after_thinking = false;
+                }
                 Phase::Answer => {
                     let stop = self
                         .stops

@@ -66,6 +66,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Unique among the node's requests.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn started(&self, prompt_tokens: usize) {
         let _ = self.notes.send(Note::Started {
             id: self.id,

@@ -158,6 +158,7 @@ pub fn start(
         samples,
         served: served.clone(),
         name: sysinfo::System::host_name().unwrap_or_else(|_| "node".to_string()),
+        tag: rand::random(),
     });
     let connections = caps.max_connections.min(open_files_allowed().saturating_sub(64)).max(16);
     tokio::spawn(accept(listener, routes::router(node), connections));

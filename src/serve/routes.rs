@@ -46,6 +46,9 @@ pub struct Node {
     pub served: watch::Receiver<Served>,
     /// The machine's name, for the panels of the kiln at the other end.
     pub name: String,
+    /// Starts every answer's id, so that ids differ between runs of the
+    /// node.
+    pub tag: u32,
 }
 
 pub fn router(node: Arc<Node>) -> Router {
@@ -416,7 +419,7 @@ async fn chat(
     let stream = lease.respond(plan.input, plan.format);
     let answer = Answer {
         api: Api::Chat,
-        id: format!("chatcmpl-{}", stream.turn),
+        id: format!("chatcmpl-{:08x}{}", node.tag, entry.id()),
         model: node.info.name.clone(),
         created: unix_now(),
         usage_in_stream: request.stream_options.is_some_and(|o| o.include_usage),
@@ -455,7 +458,7 @@ async fn completions(
     let stream = lease.complete(prompt);
     let answer = Answer {
         api: Api::Completion,
-        id: format!("cmpl-{}", stream.turn),
+        id: format!("cmpl-{:08x}{}", node.tag, entry.id()),
         model: node.info.name.clone(),
         created: unix_now(),
         usage_in_stream: request.stream_options.is_some_and(|o| o.include_usage),

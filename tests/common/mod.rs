@@ -331,7 +331,8 @@ fn venv_python(name: &str, requirement: &str, check: &str) -> std::path::PathBuf
             "python3 -m venv failed: scripts/setup --test installs python3-venv"
         );
         let installed = std::process::Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", requirement])
+            .args(["install", "-q"])
+            .args(requirement.split_whitespace())
             .status()
             .is_ok_and(|s| s.success());
         assert!(
@@ -651,6 +652,85 @@ pub fn daemon_pid(home: &std::path::Path) -> Option<i32> {
         let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
         (daemon && ours).then_some(pid)
     })
+}
+
+/// Python with the official `openai` client and `jsonschema`, the way a
+/// user's script talks to `kiln serve`.
+pub fn openai_python() -> std::path::PathBuf {
+    venv_python(
+        "kiln-openai-venv",
+        "openai==3.51.0 jsonschema==4.26.0",
+        "import openai, jsonschema",
+    )
+}
+
+/// `kiln serve` on loopback in a data folder of its own, serving `model`;
+/// stopped (SIGTERM, as a user's Ctrl-C) when dropped.
+pub struct KilnNode {
+    child: std::process::Child,
+    pub port: u16,
+    pub home: tempfile::TempDir,
+}
+
+impl KilnNode {
+    /// `key`: the API key clients must send; `args`: more flags.
+    pub async fn start(model: &std::path::Path, key: Option<&str>, args: &[&str]) -> KilnNode {
+        let home = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.env("KILN_HOME", home.path())
+            .arg("--model")
+            .arg(model)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(home.path().join("serve.log")).unwrap());
+        if let Some(key) = key {
+            cmd.env("KILN_TEST_API_KEY", key)
+                .args(["--api-key-env", "KILN_TEST_API_KEY"]);
+        }
+        let child = cmd.spawn().expect("start kiln serve");
+        let node = KilnNode { child, port, home };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let up = reqwest::get(format!("http://127.0.0.1:{port}/health"))
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if up {
+                return node;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kiln serve did not come up: {}",
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("serve.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for KilnNode {
+    fn drop(&mut self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Python with the `mcp` package, for the MCP test servers.

@@ -55,9 +55,15 @@ async fn the_openai_client_streams_calls_a_tool_holds_a_schema_cancels_and_serve
     assert!(whole["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
     let streamed = &seen["streamed"];
-    assert!(!streamed["content"].as_str().unwrap().is_empty(), "{streamed}");
+    assert!(
+        !streamed["content"].as_str().unwrap().is_empty(),
+        "{streamed}"
+    );
     assert!(streamed["chunks"].as_u64().unwrap() > 3, "{streamed}");
-    assert!(streamed["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{streamed}");
+    assert!(
+        streamed["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{streamed}"
+    );
     // The resent conversation's prefix came from the KV cache.
     let cached = seen["again_usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
@@ -79,7 +85,10 @@ async fn the_openai_client_streams_calls_a_tool_holds_a_schema_cancels_and_serve
 
     let eight = seen["eight"].as_array().unwrap();
     assert_eq!(eight.len(), 8);
-    assert!(eight.iter().all(|f| f == "stop" || f == "length"), "{eight:?}");
+    assert!(
+        eight.iter().all(|f| f == "stop" || f == "length"),
+        "{eight:?}"
+    );
 
     assert_eq!(seen["wrong_key"], 401);
     assert_eq!(seen["unknown_model"], 404);
@@ -224,7 +233,9 @@ async fn hostile_input_gets_a_status_and_a_json_error_and_the_node_keeps_serving
     // The key is in no log, journal or listing.
     let mut logged = node.log();
     for entry in walk(node.home.path()) {
-        logged.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap_or_default()));
+        logged.push_str(&String::from_utf8_lossy(
+            &std::fs::read(entry).unwrap_or_default(),
+        ));
     }
     assert!(!logged.contains(KEY), "the API key was written down");
 }
@@ -258,23 +269,26 @@ async fn another_kiln_asks_the_node_and_kiln_ps_lists_what_it_serves() {
         .to_string();
 
     // kiln's own remote engine, at the other end.
-    let client = tempfile::tempdir().unwrap();
-    std::fs::write(
-        client.path().join("config.toml"),
-        format!(
-            "[endpoints.studio]\nbase_url = \"{}\"\nmodel = \"{id}\"\n",
-            node.base_url()
-        ),
-    )
-    .unwrap();
+    let client = client_home(&node, &id);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", client.path())
-        .args(["--engine", "remote:studio", "--max-tokens", "12", "ask", "--ephemeral"])
+        .args([
+            "--engine",
+            "remote:studio",
+            "--max-tokens",
+            "12",
+            "ask",
+            "--ephemeral",
+        ])
         .arg("Name a colour.")
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 
     // A long streamed answer shows in `kiln ps` while it runs, under the
@@ -298,7 +312,10 @@ async fn another_kiln_asks_the_node_and_kiln_ps_lists_what_it_serves() {
         .await
         .unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout).to_string();
-    assert!(ps.contains("127.0.0.1 (editor)") && ps.contains("chat"), "{ps}");
+    assert!(
+        ps.contains("127.0.0.1 (editor)") && ps.contains("chat"),
+        "{ps}"
+    );
     drop(body);
 }
 
@@ -309,11 +326,86 @@ fn a_reachable_listener_without_a_key_is_refused_at_start() {
     let home = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", home.path())
-        .args(["--model", "/nonexistent.gguf", "serve", "--listen", "0.0.0.0:0"])
+        .args([
+            "--model",
+            "/nonexistent.gguf",
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("no API key") && err.contains("--api-key-env"), "{err}");
+    assert!(
+        err.contains("no API key") && err.contains("--api-key-env"),
+        "{err}"
+    );
+}
+
+/// The client's config naming the node as endpoint `studio`.
+fn client_home(node: &KilnNode, model: &str) -> tempfile::TempDir {
+    let client = tempfile::tempdir().unwrap();
+    std::fs::write(
+        client.path().join("config.toml"),
+        format!(
+            "[endpoints.studio]\nbase_url = \"{}\"\nmodel = \"{model}\"\n\n[endpoints.plain]\nbase_url = \"{}\"\nmodel = \"{model}\"\n",
+            node.base_url(),
+            // Not a kiln node: the same server under a path with no telemetry.
+            node.base_url().replace("/v1", "/other/v1"),
+        ),
+    )
+    .unwrap();
+    client
+}
+
+/// The workstation on `--engine remote:studio` shows the node's memory,
+/// swap and heat under the node's name beside its own panels, and answers
+/// through it; pointed at an endpoint with no kiln telemetry, the panel
+/// says the figures are not available.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workstation_on_a_kiln_node_shows_the_nodes_panels_in_a_real_terminal() {
+    let _turn = common::one_engine_at_a_time().await;
+    let model = common::model().await.path;
+    let node = KilnNode::start(&model, None, &[]).await;
+    let id: serde_json::Value = reqwest::get(format!("{}/models", node.base_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let client = client_home(&node, id["data"][0]["id"].as_str().unwrap());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let home = client.path().to_path_buf();
+    let run = move |engine: &str| {
+        format!(
+            "KILN_HOME={} {} --no-daemon --engine {engine}",
+            home.display(),
+            env!("CARGO_BIN_EXE_kiln")
+        )
+    };
+    let blocking = tokio::task::spawn_blocking(move || {
+        let tmux = common::Tmux::start("node", 160, 48, &run("remote:studio"));
+        let title = format!("node {}", host.chars().take(24).collect::<String>());
+        tmux.wait_for("the node's panel", 30, |s| {
+            s.contains(&title) && s.contains("seats")
+        });
+        tmux.send(&["Name a colour.", "Enter"]);
+        let screen = tmux.wait_for("an answer through the node", 60, |s| {
+            s.contains("TTFT") && s.contains("decode") && !s.contains("answering")
+        });
+        assert!(screen.contains(&title), "{screen}");
+        drop(tmux);
+
+        let tmux = common::Tmux::start("plain", 160, 48, &run("remote:plain"));
+        tmux.wait_for("the panel to say the figures are not available", 30, |s| {
+            s.contains("not a kiln node")
+        });
+    });
+    blocking.await.unwrap();
+    drop(client);
 }

@@ -264,6 +264,8 @@ pub enum Msg {
     Resize(u16, u16),
     Engine(EngineEvent, Instant),
     Telemetry(Sample),
+    /// The endpoint's node, as its telemetry says.
+    Node(crate::telemetry::remote::RemoteNode),
     Journal(Report),
     Sessions(Vec<PickerItem>),
     Agent(AgentMsg),
@@ -319,6 +321,8 @@ pub struct State {
     pub agent: Option<AgentView>,
     /// `remote:NAME` while the conversation runs on an endpoint.
     pub remote: Option<String>,
+    /// What the endpoint's node reports of itself, while on one.
+    pub node: crate::telemetry::remote::RemoteNode,
     pub panels: Panels,
     /// Whether answers show their thinking whole rather than folded.
     pub show_thinking: bool,
@@ -365,6 +369,7 @@ impl State {
             picker: Picker::default(),
             agent: None,
             remote: None,
+            node: Default::default(),
             panels: Panels::Auto,
             show_thinking: false,
             size: (80, 24),
@@ -532,6 +537,10 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::Engine(event, at) => on_engine(state, event, at),
         Msg::Telemetry(sample) => on_sample(state, sample),
+        Msg::Node(node) => {
+            state.node = node;
+            Vec::new()
+        }
         Msg::Agent(msg) => on_agent(state, msg),
         Msg::Sessions(items) => {
             state.picker = Picker {
@@ -560,6 +569,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
                     state.shape = to.shape;
                 }
                 state.remote = to.remote;
+                state.node = Default::default();
             }
             let line = match offload {
                 true => format!("the next turn would outgrow this machine: {line}"),

@@ -27,6 +27,7 @@ use crate::host::runtime::Runtime;
 use crate::keys::KeyMap;
 use crate::store::session::OpenSession;
 use crate::store::{Loaded, SessionStore};
+use crate::telemetry::remote::RemoteNode;
 use crate::telemetry::Sample;
 use crate::theme::{self, Theme};
 use crate::ui;
@@ -183,6 +184,11 @@ pub struct Host {
     /// Where user themes live, and the config's theme.
     themes_dir: Option<PathBuf>,
     default_theme: String,
+    /// The endpoints a conversation can run on, for their nodes' figures.
+    config: crate::config::Config,
+    /// The node followed while the conversation runs on an endpoint: its
+    /// `remote:NAME`, and its reports.
+    node: Option<(String, watch::Receiver<RemoteNode>)>,
 }
 
 impl Host {
@@ -211,6 +217,7 @@ impl Host {
         if spec.starts_with("remote:") {
             state.remote = Some(spec);
         }
+        let config = started.config.clone();
         let runtime = Runtime::new(common, started, samples.clone());
         let mut host = Host {
             state,
@@ -219,7 +226,10 @@ impl Host {
             clients: Vec::new(),
             themes_dir: config_file.parent().map(|d| d.join("themes")),
             default_theme,
+            config,
+            node: None,
         };
+        host.follow_node();
         if let Some(r) = resumed {
             let msg = host.runtime.resume(r.loaded, r.open, &r.dir).await;
             host.apply(msg).await;
@@ -292,6 +302,7 @@ impl Host {
                     Ok(()) => Msg::Telemetry(self.samples.borrow_and_update().clone()),
                     Err(_) => continue,
                 },
+                node = node_report(&mut self.node) => Msg::Node(node),
                 _ = tokio::time::sleep_until(next_frame), if dirty => continue,
             };
             self.apply(msg).await;
@@ -310,6 +321,20 @@ impl Host {
         }
     }
 
+    /// Follow the node of the endpoint the conversation runs on, if it
+    /// changed.
+    fn follow_node(&mut self) {
+        let wanted = self.state.remote.clone();
+        if self.node.as_ref().map(|(name, _)| name) == wanted.as_ref() {
+            return;
+        }
+        self.node = wanted.and_then(|spec| {
+            let name = spec.strip_prefix("remote:")?.to_string();
+            let endpoint = self.config.endpoint(&name).ok()?;
+            Some((spec, crate::telemetry::remote::follow(&name, &endpoint)))
+        });
+    }
+
     /// `update` with `msg`, then the effects it returns, and so on with the
     /// messages they bring back, in order.
     async fn apply(&mut self, msg: Msg) {
@@ -319,6 +344,7 @@ impl Host {
                 queue.extend(self.runtime.perform(effect).await);
             }
         }
+        self.follow_node();
         for seq in std::mem::take(&mut self.runtime.outbox) {
             for c in &self.clients {
                 let _ = c.out.try_send(Screen::Frame(seq.clone()));
@@ -581,4 +607,14 @@ mod tests {
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(messages[1].content.ends_with("w149"));
     }
+}
+
+/// The followed node's next report; never, when none is followed.
+async fn node_report(node: &mut Option<(String, watch::Receiver<RemoteNode>)>) -> RemoteNode {
+    if let Some((_, reports)) = node {
+        if reports.changed().await.is_ok() {
+            return reports.borrow_and_update().clone();
+        }
+    }
+    std::future::pending().await
 }

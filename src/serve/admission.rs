@@ -115,7 +115,10 @@ impl Gate {
         };
         match bool::from(digest(given.as_bytes()).ct_eq(key)) {
             true => Ok(()),
-            false => Err(ApiError::new(StatusCode::UNAUTHORIZED, "the API key is wrong")),
+            false => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the API key is wrong",
+            )),
         }
     }
 
@@ -180,13 +183,23 @@ mod tests {
     #[test]
     fn only_the_nodes_key_is_let_in() {
         let gate = Gate::new(Some("sk-local-1234"), Caps::default(), 1);
-        assert!(gate.authorize(&headers(Some("Bearer sk-local-1234"))).is_ok());
-        for bad in [None, Some("Bearer sk-local-123"), Some("Bearer "), Some("sk-local-1234"), Some("Basic sk-local-1234")] {
+        assert!(gate
+            .authorize(&headers(Some("Bearer sk-local-1234")))
+            .is_ok());
+        for bad in [
+            None,
+            Some("Bearer sk-local-123"),
+            Some("Bearer "),
+            Some("sk-local-1234"),
+            Some("Basic sk-local-1234"),
+        ] {
             let e = gate.authorize(&headers(bad)).unwrap_err();
             assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{bad:?}");
             assert!(!e.message.contains("sk-local"));
         }
-        assert!(Gate::new(None, Caps::default(), 1).authorize(&headers(None)).is_ok());
+        assert!(Gate::new(None, Caps::default(), 1)
+            .authorize(&headers(None))
+            .is_ok());
     }
 
     #[test]
@@ -201,10 +214,16 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let t1 = gate.admit(a).unwrap();
         let _t2 = gate.admit(a).unwrap();
-        assert_eq!(gate.admit(a).err().unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            gate.admit(a).err().unwrap().status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
         let _t3 = gate.admit(b).unwrap();
         // Two seats and one place in the queue are taken.
-        assert_eq!(gate.admit(b).err().unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            gate.admit(b).err().unwrap().status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         drop(t1);
         assert!(gate.admit(a).is_ok());
     }

@@ -252,8 +252,11 @@ mod tests {
 
     #[test]
     fn a_broken_call_is_text() {
-        let (_, content, ending) =
-            shaped_every_split("Sure <tool_call>\n{\"name\": ", &[], Some(ToolFormat::Hermes));
+        let (_, content, ending) = shaped_every_split(
+            "Sure <tool_call>\n{\"name\": ",
+            &[],
+            Some(ToolFormat::Hermes),
+        );
         assert_eq!(content, "Sure <tool_call>\n{\"name\": ");
         assert!(ending.calls.is_empty());
     }

@@ -167,10 +167,7 @@ impl Ledger {
     }
 
     pub fn open(&self, client: String, endpoint: &'static str) -> Entry {
-        let id = self
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let _ = self.notes.send(Note::Open {
             id,
             client,

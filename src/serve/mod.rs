@@ -100,7 +100,9 @@ pub fn bind(config: &ServeConfig) -> Result<Listening> {
         .to_socket_addrs()
         .map_err(|e| bad(format!("not an address to listen on ({e})")))?
         .collect();
-    let addr = *addrs.first().ok_or_else(|| bad("resolves to no address".into()))?;
+    let addr = *addrs
+        .first()
+        .ok_or_else(|| bad("resolves to no address".into()))?;
     let key = match &config.api_key_env {
         None => None,
         Some(var) => match std::env::var(var) {
@@ -160,7 +162,10 @@ pub fn start(
         name: sysinfo::System::host_name().unwrap_or_else(|_| "node".to_string()),
         tag: rand::random(),
     });
-    let connections = caps.max_connections.min(open_files_allowed().saturating_sub(64)).max(16);
+    let connections = caps
+        .max_connections
+        .min(open_files_allowed().saturating_sub(64))
+        .max(16);
     tokio::spawn(accept(listener, routes::router(node), connections));
     tracing::info!("serving on http://{}", listening.addr);
     Ok(served)
@@ -265,11 +270,23 @@ mod tests {
     #[test]
     fn a_reachable_address_without_a_key_is_refused_at_start() {
         let e = bind(&config("0.0.0.0:0", None)).err().unwrap().to_string();
-        assert!(e.contains("no API key") && e.contains("--api-key-env"), "{e}");
-        let e = bind(&config("127.0.0.1:0", Some("KILN_TEST_UNSET_KEY"))).err().unwrap().to_string();
-        assert!(e.contains("KILN_TEST_UNSET_KEY") && e.contains("not set"), "{e}");
+        assert!(
+            e.contains("no API key") && e.contains("--api-key-env"),
+            "{e}"
+        );
+        let e = bind(&config("127.0.0.1:0", Some("KILN_TEST_UNSET_KEY")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("KILN_TEST_UNSET_KEY") && e.contains("not set"),
+            "{e}"
+        );
         std::env::set_var("KILN_TEST_SHORT_KEY", "abc");
-        let e = bind(&config("127.0.0.1:0", Some("KILN_TEST_SHORT_KEY"))).err().unwrap().to_string();
+        let e = bind(&config("127.0.0.1:0", Some("KILN_TEST_SHORT_KEY")))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("shorter") && !e.contains("abc"), "{e}");
         assert!(bind(&config("127.0.0.1:0", None)).is_ok());
         std::env::set_var("KILN_TEST_GOOD_KEY", "sk-0123456789abcdef");
@@ -281,14 +298,23 @@ mod tests {
         let none = ServeConfig::default();
         assert_eq!(none.with(None), None);
         let args = ServeArgs::default();
-        assert_eq!(none.with(Some(&args)).unwrap().listen.as_deref(), Some(DEFAULT_LISTEN));
+        assert_eq!(
+            none.with(Some(&args)).unwrap().listen.as_deref(),
+            Some(DEFAULT_LISTEN)
+        );
         let configured = config("127.0.0.1:9000", Some("K"));
-        assert_eq!(configured.with(None).unwrap().listen.as_deref(), Some("127.0.0.1:9000"));
+        assert_eq!(
+            configured.with(None).unwrap().listen.as_deref(),
+            Some("127.0.0.1:9000")
+        );
         let args = ServeArgs {
             listen: Some("127.0.0.1:9001".into()),
             api_key_env: None,
         };
         let both = configured.with(Some(&args)).unwrap();
-        assert_eq!((both.listen.as_deref(), both.api_key_env.as_deref()), (Some("127.0.0.1:9001"), Some("K")));
+        assert_eq!(
+            (both.listen.as_deref(), both.api_key_env.as_deref()),
+            (Some("127.0.0.1:9001"), Some("K"))
+        );
     }
 }

@@ -294,7 +294,10 @@ impl Sampling {
                 format!("at most {MAX_STOPS} stop strings"),
             ));
         }
-        if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        if stops
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
             return Err(ApiError::field(
                 "stop",
                 format!("a stop string must be 1 to {MAX_STOP_BYTES} bytes"),
@@ -515,7 +518,10 @@ impl ChatRequest {
             if calls.is_empty() {
                 return Err(ApiError::field(
                     "tool_choice",
-                    format!("tool_choice names '{}', which is not in tools", shorten(name)),
+                    format!(
+                        "tool_choice names '{}', which is not in tools",
+                        shorten(name)
+                    ),
                 ));
             }
         }
@@ -532,9 +538,9 @@ impl ChatRequest {
     fn response_format(&self) -> Result<Option<Format>, ApiError> {
         match &self.response_format {
             None | Some(ResponseFormat::Text) => Ok(None),
-            Some(ResponseFormat::JsonObject) => Ok(Some(Format::Whole(json::object(
-                ARGUMENT_DEPTH + 1,
-            )))),
+            Some(ResponseFormat::JsonObject) => {
+                Ok(Some(Format::Whole(json::object(ARGUMENT_DEPTH + 1))))
+            }
             Some(ResponseFormat::JsonSchema { json_schema }) => {
                 let schema = json_schema.schema.as_ref().ok_or_else(|| {
                     ApiError::field("response_format", "json_schema without a schema")
@@ -547,14 +553,13 @@ impl ChatRequest {
 
 /// A JSON Schema as the regular expression of the JSON it allows.
 pub fn schema_pattern(schema: &Value) -> Result<String, ApiError> {
-    let pattern =
-        outlines_core::json_schema::regex_from_value(schema, Some(SCHEMA_SPACE), Some(4))
-            .map_err(|e| {
-                ApiError::field(
-                    "response_format",
-                    format!("the JSON schema cannot be held to: {e}"),
-                )
-            })?;
+    let pattern = outlines_core::json_schema::regex_from_value(schema, Some(SCHEMA_SPACE), Some(4))
+        .map_err(|e| {
+            ApiError::field(
+                "response_format",
+                format!("the JSON schema cannot be held to: {e}"),
+            )
+        })?;
     match pattern.len() <= MAX_PATTERN {
         true => Ok(pattern),
         false => Err(ApiError::field(
@@ -657,7 +662,10 @@ mod tests {
         assert_eq!(p.history.len(), 2);
         assert_eq!(p.history[1].tool_calls[0].arguments, json!({"a": 1}));
         assert_eq!(p.input, vec![Message::tool("c1", "42")]);
-        assert_eq!((p.sampler.temperature, p.sampler.seed, p.sampler.max_tokens), (0.0, Some(7), 9));
+        assert_eq!(
+            (p.sampler.temperature, p.sampler.seed, p.sampler.max_tokens),
+            (0.0, Some(7), 9)
+        );
         assert_eq!(p.stops, ["END"]);
         assert_eq!(p.format, None);
     }
@@ -667,15 +675,42 @@ mod tests {
     fn bad_requests_name_their_field() {
         let cases = [
             (json!({"messages": []}), "messages"),
-            (json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}), "messages"),
-            (json!({"messages": [{"role": "wizard", "content": "a"}]}), "messages"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100000}), "max_tokens"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "stop": ["a","b","c","d","e"]}), "stop"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "n": 2}), "n"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "model": "gpt-4o"}), "model"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}), "tool_choice"),
-            (json!({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "no spaces"}}]}), "tools"),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+                "messages",
+            ),
+            (
+                json!({"messages": [{"role": "wizard", "content": "a"}]}),
+                "messages",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100000}),
+                "max_tokens",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "stop": ["a","b","c","d","e"]}),
+                "stop",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "n": 2}),
+                "n",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "model": "gpt-4o"}),
+                "model",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+                "tools",
+            ),
         ];
         for (body, field) in cases {
             let e = plan(body.clone(), Some(ToolFormat::Hermes)).unwrap_err();
@@ -691,7 +726,13 @@ mod tests {
 
     #[test]
     fn the_model_is_named_by_id_or_file() {
-        for name in [None, Some(""), Some("smollm2"), Some("SmolLM2-135M.Q4_1.gguf"), Some("SmolLM2-135M.Q4_1")] {
+        for name in [
+            None,
+            Some(""),
+            Some("smollm2"),
+            Some("SmolLM2-135M.Q4_1.gguf"),
+            Some("SmolLM2-135M.Q4_1"),
+        ] {
             assert!(check_model(name, &info(None)).is_ok(), "{name:?}");
         }
         let e = check_model(Some("gpt-4o\x1b[2J"), &info(None)).unwrap_err();
@@ -706,9 +747,7 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
             {"type": "function", "function": {"name": "other"}}]);
-        let body = |choice: Value| {
-            json!({"messages": [{"role": "user", "content": "Paris?"}], "tools": tools, "tool_choice": choice})
-        };
+        let body = |choice: Value| json!({"messages": [{"role": "user", "content": "Paris?"}], "tools": tools, "tool_choice": choice});
         let auto = plan(body(json!("auto")), Some(ToolFormat::Hermes)).unwrap();
         assert_eq!(auto.tools.len(), 2);
         assert_eq!(auto.calls, Some(ToolFormat::Hermes));
@@ -717,7 +756,9 @@ mod tests {
         };
         assert_eq!(trigger, "<tool_call>");
         let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
-        assert!(re.is_match("\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
+        assert!(re.is_match(
+            "\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+        ));
         // The schema holds the arguments: `city` is required.
         assert!(!re.is_match("\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"));
         let named = plan(

@@ -74,7 +74,9 @@ fn unix_now() -> u64 {
 
 /// The request body as JSON of type `T`, every failure a 4xx with a JSON
 /// error.
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -143,7 +145,9 @@ async fn telemetry(State(node): State<Arc<Node>>, headers: HeaderMap) -> Reply {
             Some((Ok::<_, Infallible>(event), (false, samples)))
         }
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// Which API an answer is shaped for.
@@ -278,7 +282,13 @@ impl Answer {
     }
 
     /// The whole answer, for a request that did not stream.
-    fn whole(&self, pieces: &[Piece], ending: &Ending, finish: FinishReason, stats: &GenStats) -> Value {
+    fn whole(
+        &self,
+        pieces: &[Piece],
+        ending: &Ending,
+        finish: FinishReason,
+        stats: &GenStats,
+    ) -> Value {
         let (mut reasoning, mut content) = (String::new(), String::new());
         for piece in pieces.iter().chain(&ending.pieces) {
             match piece {
@@ -448,9 +458,14 @@ async fn completions(
     openai::check_n(request.n)?;
     let prompt = request.prompt()?;
     if request.echo == Some(true) {
-        return Err(ApiError::field("echo", "kiln serve does not echo the prompt"));
+        return Err(ApiError::field(
+            "echo",
+            "kiln serve does not echo the prompt",
+        ));
     }
-    let sampler = request.sampling.settings(&node.sampler, node.info.context_limit)?;
+    let sampler = request
+        .sampling
+        .settings(&node.sampler, node.info.context_limit)?;
     let stops = request.sampling.stops()?;
     let (lease, entry, seat, ticket) =
         seat(&node, addr, request.user.as_deref(), "completion").await?;
@@ -494,7 +509,8 @@ fn streamed(turn: Turn, answer: Answer, buffer: usize) -> Response {
         let mut first = true;
         // Full means the client stopped reading: it is dropped.
         let send = |tx: &mpsc::Sender<Event>, value: &Value| {
-            tx.try_send(Event::default().data(value.to_string())).is_ok()
+            tx.try_send(Event::default().data(value.to_string()))
+                .is_ok()
         };
         turn.drive(gone, |out| match out {
             Out::Piece(piece) => {

@@ -6,11 +6,11 @@
 
 pub mod alarms;
 pub mod apple;
-pub mod remote;
 #[cfg(target_os = "linux")]
 pub mod linux;
 #[cfg(target_os = "macos")]
 mod macos;
+pub mod remote;
 
 use std::time::{Duration, Instant};
 

@@ -119,7 +119,9 @@ async fn read(
         200 => {}
         401 | 403 => return Err("the node refused the API key".into()),
         404 | 405 => {
-            return Err("not a kiln node: the endpoint's memory, swap and heat are not available".into())
+            return Err(
+                "not a kiln node: the endpoint's memory, swap and heat are not available".into(),
+            )
         }
         status => return Err(format!("the node answered HTTP {status}")),
     }
@@ -146,9 +148,18 @@ mod tests {
 
     #[test]
     fn the_telemetry_sits_beside_the_api() {
-        assert_eq!(telemetry_url("http://studio:8080/v1"), "http://studio:8080/kiln/v1/telemetry");
-        assert_eq!(telemetry_url("http://studio:8080/v1/"), "http://studio:8080/kiln/v1/telemetry");
-        assert_eq!(telemetry_url("http://h/api"), "http://h/api/kiln/v1/telemetry");
+        assert_eq!(
+            telemetry_url("http://studio:8080/v1"),
+            "http://studio:8080/kiln/v1/telemetry"
+        );
+        assert_eq!(
+            telemetry_url("http://studio:8080/v1/"),
+            "http://studio:8080/kiln/v1/telemetry"
+        );
+        assert_eq!(
+            telemetry_url("http://h/api"),
+            "http://h/api/kiln/v1/telemetry"
+        );
     }
 
     #[test]

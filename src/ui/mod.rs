@@ -5,6 +5,7 @@ pub mod approval;
 pub mod chat;
 mod help;
 pub mod memory;
+mod node;
 mod speed;
 mod status;
 mod swap;
@@ -99,16 +100,25 @@ fn render_input(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
 }
 
 fn render_panels(frame: &mut Frame, area: Rect, state: &State, theme: &Theme) {
-    let [mem, swap, speed, thermal] = Layout::vertical([
+    // On an endpoint, the node's own figures sit beside this machine's.
+    let node_height = match state.remote {
+        Some(_) => node::HEIGHT,
+        None => 0,
+    };
+    let [mem, swap, speed, remote, thermal] = Layout::vertical([
         Constraint::Length(memory::HEIGHT),
         Constraint::Length(swap::HEIGHT),
         Constraint::Length(speed::HEIGHT),
+        Constraint::Length(node_height),
         Constraint::Min(0),
     ])
     .areas(area);
     memory::render(frame, mem, state, theme);
     swap::render(frame, swap, state, theme);
     speed::render(frame, speed, state, theme);
+    if remote.area() > 0 {
+        node::render(frame, remote, state, theme);
+    }
     thermal::render(frame, thermal, state, theme);
 }
 

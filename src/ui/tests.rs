@@ -701,3 +701,39 @@ fn an_agents_reasoning_is_folded_and_the_status_bar_says_its_call_format() {
     assert!(shown.contains("I will read them"), "{shown}");
     assert!(!shown.contains('\u{1b}'), "{shown}");
 }
+
+/// On an endpoint, a kiln node's figures show under its name; another
+/// endpoint's panel says it has none, and shows none.
+#[test]
+fn node_panel_shows_a_kiln_nodes_figures_or_says_there_are_none() {
+    use crate::telemetry::remote::{NodeReport, RemoteNode};
+    let mut s = conversation(160, 48);
+    s.remote = Some("remote:studio".into());
+    let mut hot = sample();
+    hot.swap_rate = Some(SwapRate {
+        in_bytes_per_s: 3.0 * MIB as f64,
+        out_bytes_per_s: 0.0,
+    });
+    let report = NodeReport {
+        node: "studio\x1b[2J.local".into(),
+        model: "qwen2.5-32b".into(),
+        seats: (2, 8),
+        sample: hot,
+        served: Default::default(),
+    };
+    update(&mut s, Msg::Node(RemoteNode::Node(Box::new(report))));
+    insta::assert_snapshot!("node_kiln", panel(&s, node::HEIGHT, node::render).backend());
+    update(
+        &mut s,
+        Msg::Node(RemoteNode::Unavailable(
+            "studio: not a kiln node: the endpoint's memory, swap and heat are not available"
+                .into(),
+        )),
+    );
+    insta::assert_snapshot!(
+        "node_other",
+        panel(&s, node::HEIGHT, node::render).backend()
+    );
+    let screen = format!("{:?}", draw(&s, 160, 48).backend());
+    assert!(screen.contains("not a kiln node"), "{screen}");
+}

@@ -384,7 +384,9 @@ impl Engine for LlamaCppEngine {
         out: &EventSink,
         cancel: &CancelFlag,
     ) {
-        let result = self.run_turn(turn, input, format.as_ref(), out, cancel).await;
+        let result = self
+            .run_turn(turn, input, format.as_ref(), out, cancel)
+            .await;
         end_turn(turn, result, out);
     }
 

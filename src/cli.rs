@@ -422,6 +422,10 @@ pub struct BenchArgs {
     /// model instead, for each count given (1,2,4,8).
     #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
     pub parallel: Vec<usize>,
+    /// Measure `kiln serve` instead: this many streaming clients at once
+    /// through its OpenAI-compatible API, for each count given (1,4,16).
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
+    pub serve: Vec<usize>,
     /// Measure a chat turn as users run it instead: the configured
     /// sampling, streamed, after a --prompt-tokens conversation.
     #[arg(long)]
@@ -442,7 +446,7 @@ pub struct BenchArgs {
     /// scripted engine.
     #[arg(long)]
     pub real_model: bool,
-    /// With --parallel or --turn, llama.cpp's `llama-server` to measure
+    /// With --parallel, --serve or --turn, llama.cpp's `llama-server` to measure
     /// beside kiln on the same GGUF and threads.
     #[arg(long, value_name = "PATH")]
     pub peer_server: Option<std::path::PathBuf>,

@@ -31,6 +31,20 @@ pub struct Served {
     pub answered: u64,
     /// The last finished answer's figures.
     pub last: Option<GenStats>,
+    /// Time the node spent on streamed tokens between the engine and the
+    /// client's buffer (shaping, JSON, the send), and the tokens it was
+    /// spent on: kiln serve's own cost per token.
+    #[serde(default)]
+    pub overhead_ns: u64,
+    #[serde(default)]
+    pub overhead_tokens: u64,
+}
+
+impl Served {
+    pub fn overhead_us_per_token(&self) -> Option<f64> {
+        (self.overhead_tokens > 0)
+            .then(|| self.overhead_ns as f64 / 1000.0 / self.overhead_tokens as f64)
+    }
 }
 
 #[derive(Debug)]
@@ -48,6 +62,7 @@ enum Note {
     Closed {
         id: u64,
         stats: Option<GenStats>,
+        overhead: (Duration, u64),
     },
 }
 
@@ -63,6 +78,7 @@ pub struct Entry {
     id: u64,
     notes: mpsc::UnboundedSender<Note>,
     stats: Option<GenStats>,
+    overhead: (Duration, u64),
 }
 
 impl Entry {
@@ -85,6 +101,11 @@ impl Entry {
     pub fn finished(&mut self, stats: GenStats) {
         self.stats = Some(stats);
     }
+
+    /// `spent` handling `tokens` streamed tokens.
+    pub fn spent(&mut self, spent: Duration, tokens: u64) {
+        self.overhead = (spent, tokens);
+    }
 }
 
 impl Drop for Entry {
@@ -92,6 +113,7 @@ impl Drop for Entry {
         let _ = self.notes.send(Note::Closed {
             id: self.id,
             stats: self.stats.take(),
+            overhead: self.overhead,
         });
     }
 }
@@ -138,8 +160,14 @@ impl Ledger {
                             r.completion_tokens += 1;
                         }
                     }
-                    Note::Closed { id, stats } => {
+                    Note::Closed {
+                        id,
+                        stats,
+                        overhead: (spent, tokens),
+                    } => {
                         open.remove(&id);
+                        view.overhead_ns += spent.as_nanos() as u64;
+                        view.overhead_tokens += tokens;
                         if let Some(stats) = stats {
                             view.answered += 1;
                             view.last = Some(stats);
@@ -177,6 +205,7 @@ impl Ledger {
             id,
             notes: self.notes.clone(),
             stats: None,
+            overhead: (Duration::ZERO, 0),
         }
     }
 }

@@ -138,14 +138,26 @@ pub fn bind(config: &ServeConfig) -> Result<Listening> {
     })
 }
 
-/// Serve `engine` on `listening` until the runtime stops; what is served
-/// now, for `kiln ps`.
+/// A listener serving: what it serves now, for `kiln ps`.
+pub struct Serving {
+    pub served: watch::Receiver<Served>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Take no more connections; the model goes when the open ones close.
+    pub fn stop(self) {
+        self.accepting.abort();
+    }
+}
+
+/// Serve `engine` on `listening` until stopped or the runtime ends.
 pub fn start(
     listening: Listening,
     engine: EngineHandle,
     sampler: SamplerSettings,
     samples: watch::Receiver<Sample>,
-) -> Result<watch::Receiver<Served>> {
+) -> Result<Serving> {
     let listener = tokio::net::TcpListener::from_std(listening.listener)
         .map_err(|e| KilnError::io("the listener", e))?;
     let (_, seats) = engine.seats();
@@ -166,9 +178,9 @@ pub fn start(
         .max_connections
         .min(open_files_allowed().saturating_sub(64))
         .max(16);
-    tokio::spawn(accept(listener, routes::router(node), connections));
+    let accepting = tokio::spawn(accept(listener, routes::router(node), connections));
     tracing::info!("serving on http://{}", listening.addr);
-    Ok(served)
+    Ok(Serving { served, accepting })
 }
 
 /// Raise this process's open-file limit to what it may, and say how many

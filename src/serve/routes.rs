@@ -344,6 +344,7 @@ impl Turn {
     async fn drive(mut self, gone: impl Future<Output = ()>, mut emit: impl FnMut(Out) -> bool) {
         tokio::pin!(gone);
         let mut listening = true;
+        let (mut spent, mut tokens) = (std::time::Duration::ZERO, 0u64);
         loop {
             let event = tokio::select! {
                 event = self.stream.next() => event,
@@ -364,6 +365,7 @@ impl Turn {
                     ..
                 } => self.entry.started(prompt_tokens + reused_tokens),
                 EngineEvent::Token { text, .. } => {
+                    let handling = std::time::Instant::now();
                     self.entry.token();
                     for piece in self.shaper.push(&text) {
                         listening &= emit(Out::Piece(piece));
@@ -371,12 +373,15 @@ impl Turn {
                     if self.shaper.stopped() || !listening {
                         self.lease.cancel();
                     }
+                    spent += handling.elapsed();
+                    tokens += 1;
                     if !listening {
                         continue;
                     }
                 }
                 EngineEvent::TurnFinished { finish, stats, .. } => {
                     self.entry.finished(stats.clone());
+                    self.entry.spent(spent, tokens);
                     let ending = self.shaper.finish();
                     emit(Out::End {
                         ending,

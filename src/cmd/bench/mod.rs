@@ -9,6 +9,7 @@
 mod cache;
 mod daemon;
 mod parallel;
+mod serve;
 mod render;
 mod sampler;
 mod soak;
@@ -144,6 +145,9 @@ pub async fn run(args: BenchArgs, common: &Common) -> Result<i32> {
     }
     if args.soak {
         return soak::run(args.steps, args.minutes, args.real_model, args.json, common).await;
+    }
+    if !args.serve.is_empty() {
+        return serve::run(&args.serve, args.peer_server.as_deref(), args.json, common).await;
     }
     if !args.parallel.is_empty() {
         return parallel::run(

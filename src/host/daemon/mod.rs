@@ -85,7 +85,8 @@ pub async fn run(
                 samples.clone(),
             )?;
             eprintln!("kiln: serving the OpenAI API on http://{addr}/v1");
-            Some(served)
+            // It serves for as long as the daemon runs.
+            Some(served.served)
         }
         None => None,
     };

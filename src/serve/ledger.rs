@@ -58,7 +58,8 @@ enum Note {
         id: u64,
         prompt_tokens: usize,
     },
-    Token(u64),
+    /// The tokens streamed so far.
+    Tokens(u64, usize),
     Closed {
         id: u64,
         stats: Option<GenStats>,
@@ -79,7 +80,11 @@ pub struct Entry {
     notes: mpsc::UnboundedSender<Note>,
     stats: Option<GenStats>,
     overhead: (Duration, u64),
+    tokens: usize,
 }
+
+/// Tokens between two notes of a request's progress.
+const TOKENS_A_NOTE: usize = 8;
 
 impl Entry {
     /// Unique among the node's requests.
@@ -94,8 +99,13 @@ impl Entry {
         });
     }
 
-    pub fn token(&self) {
-        let _ = self.notes.send(Note::Token(self.id));
+    /// A token streamed; the ledger hears of them in batches, which is
+    /// all a listing shows.
+    pub fn token(&mut self) {
+        self.tokens += 1;
+        if self.tokens % TOKENS_A_NOTE == 1 {
+            let _ = self.notes.send(Note::Tokens(self.id, self.tokens));
+        }
     }
 
     pub fn finished(&mut self, stats: GenStats) {
@@ -154,10 +164,10 @@ impl Ledger {
                             r.prompt_tokens = prompt_tokens;
                         }
                     }
-                    Note::Token(id) => {
+                    Note::Tokens(id, tokens) => {
                         if let Some((_, r)) = open.get_mut(&id) {
                             r.phase = "decoding".into();
-                            r.completion_tokens += 1;
+                            r.completion_tokens = tokens;
                         }
                     }
                     Note::Closed {
@@ -206,6 +216,7 @@ impl Ledger {
             notes: self.notes.clone(),
             stats: None,
             overhead: (Duration::ZERO, 0),
+            tokens: 0,
         }
     }
 }
@@ -219,8 +230,27 @@ mod tests {
         let (ledger, mut served) = Ledger::spawn();
         let mut entry = ledger.open("127.0.0.1 (alice)".into(), "chat");
         entry.started(12);
+        entry.token();
         served.changed().await.unwrap();
         assert_eq!(served.borrow().active[0].client, "127.0.0.1 (alice)");
+        // Another request's opening publishes the first's progress.
+        let other = ledger.open("10.0.0.2".into(), "completion");
+        loop {
+            served.changed().await.unwrap();
+            if served.borrow().active.len() == 2 {
+                break;
+            }
+        }
+        let first = served.borrow().active[0].clone();
+        assert_eq!(
+            (
+                first.phase.as_str(),
+                first.completion_tokens,
+                first.prompt_tokens
+            ),
+            ("decoding", 1, 12)
+        );
+        drop(other);
         entry.finished(GenStats {
             completion_tokens: 3,
             ..GenStats::default()
@@ -229,7 +259,7 @@ mod tests {
         loop {
             served.changed().await.unwrap();
             let now = served.borrow().clone();
-            if now.active.is_empty() {
+            if now.active.is_empty() && now.answered == 1 {
                 assert_eq!(now.answered, 1);
                 assert_eq!(now.last.unwrap().completion_tokens, 3);
                 break;

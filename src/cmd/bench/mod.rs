@@ -9,9 +9,9 @@
 mod cache;
 mod daemon;
 mod parallel;
-mod serve;
 mod render;
 mod sampler;
+mod serve;
 mod soak;
 mod turn;
 

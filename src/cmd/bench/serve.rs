@@ -6,7 +6,8 @@
 //! script talks to a local server.
 //!
 //! For each N: requests per second, time to first token (p50 and p90, as
-//! the client sees it), and aggregate decode tokens/s; and kiln serve's
+//! the client sees it), and aggregate decode tokens/s (tokens over the
+//! round's wall time, pauses included); and kiln serve's
 //! own time per streamed token, as the node measures it between the
 //! engine and the client's buffer.
 
@@ -27,7 +28,13 @@ use crate::serve::{self, Caps, ServeConfig};
 /// sides decode as many).
 const GEN_TOKENS: u32 = 64;
 /// Requests each client sends, one after another.
-const REQUESTS_PER_CLIENT: usize = 3;
+const REQUESTS_PER_CLIENT: usize = 6;
+/// Clients start this far apart, and pause this long between requests, as
+/// people and tools do: clients that all start at once, with answers of one
+/// length, stay in lockstep, and every request would then wait on all the
+/// others' prefills.
+const STAGGER: Duration = Duration::from_millis(150);
+const PAUSE: Duration = Duration::from_millis(100);
 const CONTEXT_PER_STREAM: usize = 2048;
 
 #[derive(Debug, Serialize)]
@@ -152,8 +159,12 @@ async fn round(side: &Start, n: usize) -> Result<ServeRound> {
     let clients = (0..n).map(|c| {
         let (side, stop) = (side.clone(), stop.clone());
         async move {
+            tokio::time::sleep(STAGGER * c as u32).await;
             let mut samples = Vec::new();
             for r in 0..REQUESTS_PER_CLIENT {
+                if r > 0 {
+                    tokio::time::sleep(PAUSE).await;
+                }
                 samples.push(side(job(c, r, &stop)).await?);
             }
             Ok::<_, String>(samples)

@@ -492,6 +492,16 @@ impl Host {
     }
 }
 
+/// The followed node's next report; never, when none is followed.
+async fn node_report(node: &mut Option<(String, watch::Receiver<RemoteNode>)>) -> RemoteNode {
+    if let Some((_, reports)) = node {
+        if reports.changed().await.is_ok() {
+            return reports.borrow_and_update().clone();
+        }
+    }
+    std::future::pending().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,14 +617,4 @@ mod tests {
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(messages[1].content.ends_with("w149"));
     }
-}
-
-/// The followed node's next report; never, when none is followed.
-async fn node_report(node: &mut Option<(String, watch::Receiver<RemoteNode>)>) -> RemoteNode {
-    if let Some((_, reports)) = node {
-        if reports.changed().await.is_ok() {
-            return reports.borrow_and_update().clone();
-        }
-    }
-    std::future::pending().await
 }

@@ -105,6 +105,11 @@ fn each_layer_imports_only_those_below_it() {
         ),
         ("host", &["cmd"], "the host never imports the commands"),
         (
+            "serve",
+            &["host", "cmd", "app", "ui", "agent", "store"],
+            "the API server is below the host, beside the agents",
+        ),
+        (
             "layout",
             &["app", "ui", "host", "cmd"],
             "layout is below app and ui",

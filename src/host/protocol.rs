@@ -238,7 +238,7 @@ pub enum Reply {
         workstations: Vec<crate::host::workstation::Status>,
         /// The API's requests in flight, where the daemon serves it.
         #[serde(default)]
-        served: Vec<crate::serve::ledger::ServedRequest>,
+        served: Vec<crate::telemetry::remote::ServedRequest>,
     },
     Stopping {
         id: String,

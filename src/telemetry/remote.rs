@@ -11,8 +11,45 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::Sample;
+use crate::chat::GenStats;
 use crate::engine::remote::{root_cause, Endpoint};
-use crate::serve::ledger::Served;
+
+/// One request in flight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServedRequest {
+    pub id: u64,
+    /// The client's address, and the `user` it gave.
+    pub client: String,
+    pub endpoint: String,
+    /// `queued`, `prefill` or `decoding`.
+    pub phase: String,
+    pub seconds: f64,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What the node serves now, and the last answer's speeds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Served {
+    pub active: Vec<ServedRequest>,
+    pub answered: u64,
+    /// The last finished answer's figures.
+    pub last: Option<GenStats>,
+    /// Time the node spent on streamed tokens between the engine and the
+    /// client's buffer (shaping, JSON, the send), and the tokens it was
+    /// spent on: kiln serve's own cost per token.
+    #[serde(default)]
+    pub overhead_ns: u64,
+    #[serde(default)]
+    pub overhead_tokens: u64,
+}
+
+impl Served {
+    pub fn overhead_us_per_token(&self) -> Option<f64> {
+        (self.overhead_tokens > 0)
+            .then(|| self.overhead_ns as f64 / 1000.0 / self.overhead_tokens as f64)
+    }
+}
 
 /// One report of a node's state, as `kiln serve` streams it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -106,7 +106,7 @@ fn each_layer_imports_only_those_below_it() {
         ("host", &["cmd"], "the host never imports the commands"),
         (
             "serve",
-            &["host", "cmd", "app", "ui", "agent", "store"],
+            &["host", "cmd", "app", "ui", "agent"],
             "the API server is below the host, beside the agents",
         ),
         (

@@ -230,6 +230,8 @@ async fn hostile_input_gets_a_status_and_a_json_error_and_the_node_keeps_serving
     })
     .await
     .unwrap();
+    // No transcript of what was served is kept unasked.
+    assert_eq!(sessions(&node), 0);
     // The key is in no log, journal or listing.
     let mut logged = node.log();
     for entry in walk(node.home.path()) {
@@ -238,6 +240,17 @@ async fn hostile_input_gets_a_status_and_a_json_error_and_the_node_keeps_serving
         ));
     }
     assert!(!logged.contains(KEY), "the API key was written down");
+}
+
+/// The sessions kept in the node's data folder.
+fn sessions(node: &KilnNode) -> usize {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_HOME", node.home.path())
+        .args(["sessions", "list", "--json"])
+        .output()
+        .unwrap();
+    let listed = common::json_stdout(&out);
+    listed.as_array().map_or(0, Vec::len)
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -254,10 +267,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn another_kiln_asks_the_node_and_kiln_ps_lists_what_it_serves() {
+async fn another_kiln_asks_the_node_journals_on_request_and_kiln_ps_lists_what_it_serves() {
     let _turn = common::one_engine_at_a_time().await;
     let model = common::model().await.path;
-    let node = KilnNode::start(&model, None, &[]).await;
+    let node = KilnNode::start(&model, None, &["--journal-requests"]).await;
     let id = reqwest::get(format!("{}/models", node.base_url()))
         .await
         .unwrap()
@@ -290,6 +303,8 @@ async fn another_kiln_asks_the_node_and_kiln_ps_lists_what_it_serves() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // Asked to, the node kept the request and its answer as a session.
+    assert_eq!(sessions(&node), 1);
 
     // A long streamed answer shows in `kiln ps` while it runs, under the
     // client's address and name.

@@ -49,6 +49,9 @@ pub struct ServeConfig {
     pub listen: Option<String>,
     /// The environment variable that holds the API key.
     pub api_key_env: Option<String>,
+    /// Keep each served request and its answer as a session; off, the
+    /// node keeps no transcript of what it serves.
+    pub journal_requests: bool,
     pub limits: Caps,
 }
 
@@ -63,6 +66,10 @@ pub struct ServeArgs {
     /// (`Authorization: Bearer KEY`); the key itself is never written down.
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
+    /// Keep each served request and its answer as a session (`kiln
+    /// sessions`); without it the node keeps no transcript of them.
+    #[arg(long)]
+    pub journal_requests: bool,
 }
 
 impl ServeConfig {
@@ -78,6 +85,7 @@ impl ServeConfig {
             api_key_env: args
                 .and_then(|a| a.api_key_env.clone())
                 .or_else(|| self.api_key_env.clone()),
+            journal_requests: self.journal_requests || args.is_some_and(|a| a.journal_requests),
             limits: self.limits.clone(),
         })
     }
@@ -89,6 +97,7 @@ pub struct Listening {
     pub addr: SocketAddr,
     key: Option<String>,
     caps: Caps,
+    pub journal_requests: bool,
 }
 
 /// Check the address and the key, and bind: before the model loads, so a
@@ -135,6 +144,7 @@ pub fn bind(config: &ServeConfig) -> Result<Listening> {
         addr,
         key,
         caps: config.limits.clone(),
+        journal_requests: config.journal_requests,
     })
 }
 
@@ -151,12 +161,14 @@ impl Serving {
     }
 }
 
-/// Serve `engine` on `listening` until stopped or the runtime ends.
+/// Serve `engine` on `listening` until stopped or the runtime ends;
+/// `store` keeps the requests where `journal_requests` asks.
 pub fn start(
     listening: Listening,
     engine: EngineHandle,
     sampler: SamplerSettings,
     samples: watch::Receiver<Sample>,
+    store: Option<crate::store::SessionStore>,
 ) -> Result<Serving> {
     let listener = tokio::net::TcpListener::from_std(listening.listener)
         .map_err(|e| KilnError::io("the listener", e))?;
@@ -173,6 +185,7 @@ pub fn start(
         served: served.clone(),
         name: sysinfo::System::host_name().unwrap_or_else(|_| "node".to_string()),
         tag: rand::random(),
+        journal: store.filter(|_| listening.journal_requests),
     });
     let connections = caps
         .max_connections
@@ -275,6 +288,7 @@ mod tests {
         ServeConfig {
             listen: Some(listen.into()),
             api_key_env: key_env.map(String::from),
+            journal_requests: false,
             limits: Caps::default(),
         }
     }
@@ -322,11 +336,13 @@ mod tests {
         let args = ServeArgs {
             listen: Some("127.0.0.1:9001".into()),
             api_key_env: None,
+            journal_requests: true,
         };
         let both = configured.with(Some(&args)).unwrap();
         assert_eq!(
             (both.listen.as_deref(), both.api_key_env.as_deref()),
             (Some("127.0.0.1:9001"), Some("K"))
         );
+        assert!(both.journal_requests && !configured.with(None).unwrap().journal_requests);
     }
 }

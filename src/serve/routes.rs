@@ -28,9 +28,11 @@ use super::ledger::{Entry, Ledger, Served};
 use super::openai::{self, ChatRequest, CompletionRequest};
 use crate::engine::tool_format::ToolFormat;
 use crate::engine::{
-    EngineCommand, EngineEvent, EngineHandle, FinishReason, GenStats, Lease, ModelInfo,
+    self, EngineCommand, EngineEvent, EngineHandle, FinishReason, GenStats, Lease, ModelInfo,
     SamplerSettings, TurnStream,
 };
+use crate::store::journal::JournalHandle;
+use crate::store::session::Event as Journaled;
 use crate::telemetry::remote::NodeReport;
 use crate::telemetry::Sample;
 
@@ -49,6 +51,8 @@ pub struct Node {
     /// Starts every answer's id, so that ids differ between runs of the
     /// node.
     pub tag: u32,
+    /// Where requests are kept, with `--journal-requests`.
+    pub journal: Option<crate::store::SessionStore>,
 }
 
 pub fn router(node: Arc<Node>) -> Router {
@@ -387,6 +391,8 @@ impl Answer {
 /// A turn on a leased conversation, and the places it holds.
 struct Turn {
     lease: Lease,
+    /// The request's session, with `--journal-requests`.
+    journal: Option<JournalHandle>,
     stream: TurnStream,
     shaper: Shaper,
     entry: Entry,
@@ -437,7 +443,21 @@ impl Turn {
                         continue;
                     }
                 }
-                EngineEvent::TurnFinished { finish, stats, .. } => {
+                EngineEvent::TurnFinished {
+                    finish,
+                    stats,
+                    reply,
+                    ..
+                } => {
+                    if let Some(journal) = self.journal.take() {
+                        journal.event(Journaled::Answer {
+                            text: reply,
+                            finish,
+                            stats: stats.clone(),
+                        });
+                        // Closing waits for the disk: not on this task.
+                        tokio::task::spawn_blocking(move || journal.close());
+                    }
                     self.entry.finished(stats.clone());
                     self.entry.spent(spent, tokens);
                     let ending = self.shaper.finish();
@@ -448,12 +468,44 @@ impl Turn {
                     });
                 }
                 EngineEvent::TurnFailed { error, .. } => {
+                    if let Some(journal) = self.journal.take() {
+                        journal.event(Journaled::Error {
+                            text: error.clone(),
+                        });
+                        tokio::task::spawn_blocking(move || journal.close());
+                    }
                     emit(Out::Failed(error));
                 }
                 EngineEvent::ContextTrimmed { .. } => {}
             }
         }
     }
+}
+
+/// The request's session, where the node keeps them: its system prompt
+/// and input, on disk before it is answered.
+async fn journal(
+    node: &Node,
+    system: Option<&str>,
+    input: String,
+) -> Result<Option<JournalHandle>, ApiError> {
+    let Some(store) = node.journal.clone() else {
+        return Ok(None);
+    };
+    let (model, context) = (node.info.name.clone(), node.info.context_limit);
+    let system = system.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        store.start_with_question(&model, None, context, system.as_deref(), &input)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+    .map(Some)
+    .map_err(|why| {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the request cannot be journaled: {why}"),
+        )
+    })
 }
 
 /// Admit the request, wait for a seat, and lease a conversation.
@@ -485,6 +537,12 @@ async fn chat(
     let request: ChatRequest = parse(body)?;
     let plan = request.plan(&node.info, &node.sampler)?;
     let (lease, entry, seat, ticket) = seat(&node, addr, request.user.as_deref(), "chat").await?;
+    let journal = journal(
+        &node,
+        plan.system.as_deref(),
+        engine::as_one_message(&plan.input),
+    )
+    .await?;
     lease.send(EngineCommand::SetSystemPrompt(plan.system));
     lease.send(EngineCommand::SetSampler(plan.sampler));
     lease.send(EngineCommand::SetTools(plan.tools));
@@ -499,6 +557,7 @@ async fn chat(
     );
     let turn = Turn {
         shaper: Shaper::new(plan.stops, answer.calls, true),
+        journal,
         lease,
         stream,
         entry,
@@ -531,6 +590,7 @@ async fn completions(
     let stops = request.sampling.stops()?;
     let (lease, entry, seat, ticket) =
         seat(&node, addr, request.user.as_deref(), "completion").await?;
+    let journal = journal(&node, None, prompt.clone()).await?;
     lease.send(EngineCommand::SetSampler(sampler));
     let stream = lease.complete(prompt);
     let answer = Answer::new(
@@ -542,6 +602,7 @@ async fn completions(
     );
     let turn = Turn {
         shaper: Shaper::new(stops, None, false),
+        journal,
         lease,
         stream,
         entry,

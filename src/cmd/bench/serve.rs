@@ -86,6 +86,7 @@ pub async fn run(
     let listening = serve::bind(&ServeConfig {
         listen: Some("127.0.0.1:0".into()),
         api_key_env: None,
+        journal_requests: false,
         limits: Caps {
             max_per_client: most,
             max_queued: most,
@@ -94,7 +95,7 @@ pub async fn run(
     })?;
     let url = format!("http://{}", listening.addr);
     let (_samples_tx, samples) = watch::channel(Default::default());
-    let serving = serve::start(listening, handle, sampler.clone(), samples)?;
+    let serving = serve::start(listening, handle, sampler.clone(), samples, None)?;
     let kiln = server_side(url, sampler.clone());
     let mut rounds = Vec::new();
     warm_up(&kiln).await?;

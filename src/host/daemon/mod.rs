@@ -83,6 +83,7 @@ pub async fn run(
                 engine.clone(),
                 started.config.sampling.clone(),
                 samples.clone(),
+                Some(SessionStore::new(&started.paths)),
             )?;
             eprintln!("kiln: serving the OpenAI API on http://{addr}/v1");
             // It serves for as long as the daemon runs.

@@ -388,16 +388,21 @@ impl Answer {
     }
 }
 
-/// A turn on a leased conversation, and the places it holds.
-struct Turn {
+/// A request let in and seated: its conversation, its ledger entry, the
+/// places it holds, and its session where requests are kept.
+struct Seated {
     lease: Lease,
-    /// The request's session, with `--journal-requests`.
-    journal: Option<JournalHandle>,
-    stream: TurnStream,
-    shaper: Shaper,
     entry: Entry,
+    journal: Option<JournalHandle>,
     _seat: OwnedSemaphorePermit,
     _ticket: Ticket,
+}
+
+/// A turn on a seated request's conversation.
+struct Turn {
+    seated: Seated,
+    stream: TurnStream,
+    shaper: Shaper,
 }
 
 impl Turn {
@@ -413,7 +418,7 @@ impl Turn {
             let event = tokio::select! {
                 event = self.stream.next() => event,
                 _ = &mut gone, if listening => {
-                    self.lease.cancel();
+                    self.seated.lease.cancel();
                     listening = false;
                     continue;
                 }
@@ -427,15 +432,15 @@ impl Turn {
                     prompt_tokens,
                     reused_tokens,
                     ..
-                } => self.entry.started(prompt_tokens + reused_tokens),
+                } => self.seated.entry.started(prompt_tokens + reused_tokens),
                 EngineEvent::Token { text, .. } => {
                     let handling = thread_cpu_time();
-                    self.entry.token();
+                    self.seated.entry.token();
                     for piece in self.shaper.push(&text) {
                         listening &= emit(Out::Piece(piece));
                     }
                     if self.shaper.stopped() || !listening {
-                        self.lease.cancel();
+                        self.seated.lease.cancel();
                     }
                     spent += thread_cpu_time().saturating_sub(handling);
                     tokens += 1;
@@ -449,7 +454,7 @@ impl Turn {
                     reply,
                     ..
                 } => {
-                    if let Some(journal) = self.journal.take() {
+                    if let Some(journal) = self.seated.journal.take() {
                         journal.event(Journaled::Answer {
                             text: reply,
                             finish,
@@ -458,8 +463,8 @@ impl Turn {
                         // Closing waits for the disk: not on this task.
                         tokio::task::spawn_blocking(move || journal.close());
                     }
-                    self.entry.finished(stats.clone());
-                    self.entry.spent(spent, tokens);
+                    self.seated.entry.finished(stats.clone());
+                    self.seated.entry.spent(spent, tokens);
                     let ending = self.shaper.finish();
                     emit(Out::End {
                         ending,
@@ -468,7 +473,7 @@ impl Turn {
                     });
                 }
                 EngineEvent::TurnFailed { error, .. } => {
-                    if let Some(journal) = self.journal.take() {
+                    if let Some(journal) = self.seated.journal.take() {
                         journal.event(Journaled::Error {
                             text: error.clone(),
                         });
@@ -508,13 +513,15 @@ async fn journal(
     })
 }
 
-/// Admit the request, wait for a seat, and lease a conversation.
+/// Admit the request, wait for a seat, lease a conversation, and keep
+/// `system` and `input` where requests are kept.
 async fn seat(
     node: &Node,
     addr: SocketAddr,
     user: Option<&str>,
     endpoint: &'static str,
-) -> Result<(Lease, Entry, OwnedSemaphorePermit, Ticket), ApiError> {
+    (system, input): (Option<&str>, String),
+) -> Result<Seated, ApiError> {
     let ticket = node.gate.admit(addr.ip())?;
     let entry = node.ledger.open(client_label(addr, user), endpoint);
     let seat = node.gate.seat().await?;
@@ -524,7 +531,37 @@ async fn seat(
             "every conversation of the model is in use (the workstation and agent runs hold some); try again shortly",
         )
     })?;
-    Ok((lease, entry, seat, ticket))
+    let journal = journal(node, system, input).await?;
+    Ok(Seated {
+        lease,
+        entry,
+        journal,
+        _seat: seat,
+        _ticket: ticket,
+    })
+}
+
+impl Seated {
+    /// Answer the client with `stream`'s turn, shaped by `shaper` as
+    /// `answer` says.
+    async fn answer(
+        self,
+        stream: TurnStream,
+        shaper: Shaper,
+        answer: Answer,
+        streaming: bool,
+        buffer: usize,
+    ) -> Reply {
+        let turn = Turn {
+            seated: self,
+            stream,
+            shaper,
+        };
+        match streaming {
+            true => Ok(streamed(turn, answer, buffer)),
+            false => whole(turn, answer).await,
+        }
+    }
 }
 
 async fn chat(
@@ -536,13 +573,16 @@ async fn chat(
     node.gate.authorize(&headers)?;
     let request: ChatRequest = parse(body)?;
     let plan = request.plan(&node.info, &node.sampler)?;
-    let (lease, entry, seat, ticket) = seat(&node, addr, request.user.as_deref(), "chat").await?;
-    let journal = journal(
+    let input = engine::as_one_message(&plan.input);
+    let seated = seat(
         &node,
-        plan.system.as_deref(),
-        engine::as_one_message(&plan.input),
+        addr,
+        request.user.as_deref(),
+        "chat",
+        (plan.system.as_deref(), input),
     )
     .await?;
+    let lease = &seated.lease;
     lease.send(EngineCommand::SetSystemPrompt(plan.system));
     lease.send(EngineCommand::SetSampler(plan.sampler));
     lease.send(EngineCommand::SetTools(plan.tools));
@@ -550,21 +590,16 @@ async fn chat(
     let stream = lease.respond(plan.input, plan.format);
     let answer = Answer::new(
         Api::Chat,
-        format!("chatcmpl-{:08x}{}", node.tag, entry.id()),
+        format!("chatcmpl-{:08x}{}", node.tag, seated.entry.id()),
         node.info.name.clone(),
         request.stream_options.is_some_and(|o| o.include_usage),
         plan.calls,
     );
-    let turn = Turn {
-        shaper: Shaper::new(plan.stops, answer.calls, true),
-        journal,
-        lease,
-        stream,
-        entry,
-        _seat: seat,
-        _ticket: ticket,
-    };
-    respond(turn, answer, request.stream, node.gate.caps().stream_buffer).await
+    let shaper = Shaper::new(plan.stops, answer.calls, true);
+    let buffer = node.gate.caps().stream_buffer;
+    seated
+        .answer(stream, shaper, answer, request.stream, buffer)
+        .await
 }
 
 async fn completions(
@@ -588,37 +623,22 @@ async fn completions(
         .sampling
         .settings(&node.sampler, node.info.context_limit)?;
     let stops = request.sampling.stops()?;
-    let (lease, entry, seat, ticket) =
-        seat(&node, addr, request.user.as_deref(), "completion").await?;
-    let journal = journal(&node, None, prompt.clone()).await?;
-    lease.send(EngineCommand::SetSampler(sampler));
-    let stream = lease.complete(prompt);
+    let user = request.user.as_deref();
+    let seated = seat(&node, addr, user, "completion", (None, prompt.clone())).await?;
+    seated.lease.send(EngineCommand::SetSampler(sampler));
+    let stream = seated.lease.complete(prompt);
     let answer = Answer::new(
         Api::Completion,
-        format!("cmpl-{:08x}{}", node.tag, entry.id()),
+        format!("cmpl-{:08x}{}", node.tag, seated.entry.id()),
         node.info.name.clone(),
         request.stream_options.is_some_and(|o| o.include_usage),
         None,
     );
-    let turn = Turn {
-        shaper: Shaper::new(stops, None, false),
-        journal,
-        lease,
-        stream,
-        entry,
-        _seat: seat,
-        _ticket: ticket,
-    };
-    respond(turn, answer, request.stream, node.gate.caps().stream_buffer).await
-}
-
-/// Drive `turn` on a task of its own and answer as the client asked:
-/// streamed, through a buffer of `buffer` events, or whole.
-async fn respond(turn: Turn, answer: Answer, stream: bool, buffer: usize) -> Reply {
-    match stream {
-        true => Ok(streamed(turn, answer, buffer)),
-        false => whole(turn, answer).await,
-    }
+    let shaper = Shaper::new(stops, None, false);
+    let buffer = node.gate.caps().stream_buffer;
+    seated
+        .answer(stream, shaper, answer, request.stream, buffer)
+        .await
 }
 
 fn streamed(turn: Turn, answer: Answer, buffer: usize) -> Response {

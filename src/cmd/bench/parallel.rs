@@ -30,7 +30,7 @@ use crate::engine::{
     self, EngineCommand, EngineEvent, EngineHandle, GenStats, Priority, SamplerSettings,
 };
 use crate::error::{KilnError, Result};
-use crate::host::launch::launch;
+use crate::host::launch::{launch, Launched};
 
 /// Tokens each stream decodes.
 const GEN_TOKENS: u32 = 200;
@@ -38,7 +38,7 @@ const GEN_TOKENS: u32 = 200;
 /// decoding when the interactive turn ends.
 const BACKGROUND_FACTOR: u32 = 4;
 /// Tokens of context each conversation gets.
-const CONTEXT_PER_STREAM: usize = 2048;
+pub(super) const CONTEXT_PER_STREAM: usize = 2048;
 
 #[derive(Debug, Serialize)]
 pub struct Round {
@@ -99,21 +99,8 @@ pub async fn run(
     json: bool,
     common: &Common,
 ) -> Result<i32> {
-    let most = counts.iter().copied().max().unwrap_or(1);
-    if counts.is_empty() || counts.contains(&0) || most > 64 {
-        return Err(KilnError::BadArgument(
-            "--parallel takes counts from 1 to 64, as 1,2,4,8".into(),
-        ));
-    }
-    let mut common = common.clone();
-    common.window.conversations = common.window.conversations.max(most as u32);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let launched = launch(&common, |o| {
-        o.context = Some(CONTEXT_PER_STREAM);
-        o.ignore_eos = true;
-        o.system_prompt = None;
-    })
-    .await?;
+    let (launched, threads) =
+        launch_for(counts, "--parallel takes counts", "1,2,4,8", common).await?;
     let sampler = launched.config.sampling.clone();
     let kv_per_token = launched.shape().kv_per_token_engine();
     let path = launched.model.path.clone();
@@ -151,6 +138,34 @@ pub async fn run(
         peer: peer_rounds,
     };
     super::emit(&report, json, print_table)
+}
+
+/// The model loaded for as many streams at once as the most of `counts`
+/// (1 to 64; `what` and `example` say so otherwise), each a conversation
+/// of its own of `CONTEXT_PER_STREAM` tokens, the end of the answer
+/// ignored so every stream decodes as many tokens; and the threads.
+pub(super) async fn launch_for(
+    counts: &[usize],
+    what: &str,
+    example: &str,
+    common: &Common,
+) -> Result<(Launched, usize)> {
+    let most = counts.iter().copied().max().unwrap_or(1);
+    if counts.is_empty() || counts.contains(&0) || most > 64 {
+        return Err(KilnError::BadArgument(format!(
+            "{what} from 1 to 64, as {example}"
+        )));
+    }
+    let mut common = common.clone();
+    common.window.conversations = common.window.conversations.max(most as u32);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let launched = launch(&common, |o| {
+        o.context = Some(CONTEXT_PER_STREAM);
+        o.ignore_eos = true;
+        o.system_prompt = None;
+    })
+    .await?;
+    Ok((launched, threads))
 }
 
 /// A question per stream, each starting differently so no stream reuses

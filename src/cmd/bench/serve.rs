@@ -17,11 +17,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::parallel::{server_side, Job, Sample, Server, Start};
+use super::parallel::{launch_for, server_side, Job, Sample, Server, Start, CONTEXT_PER_STREAM};
 use crate::cli::Common;
 use crate::engine;
 use crate::error::{KilnError, Result};
-use crate::host::launch::launch;
 use crate::serve::{self, Caps, ServeConfig};
 
 /// Tokens each answer decodes (the end of the answer is ignored, so both
@@ -35,7 +34,6 @@ const REQUESTS_PER_CLIENT: usize = 6;
 /// others' prefills.
 const STAGGER: Duration = Duration::from_millis(150);
 const PAUSE: Duration = Duration::from_millis(100);
-const CONTEXT_PER_STREAM: usize = 2048;
 
 #[derive(Debug, Serialize)]
 pub struct ServeRound {
@@ -64,21 +62,9 @@ pub async fn run(
     json: bool,
     common: &Common,
 ) -> Result<i32> {
+    let (launched, threads) =
+        launch_for(counts, "--serve takes client counts", "1,4,16", common).await?;
     let most = counts.iter().copied().max().unwrap_or(1);
-    if counts.is_empty() || counts.contains(&0) || most > 64 {
-        return Err(KilnError::BadArgument(
-            "--serve takes client counts from 1 to 64, as 1,4,16".into(),
-        ));
-    }
-    let mut common = common.clone();
-    common.window.conversations = common.window.conversations.max(most as u32);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let launched = launch(&common, |o| {
-        o.context = Some(CONTEXT_PER_STREAM);
-        o.ignore_eos = true;
-        o.system_prompt = None;
-    })
-    .await?;
     let sampler = launched.config.sampling.clone();
     let path = launched.model.path.clone();
     let model = launched.model.info.display_name();

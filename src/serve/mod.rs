@@ -208,8 +208,12 @@ fn open_files_allowed() -> usize {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 1024;
         }
-        let wanted = limit.rlim_max.min(65536);
-        if limit.rlim_cur < wanted {
+        // macOS refuses more than OPEN_MAX (10240) whatever the hard
+        // limit says, and starts processes at 256.
+        for wanted in [limit.rlim_max.min(65536), limit.rlim_max.min(10240)] {
+            if limit.rlim_cur >= wanted {
+                break;
+            }
             let raised = libc::rlimit {
                 rlim_cur: wanted,
                 rlim_max: limit.rlim_max,

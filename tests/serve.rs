@@ -95,6 +95,97 @@ async fn the_openai_client_streams_calls_a_tool_holds_a_schema_cancels_and_serve
     assert!(!node.log().contains(KEY));
 }
 
+/// A tool round trip on every template with a call format (Hermes,
+/// Llama 3.1, Mistral): the call comes back with an id of the answer's own
+/// (two answers making one call give two ids), and the history goes back
+/// with that id or with any a client makes up (OpenAI's `call_…`, another
+/// server's long ones, odd characters) without the template refusing it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_round_trip_holds_on_every_call_format_whatever_the_clients_ids() {
+    let _turn = common::one_engine_at_a_time().await;
+    for template in [
+        "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/templates")
+            .join(template);
+        let node = KilnNode::start(&common::retemplated_model(Some(&path)).await, None, &[]).await;
+        let port = node.port;
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }}]);
+        let ask = serde_json::json!({"role": "user", "content": "What is the weather in Paris?"});
+        let chat = |messages: serde_json::Value, choice: &str| {
+            let body = serde_json::json!({
+                "messages": messages, "tools": tools, "tool_choice": choice,
+                "max_tokens": 40, "temperature": 0,
+            });
+            post(
+                port,
+                "/v1/chat/completions",
+                None,
+                body.to_string().as_bytes(),
+            )
+        };
+        let log = || format!("{template}: {}", node.log());
+        let call = |reply: &(u16, serde_json::Value)| {
+            assert_eq!(reply.0, 200, "{}\n{}", reply.1, log());
+            let choice = &reply.1["choices"][0];
+            assert_eq!(
+                choice["finish_reason"], "tool_calls",
+                "{template}: {choice}"
+            );
+            let call = choice["message"]["tool_calls"][0].clone();
+            assert_eq!(
+                call["function"]["name"], "get_weather",
+                "{template}: {call}"
+            );
+            let id = call["id"].as_str().unwrap().to_string();
+            assert!(
+                id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "{template}: {id}"
+            );
+            (call, id)
+        };
+        let (made, first) = call(&chat(serde_json::json!([ask]), "required"));
+        let (_, second) = call(&chat(serde_json::json!([ask]), "required"));
+        assert_ne!(first, second, "{template}: two answers, one id");
+
+        for id in [
+            first.as_str(),
+            "call_Zt4mQ8xv2LkP0aWn7RcJ1bYe",
+            "0123456789abcdef0123456789abcdef",
+            "x",
+            "id with spaces, \"quotes\" and ünïcode",
+        ] {
+            let mut call = made.clone();
+            call["id"] = id.into();
+            let history = serde_json::json!([
+                ask,
+                {"role": "assistant", "content": null, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": id, "content": "Sunny, 21 C."},
+            ]);
+            let reply = chat(history, "auto");
+            assert_eq!(
+                reply.0,
+                200,
+                "{template}, id {id:?}: {}\n{}",
+                reply.1,
+                log()
+            );
+            assert!(
+                reply.1["choices"][0]["finish_reason"].is_string(),
+                "{}",
+                reply.1
+            );
+        }
+    }
+}
+
 /// One HTTP/1.1 exchange on a fresh connection: the status and body.
 fn exchange(port: u16, head: &str, body: &[u8]) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -151,6 +151,29 @@ pub fn call_id(index: usize, name: &str, arguments: &Value) -> String {
     hex::encode(h.finalize())[..9].to_string()
 }
 
+/// A call's id as the chat template gets it: an id of nine letters and
+/// digits as it is, any other (a client's `call_…`, another server's
+/// thirty-two characters) as nine characters of its hash. Mistral's
+/// templates refuse any other shape; the same id always maps the same way,
+/// so a call and its result still pair up and a resent history renders as
+/// before (its prefix stays in the KV cache).
+pub fn template_id(id: &str) -> String {
+    if id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return id.to_string();
+    }
+    hex::encode(Sha256::digest(id.as_bytes()))[..9].to_string()
+}
+
+/// The id of call `index` of the answer `answer` (a served response's
+/// id): unique to it, where `call_id` is the same for the same call in two
+/// answers, and in the shape `template_id` keeps.
+pub fn answer_call_id(answer: &str, index: usize) -> String {
+    let mut h = Sha256::new();
+    h.update(answer.as_bytes());
+    h.update(index.to_le_bytes());
+    hex::encode(h.finalize())[..9].to_string()
+}
+
 /// A call's JSON object read into a call: its name and its arguments (an
 /// object, or a string holding one, as some models write them).
 fn call_of(index: usize, object: &Value, arguments_key: &str) -> Result<ToolCallMessage, String> {

@@ -60,6 +60,17 @@ impl Shaper {
         }
     }
 
+    /// A shaper for an answer that is calls from its first token: all of
+    /// it is read as calls at the end (or, when it reads as none, is the
+    /// content).
+    pub fn calls_only(stops: Vec<String>, format: ToolFormat) -> Shaper {
+        Shaper {
+            phase: Phase::Calls,
+            started: true,
+            ..Shaper::new(stops, Some(format), false)
+        }
+    }
+
     /// Whether a stop string has ended the answer (the engine's turn is
     /// then cancelled).
     pub fn stopped(&self) -> bool {
@@ -259,6 +270,42 @@ mod tests {
         );
         assert_eq!(content, "Sure <tool_call>\n{\"name\": ");
         assert!(ending.calls.is_empty());
+    }
+
+    /// A forced answer is calls from its first byte, in every format: a
+    /// Mistral answer's array comes without its control token.
+    #[test]
+    fn a_forced_answer_is_read_whole_as_calls() {
+        let cases = [
+            (
+                ToolFormat::Mistral,
+                " [{\"name\": \"f\", \"arguments\": {\"a\": 1}}]",
+            ),
+            (
+                ToolFormat::Hermes,
+                "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>",
+            ),
+            (
+                ToolFormat::Llama3,
+                "{\"name\": \"f\", \"parameters\": {\"a\": 1}}",
+            ),
+        ];
+        for (format, text) in cases {
+            let mut s = Shaper::calls_only(vec!["a".into()], format);
+            let shown: Vec<Piece> = text.chars().flat_map(|c| s.push(&c.to_string())).collect();
+            let ending = s.finish();
+            assert!(shown.is_empty() && ending.pieces.is_empty(), "{format:?}");
+            assert_eq!(ending.calls.len(), 1, "{format:?}");
+            assert_eq!(ending.calls[0].name, "f");
+            assert_eq!(ending.calls[0].arguments["a"], 1);
+        }
+        // Cut short of a call, it is the model's text.
+        let mut s = Shaper::calls_only(Vec::new(), ToolFormat::Mistral);
+        s.push(" [{\"name\": \"f");
+        assert_eq!(
+            s.finish().pieces,
+            vec![Piece::Content(" [{\"name\": \"f".into())]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::chat::ToolCallMessage;
-use crate::engine::tool_format::{json, ToolFormat};
+use crate::engine::tool_format::{self, json, ToolFormat};
 use crate::engine::{Format, Message, ModelInfo, Role, SamplerSettings};
 
 pub const MAX_MESSAGES: usize = 4096;
@@ -196,6 +196,10 @@ pub struct ChatPlan {
     pub tools: Vec<Value>,
     /// The answer's calls are read back in this format.
     pub calls: Option<ToolFormat>,
+    /// The answer is calls from its first token (`tool_choice` required or
+    /// a named function), which for Mistral come without their opening
+    /// control token.
+    pub forced: bool,
     pub format: Option<Format>,
     pub sampler: SamplerSettings,
     pub stops: Vec<String>,
@@ -365,6 +369,7 @@ impl ChatRequest {
             ));
         }
         let (tools, calls, mut format) = self.tools(info)?;
+        let forced = calls.is_some() && matches!(format, Some(Format::Whole(_)));
         if let Some(response) = self.response_format()? {
             if format.is_some() {
                 return Err(ApiError::field(
@@ -380,6 +385,7 @@ impl ChatRequest {
             input,
             tools,
             calls,
+            forced,
             format,
             sampler,
             stops,
@@ -420,7 +426,7 @@ impl ChatRequest {
             };
             let mut message = Message::new(role, content);
             if role == Role::Tool {
-                message.tool_call_id = m.tool_call_id.clone();
+                message.tool_call_id = m.tool_call_id.as_deref().map(tool_format::template_id);
             }
             for (n, call) in m.tool_calls.iter().flatten().enumerate() {
                 let arguments = match call.function.arguments.as_deref() {
@@ -433,9 +439,10 @@ impl ChatRequest {
                     })?,
                 };
                 message.tool_calls.push(ToolCallMessage {
-                    id: call.id.clone().unwrap_or_else(|| {
-                        crate::engine::tool_format::call_id(n, &call.function.name, &arguments)
-                    }),
+                    id: match &call.id {
+                        Some(id) => tool_format::template_id(id),
+                        None => tool_format::call_id(n, &call.function.name, &arguments),
+                    },
                     name: call.function.name.clone(),
                     arguments,
                 });
@@ -661,7 +668,13 @@ mod tests {
         assert_eq!(p.system.as_deref(), Some("Be brief."));
         assert_eq!(p.history.len(), 2);
         assert_eq!(p.history[1].tool_calls[0].arguments, json!({"a": 1}));
-        assert_eq!(p.input, vec![Message::tool("c1", "42")]);
+        // A client's id of another shape reaches the template as nine
+        // characters, the same for the call and for its result.
+        let id = tool_format::template_id("c1");
+        assert_eq!(id.len(), 9);
+        assert_eq!(p.history[1].tool_calls[0].id, id);
+        assert_eq!(p.input, vec![Message::tool(&id, "42")]);
+        assert_eq!(tool_format::template_id("abcDEF123"), "abcDEF123");
         assert_eq!(
             (p.sampler.temperature, p.sampler.seed, p.sampler.max_tokens),
             (0.0, Some(7), 9)

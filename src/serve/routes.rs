@@ -26,7 +26,7 @@ use super::answer::{Ending, Piece, Shaper};
 use super::error::{json_response, ApiError};
 use super::ledger::{Entry, Ledger, Served};
 use super::openai::{self, ChatRequest, CompletionRequest};
-use crate::engine::tool_format::ToolFormat;
+use crate::engine::tool_format::{self, ToolFormat};
 use crate::engine::{
     self, EngineCommand, EngineEvent, EngineHandle, FinishReason, GenStats, Lease, ModelInfo,
     SamplerSettings, TurnStream,
@@ -235,14 +235,17 @@ impl Answer {
         })
     }
 
-    fn calls_json(ending: &Ending, streamed: bool) -> Value {
+    /// The calls' ids are the answer's own: a client keeps its
+    /// conversation's calls apart by id, and the same call made in two
+    /// answers would otherwise share one.
+    fn calls_json(&self, ending: &Ending, streamed: bool) -> Value {
         ending
             .calls
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let mut call = json!({
-                    "id": format!("call_{}", c.id),
+                    "id": tool_format::answer_call_id(&self.id, i),
                     "type": "function",
                     "function": {"name": c.name, "arguments": c.arguments.to_string()},
                 });
@@ -331,7 +334,7 @@ impl Answer {
             Api::Chat => {
                 let mut delta = json!({});
                 if !ending.calls.is_empty() {
-                    delta["tool_calls"] = Answer::calls_json(ending, true);
+                    delta["tool_calls"] = self.calls_json(ending, true);
                 }
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
             }
@@ -369,7 +372,7 @@ impl Answer {
                     message["reasoning_content"] = reasoning.into();
                 }
                 if !ending.calls.is_empty() {
-                    message["tool_calls"] = Answer::calls_json(ending, false);
+                    message["tool_calls"] = self.calls_json(ending, false);
                     if content.is_empty() {
                         message["content"] = Value::Null;
                     }
@@ -595,7 +598,10 @@ async fn chat(
         request.stream_options.is_some_and(|o| o.include_usage),
         plan.calls,
     );
-    let shaper = Shaper::new(plan.stops, answer.calls, true);
+    let shaper = match (plan.forced, answer.calls) {
+        (true, Some(format)) => Shaper::calls_only(plan.stops, format),
+        _ => Shaper::new(plan.stops, answer.calls, true),
+    };
     let buffer = node.gate.caps().stream_buffer;
     seated
         .answer(stream, shaper, answer, request.stream, buffer)
